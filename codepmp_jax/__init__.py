@@ -1,0 +1,1 @@
+"""codepmp_jax: CodePMP reward-model pretraining on code-preference pairs, in JAX/Flax."""

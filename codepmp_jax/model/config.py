@@ -1,0 +1,129 @@
+"""Model shapes: one dataclass for the Llama / Qwen2 / Mistral family, and the published presets."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+ARCHITECTURES = ("llama", "qwen2", "mistral")
+ROPE_SCALING_TYPES = ("linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a decoder-only reward model.
+
+  `rope_scaling` is None or a dict: {"type": "linear", "factor": f} or
+  {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+  "original_max_position_embeddings"} (the Hugging Face fields of the same names).
+  """
+
+  architecture: str = "llama"
+  vocab_size: int = 256
+  hidden_size: int = 64
+  intermediate_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int | None = None
+  rope_theta: float = 10000.0
+  rope_scaling: dict | None = None
+  rms_norm_eps: float = 1e-6
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  sliding_window: int | None = None
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  pad_token_id: int | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat_policy: str = "none"
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    if self.architecture not in ARCHITECTURES:
+      raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    if self.rope_scaling is not None and self.rope_scaling.get("type") not in ROPE_SCALING_TYPES:
+      raise ValueError(f"rope_scaling type {self.rope_scaling.get('type')!r} is not one of {ROPE_SCALING_TYPES}")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown model config fields: {unknown}")
+    return cls(**values)
+
+  def save(self, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+  @classmethod
+  def load(cls, path: str | pathlib.Path) -> "ModelConfig":
+    return cls.from_dict(json.loads(pathlib.Path(path).read_text()))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Small enough to train on a laptop CPU; tests and the built-in demo use it.
+    "tiny": ModelConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, max_position_embeddings=1024),
+    "smollm2_135m": ModelConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "qwen2_0_5b": ModelConfig(
+        architecture="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+        num_layers=24, num_heads=14, num_kv_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=True, qkv_bias=True,
+        eos_token_id=151643, pad_token_id=151643),
+    "qwen2_1_5b": ModelConfig(
+        architecture="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+        num_layers=28, num_heads=12, num_kv_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=True, qkv_bias=True,
+        eos_token_id=151643, pad_token_id=151643),
+    "qwen2_7b": ModelConfig(
+        architecture="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_layers=28, num_heads=28, num_kv_heads=4, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=False, qkv_bias=True,
+        eos_token_id=151643, pad_token_id=151643),
+    "llama3_8b": ModelConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001,
+        pad_token_id=128001),
+    "deepseek_coder_1_3b": ModelConfig(
+        vocab_size=32256, hidden_size=2048, intermediate_size=5504, num_layers=24, num_heads=16,
+        num_kv_heads=16, rope_theta=100000.0, rope_scaling={"type": "linear", "factor": 4.0},
+        rms_norm_eps=1e-6, max_position_embeddings=16384, bos_token_id=32013,
+        eos_token_id=32014, pad_token_id=32014),
+    "deepseek_coder_6_7b": ModelConfig(
+        vocab_size=32256, hidden_size=4096, intermediate_size=11008, num_layers=32,
+        num_heads=32, num_kv_heads=32, rope_theta=100000.0,
+        rope_scaling={"type": "linear", "factor": 4.0}, rms_norm_eps=1e-6,
+        max_position_embeddings=16384, bos_token_id=32013, eos_token_id=32014,
+        pad_token_id=32014),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+  """A published model shape by name, with optional field overrides."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)

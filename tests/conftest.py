@@ -1,0 +1,22 @@
+"""Test setup: 8 fake CPU devices and quiet TensorFlow, set before anything imports jax."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import pathlib
+
+import pytest
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """The real reference data sets (GSM8K, LogiQA 2.0) beside the checkout."""
+    assert SHARED_DATA.is_dir(), f"missing {SHARED_DATA}"
+    return SHARED_DATA
