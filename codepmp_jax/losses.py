@@ -1,0 +1,195 @@
+"""The PMP objective: Bradley-Terry ranking loss, reward centering and the chosen-response LM loss.
+
+Everything is computed in float32 whatever the input dtype.
+
+Exactness under gradient accumulation and data parallelism. The objective is
+
+  loss = rm_coef * mean_pairs(bt) + center_coef * mean_pairs((r_c + r_r)^2)
+         + lm_coef * (sum of LM token losses) / (number of LM tokens),
+
+with both means over the *whole* global batch. Microbatches hold the same number of pairs but
+different numbers of LM tokens, so averaging per-microbatch losses would weight LM tokens unevenly.
+Instead each microbatch produces sums (`pair_sums`), and `loss_from_sums` divides them by the
+global pair and token counts, which are known before the step runs (`count_lm_tokens` on the whole
+batch). The loss is linear in the sums once the denominators are fixed, so the gradients of the
+microbatch losses add up to exactly the gradient of the full-batch loss; the summed metric sums
+turn into the full-batch metrics with `metrics_from_sums`. Across devices the same sums are
+reduced by the global jit (or a `psum`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+LOSS_TYPES = ("sigmoid", "logexp")
+
+# Sums that add up over microbatches and devices; `metrics_from_sums` turns them into metrics.
+SUM_KEYS = (
+    "num_pairs", "bt_sum", "center_sum", "lm_sum", "lm_count", "correct", "margin_sum",
+    "chosen_sum", "chosen_sq_sum", "rejected_sum", "rejected_sq_sum")
+
+
+def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Splits an interleaved `[2B, ...]` array (chosen, rejected, chosen, ...) into chosen and rejected `[B, ...]`."""
+  if x.shape[0] % 2:
+    raise ValueError(f"interleaved pairs need an even leading size, got shape {x.shape}")
+  return x[0::2], x[1::2]
+
+
+def bradley_terry(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    margin: jax.Array | None = None,
+    loss_type: str = "sigmoid",
+) -> jax.Array:
+  """Per-pair Bradley-Terry loss `[B]`: how strongly the model fails to rank chosen above rejected.
+
+  `sigmoid` is `-log_sigmoid(r_c - r_r - margin)` (TRL RewardTrainer, OpenRLHF PairWiseLoss);
+  `logexp` is `log(1 + exp(r_r - r_c + margin))` (OpenRLHF LogExpLoss, which has no margin), computed
+  as a softplus so large reward gaps do not overflow. The two are the same function of the reward
+  gap; both are offered so configs can name the peer they reproduce.
+  """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
+  diff = chosen_rewards.astype(jnp.float32) - rejected_rewards.astype(jnp.float32)
+  if margin is not None:
+    diff = diff - margin.astype(jnp.float32)
+  if loss_type == "sigmoid":
+    return -jax.nn.log_sigmoid(diff)
+  return jax.nn.softplus(-diff)
+
+
+def reward_centering(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> jax.Array:
+  """`mean((r_c + r_r)^2)`: the penalty (Eisenstein et al. 2023, TRL) that keeps rewards centred on zero."""
+  total = chosen_rewards.astype(jnp.float32) + rejected_rewards.astype(jnp.float32)
+  return jnp.mean(jnp.square(total))
+
+
+def lm_targets(input_ids: jax.Array, lm_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Next-token targets and weights aligned with the logits: position t predicts token t+1.
+
+  The weight at t is `lm_mask[t+1]` (lm_mask marks predicted tokens); the last position predicts
+  nothing. Targets and weights keep the length L so the logits never need slicing.
+  """
+  targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+  weights = jnp.pad(lm_mask[:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
+  return targets, weights
+
+
+def count_lm_tokens(lm_mask: jax.Array) -> jax.Array:
+  """Number of tokens the LM loss predicts (float32), for the global denominator of `loss_from_sums`."""
+  return jnp.sum(lm_mask[..., 1:].astype(jnp.float32))
+
+
+def lm_cross_entropy(
+    logits: jax.Array, input_ids: jax.Array, lm_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy over the tokens lm_mask selects, and their count (float32 scalars).
+
+  Returns sums rather than a mean so microbatches and devices combine exactly. Logits may be bf16
+  with a large vocabulary: the log-softmax normaliser is a float32 logsumexp whose upcast XLA fuses
+  into the reduction, and the target logit is gathered before upcasting, so no float32 copy of the
+  full `[B, L, V]` logits has to be kept for the forward pass.
+  """
+  if logits.shape[:2] != input_ids.shape or input_ids.shape != lm_mask.shape:
+    raise ValueError(
+        f"logits {logits.shape}, input_ids {input_ids.shape} and lm_mask {lm_mask.shape} disagree")
+  targets, weights = lm_targets(input_ids, lm_mask)
+  log_normalizer = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  token_losses = log_normalizer - target_logits.astype(jnp.float32)
+  return jnp.sum(token_losses * weights), jnp.sum(weights)
+
+
+def pair_sums(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    lm_sum: jax.Array,
+    lm_count: jax.Array,
+    margin: jax.Array | None,
+    cfg: Any,
+) -> dict[str, jax.Array]:
+  """Additive statistics of one (micro)batch, keyed by `SUM_KEYS`; add them across microbatches.
+
+  `cfg` needs `loss_type` and `use_margin` (margin is ignored unless `use_margin`).
+  """
+  chosen = chosen_rewards.astype(jnp.float32)
+  rejected = rejected_rewards.astype(jnp.float32)
+  bt = bradley_terry(chosen, rejected, margin if cfg.use_margin else None, cfg.loss_type)
+  return {
+      "num_pairs": jnp.asarray(chosen.shape[0], jnp.float32),
+      "bt_sum": jnp.sum(bt),
+      "center_sum": jnp.sum(jnp.square(chosen + rejected)),
+      "lm_sum": jnp.asarray(lm_sum, jnp.float32),
+      "lm_count": jnp.asarray(lm_count, jnp.float32),
+      "correct": jnp.sum((chosen > rejected).astype(jnp.float32)),
+      "margin_sum": jnp.sum(chosen - rejected),
+      "chosen_sum": jnp.sum(chosen),
+      "chosen_sq_sum": jnp.sum(jnp.square(chosen)),
+      "rejected_sum": jnp.sum(rejected),
+      "rejected_sq_sum": jnp.sum(jnp.square(rejected)),
+  }
+
+
+def loss_from_sums(
+    sums: dict[str, jax.Array],
+    cfg: Any,
+    num_pairs: jax.Array | float | None = None,
+    lm_count: jax.Array | float | None = None,
+) -> jax.Array:
+  """The scalar objective from sums, divided by the global pair and LM-token counts.
+
+  For a microbatch of an accumulated step pass the whole batch's `num_pairs` and `lm_count`
+  (see the module docstring); left out, the counts in `sums` are used. `cfg` needs `rm_coef`,
+  `lm_coef` and `center_coef`.
+  """
+  pairs = sums["num_pairs"] if num_pairs is None else jnp.asarray(num_pairs, jnp.float32)
+  tokens = sums["lm_count"] if lm_count is None else jnp.asarray(lm_count, jnp.float32)
+  loss = cfg.rm_coef * sums["bt_sum"] / pairs
+  loss = loss + cfg.center_coef * sums["center_sum"] / pairs
+  return loss + cfg.lm_coef * sums["lm_sum"] / jnp.maximum(tokens, 1.0)
+
+
+def metrics_from_sums(sums: dict[str, jax.Array], cfg: Any) -> dict[str, jax.Array]:
+  """Logged metrics of a whole batch from its summed statistics.
+
+  Reward std is the population std (ddof 0), from sums of squares; float32 cancellation makes it
+  inexact only when |mean| is ~1e3 times the std, far beyond the rewards a trained RM produces.
+  """
+  pairs = sums["num_pairs"]
+
+  def std(total, sq_total):
+    return jnp.sqrt(jnp.maximum(sq_total / pairs - jnp.square(total / pairs), 0.0))
+
+  return {
+      "loss": loss_from_sums(sums, cfg),
+      "bt_loss": sums["bt_sum"] / pairs,
+      "lm_loss": sums["lm_sum"] / jnp.maximum(sums["lm_count"], 1.0),
+      "accuracy": sums["correct"] / pairs,
+      "margin": sums["margin_sum"] / pairs,
+      "chosen_reward_mean": sums["chosen_sum"] / pairs,
+      "chosen_reward_std": std(sums["chosen_sum"], sums["chosen_sq_sum"]),
+      "rejected_reward_mean": sums["rejected_sum"] / pairs,
+      "rejected_reward_std": std(sums["rejected_sum"], sums["rejected_sq_sum"]),
+  }
+
+
+def pmp_loss(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    lm_sum: jax.Array,
+    lm_count: jax.Array,
+    margin: jax.Array | None,
+    cfg: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The PMP / RM objective of one full batch and its metrics.
+
+  `loss = rm_coef * mean(bt) + lm_coef * lm_sum / max(lm_count, 1) + center_coef * mean((r_c + r_r)^2)`;
+  metrics: loss, bt_loss, lm_loss, accuracy (strict `>`, ties count as wrong), margin (mean
+  r_c - r_r), chosen/rejected reward mean and std. For gradient accumulation use `pair_sums` and
+  `loss_from_sums` with global counts instead.
+  """
+  sums = pair_sums(chosen_rewards, rejected_rewards, lm_sum, lm_count, margin, cfg)
+  return loss_from_sums(sums, cfg), metrics_from_sums(sums, cfg)
