@@ -1,0 +1,275 @@
+"""The reward model: a Llama / Qwen2 / Mistral decoder with a scalar `score` head and an LM head.
+
+One class serves pretraining (PMP needs both the reward and the LM logits) and fine-tuning (reward
+only). Inputs are right-padded; the reward is read at `length - 1`, with the length computed from
+the attention mask. Dense layers multiply 2-D `[tokens, features]` activations, which keeps the
+backward matmuls on the fast path of XLA's CPU and GPU backends.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from codepmp_jax.model.config import ModelConfig
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class ModelOutput(NamedTuple):
+  hidden_states: jax.Array  # [B, L, D], after the final norm
+  rewards: jax.Array  # [B] float32
+  logits: jax.Array | None  # [B / logits_every, L, V] when asked
+
+
+def _normal(stddev: float):
+  return nn.initializers.normal(stddev=stddev)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel (+ bias) over the last axis, on a 2-D view of the activations."""
+
+  features: int
+  axes: tuple[str | None, str | None]
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  stddev: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(_normal(self.stddev), self.axes),
+        (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param(
+          "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+          (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y.reshape(x.shape[:-1] + (self.features,))
+
+
+class Embed(nn.Module):
+  """Token embedding table; `attend` reuses it as the LM head when embeddings are tied."""
+
+  vocab_size: int
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(_normal(0.02), ("vocab", "embed")),
+        (self.vocab_size, self.features), self.param_dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.reshape(-1, self.features).astype(self.dtype), self.embedding.astype(self.dtype).T)
+    return y.reshape(x.shape[:-1] + (self.vocab_size,))
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
+  """Per-pair rotation frequencies, with the configured linear or Llama-3 scaling."""
+  head_dim = config.resolved_head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq
+  factor = scaling["factor"]
+  if scaling["type"] == "linear":
+    return inv_freq / factor
+  # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+  original = scaling["original_max_position_embeddings"]
+  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+  smooth = (original / wavelen - low) / (high - low)
+  blended = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= original / high) & (wavelen <= original / low)
+  return jnp.where(is_medium, blended, scaled)
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos and sin, [..., L, head_dim], for the "rotate half" RoPE layout."""
+  freqs = positions[..., None].astype(jnp.float32) * rope_inverse_frequencies(config)
+  angles = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x [B, L, heads, head_dim] by position; cos/sin are [B or 1, L, head_dim]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  x32 = x.astype(jnp.float32)
+  out = x32 * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def attention_bias(attention_mask: jax.Array, sliding_window: int | None) -> jax.Array:
+  """Additive [B, 1, 1, L, L] bias: causal, padding keys masked, optional sliding window."""
+  length = attention_mask.shape[-1]
+  query = jnp.arange(length)[:, None]
+  key = jnp.arange(length)[None, :]
+  allowed = key <= query
+  if sliding_window is not None:
+    allowed &= query - key < sliding_window
+  allowed = allowed[None] & (attention_mask[:, None, :] > 0)
+  return jnp.where(allowed, 0.0, _MASK_VALUE)[:, None, None].astype(jnp.float32)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    cfg = self.config
+    batch, length, _ = x.shape
+    hd, heads, kv_heads = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
+    groups = heads // kv_heads
+    dense = lambda n, axes, name, bias_=cfg.qkv_bias: Linear(  # noqa: E731
+        n, axes, use_bias=bias_, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+
+    q = dense(heads * hd, ("embed", "heads"), "q_proj")(x).reshape(batch, length, heads, hd)
+    k = dense(kv_heads * hd, ("embed", "kv_heads"), "k_proj")(x).reshape(batch, length, kv_heads, hd)
+    v = dense(kv_heads * hd, ("embed", "kv_heads"), "v_proj")(x).reshape(batch, length, kv_heads, hd)
+    q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
+    k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "head_dim"))
+
+    q = q.reshape(batch, length, kv_heads, groups, hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores / math.sqrt(hd) + bias, axis=-1).astype(cfg.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(batch, length, heads * hd)
+    out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
+    return dense(cfg.hidden_size, ("heads", "embed"), "o_proj", False)(out)
+
+
+class Mlp(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    dense = lambda n, axes, name: Linear(  # noqa: E731
+        n, axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+    up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
+    x = x + Attention(cfg, name="attn")(norm("input_norm")(x), bias, cos, sin)
+    x = x + Mlp(cfg, name="mlp")(norm("post_attn_norm")(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    # The carry/output pair lets the same layer run under nn.scan.
+    return x, None
+
+
+class RewardModel(nn.Module):
+  """Decoder LM with a scalar reward head (`score`, as in HF `*ForSequenceClassification`)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+               return_logits: bool = False, logits_every: int = 1) -> ModelOutput:
+    """Hidden states, rewards at `length - 1`, and (if asked) LM logits.
+
+    `logits_every=2` computes logits only for rows 0, 2, 4, ... (the chosen sequences of an
+    interleaved pair batch), which is all PMP's LM loss needs.
+    """
+    cfg = self.config
+    embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, name="embed")
+    x = embed(input_ids)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+    positions = jnp.arange(input_ids.shape[1])[None]
+    cos, sin = rope_tables(cfg, positions)
+    bias = attention_bias(attention_mask, cfg.sliding_window)
+
+    layer_cls = DecoderLayer
+    if cfg.remat_policy != "none":
+      layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(
+          layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(cfg, name="layers")(x, bias, cos, sin)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, bias, cos, sin)
+    hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+
+    last = jnp.maximum(attention_mask.sum(axis=-1) - 1, 0)
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    score = Linear(1, ("embed", "score"), dtype=jnp.float32, param_dtype=cfg.param_dtype,
+                   stddev=1.0 / math.sqrt(cfg.hidden_size + 1), name="score")
+    rewards = score(last_hidden.astype(jnp.float32))[:, 0]
+
+    logits = None
+    if return_logits or self.is_initializing():  # init always creates the LM head
+      rows = hidden[::logits_every]
+      if cfg.tie_word_embeddings:
+        logits = embed.attend(rows)
+      else:
+        logits = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype, name="lm_head")(rows)
+      logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+    return ModelOutput(hidden, rewards, logits if return_logits else None)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+  """Fresh parameters (boxed with their logical axis names) for `config`."""
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return RewardModel(config).init(rng, ids, jnp.ones_like(ids))["params"]
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Canonical `layers_{i}` subtrees -> one `layers` subtree with a leading layer axis."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  layers = [params[f"layers_{i}"] for i in range(num_layers)]
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return out
+
+
+def unstack_layers(params: dict) -> dict:
+  """The inverse of `stack_layers`."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out
