@@ -1,0 +1,199 @@
+"""Best-of-N selection: reward-model pick against random pick, majority vote and oracle.
+
+For each N, every question gets the same draws of N candidates for all four methods: all
+C(n, N) subsets when there are at most `num_draws` of them (exact), else `num_draws` random
+draws without replacement from fixed seeds. The reward model picks the highest reward (ties: the
+first drawn); random is the expected accuracy of a uniform pick among the drawn (pass@1);
+majority votes over extracted answers (ties: the answer drawn first; candidates without an
+answer don't vote); oracle is right when any drawn candidate is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import itertools
+import json
+import math
+import pathlib
+from typing import Iterator, Sequence
+
+import numpy as np
+
+METHODS = ("rm", "random", "majority", "oracle")
+
+
+@dataclasses.dataclass
+class Question:
+  """One Best-of-N question: its candidate solutions and their grades.
+
+  `answer_ids[i]` numbers candidate i's extracted answer (equal answers share a number; -1 when
+  none could be read), and `correct[i]` says whether candidate i is right.
+  """
+
+  id: str
+  question: str
+  reference: str
+  candidates: list[str]
+  correct: np.ndarray | None = None
+  answer_ids: np.ndarray | None = None
+
+
+def read_jsonl(path: str | pathlib.Path) -> Iterator[tuple[int, dict]]:
+  """(line number, record) for each non-blank line of a JSONL file (gzipped when `.gz`)."""
+  path = pathlib.Path(path)
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{path}:{line_no}: expected a JSON object")
+      yield line_no, record
+
+
+def _field(record: dict, name: str, kind: type | tuple[type, ...], where: str):
+  """`record[name]`, checked to be of type `kind`, with an error naming the file, line and field."""
+  if name not in record:
+    raise ValueError(f"{where}: missing field {name!r}")
+  value = record[name]
+  if not isinstance(value, kind) or isinstance(value, bool):
+    expected = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+    raise ValueError(f"{where}: field {name!r} must be {expected}, got {type(value).__name__}")
+  return value
+
+
+def load_candidates(path: str | pathlib.Path) -> list[Question]:
+  """Questions from a candidates file: lines `{"id", "question", "reference", "candidates"}`."""
+  questions, seen = [], set()
+  for line_no, record in read_jsonl(path):
+    where = f"{path}:{line_no}"
+    qid = str(_field(record, "id", (str, int), where))
+    candidates = _field(record, "candidates", list, where)
+    if not candidates or not all(isinstance(c, str) for c in candidates):
+      raise ValueError(f"{where}: field 'candidates' must be a non-empty list of strings")
+    if qid in seen:
+      raise ValueError(f"{where}: duplicate id {qid!r}")
+    seen.add(qid)
+    reference = record.get("reference")
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+      reference = str(reference)
+    if not isinstance(reference, str):
+      raise ValueError(f"{where}: field 'reference' must be a string or number")
+    questions.append(Question(qid, str(record.get("question", "")), reference, candidates))
+  if not questions:
+    raise ValueError(f"{path}: no records")
+  return questions
+
+
+def load_scores(path: str | pathlib.Path, questions: Sequence[Question]) -> list[np.ndarray]:
+  """Per-question rewards from lines `{"id", "rewards": [...]}`, in the order of `questions`."""
+  by_id = {}
+  for line_no, record in read_jsonl(path):
+    where = f"{path}:{line_no}"
+    qid = str(_field(record, "id", (str, int), where))
+    rewards = _field(record, "rewards", list, where)
+    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+      raise ValueError(f"{where}: field 'rewards' must be a list of numbers")
+    by_id[qid] = (where, np.asarray(rewards, np.float64))
+  out = []
+  for q in questions:
+    if q.id not in by_id:
+      raise ValueError(f"{path}: no rewards for id {q.id!r}")
+    where, rewards = by_id[q.id]
+    if len(rewards) != len(q.candidates):
+      raise ValueError(f"{where}: {len(rewards)} rewards for {len(q.candidates)} candidates "
+                       f"of id {q.id!r}")
+    out.append(rewards)
+  return out
+
+
+def grade(questions: Sequence[Question], checker) -> int:
+  """Fills `correct` and `answer_ids` of every question; returns how many candidates had no answer.
+
+  `checker` is an `answers.AnswerChecker`; each distinct answer is graded once per question.
+  """
+  unanswered = 0
+  for q in questions:
+    reference = checker.reference_key(q.reference)
+    ids, verdicts, correct, answer_ids = {}, {}, [], []
+    for text in q.candidates:
+      key = checker.key(text)
+      if key is None:
+        unanswered += 1
+        answer_ids.append(-1)
+        correct.append(False)
+        continue
+      if key not in ids:
+        ids[key] = len(ids)
+        verdicts[key] = checker.equal_keys(key, reference)
+      answer_ids.append(ids[key])
+      correct.append(verdicts[key])
+    q.correct = np.asarray(correct, bool)
+    q.answer_ids = np.asarray(answer_ids, np.int64)
+  return unanswered
+
+
+def draws(num_candidates: int, n: int, num_draws: int, seed: Sequence[int]) -> np.ndarray:
+  """[D, n] candidate indices: all subsets if there are at most `num_draws`, else random draws."""
+  if n > num_candidates:
+    raise ValueError(f"N={n} exceeds the {num_candidates} candidates")
+  if math.comb(num_candidates, n) <= num_draws:
+    return np.asarray(list(itertools.combinations(range(num_candidates), n)), np.int64)
+  rng = np.random.default_rng(list(seed))
+  return np.argsort(rng.random((num_draws, num_candidates)), axis=1)[:, :n]
+
+
+def majority_picks(answer_ids: np.ndarray) -> np.ndarray:
+  """[D] position of the majority answer's first occurrence in each draw (-1: no answers at all).
+
+  `answer_ids` is [D, N]; the most frequent id wins, ties go to the id drawn first.
+  """
+  d, n = answer_ids.shape
+  k = int(answer_ids.max()) + 1 if answer_ids.size else 0
+  if k == 0:
+    return np.full(d, -1)
+  valid = answer_ids >= 0
+  rows = np.repeat(np.arange(d), n)
+  counts = np.zeros((d, k), np.int64)
+  np.add.at(counts, (rows[valid.ravel()], answer_ids[valid]), 1)
+  first = np.full((d, k), n, np.int64)
+  positions = np.tile(np.arange(n), d)
+  np.minimum.at(first, (rows[valid.ravel()], answer_ids[valid]), positions[valid.ravel()])
+  best = counts.max(axis=1, keepdims=True)
+  winner_first = np.where(counts == best, first, n).min(axis=1)
+  return np.where(best[:, 0] > 0, winner_first, -1)
+
+
+def question_accuracy(rewards: np.ndarray, correct: np.ndarray, answer_ids: np.ndarray,
+                      picks: np.ndarray) -> dict[str, float]:
+  """Mean accuracy of each method over the draws `picks` [D, N] of one question."""
+  drawn_correct = correct[picks]
+  rm = drawn_correct[np.arange(len(picks)), np.argmax(rewards[picks], axis=1)]
+  major = majority_picks(answer_ids[picks])
+  majority = np.where(major >= 0, drawn_correct[np.arange(len(picks)), np.maximum(major, 0)], False)
+  return {"rm": float(rm.mean()), "random": float(drawn_correct.mean()),
+          "majority": float(majority.mean()), "oracle": float(drawn_correct.any(axis=1).mean())}
+
+
+def best_of_n(questions: Sequence[Question], rewards: Sequence[np.ndarray], ns: Sequence[int],
+              num_draws: int = 100, seed: int = 0) -> dict[str, dict[str, float]]:
+  """`{"<N>": {"rm", "random", "majority", "oracle"}}`: accuracies (fractions) averaged over questions.
+
+  Questions must be graded (`grade`); every question needs at least max(ns) candidates.
+  """
+  out = {}
+  for n in ns:
+    totals = dict.fromkeys(METHODS, 0.0)
+    for index, (q, r) in enumerate(zip(questions, rewards)):
+      if n > len(q.candidates):
+        raise ValueError(f"N={n} but question {q.id!r} has only {len(q.candidates)} candidates")
+      acc = question_accuracy(r, q.correct, q.answer_ids, draws(len(q.candidates), n, num_draws,
+                                                                (seed, n, index)))
+      for method in METHODS:
+        totals[method] += acc[method]
+    out[str(n)] = {m: totals[m] / len(questions) for m in METHODS}
+  return out

@@ -1,0 +1,141 @@
+"""Best-of-N against a brute-force enumeration of every subset, on a hand-made candidates file."""
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from codepmp_jax.eval import answers, bon
+
+# Per question: (reference, [(candidate text, the answer a human reads in it, reward)]).
+HAND_MADE = {
+    "q1": ("#### 18", [
+        ("She makes 9 * 2 = $18. The answer is 18", 18, 0.3),
+        ("She makes 16 - 3 = 13. The answer is 13", 13, 0.9),
+        ("The answer is $18.00", 18, 0.1),
+        ("Nothing to say.", None, 0.9),
+        ("The answer is 13.", 13, -0.5),
+        ("#### 20", 20, 0.2),
+    ]),
+    "q2": ("#### 1,600", [
+        ("The answer is 1,600", 1600, -1.0),
+        ("The answer is 1600.", 1600, -1.0),
+        ("So 4 * 400 = 1,500. The answer is 1500", 1500, 2.0),
+        ("The answer is 1500", 1500, 0.0),
+        ("#### 16", 16, 0.5),
+    ]),
+    "q3": ("#### -3", [
+        ("It falls to -3 degrees.", -3, 0.0),
+        ("The answer is 3", 3, 1.0),
+        ("The answer is 5", 5, 1.0),
+        ("The answer is -3", -3, 1.0),  # ties with two wrong answers
+    ]),
+}
+NS = (1, 2, 3, 4)
+
+
+@pytest.fixture()
+def files(tmp_path):
+  cand, scores = tmp_path / "candidates.jsonl", tmp_path / "scores.jsonl"
+  with open(cand, "w") as fc, open(scores, "w") as fs:
+    for qid, (reference, rows) in HAND_MADE.items():
+      fc.write(json.dumps({"id": qid, "question": "?", "reference": reference,
+                           "candidates": [r[0] for r in rows]}) + "\n")
+      fs.write(json.dumps({"id": qid, "rewards": [r[2] for r in rows]}) + "\n")
+  return cand, scores
+
+
+def brute_force(n: int) -> dict[str, float]:
+  """Every subset of size n, each method written out from the human-read answers."""
+  totals = collections.Counter()
+  for reference, rows in HAND_MADE.values():
+    truth = int(reference.replace("#", "").replace(",", ""))
+    per_q = collections.Counter()
+    subsets = list(itertools.combinations(range(len(rows)), n))
+    for subset in subsets:
+      picked = [rows[i] for i in subset]
+      best = max(r[2] for r in picked)
+      rm_pick = next(r for r in picked if r[2] == best)
+      votes = collections.Counter(r[1] for r in picked if r[1] is not None)
+      top = max(votes.values()) if votes else 0
+      majority = next((r[1] for r in picked if r[1] is not None and votes[r[1]] == top), None)
+      per_q["rm"] += rm_pick[1] == truth
+      per_q["random"] += sum(r[1] == truth for r in picked) / n
+      per_q["majority"] += majority == truth
+      per_q["oracle"] += any(r[1] == truth for r in picked)
+    for method in bon.METHODS:
+      totals[method] += per_q[method] / len(subsets)
+  return {m: totals[m] / len(HAND_MADE) for m in bon.METHODS}
+
+
+def run_bon(files, num_draws: int, seed: int = 0) -> dict:
+  cand, scores = files
+  questions = bon.load_candidates(cand)
+  unanswered = bon.grade(questions, answers.AnswerChecker("gsm8k"))
+  assert unanswered == 1
+  return bon.best_of_n(questions, bon.load_scores(scores, questions), NS, num_draws, seed)
+
+
+def test_exact_enumeration_matches_brute_force(files):
+  results = run_bon(files, num_draws=1000)
+  for n in NS:
+    expected = brute_force(n)
+    for method in bon.METHODS:
+      assert results[str(n)][method] == pytest.approx(expected[method], abs=1e-12), (n, method)
+  # Sanity of the hand-made file: the methods are not all alike.
+  assert results["1"]["rm"] == pytest.approx(results["1"]["random"])
+  assert results["4"]["oracle"] > results["4"]["rm"]
+
+
+def test_sampled_draws_match_closed_forms():
+  # 30 candidates, N=5: C(30, 5) = 142,506 subsets, so 20,000 seeded random draws are used.
+  rng = np.random.default_rng(0)
+  rewards, correct = rng.permutation(30).astype(float), rng.random(30) < 0.3
+  question = bon.Question("q", "?", "#### 1", ["x"] * 30, correct, np.arange(30))
+  result = bon.best_of_n([question], [rewards], ns=(5,), num_draws=20000, seed=0)["5"]
+  assert result == bon.best_of_n([question], [rewards], ns=(5,), num_draws=20000, seed=0)["5"]
+  total = math.comb(30, 5)
+  # The reward-ranked i-th candidate wins when the other 4 drawn all rank below it.
+  rm_exact = sum(math.comb(int(r), 4) for r, c in zip(rewards, correct) if c) / total
+  oracle_exact = 1 - math.comb(int((~correct).sum()), 5) / total
+  assert result["rm"] == pytest.approx(rm_exact, abs=0.015)
+  assert result["oracle"] == pytest.approx(oracle_exact, abs=0.015)
+  assert result["random"] == pytest.approx(correct.mean(), abs=0.015)
+  # Every answer distinct: majority falls back to the first drawn, i.e. a random pick.
+  assert result["majority"] == pytest.approx(correct.mean(), abs=0.015)
+
+
+def test_draws_are_without_replacement_and_seeded():
+  d = bon.draws(10, 4, 50, (0, 4, 7))
+  assert d.shape == (50, 4)
+  assert all(len(set(row)) == 4 for row in d.tolist())
+  np.testing.assert_array_equal(d, bon.draws(10, 4, 50, (0, 4, 7)))
+  assert not np.array_equal(d, bon.draws(10, 4, 50, (0, 4, 8)))
+  np.testing.assert_array_equal(bon.draws(5, 2, 10, (0,)),
+                                list(itertools.combinations(range(5), 2)))
+
+
+def test_majority_ties_go_to_the_answer_drawn_first():
+  picks = bon.majority_picks(np.array([[2, 1, 1, 2, 0], [-1, -1, -1, -1, -1], [-1, 3, 3, -1, 0]]))
+  np.testing.assert_array_equal(picks, [0, -1, 1])
+
+
+def test_bad_input_names_file_line_and_field(tmp_path):
+  path = tmp_path / "c.jsonl"
+  path.write_text('{"id": 1, "reference": "3", "candidates": ["a"]}\n'
+                  '{"id": 2, "reference": "3", "candidates": "a"}\n')
+  with pytest.raises(ValueError, match=r"c.jsonl:2: field 'candidates'"):
+    bon.load_candidates(path)
+  path.write_text('{"id": 1, "reference": "3", "candidates": ["a", "b"]}\n')
+  questions = bon.load_candidates(path)
+  scores = tmp_path / "s.jsonl"
+  scores.write_text('{"id": 1, "rewards": [0.5]}\n')
+  with pytest.raises(ValueError, match=r"s.jsonl:1: 1 rewards for 2 candidates"):
+    bon.load_scores(scores, questions)
+  bon.grade(questions, answers.AnswerChecker("gsm8k"))
+  with pytest.raises(ValueError, match="N=4 but question '1' has only 2 candidates"):
+    bon.best_of_n(questions, [np.zeros(2)], ns=(4,))
