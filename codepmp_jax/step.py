@@ -1,0 +1,133 @@
+"""The jitted train and eval steps, and the sharded train state they work on.
+
+The step takes a batch of pairs `[B, 2, L]`, runs the model on `[2B, L]` (chosen, rejected,
+chosen, ...), and optimises `rm_coef * BT + lm_coef * LM (+ centering)`. With `microbatches > 1`
+the batch is split inside the step and gradients are accumulated by `lax.scan`; the loss of each
+microbatch is divided by the whole batch's pair and LM-token counts, so the accumulated gradient is
+exactly the full-batch gradient (see `losses`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from codepmp_jax import losses, sharding
+from codepmp_jax.model import transformer
+from codepmp_jax.model.config import ModelConfig
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("input_ids", "attention_mask", "lm_mask", "margin")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def state_shardings(model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                    mesh: Mesh, rules: sharding.LogicalRules) -> tuple[TrainState, TrainState]:
+  """Abstract train state (shapes only) and its NamedShardings from the params' logical axes."""
+  boxed = jax.eval_shape(lambda: transformer.init_params(model_config, jax.random.key(0)))
+  param_shardings = sharding.logical_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  params = nn.unbox(boxed)
+  opt_state = jax.eval_shape(optimizer.init, params)
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, s: s, opt_state, param_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh))
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
+  shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+  return abstract, shardings
+
+
+def batch_shardings(mesh: Mesh, rules: sharding.LogicalRules) -> dict[str, NamedSharding]:
+  """Batches are split over their leading (pair) axis; a pair's two sequences stay together."""
+  return {
+      "input_ids": sharding.batch_sharding(mesh, rules, 3),
+      "attention_mask": sharding.batch_sharding(mesh, rules, 3),
+      "lm_mask": sharding.batch_sharding(mesh, rules, 3),
+      "margin": sharding.batch_sharding(mesh, rules, 1),
+  }
+
+
+def _microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any
+                     ) -> dict[str, jax.Array]:
+  """Additive loss statistics of one (micro)batch of pairs."""
+  pairs, _, length = batch["input_ids"].shape
+  ids = batch["input_ids"].reshape(2 * pairs, length)
+  mask = batch["attention_mask"].reshape(2 * pairs, length)
+  want_lm = loss_cfg.lm_coef != 0
+  out = model.apply({"params": params}, ids, mask, return_logits=want_lm, logits_every=2)
+  chosen, rejected = losses.split_pairs(out.rewards)
+  if want_lm:
+    lm_sum, lm_count = losses.lm_cross_entropy(out.logits, ids[0::2], batch["lm_mask"][:, 0])
+  else:
+    lm_sum = lm_count = jnp.zeros((), jnp.float32)
+  return losses.pair_sums(chosen, rejected, lm_sum, lm_count, batch["margin"], loss_cfg)
+
+
+def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
+  """[B, ...] -> [M, B/M, ...] taking every M-th pair, so each microbatch spans all devices."""
+  def split(x):
+    if x.shape[0] % microbatches:
+      raise ValueError(f"batch of {x.shape[0]} pairs does not split into {microbatches} microbatches")
+    return x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model: transformer.RewardModel, optimizer: optax.GradientTransformation,
+                    loss_cfg: Any, microbatches: int = 1) -> Callable[[TrainState, Batch], tuple]:
+  """(state, batch) -> (new state, metrics); jit it with `jit_train_step`."""
+
+  def loss_fn(params, microbatch, num_pairs, lm_count):
+    sums = _microbatch_sums(model, params, microbatch, loss_cfg)
+    return losses.loss_from_sums(sums, loss_cfg, num_pairs, lm_count), sums
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch):
+    num_pairs = jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+    lm_count = losses.count_lm_tokens(batch["lm_mask"][:, 0])
+    if microbatches == 1:
+      grads, sums = grad_fn(state.params, batch, num_pairs, lm_count)
+    else:
+      def accumulate(carry, microbatch):
+        grads, sums = grad_fn(state.params, microbatch, num_pairs, lm_count)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          grad_fn, state.params, jax.tree.map(lambda x: x[0], _split_microbatches(batch, microbatches)),
+          num_pairs, lm_count))
+      (grads, sums), _ = jax.lax.scan(accumulate, zeros, _split_microbatches(batch, microbatches))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = losses.metrics_from_sums(sums, loss_cfg)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model: transformer.RewardModel, loss_cfg: Any) -> Callable[[Any, Batch], dict]:
+  """(params, batch) -> additive sums; add them over the eval set, then `losses.metrics_from_sums`."""
+  return lambda params, batch: _microbatch_sums(model, params, batch, loss_cfg)
+
+
+def jit_train_step(train_step: Callable, state_sharding: TrainState,
+                   batch_sharding: dict[str, NamedSharding], mesh: Mesh) -> Callable:
+  """One jit with explicit in/out shardings; the old state is donated."""
+  return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(eval_step: Callable, param_sharding: Any,
+                  batch_sharding: dict[str, NamedSharding], mesh: Mesh) -> Callable:
+  return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding),
+                 out_shardings=sharding.replicated(mesh))
