@@ -210,6 +210,12 @@ class AnswerChecker:
     """Whether a candidate solution's final answer matches the reference."""
     return self.equal_keys(self.key(text), self.reference_key(reference))
 
+  def sympy_counts(self) -> dict[str, int]:
+    """Sympy comparisons that timed out or could not parse so far (empty for GSM8K)."""
+    if self._sympy is None:
+      return {}
+    return {"sympy_timeouts": self._sympy.timeouts, "sympy_unparsed": self._sympy.errors}
+
   def close(self) -> None:
     """Stops the sympy worker, if one was started."""
     if self._sympy is not None:

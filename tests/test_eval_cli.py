@@ -1,0 +1,44 @@
+"""`python -m codepmp_jax.eval bon` from a scores file: report, table and plot."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from codepmp_jax.eval import __main__ as cli
+from codepmp_jax.eval import bon
+
+
+def test_bon_from_scores_writes_report_table_and_plot(tmp_path, capsys):
+  candidates, scores = tmp_path / "cand.jsonl", tmp_path / "scores.jsonl"
+  rows = [
+      ("a", "\\boxed{\\frac{1}{2}}", ["so \\boxed{0.5}", "\\boxed{1}", "The answer is: 1/2"],
+       [0.1, 0.9, 0.5]),
+      ("b", "3", ["\\boxed{3}", "no idea", "\\boxed{4}"], [0.2, 0.3, 0.1]),
+  ]
+  with open(candidates, "w") as fc, open(scores, "w") as fs:
+    for qid, ref, cands, rewards in rows:
+      fc.write(json.dumps({"id": qid, "question": "?", "reference": ref, "candidates": cands}) + "\n")
+      fs.write(json.dumps({"id": qid, "rewards": rewards}) + "\n")
+  out = tmp_path / "report.json"
+  cli.main(["bon", f"--candidates={candidates}", f"--scores={scores}", "--task=math",
+            "--n=1,2,3", "--draws=10", f"--out={out}"])
+  report = json.loads(out.read_text())
+  assert set(report["bon"]) == {"1", "2", "3"}
+  assert set(report["bon"]["2"]) == set(bon.METHODS)
+  # N=3 takes every candidate: rm picks "\boxed{1}" (wrong) and "no idea" (wrong) -> 0;
+  # majority: a has 1/2 twice -> right, b has 3 and 4 once each, 3 drawn first -> right.
+  assert report["bon"]["3"] == {"rm": 0.0, "random": pytest.approx(0.5), "majority": 1.0,
+                                "oracle": 1.0}
+  assert report["candidates_without_answer"] == 1
+  assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+  printed = capsys.readouterr().out
+  assert "majority" in printed and "oracle" in printed and "100.0" in printed
+
+
+def test_bad_candidates_file_is_a_clear_error(tmp_path):
+  candidates = tmp_path / "cand.jsonl"
+  candidates.write_text('{"id": "a", "reference": "3"}\n')
+  with pytest.raises(SystemExit, match=r"cand.jsonl:1: missing field 'candidates'"):
+    cli.main(["bon", f"--candidates={candidates}", f"--scores={candidates}", "--task=gsm8k",
+              "--n=1", f"--out={tmp_path / 'r.json'}"])
