@@ -42,6 +42,8 @@ TRICKY_GSM8K = [
     ("1, 2 and 3 are the options; the answer is 2.", Fraction(2)),
     ("The answer is: 42\n\nI hope it helps with 3 more questions.", Fraction(42)),
     ("#### 12\nThe answer is 13", Fraction(12)),  # `####` first
+    ("The final answer is $\\boxed{7}$ after 3 steps", Fraction(7)),
+    ("so we get \\boxed{1,250}", Fraction(1250)),
     ("No numbers here.", None),
     ("Profit: .5 million", Fraction(1, 2)),
 ]

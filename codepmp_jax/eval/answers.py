@@ -24,7 +24,8 @@ _NUMBER = re.compile(
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
 _GSM8K_MARKERS = (
     (re.compile(r"####"), "first"),
-    (re.compile(r"the answer is", re.IGNORECASE), "first"),
+    (re.compile(r"answer is", re.IGNORECASE), "first"),
+    (re.compile(r"\\boxed"), "first"),
     (re.compile(r"(?<![A-Za-z])A:"), "last"),
 )
 
@@ -52,9 +53,9 @@ def parse_number(text: str) -> Fraction | None:
 def extract_gsm8k(text: str) -> Fraction | None:
   """The final numeric answer of a GSM8K-style solution, or None when it holds no number.
 
-  Looks, in order, after the last `####`, the last `The answer is` and the last `A:`; the first
-  number after `####` / `The answer is` counts, and the last number after `A:` (the answer ends the
-  worked solution); a marker followed by no number means no answer (a guess from earlier text
+  Looks, in order, after the last `####`, the last `answer is` (`The answer is`, `The final
+  answer is`), the last `\\boxed` and the last `A:`; the first number after the first three
+  counts, and the last number after `A:` (the answer ends the worked solution); a marker followed by no number means no answer (a guess from earlier text
   would be graded as if the model had answered). Without any marker, the last number of the text.
   Commas, `$`, `%`, units and trailing `.0` do not change the value.
   """

@@ -148,8 +148,8 @@ def sympy_equal(a: str, b: str) -> bool | None:
 class SympyChecker:
   """A persistent worker process answering `sympy_equal` queries, each within `timeout_s` seconds.
 
-  Results are cached; an overrun kills the worker (the next query starts a fresh one) and reads
-  as not equal. `timeouts` counts overruns and `errors` answers that could not be parsed.
+  Results are cached; an overrun or a crash kills the worker (the next query starts a fresh one)
+  and reads as not equal. `timeouts` counts those and `errors` answers that could not be parsed.
   """
 
   def __init__(self, timeout_s: float = 5.0, memory_limit_bytes: int = 2 << 30):
@@ -171,7 +171,11 @@ class SympyChecker:
       return self._cache[(a, b)]
     if self._proc is None or self._proc.poll() is not None:
       self._proc = self._start()
-    self._proc.stdin.write((json.dumps([a, b]) + "\n").encode())
+    try:
+      self._proc.stdin.write((json.dumps([a, b]) + "\n").encode())
+    except BrokenPipeError:  # The worker died (e.g. out of memory) since the last query.
+      self._proc = self._start()
+      self._proc.stdin.write((json.dumps([a, b]) + "\n").encode())
     # The first query also waits for the worker to import sympy.
     ready, _, _ = select.select([self._proc.stdout], [], [], self.timeout_s + 10.0 * (not self._cache))
     line = self._proc.stdout.readline() if ready else b""
