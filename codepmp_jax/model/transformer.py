@@ -4,6 +4,11 @@ One class serves pretraining (PMP needs both the reward and the LM logits) and f
 only). Inputs are right-padded; the reward is read at `length - 1`, with the length computed from
 the attention mask. Dense layers multiply 2-D `[tokens, features]` activations, which keeps the
 backward matmuls on the fast path of XLA's CPU and GPU backends.
+
+Generation (`codepmp_jax.model.generate`) runs the same model incrementally: given
+`decode_positions`, every attention layer writes its keys and values into a preallocated key/value
+cache (the Flax "cache" collection, see `init_cache`) at those positions and attends over the cache.
+Without `decode_positions` nothing about the training and scoring path changes.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ _REMAT_POLICIES = {
     "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Key/value cache [batch, cache slot, kv head, head dim]; cache slot = token position.
+CACHE_AXES = ("batch", "length", "act_kv_heads", "head_dim")
 
 
 class ModelOutput(NamedTuple):
@@ -143,11 +150,39 @@ def attention_bias(attention_mask: jax.Array, sliding_window: int | None) -> jax
   return jnp.where(allowed, 0.0, _MASK_VALUE)[:, None, None].astype(jnp.float32)
 
 
+def cache_attention_bias(positions: jax.Array, cache_length: int,
+                         sliding_window: int | None) -> jax.Array:
+  """Additive [B, 1, 1, T, S] bias for queries at `positions` [B, T] over S cache slots.
+
+  A query sees the slots at or before its own position; later slots hold stale or padding entries.
+  """
+  slots = jnp.arange(cache_length)[None, None, :]
+  query = positions[..., None]
+  allowed = slots <= query
+  if sliding_window is not None:
+    allowed &= query - slots < sliding_window
+  return jnp.where(allowed, 0.0, _MASK_VALUE)[:, None, None].astype(jnp.float32)
+
+
+def _write_cache(module: nn.Module, name: str, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """Writes `new` [B, T, KV, hd] into cache slots `positions` [B, T]; returns the whole cache.
+
+  The cache is created (zeros, as long as the input) when the model is initialized in decode mode.
+  """
+  cache = module.variable("cache", name, nn.with_logical_partitioning(jnp.zeros, CACHE_AXES),
+                          new.shape, new.dtype)
+  rows = jnp.arange(new.shape[0])[:, None]
+  cache.value = nn.with_logical_constraint(
+      cache.value.at[rows, positions].set(new.astype(cache.value.dtype)), CACHE_AXES)
+  return cache.value
+
+
 class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.Array,
+               decode_positions: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     batch, length, _ = x.shape
     hd, heads, kv_heads = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -161,6 +196,10 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
     k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "head_dim"))
+    if decode_positions is not None:  # attend over the cache instead of over this input alone
+      k = _write_cache(self, "key", k, decode_positions)
+      v = _write_cache(self, "value", v, decode_positions)
+      bias = cache_attention_bias(decode_positions, k.shape[1], cfg.sliding_window)
 
     q = q.reshape(batch, length, kv_heads, groups, hd)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
@@ -188,10 +227,11 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array):
+  def __call__(self, x: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.Array,
+               decode_positions: jax.Array | None = None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-    x = x + Attention(cfg, name="attn")(norm("input_norm")(x), bias, cos, sin)
+    x = x + Attention(cfg, name="attn")(norm("input_norm")(x), bias, cos, sin, decode_positions)
     x = x + Mlp(cfg, name="mlp")(norm("post_attn_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     # The carry/output pair lets the same layer run under nn.scan.
@@ -205,33 +245,46 @@ class RewardModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
-               return_logits: bool = False, logits_every: int = 1) -> ModelOutput:
+               return_logits: bool = False, logits_every: int = 1,
+               decode_positions: jax.Array | None = None) -> ModelOutput:
     """Hidden states, rewards at `length - 1`, and (if asked) LM logits.
 
     `logits_every=2` computes logits only for rows 0, 2, 4, ... (the chosen sequences of an
     interleaved pair batch), which is all PMP's LM loss needs.
+
+    Decode mode, for generation: `decode_positions` [B, T] gives each input token's position,
+    which is also its slot in the key/value cache (apply with a "cache" collection from
+    `init_cache` and `mutable=["cache"]`). Each token attends to the cache slots at or before its
+    position, so a right-padded prompt batch prefills in one call and later calls feed one token
+    per row at per-row positions. Logits are then computed only at `length - 1` (shape [B, 1, V]):
+    the next-token distribution is all generation needs.
     """
     cfg = self.config
+    decoding = decode_positions is not None
     embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, name="embed")
     x = embed(input_ids)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
-    positions = jnp.arange(input_ids.shape[1])[None]
-    cos, sin = rope_tables(cfg, positions)
-    bias = attention_bias(attention_mask, cfg.sliding_window)
+    if decoding:
+      cos, sin = rope_tables(cfg, decode_positions)
+      bias = None  # each layer builds it over its cache
+    else:
+      positions = jnp.arange(input_ids.shape[1])[None]
+      cos, sin = rope_tables(cfg, positions)
+      bias = attention_bias(attention_mask, cfg.sliding_window)
 
     layer_cls = DecoderLayer
-    if cfg.remat_policy != "none":
+    if cfg.remat_policy != "none" and not decoding:
       layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(
-          layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, name="layers")(x, bias, cos, sin)
+      x, _ = stack(cfg, name="layers")(x, bias, cos, sin, decode_positions)
     else:
       for i in range(cfg.num_layers):
-        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, bias, cos, sin)
+        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, bias, cos, sin, decode_positions)
     hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
 
     last = jnp.maximum(attention_mask.sum(axis=-1) - 1, 0)
@@ -242,7 +295,7 @@ class RewardModel(nn.Module):
 
     logits = None
     if return_logits or self.is_initializing():  # init always creates the LM head
-      rows = hidden[::logits_every]
+      rows = last_hidden[:, None] if decoding else hidden[::logits_every]
       if cfg.tie_word_embeddings:
         logits = embed.attend(rows)
       else:
@@ -256,6 +309,19 @@ def init_params(config: ModelConfig, rng: jax.Array) -> dict:
   """Fresh parameters (boxed with their logical axis names) for `config`."""
   ids = jnp.zeros((1, 8), jnp.int32)
   return RewardModel(config).init(rng, ids, jnp.ones_like(ids))["params"]
+
+
+def init_cache(config: ModelConfig, batch_size: int, length: int) -> dict:
+  """A zero key/value cache (boxed with its logical axis names) for `length` positions per row.
+
+  Its layout follows the params: `layers_{i}/attn/{key,value}` [B, length, KV, hd], or
+  `layers/attn/...` with a leading layer axis when `scan_layers`.
+  """
+  ids = jnp.zeros((batch_size, length), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(length), ids.shape)
+  abstract = jax.eval_shape(lambda: RewardModel(config).init(
+      jax.random.key(0), ids, jnp.ones_like(ids), decode_positions=positions)["cache"])
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:
