@@ -146,11 +146,11 @@ class MetricWriter:
     for key, value in scalars.items():
       self._tensorboard.add_scalar(key, value, global_step=int(step))
     self._tensorboard.flush()
-    if step > self._bar.n:
-      self._bar.update(step - self._bar.n)
     shown = {k: f"{scalars[k]:.4g}" for k in PROGRESS_KEYS if k in scalars}
     if shown:
       self._bar.set_postfix(shown, refresh=False)
+    if step > self._bar.n:
+      self._bar.update(step - self._bar.n)
 
   def close(self) -> None:
     """Flushes and closes the files and the progress bar."""
