@@ -88,10 +88,10 @@ def lm_cross_entropy(
 ) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy over the tokens lm_mask selects, and their count (float32 scalars).
 
-  Returns sums rather than a mean so microbatches and devices combine exactly. Logits may be bf16
-  with a large vocabulary: the log-softmax normaliser is a float32 logsumexp whose upcast XLA fuses
-  into the reduction, and the target logit is gathered before upcasting, so no float32 copy of the
-  full `[B, L, V]` logits has to be kept for the forward pass.
+  Returns sums rather than a mean so microbatches and devices combine exactly. Logits may be bf16:
+  the log-softmax normaliser is a float32 logsumexp and the target logit is gathered before the
+  upcast. Whether XLA still keeps a float32 copy of the `[B, L, V]` logits depends on the backend
+  (the CPU one does); `chunked_lm_cross_entropy` avoids materialising the logits at all.
   """
   if logits.shape[:2] != input_ids.shape or input_ids.shape != lm_mask.shape:
     raise ValueError(
@@ -101,6 +101,47 @@ def lm_cross_entropy(
   target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   token_losses = log_normalizer - target_logits.astype(jnp.float32)
   return jnp.sum(token_losses * weights), jnp.sum(weights)
+
+
+def chunked_lm_cross_entropy(
+    hidden: jax.Array,
+    lm_head: jax.Array,
+    input_ids: jax.Array,
+    lm_mask: jax.Array,
+    chunk_len: int = 128,
+) -> tuple[jax.Array, jax.Array]:
+  """`lm_cross_entropy(hidden @ lm_head, ...)` without materialising the `[B, L, V]` logits.
+
+  `hidden` is the final-normed `[B, L, D]` (ModelOutput.hidden_states, e.g. its chosen rows);
+  `lm_head` is `[D, V]` (the `lm_head/kernel`, or `embed/embedding.T` when tied). Logits are
+  computed `chunk_len` positions at a time, with float32 accumulation, and recomputed in the
+  backward pass, so peak memory holds one `[B, chunk_len, V]` float32 block instead of the full
+  logits and their gradient: the difference between fitting and not at a 150k vocabulary.
+  """
+  if hidden.shape[:2] != input_ids.shape or input_ids.shape != lm_mask.shape:
+    raise ValueError(
+        f"hidden {hidden.shape}, input_ids {input_ids.shape} and lm_mask {lm_mask.shape} disagree")
+  targets, weights = lm_targets(input_ids, lm_mask)
+  batch, length, dim = hidden.shape
+  chunks = -(-length // chunk_len)
+  pad = chunks * chunk_len - length
+
+  def by_chunk(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape((batch, chunks, chunk_len) + x.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def chunk_loss(h, t, w):
+    logits = jnp.einsum("bld,dv->blv", h, lm_head.astype(h.dtype), preferred_element_type=jnp.float32)
+    target_logits = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logits) * w)
+
+  def step(total, xs):
+    return total + chunk_loss(*xs), None
+
+  total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32),
+                          (by_chunk(hidden), by_chunk(targets), by_chunk(weights)))
+  return total, jnp.sum(weights)
 
 
 def pair_sums(

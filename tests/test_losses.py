@@ -1,6 +1,7 @@
 """Loss values against hand-computed numbers and the TRL / OpenRLHF formulas evaluated in torch."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -175,23 +176,25 @@ def test_microbatch_sums_give_exact_full_batch_loss_and_gradient():
     return losses.loss_from_sums(sums_of(p, feats, ids, lm_mask, margin), cfg)
 
   total_pairs, total_tokens = float(pairs), losses.count_lm_tokens(lm_mask)
+
+  @jax.jit
+  @functools.partial(jax.value_and_grad, has_aux=True)
+  def micro_loss(p, f, i, m, mg):
+    sums = sums_of(p, f, i, m, mg)
+    return losses.loss_from_sums(sums, cfg, total_pairs, total_tokens), sums
+
   micro = 4
   step = 2 * pairs // micro
   grads, acc_loss, acc_sums = None, 0.0, None
   for k in range(micro):
     rows = slice(k * step, (k + 1) * step)
     mg = margin[k * step // 2:(k + 1) * step // 2]
-
-    def micro_loss(p, rows=rows, mg=mg):
-      sums = sums_of(p, feats[rows], ids[rows], lm_mask[rows], mg)
-      return losses.loss_from_sums(sums, cfg, total_pairs, total_tokens), sums
-
-    (value, sums), g = jax.value_and_grad(micro_loss, has_aux=True)(params)
+    (value, sums), g = micro_loss(params, feats[rows], ids[rows], lm_mask[rows], mg)
     acc_loss += value
     grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
     acc_sums = sums if acc_sums is None else jax.tree.map(jnp.add, acc_sums, sums)
 
-  loss, full_grads = jax.value_and_grad(full_loss)(params)
+  loss, full_grads = jax.jit(jax.value_and_grad(full_loss))(params)
   np.testing.assert_allclose(acc_loss, loss, rtol=1e-6)
   for key in params:
     np.testing.assert_allclose(grads[key], full_grads[key], rtol=1e-5, atol=1e-7)
@@ -199,3 +202,42 @@ def test_microbatch_sums_give_exact_full_batch_loss_and_gradient():
   acc_metrics = losses.metrics_from_sums(acc_sums, cfg)
   for key, value in full_metrics.items():
     np.testing.assert_allclose(acc_metrics[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_chunked_lm_cross_entropy_equals_full_logits():
+  rng = np.random.default_rng(3)
+  b, l, d, v = 2, 11, 8, 37  # 11 positions in chunks of 4: the last chunk is padded
+  hidden = jnp.asarray(rng.normal(size=(b, l, d)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, v, size=(b, l)))
+  mask = jnp.asarray(rng.integers(0, 2, size=(b, l)))
+
+  def full(h, k):
+    return losses.lm_cross_entropy(h @ k, ids, mask)[0]
+
+  def chunked(h, k):
+    return losses.chunked_lm_cross_entropy(h, k, ids, mask, chunk_len=4)[0]
+
+  np.testing.assert_allclose(jax.jit(chunked)(hidden, kernel), full(hidden, kernel), rtol=1e-6)
+  assert losses.chunked_lm_cross_entropy(hidden, kernel, ids, mask)[1] == mask[:, 1:].sum()
+  got_grads = jax.jit(jax.grad(chunked, (0, 1)))(hidden, kernel)
+  for got, want in zip(got_grads, jax.jit(jax.grad(full, (0, 1)))(hidden, kernel)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  bf16 = jax.jit(chunked)(hidden.astype(jnp.bfloat16), kernel)
+  np.testing.assert_allclose(bf16, full(hidden, kernel), rtol=2e-2)
+
+
+def test_chunked_lm_cross_entropy_saves_memory():
+  b, l, d, v = 2, 512, 64, 32768
+  hidden = jax.ShapeDtypeStruct((b, l, d), jnp.bfloat16)
+  kernel = jax.ShapeDtypeStruct((d, v), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((b, l), jnp.int32)
+
+  def temp_bytes(loss):
+    grad = jax.grad(lambda h, k, i, m: loss(h, k, i, m)[0], (0, 1))
+    return jax.jit(grad).lower(hidden, kernel, ids, ids).compile().memory_analysis().temp_size_in_bytes
+
+  full = temp_bytes(lambda h, k, i, m: losses.lm_cross_entropy(h @ k, i, m))
+  chunked = temp_bytes(lambda h, k, i, m: losses.chunked_lm_cross_entropy(h, k, i, m, chunk_len=64))
+  logits_f32 = b * l * v * 4
+  assert full >= logits_f32 and chunked < logits_f32 / 2, (full, chunked)
