@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 LOSS_TYPES = ("sigmoid", "logexp")
 
@@ -29,6 +30,12 @@ LOSS_TYPES = ("sigmoid", "logexp")
 SUM_KEYS = (
     "num_pairs", "bt_sum", "center_sum", "lm_sum", "lm_count", "correct", "margin_sum",
     "chosen_sum", "chosen_sq_sum", "rejected_sum", "rejected_sq_sum")
+
+
+def default_loss_config() -> ml_collections.ConfigDict:
+  """The objective's fields with the paper's PMP values; RM fine-tuning sets lm_coef to 0."""
+  return ml_collections.ConfigDict(dict(
+      rm_coef=1.0, lm_coef=1.0, center_coef=0.0, loss_type="sigmoid", use_margin=True))
 
 
 def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -122,7 +129,8 @@ def chunked_lm_cross_entropy(
     raise ValueError(
         f"hidden {hidden.shape}, input_ids {input_ids.shape} and lm_mask {lm_mask.shape} disagree")
   targets, weights = lm_targets(input_ids, lm_mask)
-  batch, length, dim = hidden.shape
+  batch, length, _ = hidden.shape
+  chunk_len = min(chunk_len, length)
   chunks = -(-length // chunk_len)
   pad = chunks * chunk_len - length
 

@@ -16,8 +16,7 @@ from codepmp_jax import losses
 
 
 def _cfg(**overrides) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict(dict(
-      rm_coef=1.0, lm_coef=1.0, center_coef=0.0, loss_type="sigmoid", use_margin=True))
+  cfg = losses.default_loss_config()
   cfg.update(overrides)
   return cfg
 
