@@ -6,6 +6,7 @@ copy to keep (`Deduplicator.check`, the first one seen) runs in one process, so 
 from __future__ import annotations
 
 import re
+import zlib
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
@@ -19,7 +20,7 @@ def signature(text: str, num_perm: int = 128, shingle: int = 5) -> np.ndarray:
   tokens = _TOKENS.findall(text)
   grams = {" ".join(tokens[i:i + shingle]).encode("utf-8", "surrogatepass")
            for i in range(max(1, len(tokens) - shingle + 1))}
-  m = MinHash(num_perm=num_perm, seed=1, scheme=SCHEME)
+  m = MinHash(num_perm=num_perm, seed=1, scheme=SCHEME, hashfunc=zlib.crc32)
   m.update_batch(sorted(grams))
   return m.hashvalues
 
