@@ -126,12 +126,17 @@ def test_majority_ties_go_to_the_answer_drawn_first():
 
 def test_bad_input_names_file_line_and_field(tmp_path):
   path = tmp_path / "c.jsonl"
-  path.write_text('{"id": 1, "reference": "3", "candidates": ["a"]}\n'
-                  '{"id": 2, "reference": "3", "candidates": "a"}\n')
+  path.write_text('{"id": 1, "question": "?", "reference": "3", "candidates": ["a"]}\n'
+                  '{"id": 2, "question": "?", "reference": "3", "candidates": "a"}\n')
   with pytest.raises(ValueError, match=r"c.jsonl:2: field 'candidates'"):
     bon.load_candidates(path)
-  path.write_text('{"id": 1, "reference": "3", "candidates": ["a", "b"]}\n')
+  path.write_text('{"id": 1, "question": "?", "reference": "3", "candidates": ["a", "b"]}\n'
+                  '{"id": 2, "question": "?", "candidates": ["a", "b"]}\n')
+  with pytest.raises(ValueError, match=r"c.jsonl:2: missing field 'reference' \(or 'answer'\)"):
+    bon.load_candidates(path)
+  path.write_text('{"id": 1, "prompt": "P", "answer": 3, "candidates": ["a", "b"]}\n')
   questions = bon.load_candidates(path)
+  assert (questions[0].prompt, questions[0].reference) == ("P", "3")  # `generate` output lines
   scores = tmp_path / "s.jsonl"
   scores.write_text('{"id": 1, "rewards": [0.5]}\n')
   with pytest.raises(ValueError, match=r"s.jsonl:1: 1 rewards for 2 candidates"):

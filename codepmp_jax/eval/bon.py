@@ -19,19 +19,21 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from codepmp_jax.data import templates
+
 METHODS = ("rm", "random", "majority", "oracle")
 
 
 @dataclasses.dataclass
 class Question:
-  """One Best-of-N question: its candidate solutions and their grades.
+  """One Best-of-N question: the prompt its candidates are scored with, and their grades.
 
   `answer_ids[i]` numbers candidate i's extracted answer (equal answers share a number; -1 when
   none could be read), and `correct[i]` says whether candidate i is right.
   """
 
   id: str
-  question: str
+  prompt: str
   reference: str
   candidates: list[str]
   correct: np.ndarray | None = None
@@ -67,7 +69,11 @@ def _field(record: dict, name: str, kind: type | tuple[type, ...], where: str):
 
 
 def load_candidates(path: str | pathlib.Path) -> list[Question]:
-  """Questions from a candidates file: lines `{"id", "question", "reference", "candidates"}`."""
+  """Questions from a candidates file: lines `{"id", "question", "reference", "candidates"}`.
+
+  Lines as `codepmp_jax.generate` writes them also work: `answer` (GSM8K's and MATH-500's field)
+  stands in for `reference`, and a `prompt` without `question` is scored verbatim.
+  """
   questions, seen = [], set()
   for line_no, record in read_jsonl(path):
     where = f"{path}:{line_no}"
@@ -78,12 +84,17 @@ def load_candidates(path: str | pathlib.Path) -> list[Question]:
     if qid in seen:
       raise ValueError(f"{where}: duplicate id {qid!r}")
     seen.add(qid)
-    reference = record.get("reference")
-    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
-      reference = str(reference)
-    if not isinstance(reference, str):
-      raise ValueError(f"{where}: field 'reference' must be a string or number")
-    questions.append(Question(qid, str(record.get("question", "")), reference, candidates))
+    name = next((n for n in ("reference", "answer") if n in record), None)
+    if name is None:
+      raise ValueError(f"{where}: missing field 'reference' (or 'answer')")
+    reference = _field(record, name, (str, int, float), where)
+    if "question" in record:
+      prompt = templates.render("math", question=_field(record, "question", str, where))
+    elif "prompt" in record:
+      prompt = _field(record, "prompt", str, where)
+    else:
+      raise ValueError(f"{where}: missing field 'question' (or 'prompt')")
+    questions.append(Question(qid, prompt, str(reference), candidates))
   if not questions:
     raise ValueError(f"{path}: no records")
   return questions

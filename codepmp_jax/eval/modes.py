@@ -13,7 +13,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import tqdm
 
-from codepmp_jax.data import loaders, templates
+from codepmp_jax.data import loaders
 from codepmp_jax.data.records import BadRecords
 from codepmp_jax.eval import answers, bon, plots, stats
 
@@ -59,9 +59,8 @@ def pairwise(scorer: Scorer, data: str, format: str, by: str = "source",
 
 
 def _question_rewards(scorer: Scorer, questions: Sequence[bon.Question]) -> list[np.ndarray]:
-  """Rewards of every candidate, prompted with the math template."""
-  prompts = [templates.render("math", question=q.question) for q in questions
-             for _ in q.candidates]
+  """Rewards of every candidate under its question's prompt."""
+  prompts = [q.prompt for q in questions for _ in q.candidates]
   flat = np.asarray(scorer.score_texts(prompts, [c for q in questions for c in q.candidates]))
   splits = np.cumsum([len(q.candidates) for q in questions])[:-1]
   return np.split(flat, splits)
