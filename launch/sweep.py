@@ -142,8 +142,9 @@ def _short_keys(keys: Sequence[str]) -> dict[str, str]:
   return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
-def _name_part(key: str, value: str) -> str:
-  return _NAME_CHARS.sub("-", f"{key}={value}").strip("-")
+def safe_name(text: str) -> str:
+  """`text` as a workdir name: runs of other characters than letters, digits and ._=+- become '-'."""
+  return _NAME_CHARS.sub("-", text).strip("-")
 
 
 def expand(sweep: Sweep) -> list[Run]:
@@ -162,7 +163,7 @@ def expand(sweep: Sweep) -> list[Run]:
     merged = dict(sweep.fixed)
     merged.update(own)
     merged.update(zip(keys, combo))
-    parts = ([name] if name else []) + [_name_part(short[k], v) for k, v in zip(keys, combo)]
+    parts = ([name] if name else []) + [safe_name(f"{short[k]}={v}") for k, v in zip(keys, combo)]
     run_name = "_".join(parts) or "run"
     if run_name in seen:
       raise SweepError(f"two runs would share the workdir {run_name!r}: {seen[run_name]} and {merged}")
@@ -195,7 +196,9 @@ def check_overrides(config: str, runs: Iterable[Run], extra: Sequence[str] = ())
     try:
       values(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-      reason = e.args[0] if isinstance(e, KeyError) and e.args else e
+      reason = e
+      while isinstance(reason, (KeyError, AttributeError)) and reason.args:  # unwrap to the message
+        reason = reason.args[0]
       raise SweepError(f"run {run.name}: the config {config} rejects its overrides: {reason}") from e
 
 

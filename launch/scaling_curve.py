@@ -1,0 +1,309 @@
+"""Scaling curves the cheap way: RM accuracy against the number of PMP pairs from one WSD run.
+
+The paper keeps checkpoints from the stable phase of one warmup-stable-decay PMP run at steps
+spaced by a factor of sqrt(2), runs a short decay from each, fine-tunes an RM from every decayed
+checkpoint and evaluates it. This module gives the steps, then fine-tunes, evaluates and plots:
+
+  python -m launch.scaling_curve steps --first=250 --last=4000
+      # -> the steps and --config.checkpoint.keep_steps=(250,354,500,...) for the PMP run
+  # (PMP run with those keep_steps; then one decay run per kept step, see codepmp_jax/train.py)
+  python -m launch.scaling_curve finetune --checkpoints='runs/decay_*' \
+      --config=configs/rm_gsm8k_smollm2_135m.py --root=runs/curve --baseline=ckpt/smollm2 \
+      [--eval=pairwise --eval_data=../shared/data/gsm8k/test.jsonl --eval_format=gsm8k] [--run]
+  python -m launch.scaling_curve plot --root=runs/curve
+      # -> runs/curve/curve.png, curve.csv, curve.md
+
+`finetune` prints the commands (or runs them with --run, skipping finished ones): one RM
+fine-tune per checkpoint (`init_from` = the checkpoint) and, with --eval, one evaluation. The
+number of PMP pairs of a checkpoint is its training workdir's final step times its global batch
+(summary.json and config.json); give it yourself as `PATH@PAIRS` for other checkpoints.
+`plot` reads each evaluation report's accuracy (or, without --eval, the fine-tune's final
+`eval/accuracy`) and draws accuracy against pairs, the baseline (no PMP) as a line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import pathlib
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+
+if not __package__:  # `python launch/scaling_curve.py`: import launch.sweep from the repository
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from launch import sweep  # noqa: E402  (after the path set-up above)
+
+MANIFEST = "curve.json"
+EVAL_REPORT = "eval.json"
+BASELINE = "baseline"
+
+
+def geometric_steps(first: int, last: int, factor: float = math.sqrt(2)) -> list[int]:
+  """Steps `round(first * factor**k)` up to `last`, without repeats.
+
+  The stable-phase checkpoints to keep for a scaling curve (and so the curve's x positions):
+  with sqrt(2) every other step doubles, e.g. 1000, 1414, 2000, 2828, 4000.
+  """
+  if first < 1 or last < first:
+    raise ValueError(f"need 1 <= first <= last, got first={first} last={last}")
+  if factor <= 1:
+    raise ValueError(f"factor must be above 1, got {factor}")
+  steps, k = [], 0
+  while (value := first * factor**k) <= last * (1 + 1e-9):
+    step = round(value)
+    if not steps or step != steps[-1]:
+      steps.append(step)
+    k += 1
+  return steps
+
+
+def keep_steps_override(steps: Sequence[int]) -> str:
+  """The trainer flag that keeps these checkpoints beyond the newest few."""
+  return f"--config.checkpoint.keep_steps=({','.join(str(s) for s in steps)},)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One curve point: a PMP checkpoint (empty: from scratch), its pair count and its run name."""
+  name: str
+  checkpoint: str
+  pairs: int
+
+
+def pairs_of_workdir(path: str | pathlib.Path) -> int:
+  """PMP pairs a training workdir has seen: final step (summary.json) x train.global_batch."""
+  path = pathlib.Path(path)
+  summary, config = path / sweep.SUMMARY, path / "config.json"
+  missing = [p.name for p in (summary, config) if not p.exists()]
+  if missing:
+    raise sweep.SweepError(f"{path}: no {' or '.join(missing)} to count its PMP pairs from; "
+                           f"is it a finished training workdir? Else write {path}@PAIRS")
+  step = json.loads(summary.read_text())["step"]
+  return int(step) * int(json.loads(config.read_text())["train"]["global_batch"])
+
+
+def resolve_points(patterns: Sequence[str], baseline: str | None = None) -> list[Point]:
+  """Curve points from checkpoint globs (`PATH` or `PATH@PAIRS`), sorted by pairs.
+
+  Run names are the checkpoint directory names (with the parent's in front where two share one);
+  `baseline` (a checkpoint, or `scratch` for a fresh model) becomes the point `baseline` at 0 pairs.
+  """
+  entries: list[tuple[str, int | None]] = []
+  for pattern in patterns:
+    path, _, pairs = pattern.partition("@")
+    matches = sorted(glob.glob(path)) or []
+    if not matches:
+      raise sweep.SweepError(f"--checkpoints: nothing matches {path!r}")
+    if pairs and not pairs.isdigit():
+      raise sweep.SweepError(f"--checkpoints: {pattern!r}: PAIRS must be an integer")
+    entries += [(m, int(pairs) if pairs else None) for m in matches if pathlib.Path(m).is_dir()]
+  names = [pathlib.Path(p).name for p, _ in entries]
+  points = []
+  for (path, pairs), name in zip(entries, names):
+    if names.count(name) > 1:
+      name = f"{pathlib.Path(path).parent.name}_{name}"
+    points.append(Point(sweep.safe_name(name), path,
+                        pairs if pairs is not None else pairs_of_workdir(path)))
+  if baseline:
+    points.append(Point(BASELINE, "" if baseline == "scratch" else baseline, 0))
+  seen = [p.name for p in points]
+  if len(set(seen)) != len(seen):
+    raise sweep.SweepError(f"two checkpoints give the same run name: {seen}")
+  return sorted(points, key=lambda p: (p.pairs, p.name))
+
+
+def finetune_runs(points: Sequence[Point], fixed: Sequence[tuple[str, str]] = ()) -> list[sweep.Run]:
+  """One sweep run per point: the fine-tune config with `init_from` set to the point's checkpoint."""
+  return [sweep.Run(p.name, (*fixed, ("init_from", p.checkpoint))) for p in points]
+
+
+def eval_command(python: str, args: argparse.Namespace, workdir: pathlib.Path) -> list[str]:
+  """`python -m codepmp_jax.eval MODE` on a fine-tuned workdir, writing `workdir/eval.json`."""
+  return [python, "-m", "codepmp_jax.eval", args.eval, f"--checkpoint={workdir}",
+          f"--data={args.eval_data}", f"--format={args.eval_format}",
+          f"--out={workdir / EVAL_REPORT}", *shlex.split(args.eval_args)]
+
+
+def point_accuracy(workdir: pathlib.Path) -> tuple[float, float | None, float | None, str]:
+  """Accuracy of a fine-tuned point, with its 95% CI when an eval report has one, and the source."""
+  report = workdir / EVAL_REPORT
+  if report.exists():
+    data = json.loads(report.read_text())
+    low, high = data.get("ci95", (None, None))
+    return float(data["accuracy"]), low, high, f"{EVAL_REPORT} ({data.get('mode', '')})"
+  result = sweep.read_result(workdir)
+  if result.status != "finished":
+    raise sweep.SweepError(f"{workdir}: fine-tune is {result.status} and has no {EVAL_REPORT}")
+  if "eval/accuracy" not in result.metrics:
+    raise sweep.SweepError(f"{workdir}: no {EVAL_REPORT} and no eval/accuracy in {sweep.SUMMARY}")
+  return result.metrics["eval/accuracy"], None, None, f"{sweep.SUMMARY} eval/accuracy"
+
+
+def curve_rows(root: str | pathlib.Path) -> list[dict]:
+  """One row per point of a fine-tuned curve: name, pairs, accuracy (+ CI), checkpoint, source."""
+  root = pathlib.Path(root)
+  manifest = root / MANIFEST
+  if not manifest.exists():
+    raise sweep.SweepError(f"{manifest}: missing; run `python -m launch.scaling_curve finetune` first")
+  rows = []
+  for point in json.loads(manifest.read_text())["points"]:
+    accuracy, low, high, source = point_accuracy(root / point["name"])
+    rows.append({"run": point["name"], "pairs": point["pairs"], "accuracy": accuracy,
+                 "ci95_low": low, "ci95_high": high, "checkpoint": point["checkpoint"] or "scratch",
+                 "source": source})
+  return rows
+
+
+def plot_curve(rows: Sequence[dict], path: str | pathlib.Path, title: str) -> pathlib.Path:
+  """Accuracy against PMP pairs (log scale), 95% CIs where known, the baseline as a dashed line."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  points = [r for r in rows if r["pairs"] > 0]
+  xs = [r["pairs"] for r in points]
+  ys = [100 * r["accuracy"] for r in points]
+  errors = None
+  if points and all(r["ci95_low"] is not None for r in points):
+    errors = [[y - 100 * r["ci95_low"] for y, r in zip(ys, points)],
+              [100 * r["ci95_high"] - y for y, r in zip(ys, points)]]
+  ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label="PMP-initialized")
+  for r, x, y in zip(points, xs, ys):
+    ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+  for r in rows:
+    if r["pairs"] == 0:
+      ax.axhline(100 * r["accuracy"], linestyle="--", color="gray", label=f"{r['run']} (no PMP)")
+  if xs and min(xs) != max(xs):
+    ax.set_xscale("log", base=2)
+  ax.set_xlabel("PMP pairs")
+  ax.set_ylabel("RM accuracy (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def _finetune(args: argparse.Namespace, extra: Sequence[str]) -> int:
+  points = resolve_points(args.checkpoints.split(","), args.baseline)
+  fixed = [sweep.parse_override(s, "--set") for s in args.set]
+  runs = finetune_runs(points, fixed)
+  if not args.skip_check:
+    sweep.check_overrides(args.config, runs, extra)
+  if args.eval and not (args.eval_data and args.eval_format):
+    raise sweep.SweepError("--eval needs --eval_data and --eval_format")
+  root = pathlib.Path(args.root)
+  python = args.python or (sys.executable if args.run else "python")
+  if not args.run:
+    print(f"# {len(runs)} fine-tunes of {args.config} under {root} (pairs: "
+          f"{', '.join(f'{p.name}={p.pairs}' for p in points)})")
+    for run in runs:
+      print(shlex.join([python, "-m", "codepmp_jax.train",
+                        *sweep.train_args(args.config, str(root), run, extra)]))
+      if args.eval:
+        print(shlex.join(eval_command(python, args, root / run.name)))
+    return 0
+  sweep.write_manifest(root, args.config, runs)
+  (root / MANIFEST).write_text(json.dumps(
+      {"config": args.config, "eval": args.eval, "eval_data": args.eval_data,
+       "points": [dataclasses.asdict(p) for p in points]}, indent=2) + "\n")
+  if sweep.run_all(python, args.config, str(root), runs, extra, keep_going=False):
+    return 1
+  if args.eval:
+    for i, run in enumerate(runs, 1):
+      workdir = root / run.name
+      if (workdir / EVAL_REPORT).exists():
+        print(f"scaling_curve: [{i}/{len(runs)}] {run.name}: evaluated before, skipped", flush=True)
+        continue
+      command = eval_command(python, args, workdir)
+      print(f"scaling_curve: [{i}/{len(runs)}] {shlex.join(command)}", flush=True)
+      if subprocess.run(command, check=False).returncode != 0:
+        print(f"scaling_curve: evaluating {run.name} failed", file=sys.stderr)
+        return 1
+  return _plot(argparse.Namespace(root=str(root), title=None))
+
+
+def _plot(args: argparse.Namespace) -> int:
+  root = pathlib.Path(args.root)
+  rows = curve_rows(root)
+  header = ["run", "pairs", "accuracy", "ci95_low", "ci95_high", "checkpoint", "source"]
+  table = [[r[h] for h in header] for r in rows]
+  (root / "curve.csv").write_text(sweep.to_csv(header, table))
+  markdown = sweep.to_markdown(header, table)
+  (root / "curve.md").write_text(markdown)
+  png = plot_curve(rows, root / "curve.png", args.title or f"RM accuracy against PMP pairs ({root.name})")
+  print(markdown, end="")
+  print(f"wrote {png}, {root / 'curve.csv'} and {root / 'curve.md'}")
+  return 0
+
+
+def _steps(args: argparse.Namespace) -> int:
+  steps = geometric_steps(args.first, args.last, args.factor)
+  print(" ".join(str(s) for s in steps))
+  print(keep_steps_override(steps))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command line: steps, finetune and plot."""
+  parser = argparse.ArgumentParser(prog="python -m launch.scaling_curve", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("steps", help="stable-phase steps to keep (geometric) and their trainer flag")
+  p.add_argument("--first", type=int, required=True, help="first kept step")
+  p.add_argument("--last", type=int, required=True, help="no step beyond this (the stable phase's end)")
+  p.add_argument("--factor", type=float, default=math.sqrt(2), help="ratio of consecutive steps")
+  p = sub.add_parser("finetune", help="fine-tune (and evaluate) an RM from every checkpoint")
+  p.add_argument("--checkpoints", required=True,
+                 help="comma-separated globs of checkpoints or workdirs, each optionally PATH@PAIRS")
+  p.add_argument("--config", required=True, help="the RM fine-tune config[:arg]")
+  p.add_argument("--root", required=True, help="directory holding one fine-tune workdir per point")
+  p.add_argument("--baseline", help="a checkpoint without PMP (or 'scratch') fine-tuned the same way")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=V",
+                 help="an override for every fine-tune (repeatable)")
+  p.add_argument("--eval", choices=("pairwise", "mc"),
+                 help="evaluate with codepmp_jax.eval (default: the fine-tune's eval/accuracy)")
+  p.add_argument("--eval_data", help="held-out data for --eval")
+  p.add_argument("--eval_format", help="its loader format (gsm8k, logiqa2, pairs, ...)")
+  p.add_argument("--eval_args", default="", help="more codepmp_jax.eval arguments, e.g. '--limit=500'")
+  p.add_argument("--run", action="store_true",
+                 help="run here (skipping finished steps) and plot, instead of printing the commands")
+  p.add_argument("--python", help="Python of the commands (default: python; with --run, this one)")
+  p.add_argument("--skip_check", action="store_true", help="do not check overrides against the config")
+  p = sub.add_parser("plot", help="plot and tabulate a fine-tuned curve")
+  p.add_argument("--root", required=True, help="the finetune --root")
+  p.add_argument("--title", help="plot title")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point; arguments after `--` go to every fine-tune command."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  extra: list[str] = []
+  if "--" in argv:
+    cut = argv.index("--")
+    argv, extra = argv[:cut], argv[cut + 1:]
+  args = build_parser().parse_args(argv)
+  try:
+    if args.command == "steps":
+      return _steps(args)
+    if args.command == "finetune":
+      return _finetune(args, extra)
+    return _plot(args)
+  except sweep.SweepError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
