@@ -1,0 +1,135 @@
+"""Sample N candidates per prompt from a checkpoint: the input of Best-of-N evaluation.
+
+  python -m codepmp_jax.generate --checkpoint=CKPT --input=IN.jsonl --output=OUT.jsonl \
+      --n=8 --temperature=0.7 --top_p=1.0 --max_new_tokens=512 [--template=gsm8k|math|code|none] \
+      [--batch_size=8] [--top_k=0] [--stop=STR ...] [--seed=0] [--add_bos] [--mesh=-1,1,1]
+
+Input lines hold `prompt` (used verbatim) or `question` (rendered with --template); every line
+is written back with `"candidates": [...]` and `"finish_reasons": [...]` added, in input order.
+A line without `id` gets its line number as id. Rerunning with the same output skips the ids
+already written there, so an interrupted run resumes; each prompt's samples depend only on the
+seed and its id, so resumed and uninterrupted runs write the same candidates.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+import zlib
+from collections.abc import Iterator
+
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from codepmp_jax import checkpoint, sharding
+from codepmp_jax.data import templates
+from codepmp_jax.data.tokenizer import load_tokenizer
+from codepmp_jax.model.generate import Generator, SamplingConfig
+
+# GSM8K questions use the math template (`Instruction:{question}\n\nResponse:`).
+TEMPLATE_ALIASES = {"gsm8k": "math"}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Model checkpoint or training workdir (with its tokenizer).")
+flags.DEFINE_string("input", None, "JSONL of prompts: `prompt`, or `question` with --template.")
+flags.DEFINE_string("output", None, "JSONL to write (appended to when resuming).")
+flags.DEFINE_integer("n", 8, "Candidates per prompt.")
+flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 keeps every token.")
+flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens; 0 keeps all.")
+flags.DEFINE_integer("max_new_tokens", 512, "Most tokens generated per candidate.")
+flags.DEFINE_enum("template", "none", sorted(templates.TEMPLATES) + sorted(TEMPLATE_ALIASES),
+                  "Prompt template for records with `question` (none: `prompt` verbatim).")
+flags.DEFINE_integer("batch_size", 8, "Prompts decoded together (each with its n samples).")
+flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); the text is cut before it.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_bool("add_bos", False, "Put the tokenizer's BOS token before every prompt.")
+flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh shape (data, fsdp, tensor); -1 = the rest.")
+
+
+def prompt_text(record: dict, template: str, where: str) -> str:
+  """The prompt of one input record: `prompt` verbatim, or its fields rendered with `template`."""
+  template = TEMPLATE_ALIASES.get(template, template)
+  if template == "none":
+    if not isinstance(record.get("prompt"), str):
+      raise ValueError(f"{where}: field 'prompt' must be a string (or pass --template for 'question')")
+    return record["prompt"]
+  fields = {k: v for k, v in record.items() if isinstance(v, str)}
+  if "question" in fields:
+    fields.setdefault("query", fields["question"])  # the code template calls it `query`
+  try:
+    return templates.render(template, **fields)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def read_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:
+  """(where, record) for every non-blank line; a line that is not a JSON object is an error."""
+  with open(path) as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{line_no}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+      if "id" not in record:
+        record["id"] = line_no
+      elif not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+        raise ValueError(f"{where}: field 'id' must be a string or integer")
+      yield where, record
+
+
+def stream_id(record_id: str | int) -> int:
+  """The random stream of a record (a stable hash of its id)."""
+  return zlib.crc32(str(record_id).encode())
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  for name in ("checkpoint", "input", "output"):
+    if not getattr(FLAGS, name):
+      raise app.UsageError(f"--{name} is required")
+  out_path = pathlib.Path(FLAGS.output)
+  done_ids = {str(r["id"]) for _, r in read_records(out_path)} if out_path.exists() else set()
+  todo, seen = [], set()
+  for where, record in read_records(pathlib.Path(FLAGS.input)):
+    key = str(record["id"])
+    if key in seen:
+      raise ValueError(f"{where}: duplicate id {key!r}")
+    seen.add(key)
+    if key not in done_ids:
+      todo.append((record, prompt_text(record, FLAGS.template, where)))
+  logging.info("%d prompts, %d already in %s, %d to generate", len(seen), len(done_ids & seen),
+               out_path, len(todo))
+
+  params, config = checkpoint.load_model(FLAGS.checkpoint)
+  tokenizer = load_tokenizer(pathlib.Path(FLAGS.checkpoint) / checkpoint.TOKENIZER_DIR)
+  mesh = sharding.make_mesh([int(s) for s in FLAGS.mesh])
+  generator = Generator(params, config, tokenizer=tokenizer, mesh=mesh)
+  sampling = SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                            top_k=FLAGS.top_k, top_p=FLAGS.top_p, n=FLAGS.n, seed=FLAGS.seed,
+                            stop=tuple(FLAGS.stop))
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  tokens, start = 0, time.perf_counter()
+  with open(out_path, "a") as out, tqdm(total=len(todo), unit="prompt", desc="generate") as bar:
+    for i in range(0, len(todo), FLAGS.batch_size):
+      batch = todo[i:i + FLAGS.batch_size]
+      results = generator.generate_text(
+          [p for _, p in batch], sampling, [stream_id(r["id"]) for r, _ in batch], FLAGS.add_bos)
+      for (record, _), completions in zip(batch, results):
+        record = {**record, "candidates": [c.text for c in completions],
+                  "finish_reasons": [c.finish_reason for c in completions]}
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        tokens += sum(len(c.tokens) for c in completions)
+      out.flush()
+      bar.update(len(batch))
+      bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):.1f}")
+  logging.info("wrote %d records to %s (%d tokens)", len(todo), out_path, tokens)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,180 @@
+"""Generation: the KV-cache path against full recomputation, greedy decoding against transformers'
+`generate`, the sampling filters against transformers' logits warpers and hand-computed nuclei."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from codepmp_jax import convert, sharding
+from codepmp_jax.model import generate, transformer
+from codepmp_jax.model.config import get_preset
+from tests import hf_models
+
+NEW_TOKENS = 32
+
+
+def _tiny_params(config):
+  return nn.unbox(transformer.init_params(config, jax.random.key(0)))
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"sliding_window": 3}, {"scan_layers": True, "qkv_bias": True, "tie_word_embeddings": True}])
+def test_cache_logits_equal_full_recompute(overrides):
+  """Prefill a right-padded batch, then feed one token per row: every step's logits match a
+  forward pass over the whole sequence without a cache."""
+  config = get_preset("tiny", **overrides)
+  params = _tiny_params(config)
+  model = transformer.RewardModel(config)
+  rng = np.random.default_rng(0)
+  lengths, steps, prompt_len = np.array([5, 2, 7]), 6, 7
+  sequences = rng.integers(1, config.vocab_size, (3, prompt_len + steps)).astype(np.int32)
+  rows = np.arange(3)
+  full = np.asarray(model.apply({"params": params}, sequences, np.ones_like(sequences),
+                                return_logits=True).logits)
+
+  ids = np.where(np.arange(prompt_len)[None] < lengths[:, None], sequences[:, :prompt_len], 0)
+  mask = (ids > 0).astype(np.int32)
+  cache = nn.unbox(transformer.init_cache(config, 3, prompt_len + steps))
+  out, variables = model.apply(
+      {"params": params, "cache": cache}, ids, mask, return_logits=True,
+      decode_positions=np.broadcast_to(np.arange(prompt_len), ids.shape), mutable=["cache"])
+  np.testing.assert_allclose(out.logits[:, 0], full[rows, lengths - 1], atol=1e-4, rtol=0)
+  for step in range(steps):
+    positions = lengths + step
+    token = sequences[rows, positions][:, None]
+    out, variables = model.apply(
+        {"params": params, "cache": variables["cache"]}, token, np.ones_like(token),
+        return_logits=True, decode_positions=positions[:, None], mutable=["cache"])
+    np.testing.assert_allclose(out.logits[:, 0], full[rows, positions], atol=1e-4, rtol=0)
+  assert np.abs(full).max() > 0.1  # not vacuous
+
+
+def _hf_greedy(hf, prompt: list[int], eos_id: int, pad_id: int) -> list[int]:
+  """transformers' greedy continuation of one unpadded prompt, cut before its end token."""
+  with torch.no_grad():
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=eos_id,
+                      pad_token_id=pad_id)[0, len(prompt):].tolist()
+  return out[:out.index(eos_id)] if eos_id in out else out
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2_untied"])
+def test_greedy_equals_transformers_generate(name, tmp_path):
+  hf = hf_models.tiny_hf_model(name, tmp_path)
+  params, config = convert.load_hf(tmp_path)
+  ids, mask = hf_models.padded_batch([7, 3, 12], config.vocab_size, seed=1)
+  prompts = [row[m > 0].tolist() for row, m in zip(ids, mask)]
+  expected = [_hf_greedy(hf, p, config.eos_token_id, config.pad_token_id) for p in prompts]
+  gen = generate.Generator(params, config, prompt_bucket=16)
+  results = gen.generate(prompts, generate.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0))
+  for completions, want in zip(results, expected):
+    assert completions[0].tokens == want
+    assert completions[0].finish_reason == ("length" if len(want) == NEW_TOKENS else "eos")
+  # top-k 1 is greedy whatever the temperature.
+  top1 = gen.generate(prompts, generate.SamplingConfig(max_new_tokens=NEW_TOKENS, top_k=1, seed=5))
+  assert [c[0].tokens for c in top1] == expected
+
+
+def test_smollm2_greedy_batch_equals_transformers(shared_data):
+  """The real SmolLM2-135M: two GSM8K prompts of different lengths in one batch."""
+  import transformers
+  path = hf_models.smollm2_gguf_path()
+  params, config, tokenizer = convert.load_gguf(path)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+  lines = (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()
+  texts = [f"<|im_start|>user\n{json.loads(lines[i])['question']}<|im_end|>\n<|im_start|>assistant\n"
+           for i in (0, 3)]
+  prompts = tokenizer.encode_batch(texts)
+  assert len(prompts[0]) != len(prompts[1])
+  expected = [_hf_greedy(hf, p, tokenizer.eos_id, tokenizer.pad_id) for p in prompts]
+  gen = generate.Generator(params, config, tokenizer=tokenizer)
+  results = gen.generate(prompts, generate.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0))
+  for completions, want in zip(results, expected):
+    assert completions[0].tokens == want, (completions[0].text, tokenizer.decode(want))
+  assert any(len(w) > 10 for w in expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_generator():
+  config = get_preset("tiny", eos_token_id=2, pad_token_id=0)
+  return generate.Generator(_tiny_params(config), config, prompt_bucket=8), config
+
+
+PROMPTS = [[5, 9, 14, 3], [7, 8], [11, 12, 13, 14, 15, 16]]
+
+
+def test_same_seed_same_samples_and_batch_independence(tiny_generator):
+  gen, _ = tiny_generator
+  sampling = generate.SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, n=3, seed=7)
+  first = gen.generate(PROMPTS, sampling, prompt_ids=[10, 11, 12])
+  again = gen.generate(PROMPTS, sampling, prompt_ids=[10, 11, 12])
+  assert first == again
+  other_seed = gen.generate(PROMPTS, dataclasses.replace(sampling, seed=8), prompt_ids=[10, 11, 12])
+  assert [c.tokens for c in first[0]] != [c.tokens for c in other_seed[0]]
+  assert len({tuple(c.tokens) for c in first[0]}) == 3  # the n samples differ
+  # A prompt's samples depend on its id, not on where it sits in the batch.
+  reordered = gen.generate(PROMPTS[::-1], sampling, prompt_ids=[12, 11, 10])
+  assert reordered[::-1] == first
+
+
+def test_sharded_generation_equals_single_device(tiny_generator):
+  gen, config = tiny_generator
+  sampling = generate.SamplingConfig(max_new_tokens=8, temperature=0.0)
+  expected = gen.generate(PROMPTS, sampling)
+  mesh = sharding.make_mesh((4, 1, 2))
+  sharded = generate.Generator(gen.params, config, mesh=mesh, prompt_bucket=8)
+  assert sharded.generate(PROMPTS, sampling) == expected
+  cache_spec = sharding.logical_sharding(
+      nn.get_partition_spec(transformer.init_cache(config, 4, 8)), mesh, sharding.DEFAULT_RULES)
+  assert cache_spec["layers_0"]["attn"]["key"].spec == jax.sharding.PartitionSpec(
+      ("data", "fsdp"), None, "tensor", None)
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+  probs = np.array([0.05, 0.5, 0.1, 0.2, 0.15])
+  logits = jnp.log(jnp.asarray(probs))[None]
+  kept = lambda p: set(np.flatnonzero(np.isfinite(generate.filter_logits(logits, top_p=p)[0])))  # noqa: E731
+  assert kept(0.5) == {1}  # 0.5 alone reaches 0.5
+  assert kept(0.51) == {1, 3}
+  assert kept(0.8) == {1, 3, 4}  # 0.5 + 0.2 < 0.8 <= 0.85
+  assert kept(0.86) == {1, 3, 4, 2}
+  assert kept(1.0) == {0, 1, 2, 3, 4}
+  assert set(np.flatnonzero(np.isfinite(generate.filter_logits(logits, top_k=2)[0]))) == {1, 3}
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.7), (5, 1.0), (20, 0.9)])
+def test_filters_match_transformers_warpers(top_k, top_p):
+  from transformers.generation import logits_process as lp
+  logits = np.random.default_rng(3).normal(0, 2, (4, 50)).astype(np.float32)
+  ours = np.asarray(generate.filter_logits(jnp.asarray(logits), top_k, top_p))
+  scores = torch.from_numpy(logits)
+  if top_k:
+    scores = lp.TopKLogitsWarper(top_k)(None, scores)
+  if top_p < 1:
+    scores = lp.TopPLogitsWarper(top_p)(None, scores)
+  np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(scores.numpy()))
+  np.testing.assert_array_equal(ours[np.isfinite(ours)], logits[np.isfinite(ours)])
+
+
+def test_sampling_frequencies_follow_the_tempered_nucleus():
+  logits = jnp.log(jnp.asarray([0.05, 0.5, 0.1, 0.2, 0.15]))
+  draws = 20000
+  keys = jax.random.split(jax.random.key(0), draws)
+  tokens = generate.sample_tokens(jnp.broadcast_to(logits, (draws, 5)), keys, 2.0, top_p=0.8)
+  freq = np.bincount(np.asarray(tokens), minlength=5) / draws
+  # Temperature 2 first: p ** 0.5 renormalized = [.107, .340, .152, .215, .186]; its 0.8-nucleus
+  # is {1, 3, 4, 2} (mass before token 2: .741 < .8), renormalized again.
+  tempered = np.array([0.05, 0.5, 0.1, 0.2, 0.15]) ** 0.5
+  expected = np.where(np.arange(5) == 0, 0.0, tempered)
+  expected /= expected.sum()
+  np.testing.assert_allclose(freq, expected, atol=0.015)
+  greedy = generate.sample_tokens(jnp.broadcast_to(logits, (3, 5)), keys[:3], 0.0)
+  assert np.asarray(greedy).tolist() == [1, 1, 1]
