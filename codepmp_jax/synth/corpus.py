@@ -117,6 +117,10 @@ def _document_from_row(row: dict[str, Any], source_id: str, where: str) -> Docum
     content = row["prompt"] + row["canonical_solution"]
   else:
     return Document(source_id, "", "", error=f"{where}: field 'content' missing or not a string")
+  try:
+    content.encode("utf-8")
+  except UnicodeEncodeError:
+    return Document(source_id, "", "", error=f"{where}: field 'content' is not valid Unicode")
   path = row.get("path") or row.get("max_stars_repo_path") or ""
   lang = row.get("lang") or row.get("language") or EXTENSIONS.get(pathlib.PurePath(path).suffix.lower(), "")
   if not lang and "entry_point" in row:

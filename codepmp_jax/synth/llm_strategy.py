@@ -25,17 +25,27 @@ _FENCE = re.compile(r"```[^\n`]*\n?(.*?)```", re.S)
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
+  """Sampling settings of one generation step (the paper's: 0.7, 1.0, 1024)."""
   temperature: float = 0.7
   top_p: float = 1.0
   max_tokens: int = 1024
 
   def kwargs(self) -> dict:
+    """As keyword arguments of `Backend.generate`."""
     return dataclasses.asdict(self)
 
 
 def is_empty_answer(text: str) -> bool:
   """Whether an answer has no content once code fences are removed."""
   return not re.sub(r"```[^\n`]*", "", text).strip()
+
+
+def _encodable(text: str) -> bool:
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 def code_block(text: str) -> str:
@@ -73,6 +83,8 @@ def shard_pairs(docs: list[Document], strategy: str, describer: Backend, strong:
       counts["empty_chosen"] += 1
     elif is_empty_answer(rejected):
       counts["empty_rejected"] += 1
+    elif not _encodable(chosen) or not _encodable(rejected):
+      counts["invalid_unicode"] += 1
     elif chosen.strip() == rejected.strip():
       counts["identical"] += 1
     elif decontaminator is not None and decontaminator.contaminated(f"{prompt}\n{chosen}\n{rejected}"):

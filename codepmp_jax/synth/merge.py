@@ -42,7 +42,7 @@ def check_run(d: pathlib.Path, seen_ids: set[str] | None = None) -> dict:
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
       problems.append(f"{path}: sha256 differs from the manifest")
-    lines = gzip.decompress(data).decode("utf-8", "surrogatepass").splitlines()
+    lines = gzip.decompress(data).decode("utf-8").splitlines()
     if len(lines) != shard["records"]:
       problems.append(f"{path}: {len(lines)} records, manifest says {shard['records']}")
     for lineno, line in enumerate(lines, 1):

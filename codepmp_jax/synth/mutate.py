@@ -379,4 +379,5 @@ def _round_robin(lists: list[list[Site]]) -> Iterator[Site]:
 
 def pair_id(source_id: str, qualname: str, site: Site) -> str:
   """A stable record id from the source file, the function and the mutation."""
-  return hashlib.sha1(f"{source_id}::{qualname}::{site.key()}".encode("utf-8", "surrogatepass")).hexdigest()[:20]
+  key = f"{source_id}::{qualname}::{site.key()}"
+  return hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:20]

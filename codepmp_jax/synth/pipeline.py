@@ -108,7 +108,9 @@ def write_shards(writer: writer_lib.ShardWriter, chunks: list[list[Document]],
     if max_pairs and total >= max_pairs:
       break
     stats = done.get(k)
-    if k in pending:
+    if k not in pending and max_pairs and total + stats["records"] > max_pairs:
+      stats = writer.write(k, writer.read(k)[:max_pairs - total], stats["available"], stats["counts"])
+    elif k in pending:
       got, records, counts = next(results)
       assert got == k, (got, k)
       exact_cut = stats is not None and max_pairs and total + stats["records"] == max_pairs

@@ -37,7 +37,7 @@ def gzip_jsonl(records: list[dict]) -> bytes:
   buf = io.BytesIO()
   with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as f:
     for r in records:
-      f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass"))
+      f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
   return buf.getvalue()
 
 
@@ -80,6 +80,11 @@ class ShardWriter:
     _atomic_write(self._stats_path(k), json.dumps(stats, indent=1).encode())
     _atomic_write(self.dir / self.name(k), data)
     return stats
+
+  def read(self, k: int) -> list[dict]:
+    """The records of written shard `k`."""
+    with gzip.open(self.dir / self.name(k), "rt", encoding="utf-8") as f:
+      return [json.loads(line) for line in f]
 
   def remove(self, k: int) -> None:
     """Delete shard `k` (a leftover beyond a smaller --max_pairs)."""
