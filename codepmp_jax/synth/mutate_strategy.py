@@ -20,7 +20,7 @@ from codepmp_jax.synth.corpus import Document
 @dataclasses.dataclass(frozen=True)
 class MutateConfig:
   """Settings of the `mutate` strategy."""
-  mutants_per_function: int = 3
+  mutants_per_function: int = 5
   max_length_diff: float = 0.15
   max_function_chars: int = 4000
   seed: int = 0
