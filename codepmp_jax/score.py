@@ -1,0 +1,234 @@
+"""Score JSONL records with a reward model checkpoint.
+
+  python -m codepmp_jax.score --checkpoint=CKPT --input=IN.jsonl --output=OUT.jsonl \
+      [--batch_size=16] [--max_length=1024] [--template=none|code|math|logic] [--mesh=-1,1,1]
+
+Each input line is one of
+  {"input_ids": [...]}                 scored verbatim (no template, nothing added);
+  {"text": ...}                        text + end token;
+  {"prompt", "response"}               template(prompt) + response + end token;
+  {"prompt", "chosen", "rejected"}     both responses, as above.
+The output repeats each record with `"reward"` (or `"chosen_reward"` and `"rejected_reward"`) added.
+A bad line is reported with its line number and left out of the output; the counts are printed.
+`RewardScorer` is the same scorer as a Python object (the evaluation stages use it).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import app, flags
+from tqdm import tqdm
+
+from codepmp_jax import checkpoint, sharding
+from codepmp_jax.data import templates
+from codepmp_jax.data.encode import encode_sequence
+from codepmp_jax.data.tokenizer import load_tokenizer
+from codepmp_jax.model import transformer
+
+MIN_BUCKET = 16
+EXAMPLES_SHOWN = 10
+
+
+class RewardScorer:
+  """A checkpoint's reward for token sequences or (prompt, response) texts, batched and jitted.
+
+  Sequences are sorted by length and padded to power-of-two lengths, so only a few shapes are
+  compiled; the batch is split over the mesh's data axes.
+  """
+
+  def __init__(self, checkpoint_path: str | pathlib.Path, batch_size: int = 16, max_length: int = 1024,
+               mesh_shape: Sequence[int] = (-1, 1, 1), show_progress: bool = True):
+    path = pathlib.Path(checkpoint_path)
+    self.config = checkpoint.load_model_config(path).replace(scan_layers=False, remat_policy="none")
+    self.mesh = sharding.make_mesh(mesh_shape)
+    self.rules = sharding.DEFAULT_RULES
+    boxed = jax.eval_shape(lambda: transformer.init_params(self.config, jax.random.key(0)))
+    param_shardings = sharding.logical_sharding(nn.get_partition_spec(boxed), self.mesh, self.rules)
+    self.params, _ = checkpoint.load_model(path, shardings=param_shardings)
+    tokenizer_dir = path / checkpoint.TOKENIZER_DIR
+    self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    data_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.batch_size = -(-batch_size // data_ways) * data_ways
+    self.max_length = max_length
+    self.show_progress = show_progress
+    self.pad_id = self.tokenizer.pad_id if self.tokenizer else (self.config.pad_token_id or 0)
+    self._batch_sharding = batch_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)
+    model = transformer.RewardModel(self.config)
+    self._forward = jax.jit(
+        lambda params, ids, mask: model.apply({"params": params}, ids, mask).rewards,
+        in_shardings=(param_shardings, batch_sharding, batch_sharding),
+        out_shardings=sharding.replicated(self.mesh))
+
+  def score_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    """float32 rewards of token sequences, each read at its last token (nothing is added)."""
+    for i, seq in enumerate(sequences):
+      if not 0 < len(seq) <= self.max_length:
+        raise ValueError(f"sequence {i} has {len(seq)} tokens; scoring needs 1..{self.max_length}")
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    rewards = np.zeros(len(sequences), np.float32)
+    bar = tqdm(total=len(sequences), unit="seq", desc="score", disable=not self.show_progress)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      for start in range(0, len(order), self.batch_size):
+        rows = order[start:start + self.batch_size]
+        length = self._bucket(len(sequences[rows[0]]))
+        ids = np.full((self.batch_size, length), self.pad_id, np.int32)
+        mask = np.zeros((self.batch_size, length), np.int32)
+        mask[len(rows):, 0] = 1  # filler rows: one token, result discarded
+        for row, index in enumerate(rows):
+          ids[row, :len(sequences[index])] = sequences[index]
+          mask[row, :len(sequences[index])] = 1
+        ids, mask = jax.device_put((ids, mask), self._batch_sharding)
+        out = np.asarray(self._forward(self.params, ids, mask))
+        rewards[rows] = out[:len(rows)]
+        bar.update(len(rows))
+    bar.close()
+    return rewards
+
+  def encode(self, prompt: str, response: str) -> tuple[list[int], bool]:
+    """prompt + response + end token, cut to `max_length` as training cuts it; and whether it was cut."""
+    if self.tokenizer is None:
+      raise ValueError("this checkpoint has no tokenizer/; only token ids can be scored")
+    encoded = encode_sequence(self.tokenizer, prompt, response, self.max_length)
+    return list(encoded.ids), bool(encoded.prompt_cut or encoded.response_cut)
+
+  def score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    """Rewards of each `prompt + response + eos` (prompts already rendered with their template)."""
+    if len(prompts) != len(responses):
+      raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    return self.score_ids([self.encode(p, r)[0] for p, r in zip(prompts, responses)])
+
+  def _bucket(self, length: int) -> int:
+    return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), self.max_length)
+
+
+def template_from_checkpoint(path: pathlib.Path) -> str | None:
+  """The prompt template named in the run config stored with a checkpoint, if any."""
+  config_file = path / "config.json"
+  if not config_file.is_file():
+    return None
+  config = json.loads(config_file.read_text())
+  for holder in (config.get("data") or {}, config):
+    if isinstance(holder, dict) and isinstance(holder.get("template"), str):
+      return holder["template"]
+  return None
+
+
+def _prompt(record: dict, template: str, where: str) -> str:
+  if not isinstance(record.get("prompt"), str):
+    raise ValueError(f"{where}: field 'prompt' must be a string")
+  if template == "none":
+    return record["prompt"]
+  fields = {k: v for k, v in record.items() if isinstance(v, str)}
+  fields.setdefault("question", record["prompt"])
+  fields.setdefault("query", fields["question"])
+  try:
+    return templates.render(template, **fields)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def _string(record: dict, field: str, where: str) -> str:
+  if not isinstance(record[field], str):
+    raise ValueError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+  return record[field]
+
+
+def sequences_of(record: Any, scorer: RewardScorer, template: str, where: str) -> dict[str, tuple[list[int], bool]]:
+  """Output field -> (token ids, truncated) for one input record; ValueError names the problem."""
+  if not isinstance(record, dict):
+    raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+  if "input_ids" in record:
+    ids = record["input_ids"]
+    if not isinstance(ids, list) or not ids or not all(type(t) is int for t in ids):
+      raise ValueError(f"{where}: field 'input_ids' must be a non-empty list of integers")
+    vocab = scorer.config.vocab_size
+    if not all(0 <= t < vocab for t in ids):
+      raise ValueError(f"{where}: field 'input_ids' has ids outside 0..{vocab - 1}")
+    if len(ids) > scorer.max_length:
+      raise ValueError(f"{where}: field 'input_ids' has {len(ids)} tokens, more than --max_length={scorer.max_length}")
+    return {"reward": (ids, False)}
+  if "text" in record:
+    return {"reward": scorer.encode("", _string(record, "text", where))}
+  if "response" in record:
+    return {"reward": scorer.encode(_prompt(record, template, where), _string(record, "response", where))}
+  if "chosen" in record and "rejected" in record:
+    prompt = _prompt(record, template, where)
+    return {f"{side}_reward": scorer.encode(prompt, _string(record, side, where)) for side in ("chosen", "rejected")}
+  raise ValueError(f"{where}: expected 'input_ids', 'text', 'prompt'+'response' or "
+                   f"'prompt'+'chosen'+'rejected'; got fields {sorted(record)}")
+
+
+def score_file(scorer: RewardScorer, input_path: pathlib.Path, output_path: pathlib.Path,
+               template: str) -> collections.Counter:
+  """Score every line of `input_path` into `output_path`; returns counts (records, bad lines, truncated)."""
+  counts: collections.Counter = collections.Counter()
+  records, fields, sequences = [], [], []
+  with open(input_path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{input_path}:{line_no}"
+      try:
+        record = json.loads(line)
+        wanted = sequences_of(record, scorer, template, where)
+      except json.JSONDecodeError as e:
+        wanted, message = None, f"{where}: invalid JSON ({e.msg} at column {e.colno})"
+      except ValueError as e:
+        wanted, message = None, str(e)
+      if wanted is None:
+        counts["bad_lines"] += 1
+        if counts["bad_lines"] <= EXAMPLES_SHOWN:
+          print(f"bad line: {message}", file=sys.stderr)
+        continue
+      records.append(record)
+      fields.append(list(wanted))
+      for ids, truncated in wanted.values():
+        sequences.append(ids)
+        counts["truncated"] += truncated
+  rewards = iter(scorer.score_ids(sequences).tolist()) if sequences else iter(())
+  output_path.parent.mkdir(parents=True, exist_ok=True)
+  with open(output_path, "w", encoding="utf-8") as out:
+    for record, names in zip(records, fields):
+      out.write(json.dumps({**record, **{name: next(rewards) for name in names}}, ensure_ascii=False) + "\n")
+  counts["records"] = len(records)
+  counts["sequences"] = len(sequences)
+  return counts
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.")
+flags.DEFINE_string("input", None, "Input JSONL.")
+flags.DEFINE_string("output", None, "Output JSONL (input records with rewards added).")
+flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+flags.DEFINE_integer("max_length", 1024, "Longest sequence; longer texts are cut as in training.")
+flags.DEFINE_enum("template", None, sorted(templates.TEMPLATES),
+                  "Prompt template for 'prompt' records (default: the checkpoint's, else none).")
+flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh shape (data, fsdp, tensor); -1 = the rest.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  for name in ("checkpoint", "input", "output"):
+    if not getattr(FLAGS, name):
+      raise app.UsageError(f"--{name} is required")
+  path = pathlib.Path(FLAGS.checkpoint)
+  template = FLAGS.template or template_from_checkpoint(path)
+  if template is None:
+    print(f"note: {path} names no prompt template; prompts are used verbatim (--template to choose)")
+    template = "none"
+  scorer = RewardScorer(path, FLAGS.batch_size, FLAGS.max_length, [int(s) for s in FLAGS.mesh])
+  counts = score_file(scorer, pathlib.Path(FLAGS.input), pathlib.Path(FLAGS.output), template)
+  print(f"scored {counts['records']} records ({counts['sequences']} sequences, {counts['truncated']} "
+        f"truncated to {FLAGS.max_length} tokens) -> {FLAGS.output}; {counts['bad_lines']} bad lines skipped")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,107 @@
+"""Scoring: batched, bucketed, sharded rewards equal one-sequence-at-a-time forwards; the CLI's records."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import sysconfig
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codepmp_jax import checkpoint, score
+from codepmp_jax.data import templates
+from codepmp_jax.data.tokenizer import train_sentencepiece
+from codepmp_jax.model import transformer
+from codepmp_jax.model.config import get_preset
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> pathlib.Path:
+  """A random tiny model with a sentencepiece tokenizer, saved as a checkpoint."""
+  root = tmp_path_factory.mktemp("score")
+  files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))
+  tokenizer = train_sentencepiece(files, vocab_size=400, out_prefix=root / "sp")
+  config = get_preset("tiny", vocab_size=400, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+  params = nn.unbox(transformer.init_params(config, jax.random.key(1)))
+  return checkpoint.save_model(root / "ckpt", params, config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def scorer(ckpt):
+  return score.RewardScorer(ckpt, batch_size=4, max_length=48, show_progress=False)
+
+
+def _one_at_a_time(scorer, ids):
+  """The reward of one unpadded sequence, straight from the model."""
+  out = transformer.RewardModel(scorer.config).apply(
+      {"params": jax.device_get(scorer.params)}, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))
+  return float(out.rewards[0])
+
+
+def test_score_ids_equals_unbatched_forward(scorer):
+  rng = np.random.default_rng(0)
+  sequences = [rng.integers(3, 400, n).tolist() for n in (5, 48, 17, 1, 33, 9, 16, 40, 2, 21)]
+  rewards = scorer.score_ids(sequences)
+  expected = [_one_at_a_time(scorer, s) for s in sequences]
+  assert rewards.dtype == np.float32 and np.std(expected) > 1e-3
+  np.testing.assert_allclose(rewards, expected, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="sequence 0 has 49 tokens"):
+    scorer.score_ids([[3] * 49])
+
+
+def test_score_texts_reads_reward_at_end_token(scorer):
+  prompts = ["def f(x):\n", "Instruction:What is 2+2?\n\nResponse:"]
+  responses = ["    return x\n", " 4" * 40]  # the second is cut to max_length, keeping the end token
+  rewards = scorer.score_texts(prompts, responses)
+  tok = scorer.tokenizer
+  first = tok.encode(prompts[0]) + tok.encode(responses[0]) + [tok.eos_id]
+  ids, cut = scorer.encode(prompts[1], responses[1])
+  assert cut and len(ids) == 48 and ids[-1] == tok.eos_id
+  np.testing.assert_allclose(rewards, [_one_at_a_time(scorer, first), _one_at_a_time(scorer, ids)], atol=1e-5)
+
+
+def test_cli_scores_every_record_kind_and_reports_bad_lines(ckpt, scorer, tmp_path):
+  lines = [
+      json.dumps({"input_ids": [5, 6, 7], "id": "a"}),
+      json.dumps({"text": "import os\n"}),
+      json.dumps({"prompt": "2+2?", "response": " 4"}),
+      "{not json",
+      json.dumps({"prompt": "Add.", "chosen": "a + b", "rejected": "a - b", "meta": {"k": 1}}),
+      json.dumps({"prompt": "x", "answer": "no response field"}),
+      "",
+      json.dumps({"input_ids": [1, 999]}),
+  ]
+  src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  src.write_text("\n".join(lines) + "\n")
+  result = subprocess.run(
+      [sys.executable, "-m", "codepmp_jax.score", f"--checkpoint={ckpt}", f"--input={src}",
+       f"--output={out}", "--batch_size=8", "--max_length=64", "--template=math"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"{src}:4: invalid JSON" in result.stderr
+  assert f"{src}:6: expected 'input_ids'" in result.stderr
+  assert f"{src}:8: field 'input_ids' has ids outside 0..399" in result.stderr
+  assert "scored 4 records (5 sequences" in result.stdout and "3 bad lines" in result.stdout
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r.get("id") for r in rows] == ["a", None, None, None]
+  assert rows[3]["meta"] == {"k": 1}
+  tok = scorer.tokenizer
+  math = templates.render("math", question="2+2?")
+  expected = [
+      _one_at_a_time(scorer, [5, 6, 7]),
+      _one_at_a_time(scorer, tok.encode("import os\n") + [tok.eos_id]),
+      _one_at_a_time(scorer, tok.encode(math) + tok.encode(" 4") + [tok.eos_id]),
+  ]
+  got = [rows[0]["reward"], rows[1]["reward"], rows[2]["reward"]]
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  prompt = tok.encode(templates.render("math", question="Add."))
+  np.testing.assert_allclose(
+      [rows[3]["chosen_reward"], rows[3]["rejected_reward"]],
+      [_one_at_a_time(scorer, prompt + tok.encode(s) + [tok.eos_id]) for s in ("a + b", "a - b")], atol=1e-5)
