@@ -95,3 +95,45 @@ def abstract_params(config: ModelConfig) -> Any:
   """Shapes and dtypes of the canonical (unscanned) params of `config`, without allocating them."""
   canonical = config.replace(scan_layers=False)
   return jax.eval_shape(lambda: nn.unbox(transformer.init_params(canonical, jax.random.key(0))))
+
+
+class TrainCheckpoints:
+  """Orbax-managed training checkpoints under `workdir/checkpoints/<step>/{state,data}`.
+
+  Saves are asynchronous; the newest `keep` are kept, plus every step listed in `keep_steps`
+  (the stable-phase checkpoints a scaling curve decays from). A save is only ever made of a state
+  whose loss was finite, so the newest checkpoint is always a good one.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, keep: int, keep_steps: tuple[int, ...] = (),
+               async_save: bool = True):
+    policies = [ocp.checkpoint_managers.LatestN(keep)]
+    if keep_steps:
+      policies.append(ocp.checkpoint_managers.CustomSteps(list(keep_steps)))
+    self.manager = ocp.CheckpointManager(
+        pathlib.Path(workdir).absolute() / TRAIN_CHECKPOINTS_DIR,
+        options=ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies)),
+        item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """The train state (placed by the shardings in `abstract_state`) and the data position."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once any of them was told to stop (multi-host preemption sync)."""
+    return self.manager.reached_preemption(step)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,54 @@
+"""Every training setting with its default; config files under configs/ change only what differs.
+
+Configs are ml_collections ConfigDicts, locked by the command line (an unknown key is an error):
+  python -m codepmp_jax.train --config=configs/x.py[:arg] --workdir=DIR --config.optimizer.lr=3e-6
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from codepmp_jax.data import builtin, pipeline
+from codepmp_jax.model.config import get_preset
+from codepmp_jax.optim import default_optimizer_config
+
+
+def model_fields(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """A model preset as config fields, so every model field can be overridden from the command line."""
+  return ml_collections.ConfigDict(get_preset(preset, **overrides).to_dict())
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The full set of training fields.
+
+  model: ModelConfig fields (vocab_size 0 = the tokenizer's). With `init_from` only the numerics
+    (dtype, param_dtype, remat_policy, scan_layers) are taken from here, the rest from the checkpoint.
+  init_from: a model checkpoint or training workdir to take params from (not the optimizer state).
+  tokenizer: a tokenizer file or directory; empty = init_from's, else the prepared data's
+    (synthetic / in-memory data may run without one when model.vocab_size is set).
+  data: the input pipeline (`data.pipeline`), plus `data.builtin` (`data.builtin`): data that
+    builds itself on first use.
+  loss: `rm_coef * BT + lm_coef * LM + center_coef * centering`; loss_type sigmoid | logexp.
+  train: global_batch pairs per step, split into `microbatches`; total_steps 0 = `epochs` over the data.
+  mesh_shape: (data, fsdp, tensor) sizes, one may be -1; logical_rules: None = sharding.DEFAULT_RULES.
+  checkpoint.keep_steps: steps kept beyond the newest `keep` (stable-phase checkpoints).
+  distributed: `initialize` = jax.distributed.initialize() with auto-detection (TPU, Slurm, ...).
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = model_fields("tiny")
+  config.init_from = ""
+  config.tokenizer = ""
+  config.data = pipeline.default_data_config()
+  config.data.builtin = builtin.default_builtin_config()
+  config.loss = ml_collections.ConfigDict(dict(
+      rm_coef=1.0, lm_coef=1.0, center_coef=0.0, loss_type="sigmoid", use_margin=False))
+  config.optimizer = default_optimizer_config()
+  config.train = ml_collections.ConfigDict(dict(
+      global_batch=1024, microbatches=1, seq_len=1024, total_steps=0, epochs=1.0,
+      log_every=10, eval_every=100, eval_batch=0, eval_batches=0))
+  config.mesh_shape = (1, -1, 1)
+  config.logical_rules = ml_collections.FieldReference(None, field_type=list)
+  config.checkpoint = ml_collections.ConfigDict(dict(save_every=500, keep=3, keep_steps=()))
+  config.distributed = ml_collections.ConfigDict(dict(
+      initialize=False, coordinator_address="", num_processes=1, process_id=0))
+  return config

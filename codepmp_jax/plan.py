@@ -1,0 +1,154 @@
+"""Memory and FLOPs of a training config on N devices, before renting them.
+
+  python -m codepmp_jax.plan --config=configs/pmp_qwen2_7b.py --devices=64 --device_memory=80GiB
+
+Lowers and compiles the real train step for N fake CPU devices with the config's mesh, from
+abstract shapes only (nothing the size of the model is allocated), and prints per-device memory:
+parameters and optimizer state (from their shardings), and the compiled program's arguments,
+outputs and temporaries (XLA's memory analysis), plus FLOPs per step. Try `--config.model.remat_policy`,
+`--config.mesh_shape` and `--config.train.microbatches` to see what each does to the numbers.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # fake devices must be requested before jax is imported
+  _n = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_n}"
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from codepmp_jax import optim, sharding, step
+from codepmp_jax.model import flops, transformer
+from codepmp_jax.model.config import ModelConfig
+
+_UNITS = {"": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+          "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+@dataclasses.dataclass
+class Plan:
+  devices: int
+  mesh_shape: tuple[int, ...]
+  params_bytes: float  # per device
+  optimizer_bytes: float  # per device
+  argument_bytes: float  # per device, from the compiled program
+  output_bytes: float
+  temp_bytes: float
+  flops_per_step: float  # model FLOPs (6N + attention), whole step, all devices
+  compiled_flops: float | None  # XLA's count for one device's program
+
+  @property
+  def peak_bytes(self) -> float:
+    """State lives across steps; the donated outputs alias it, temporaries come on top."""
+    return self.argument_bytes + self.temp_bytes
+
+
+def parse_bytes(text: str) -> float:
+  """'16GiB' -> 17179869184.0; '80GB' -> 8e10."""
+  match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B|B|)\s*", text)
+  if not match:
+    raise ValueError(f"cannot read a memory size from {text!r} (examples: 16GiB, 80GB)")
+  return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _format_bytes(n: float) -> str:
+  for unit in ("TiB", "GiB", "MiB", "KiB"):
+    if n >= _UNITS[unit]:
+      return f"{n / _UNITS[unit]:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def _per_device_bytes(abstract: Any, shardings: Any) -> float:
+  total = 0.0
+  for leaf, shard in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    total += math.prod(shard.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
+  """Compiles the config's train step on the current (fake) devices and reads off its costs."""
+  mesh = sharding.make_mesh(config.mesh_shape)
+  rules = sharding.rules_from_config(config.logical_rules)
+  tc = config.train
+  optimizer = optim.make_optimizer(config.optimizer, tc.total_steps or 1000)
+  abstract, state_sharding = step.state_shardings(model_config, optimizer, mesh, rules)
+  batch_sharding = step.batch_shardings(mesh, rules)
+  shapes = {"input_ids": (tc.global_batch, 2, tc.seq_len), "attention_mask": (tc.global_batch, 2, tc.seq_len),
+            "lm_mask": (tc.global_batch, 2, tc.seq_len), "margin": (tc.global_batch,)}
+  batch = {k: jax.ShapeDtypeStruct(s, jnp.float32 if k == "margin" else jnp.int32, sharding=batch_sharding[k])
+           for k, s in shapes.items()}
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, state_sharding)
+  model = transformer.RewardModel(model_config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    train_step = step.jit_train_step(step.make_train_step(model, optimizer, config.loss, tc.microbatches),
+                                     state_sharding, batch_sharding, mesh)
+    compiled = train_step.lower(state, batch).compile()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return Plan(
+      devices=jax.device_count(), mesh_shape=tuple(mesh.devices.shape),
+      params_bytes=_per_device_bytes(abstract.params, state_sharding.params),
+      optimizer_bytes=_per_device_bytes(abstract.opt_state, state_sharding.opt_state),
+      argument_bytes=float(memory.argument_size_in_bytes),
+      output_bytes=float(memory.output_size_in_bytes),
+      temp_bytes=float(memory.temp_size_in_bytes),
+      flops_per_step=flops.flops_per_token(model_config, tc.seq_len) * tc.global_batch * 2 * tc.seq_len,
+      compiled_flops=(cost or {}).get("flops"))
+
+
+def format_plan(p: Plan, device_memory: float | None) -> str:
+  rows = [
+      ("devices / mesh (data, fsdp, tensor)", f"{p.devices} / {p.mesh_shape}"),
+      ("parameters per device", _format_bytes(p.params_bytes)),
+      ("optimizer state per device", _format_bytes(p.optimizer_bytes)),
+      ("program arguments per device", _format_bytes(p.argument_bytes)),
+      ("program outputs per device (donated)", _format_bytes(p.output_bytes)),
+      ("temporaries per device", _format_bytes(p.temp_bytes)),
+      ("peak per device (arguments + temporaries)", _format_bytes(p.peak_bytes)),
+      ("model FLOPs per step", f"{p.flops_per_step:.3e}"),
+      ("compiled FLOPs per device", "n/a" if p.compiled_flops is None else f"{p.compiled_flops:.3e}"),
+  ]
+  if device_memory:
+    verdict = "fits" if p.peak_bytes <= device_memory else "does NOT fit"
+    rows.append((f"device memory {_format_bytes(device_memory)}", verdict))
+  width = max(len(r[0]) for r in rows)
+  return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_integer("devices", 8, "Number of (fake) devices to plan for.")
+flags.DEFINE_string("device_memory", "", "Memory of one device, e.g. 16GiB or 80GB.")
+flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size when the config takes it from the tokenizer.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = FLAGS.config
+  fields = config.model.to_dict()
+  fields["vocab_size"] = fields["vocab_size"] or FLAGS.vocab_size
+  if jax.device_count() != FLAGS.devices:
+    raise SystemExit(f"--devices={FLAGS.devices} but jax sees {jax.device_count()} devices; "
+                     "run as `python -m codepmp_jax.plan` so the fake devices are set up first")
+  result = plan(config, ModelConfig.from_dict(fields))
+  print(format_plan(result, parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else None))
+
+
+if __name__ == "__main__":
+  app.run(main)
