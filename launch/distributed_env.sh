@@ -11,8 +11,9 @@
 #                                            from $SLURM_JOB_ID (as JAX's Slurm detection does), else 12355
 #   distributed_overrides ADDRESS COUNT ID   the `--config.distributed.*` overrides, one a line
 #                                            (nothing for a single process)
-#   slurm_distributed_overrides              the same, from SLURM_PROCID, SLURM_NTASKS and
-#                                            SLURM_JOB_NODELIST (`scontrol show hostnames` when present)
+#   slurm_distributed_overrides              the same, from SLURM_PROCID, SLURM_NTASKS and the first
+#                                            host of SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST) by
+#                                            `scontrol show hostnames` when present
 #   slurm_tasks_per_node                     processes on this node: SLURM_NTASKS_PER_NODE, else
 #                                            SLURM_NTASKS / SLURM_JOB_NUM_NODES
 #   distributed_bind_gpu LOCAL_ID LOCAL_COUNT
@@ -28,7 +29,10 @@ distributed_first_host() {
     return 1
   fi
   if command -v scontrol >/dev/null 2>&1; then
-    scontrol show hostnames "$nodelist" | head -n 1
+    # All of its output, then the first line: `| head -n 1` would die of SIGPIPE under pipefail.
+    local hosts
+    hosts=$(scontrol show hostnames "$nodelist")
+    echo "${hosts%%$'\n'*}"
     return
   fi
   # Without scontrol: the first entry of "prefix[ranges]suffix,..." with its first number, leading
@@ -91,7 +95,7 @@ slurm_distributed_overrides() {
       return 1
     fi
   done
-  local nodelist=${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}
+  local nodelist=${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}}
   local host
   host=$(distributed_first_host "$nodelist")
   distributed_overrides "$host:$(distributed_port)" "$SLURM_NTASKS" "$SLURM_PROCID"

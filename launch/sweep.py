@@ -324,15 +324,15 @@ def results_table(results: Sequence[Result], overrides: dict[str, dict[str, str]
                   metrics: Sequence[str] | None = None) -> tuple[list[str], list[list[object]]]:
   """Header and rows: run, status, step, the overrides that differ between runs, then metrics.
 
-  `metrics=None` takes every metric; the Markdown table passes the eval metrics plus loss and
-  accuracy to stay readable.
+  Override columns carry the full config key (`optimizer.lr`), so they never clash with metric
+  names (`lr`). `metrics=None` takes every metric; the Markdown table passes the eval metrics plus
+  loss and accuracy to stay readable.
   """
   keys = list(dict.fromkeys(k for o in overrides.values() for k in o))
   varying = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
-  short = _short_keys(varying)
   if metrics is None:
     metrics = sorted({k for r in results for k in r.metrics})
-  header = ["run", "status", "step", *[short[k] for k in varying], *metrics]
+  header = ["run", "status", "step", *varying, *metrics]
   rows = [[r.name, r.status, r.step, *[overrides.get(r.name, {}).get(k, "") for k in varying],
            *[r.metrics.get(m) for m in metrics]] for r in results]
   return header, rows
