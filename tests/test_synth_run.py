@@ -119,6 +119,8 @@ def test_worker_split_and_merge(corpus, full, tmp_path):
   assert full_ids <= ids
   assert merged["counts"]["pairs_written"] == len(ids)
   assert merged["counts"]["corpus"]["documents"] == 9
+  assert merge.check_run(out)["merged_parts"] == 2
+  assert synth_main.main([f"--out={out}", "--merge"]) == 0
   shutil.rmtree(out / "part-00001-of-00002")
   with pytest.raises(merge.CheckError, match=r"parts \[0\] present, expected 0..1"):
     merge.merge(out)

@@ -33,6 +33,10 @@ RUNTIME_FLAGS = {"out", "max_pairs", "workers", "check", "merge", "log_level", "
                  "describe_base_url", "strong_base_url", "weak_base_url"}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """Shows defaults and keeps the examples' line breaks."""
+
+
 def _csv(text: str) -> list[str]:
   return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -41,13 +45,15 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
   """The command-line flags (all documented in --help)."""
   p = argparse.ArgumentParser(
       prog="python -m codepmp_jax.synth", description=__doc__,
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=_HelpFormatter)
   g = p.add_argument_group("run")
   g.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
   g.add_argument("--source", default="stdlib",
                  help="comma-separated sources: 'stdlib', directories / git checkouts, "
                       ".jsonl/.jsonl.gz/.parquet dumps with a 'content' field")
-  g.add_argument("--strategy", default="mutate", choices=STRATEGIES)
+  g.add_argument("--strategy", default="mutate", choices=STRATEGIES,
+                 help="mutate: offline AST mutants; llm: the paper's describe + strong/weak answers; "
+                      "human_vs_weak: real code vs the weak model's answer")
   g.add_argument("--max_pairs", type=int, default=0, help="stop after this many pairs (0: all)")
   g.add_argument("--shard_index", type=int, default=0, help="this worker's part of the corpus")
   g.add_argument("--num_shards", type=int, default=1,
@@ -55,19 +61,23 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
   g.add_argument("--docs_per_shard", type=int, default=32, help="documents per output shard")
   g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                  help="processes for the corpus scan and the mutate strategy")
-  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--seed", type=int, default=0, help="seed of the mutation choices")
   g.add_argument("--check", action="store_true", help="only verify the finished run in --out")
   g.add_argument("--merge", action="store_true",
                  help="only check and merge the part-* directories of a --num_shards run in --out")
-  g.add_argument("--log_level", default="INFO")
+  g.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
   g = p.add_argument_group("corpus filters")
   d = filters.FilterConfig()
-  g.add_argument("--min_bytes", type=int, default=d.min_bytes)
-  g.add_argument("--max_bytes", type=int, default=d.max_bytes)
-  g.add_argument("--max_line_length", type=int, default=d.max_line_length)
-  g.add_argument("--max_mean_line_length", type=float, default=d.max_mean_line_length)
-  g.add_argument("--min_alnum_fraction", type=float, default=d.min_alnum_fraction)
-  g.add_argument("--max_data_line_fraction", type=float, default=d.max_data_line_fraction)
+  g.add_argument("--min_bytes", type=int, default=d.min_bytes, help="drop smaller files")
+  g.add_argument("--max_bytes", type=int, default=d.max_bytes, help="drop larger files")
+  g.add_argument("--max_line_length", type=int, default=d.max_line_length,
+                 help="drop files with a longer line")
+  g.add_argument("--max_mean_line_length", type=float, default=d.max_mean_line_length,
+                 help="drop files with longer mean lines (minified)")
+  g.add_argument("--min_alnum_fraction", type=float, default=d.min_alnum_fraction,
+                 help="drop files with fewer alphanumeric characters")
+  g.add_argument("--max_data_line_fraction", type=float, default=d.max_data_line_fraction,
+                 help="drop files (20+ lines) whose lines are mostly literals only")
   g.add_argument("--languages", default="", help="comma-separated languages to keep ('': all)")
   g.add_argument("--licenses", default=",".join(filters.PERMISSIVE_LICENSES),
                  help="license allow-list for dumps that carry licenses ('any': no filter)")
@@ -80,15 +90,19 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
   g.add_argument("--decontam_ngram", type=int, default=13, help="word n-gram length of the overlap test")
   g = p.add_argument_group("mutate strategy")
   m = mutate_strategy.MutateConfig()
-  g.add_argument("--mutants_per_function", type=int, default=m.mutants_per_function)
+  g.add_argument("--mutants_per_function", type=int, default=m.mutants_per_function,
+                 help="pairs per documented function, spread over the operators")
   g.add_argument("--max_length_diff", type=float, default=m.max_length_diff,
                  help="drop mutants whose length differs from the original by more than this fraction")
-  g.add_argument("--max_function_chars", type=int, default=m.max_function_chars)
+  g.add_argument("--max_function_chars", type=int, default=m.max_function_chars,
+                 help="skip longer functions")
   g.add_argument("--execution_check", action="store_true",
                  help="for documents with HumanEval-style test/entry_point fields, keep a mutant "
                       "only if the original passes the tests and the mutant fails them")
-  g.add_argument("--exec_timeout_s", type=float, default=m.exec_timeout_s)
-  g.add_argument("--exec_memory_mb", type=int, default=m.exec_memory_mb)
+  g.add_argument("--exec_timeout_s", type=float, default=m.exec_timeout_s,
+                 help="wall-clock limit of one sandboxed test run")
+  g.add_argument("--exec_memory_mb", type=int, default=m.exec_memory_mb,
+                 help="address-space limit of one sandboxed test run")
   g = p.add_argument_group("LLM strategies (llm, human_vs_weak)")
   g.add_argument("--backend", default="openai", choices=("openai",),
                  help="generation backend: an OpenAI-compatible server (vLLM, SGLang, TGI)")
@@ -96,24 +110,29 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
   g.add_argument("--describe_base_url", default="", help="server of the description model ('': --base_url)")
   g.add_argument("--strong_base_url", default="", help="server of the strong model ('': --base_url)")
   g.add_argument("--weak_base_url", default="", help="server of the weak model ('': --base_url)")
-  g.add_argument("--describe_model", default="deepseek-ai/deepseek-coder-1.3b-instruct")
-  g.add_argument("--strong_model", default="deepseek-ai/deepseek-coder-6.7b-instruct")
-  g.add_argument("--weak_model", default="deepseek-ai/deepseek-coder-1.3b-instruct")
+  g.add_argument("--describe_model", default="deepseek-ai/deepseek-coder-1.3b-instruct",
+                 help="writes the instruction for each snippet")
+  g.add_argument("--strong_model", default="deepseek-ai/deepseek-coder-6.7b-instruct",
+                 help="answers -> chosen (llm strategy)")
+  g.add_argument("--weak_model", default="deepseek-ai/deepseek-coder-1.3b-instruct",
+                 help="answers -> rejected")
   g.add_argument("--api", default="completions", choices=("completions", "chat"),
                  help="/v1/completions (prompt verbatim) or /v1/chat/completions (one user message)")
   g.add_argument("--api_key_env", default="OPENAI_API_KEY",
                  help="environment variable holding the API key (never logged)")
   g.add_argument("--concurrency", type=int, default=8, help="requests in flight per model")
   g.add_argument("--timeout_s", type=float, default=120.0, help="per-request timeout")
-  g.add_argument("--max_retries", type=int, default=5)
+  g.add_argument("--max_retries", type=int, default=5,
+                 help="retries of a request after a timeout, dropped connection, 429 or 5xx")
   g.add_argument("--backoff_s", type=float, default=1.0, help="first retry delay; doubles per retry")
   s = prompts.DESCRIBE_SAMPLING
-  g.add_argument("--describe_temperature", type=float, default=s["temperature"])
-  g.add_argument("--describe_top_p", type=float, default=s["top_p"])
-  g.add_argument("--describe_max_tokens", type=int, default=s["max_tokens"])
-  g.add_argument("--respond_temperature", type=float, default=s["temperature"])
-  g.add_argument("--respond_top_p", type=float, default=s["top_p"])
-  g.add_argument("--respond_max_tokens", type=int, default=s["max_tokens"])
+  g.add_argument("--describe_temperature", type=float, default=s["temperature"], help="paper: 0.7")
+  g.add_argument("--describe_top_p", type=float, default=s["top_p"], help="paper: 1.0")
+  g.add_argument("--describe_max_tokens", type=int, default=s["max_tokens"], help="paper: 1024")
+  g.add_argument("--respond_temperature", type=float, default=s["temperature"],
+                 help="sampling of the strong and weak answers")
+  g.add_argument("--respond_top_p", type=float, default=s["top_p"], help="as above")
+  g.add_argument("--respond_max_tokens", type=int, default=s["max_tokens"], help="as above")
   args = p.parse_args(argv)
   if not 0 <= args.shard_index < args.num_shards:
     p.error(f"--shard_index={args.shard_index} must be in [0, --num_shards={args.num_shards})")
@@ -152,6 +171,7 @@ def run(args: argparse.Namespace) -> dict:
     chunks = [docs[i:i + args.docs_per_shard] for i in range(0, len(docs), args.docs_per_shard)]
     out = pipeline.output_dir(args.out, args.shard_index, args.num_shards)
     writer = writer_lib.ShardWriter(out, settings, len(chunks))
+    writer.check_sources(sources)
     base = {"complete": False, "strategy": args.strategy, "prompts": prompts.prompt_texts(),
             "sources": sources, "planned_shards": len(chunks)}
     writer.write_manifest(base)

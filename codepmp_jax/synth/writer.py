@@ -59,6 +59,14 @@ class ShardWriter:
                          f"(settings_hash {old.get('settings_hash')} != {settings_hash(settings)}); "
                          "use another --out or delete it")
 
+  def check_sources(self, sources: list[dict]) -> None:
+    """Refuse to resume when the corpus changed since the shards here were written."""
+    previous = self.dir / MANIFEST
+    old = json.loads(previous.read_text()).get("sources") if previous.exists() else None
+    if old is not None and old != sources:
+      raise ValueError(f"{previous}: the corpus changed since this run started ({old} != {sources}); "
+                       "use another --out or delete it")
+
   def name(self, k: int) -> str:
     return f"pairs-{k:05d}-of-{self.num_planned:05d}.jsonl.gz"
 
