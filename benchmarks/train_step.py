@@ -1,0 +1,324 @@
+"""One PMP training step (Bradley-Terry + chosen-response LM loss, AdamW): our jitted step against
+the PyTorch peer a researcher would otherwise write, on the same batch, shape, dtype and threads.
+
+  python -m benchmarks.train_step                                  # CPU: tiny, smollm2_135m
+  python -m benchmarks.train_step --shapes=qwen2_0_5b,qwen2_1_5b   # GPU: bf16, seq 1024
+
+Ours: `codepmp_jax.step` (one jit, donated state) on a one-device mesh. Peer: a transformers
+`*ForSequenceClassification` of the same shape (random init, SDPA attention) whose backbone hidden
+states feed both the `score` head (reward at length - 1) and an LM head (the tied embedding, or an
+untied Linear), loss = BT + token-mean cross-entropy on the chosen response (TRL/CodePMP), with
+gradient clipping and torch.optim.AdamW without decay on norms and biases, as the HF Trainer does.
+Mixed precision is the same on both sides: float32 parameters and optimizer state, `--dtype`
+compute (torch.autocast). Data: the synthetic source of `codepmp_jax.data.pipeline` (no
+TensorFlow). On CPU the two step alternately (fair under a shared, noisy machine) and MFU is
+against a float32 matmul peak measured between steps; on GPU the peer runs first and frees its
+memory before ours runs, and MFU is against the chip's bf16 peak.
+"""
+from __future__ import annotations
+
+import os
+
+# JAX must not take the GPU's memory up front: the PyTorch peer runs in the same process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from benchmarks import common
+from codepmp_jax import metrics, optim, sharding, step
+from codepmp_jax.data import pipeline
+from codepmp_jax.model import transformer
+from codepmp_jax.model.config import ModelConfig, get_preset
+
+CPU_SHAPES = ("tiny", "smollm2_135m")
+GPU_SHAPES = ("qwen2_0_5b", "qwen2_1_5b")
+LOSS = ml_collections.ConfigDict(dict(
+    rm_coef=1.0, lm_coef=1.0, center_coef=0.0, loss_type="sigmoid", use_margin=False))
+Batch = dict[str, np.ndarray]
+
+
+def synthetic_batch(config: ModelConfig, pairs: int, seq_len: int) -> Batch:
+  """One host batch of random full-length pairs, the chosen response being the second half."""
+  data = pipeline.default_data_config()
+  data.update(source="synthetic", vocab_size=config.vocab_size, synthetic_pairs=pairs,
+              pad_id=config.pad_token_id or 0, prefetch=0)
+  batches = pipeline.build_pipeline(data, split="train", global_batch=pairs, seq_len=seq_len,
+                                    sharding=None, seed=0, repeat=False)
+  return next(batches)
+
+
+def _optimizer_config() -> ml_collections.ConfigDict:
+  cfg = optim.default_optimizer_config()
+  cfg.schedule = "constant"
+  cfg.warmup_ratio = 0.0
+  return cfg
+
+
+class Ours:
+  """Our jitted train step on one device; `step()` runs one step and waits for it."""
+
+  def __init__(self, config: ModelConfig, batch: Batch):
+    self.mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    rules = sharding.DEFAULT_RULES
+    optimizer = optim.make_optimizer(_optimizer_config(), total_steps=1000)
+    _, state_sharding = step.state_shardings(config, optimizer, self.mesh, rules)
+    batch_sharding = step.batch_shardings(self.mesh, rules)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
+      params = jax.jit(lambda: nn.unbox(transformer.init_params(config, jax.random.key(0))),
+                       out_shardings=state_sharding.params)()
+      opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
+      self.state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+      self.batch = jax.device_put(batch, batch_sharding)
+      train_step = step.jit_train_step(step.make_train_step(transformer.RewardModel(config), optimizer, LOSS),
+                                       state_sharding, batch_sharding, self.mesh)
+      start = time.perf_counter()
+      self.compiled = train_step.lower(self.state, self.batch).compile()
+      self.compile_seconds = time.perf_counter() - start
+
+  def step(self) -> float:
+    self.state, out = self.compiled(self.state, self.batch)
+    return float(jax.block_until_ready(out)["loss"])
+
+  def profile(self, trace_dir: str) -> list[tuple[float, float, str]]:
+    """Traces one step and returns its per-op breakdown (see `common.op_breakdown`)."""
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      self.step()
+    return common.op_breakdown(trace_dir, self.compiled.as_text())
+
+  def close(self) -> None:
+    del self.state, self.batch, self.compiled
+
+
+class Peer:
+  """The transformers + torch.optim.AdamW step; `step()` runs one step and waits for it."""
+
+  def __init__(self, config: ModelConfig, batch: Batch, dtype: str, remat: bool):
+    import torch
+    import transformers
+
+    self.torch = torch
+    self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model_cls = {"llama": transformers.LlamaForSequenceClassification,
+                 "qwen2": transformers.Qwen2ForSequenceClassification,
+                 "mistral": transformers.MistralForSequenceClassification}[config.architecture]
+    hf = common.hf_config(config)
+    hf._attn_implementation = "sdpa"
+    self.model = model_cls(hf).to(self.device).train()
+    if remat:
+      self.model.gradient_checkpointing_enable()
+    if config.tie_word_embeddings:
+      self.lm_head = lambda h: torch.nn.functional.linear(h, self.model.model.embed_tokens.weight)
+      extra = []
+    else:
+      head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=self.device)
+      torch.nn.init.normal_(head.weight, std=0.02)
+      self.lm_head, extra = head, [("lm_head.weight", head.weight)]
+    named = list(self.model.named_parameters()) + extra
+    self.params = [p for _, p in named]
+    no_decay = [p for n, p in named if n.endswith("bias") or "norm" in n]
+    decay = [p for n, p in named if not (n.endswith("bias") or "norm" in n)]
+    opt = _optimizer_config()
+    cuda = self.device.type == "cuda"
+    self.optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps, fused=cuda, foreach=not cuda)
+    self.grad_clip = opt.grad_clip
+    self.autocast = dict(device_type=self.device.type, dtype=getattr(torch, dtype),
+                         enabled=dtype != "float32")
+    pairs, _, length = batch["input_ids"].shape
+    as_tensor = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(self.device)  # noqa: E731
+    self.ids = as_tensor(batch["input_ids"].reshape(2 * pairs, length)).long()
+    self.mask = as_tensor(batch["attention_mask"].reshape(2 * pairs, length))
+    chosen = self.ids[0::2]
+    labels = chosen.masked_fill(as_tensor(batch["lm_mask"][:, 0]) == 0, -100)
+    self.lm_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+    self.last = self.mask.sum(-1) - 1
+
+  def step(self) -> float:
+    torch, F = self.torch, self.torch.nn.functional
+    with torch.autocast(**self.autocast):
+      hidden = self.model.model(input_ids=self.ids, attention_mask=self.mask).last_hidden_state
+      rewards = self.model.score(hidden[torch.arange(hidden.shape[0], device=self.device), self.last])
+      rewards = rewards[:, 0].float()
+      bt = -F.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
+      logits = self.lm_head(hidden[0::2])
+    lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), self.lm_labels, ignore_index=-100)
+    loss = bt + lm
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+    self.optimizer.step()
+    value = float(loss.detach())  # waits for the device
+    return value
+
+  def close(self) -> None:
+    del self.model, self.optimizer, self.params, self.lm_head
+    if self.device.type == "cuda":
+      self.torch.cuda.empty_cache()
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+  import torch
+  return (torch.OutOfMemoryError, jax.errors.JaxRuntimeError)
+
+
+def measure_shape(shape: str, args: argparse.Namespace, platform: str) -> dict[str, Any]:
+  """Step times (median) of ours and the peer at one shape, and the peak FLOP/s for MFU."""
+  overrides = dict(common.parse_overrides(args.model))
+  config = get_preset(shape, dtype=args.dtype, param_dtype="float32",
+                      remat_policy="full" if args.remat else "none", **overrides)
+  batch = synthetic_batch(config, args.pairs, args.seq_len)
+  makers = {"ours": lambda: Ours(config, batch),
+            "peer": lambda: Peer(config, batch, args.dtype, args.remat)}
+  sides = [s for s in ("peer", "ours") if s in args.sides]
+  times: dict[str, list[float]] = {s: [] for s in sides}
+  failed: dict[str, str] = {}
+  peaks: list[float] = []
+  notes: list[str] = []
+
+  def build(side):
+    try:
+      runner = makers[side]()
+      for _ in range(args.warmup):
+        runner.step()
+      return runner
+    except _out_of_memory_errors() as e:
+      failed[side] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+      return None
+
+  def finish(side, runner):
+    if side == "ours":
+      notes.append(f"ours: compile {runner.compile_seconds:.1f} s")
+      if args.profile:
+        breakdown = runner.profile(os.path.join(args.profile, shape))
+        notes.append(f"ours: where one step's op time goes ({shape}):\n" + common.format_table(
+            ("ms", "share", "op"), [(ms, f"{share:.1%}", op[:110]) for ms, share, op in breakdown]))
+    runner.close()
+
+  if platform == "cpu":  # alternate the two sides so load from other processes hits both alike
+    runners = {s: build(s) for s in sides}
+    for _ in tqdm.trange(args.steps, desc=f"{shape} steps", leave=False):
+      peaks.append(metrics.measure_cpu_peak_flops(repeats=3))
+      for side, runner in runners.items():
+        if runner is not None:
+          times[side].append(_timed(runner.step))
+    for side, runner in runners.items():
+      if runner is not None:
+        finish(side, runner)
+  else:  # one side at a time: both models and optimizers at once need not fit one device
+    for side in sides:
+      runner = build(side)
+      if runner is not None:
+        for _ in tqdm.trange(args.steps, desc=f"{shape} {side}", leave=False):
+          times[side].append(_timed(runner.step))
+        finish(side, runner)
+    peaks.append(metrics.device_peak_flops())
+  return {"times": {s: statistics.median(t) for s, t in times.items() if t}, "failed": failed,
+          "peak": None if None in peaks else statistics.median(peaks), "config": config, "notes": notes}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  platform = jax.default_backend()
+  on_cpu = platform == "cpu"
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shapes", default=",".join(CPU_SHAPES if on_cpu else GPU_SHAPES),
+                      help="comma-separated model presets (default: %(default)s on this platform)")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per side (the median is reported)")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after compiling")
+  parser.add_argument("--pairs", type=int, default=4, help="pairs per step (2 sequences each)")
+  parser.add_argument("--seq_len", type=int, default=256 if on_cpu else 1024)
+  parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16",
+                      choices=("float32", "bfloat16"), help="compute dtype (parameters stay float32)")
+  parser.add_argument("--remat", action="store_true",
+                      help="recompute each layer in the backward pass (ours: remat_policy=full; "
+                           "peer: gradient checkpointing)")
+  parser.add_argument("--sides", default="ours,peer", help="which of ours,peer to run")
+  parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                      help="ModelConfig override applied to both sides, e.g. --model num_layers=4")
+  parser.add_argument("--profile", default="", metavar="DIR",
+                      help="also trace one step of ours into DIR and print its per-op breakdown")
+  parser.add_argument("--out", default="", help="also write the table to this file")
+  args = parser.parse_args(argv)
+  args.shapes = [s for s in args.shapes.split(",") if s]
+  args.sides = [s for s in args.sides.split(",") if s]
+  unknown = sorted(set(args.sides) - {"ours", "peer"})
+  if unknown:
+    parser.error(f"--sides: unknown {unknown}; use ours and/or peer")
+  for shape in args.shapes:
+    try:
+      get_preset(shape)
+    except ValueError as e:
+      parser.error(f"--shapes: {e}")
+  try:
+    common.parse_overrides(args.model)
+  except ValueError as e:
+    parser.error(f"--model: {e}")
+  if args.steps < 1 or args.pairs < 1 or args.seq_len < 2:
+    parser.error("--steps and --pairs must be at least 1, --seq_len at least 2")
+  return args
+
+
+def main(argv: list[str]) -> None:
+  args = parse_args(argv)
+  platform = jax.default_backend()
+  import torch
+
+  threads = os.cpu_count()
+  if platform == "cpu":
+    torch.set_num_threads(threads)  # XLA's CPU client uses one thread per core as well
+  device = jax.devices()[0].device_kind
+  lines = [f"train_step: {platform} ({device}), {args.dtype}, {args.pairs} pairs x {args.seq_len} "
+           f"tokens, median of {args.steps} steps after {args.warmup} warm-up; threads: torch "
+           f"{torch.get_num_threads()}, XLA {threads}; jax {jax.__version__}, torch {torch.__version__}"]
+  rows, ratios = [], []
+  for shape in args.shapes:
+    result = measure_shape(shape, args, platform)
+    flops = common.pmp_step_flops(result["config"], args.pairs, args.seq_len)
+    tokens = 2 * args.pairs * args.seq_len
+    for side in ("ours", "peer"):
+      if side in result["failed"]:
+        rows.append((shape, side, "failed", "", "", "", result["failed"][side]))
+      elif side in result["times"]:
+        seconds = result["times"][side]
+        mfu = "n/a" if result["peak"] is None else f"{flops / seconds / result['peak']:.1%}"
+        rows.append((shape, side, seconds, args.pairs / seconds, tokens / seconds, mfu, ""))
+    lines += result["notes"]
+    if result["peak"] is None:
+      peak = f"no bf16 peak known for {device!r}, so no MFU"
+    else:
+      kind = "measured fp32 matmul peak" if platform == "cpu" else "bf16 peak"
+      peak = f"{kind} {result['peak'] / 1e12:.3g} TFLOP/s"
+    lines.append(f"{shape}: {flops / 1e9:.1f} model GFLOP per step; {peak}")
+    if set(result["times"]) == {"ours", "peer"}:
+      ratios.append(f"ratio (ours/peer) {shape}: {result['times']['peer'] / result['times']['ours']:.2f}x")
+  if "tensorflow" in sys.modules:
+    raise RuntimeError("TensorFlow was imported; the benchmark must run without it")
+  table = common.format_table(("shape", "side", "step s", "pairs/s", "tokens/s", "MFU", "note"), rows)
+  report = "\n".join(lines + ["", table, ""] + ratios)
+  print(report)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(report + "\n")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
