@@ -1,0 +1,162 @@
+"""Token ids of preference pairs: prompt + response + end token, cut safely to `seq_len`.
+
+The reward is read at the last real token, so the end token must survive truncation: a sequence
+that does not fit first loses prompt tokens from the left, then response tokens from the right
+(the end token stays last); with `overlong="drop"` the pair is dropped instead. Both are counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from codepmp_jax.data.records import PairRecord
+
+OVERLONG = ("truncate", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedSequence:
+  """`ids` = prompt + response + eos; the response starts at `response_start`.
+
+  `prompt_cut` / `response_cut` count the tokens removed to fit (0 when it fit).
+  """
+  ids: tuple[int, ...]
+  response_start: int
+  prompt_cut: int = 0
+  response_cut: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPair:
+  """A tokenized preference pair; `margin` is 0 where the data has none."""
+  chosen: EncodedSequence
+  rejected: EncodedSequence
+  margin: float = 0.0
+
+  @property
+  def max_length(self) -> int:
+    return max(len(self.chosen.ids), len(self.rejected.ids))
+
+
+@dataclasses.dataclass
+class EncodeStats:
+  """Pairs kept, and how many needed their prompt or response cut or were dropped."""
+  pairs: int = 0
+  truncated_prompt: int = 0
+  truncated_response: int = 0
+  dropped_overlong: int = 0
+
+  def add(self, other: EncodeStats) -> None:
+    for field in dataclasses.fields(self):
+      setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
+def fit_sequence(prompt: Sequence[int], response: Sequence[int], eos_id: int, seq_len: int,
+                 overlong: str = "truncate") -> EncodedSequence | None:
+  """prompt + response + eos within `seq_len` tokens, or None if too long and `overlong="drop"`."""
+  if overlong not in OVERLONG:
+    raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
+  if seq_len < 2:
+    raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+  excess = len(prompt) + len(response) + 1 - seq_len
+  if excess <= 0:
+    return EncodedSequence((*prompt, *response, eos_id), len(prompt))
+  if overlong == "drop":
+    return None
+  prompt_cut = min(excess, len(prompt))
+  response_cut = excess - prompt_cut
+  prompt = prompt[prompt_cut:]
+  response = response[:len(response) - response_cut]
+  return EncodedSequence((*prompt, *response, eos_id), len(prompt), prompt_cut, response_cut)
+
+
+def encode_sequence(tokenizer, prompt: str, response: str, seq_len: int,
+                    overlong: str = "truncate") -> EncodedSequence | None:
+  """Token ids of one prompt + response + eos (see `fit_sequence`)."""
+  return fit_sequence(tokenizer.encode(prompt), tokenizer.encode(response), tokenizer.eos_id,
+                      seq_len, overlong)
+
+
+def fit_pair(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], margin: float | None,
+             eos_id: int, seq_len: int, overlong: str, stats: EncodeStats) -> EncodedPair | None:
+  """One pair from token ids, counted in `stats`; None if dropped as overlong."""
+  fitted = [fit_sequence(prompt, response, eos_id, seq_len, overlong) for response in (chosen, rejected)]
+  if None in fitted:
+    stats.dropped_overlong += 1
+    return None
+  stats.pairs += 1
+  stats.truncated_prompt += any(s.prompt_cut for s in fitted)
+  stats.truncated_response += any(s.response_cut for s in fitted)
+  return EncodedPair(fitted[0], fitted[1], 0.0 if margin is None else float(margin))
+
+
+def encode_pair(tokenizer, record: PairRecord, seq_len: int, overlong: str = "truncate",
+                stats: EncodeStats | None = None) -> EncodedPair | None:
+  """A tokenized pair (chosen and rejected share the prompt), or None if dropped as overlong."""
+  return fit_pair(tokenizer.encode(record.prompt), tokenizer.encode(record.chosen),
+                  tokenizer.encode(record.rejected), record.margin, tokenizer.eos_id, seq_len,
+                  overlong, stats if stats is not None else EncodeStats())
+
+
+def encode_records(tokenizer, records: Sequence[PairRecord], seq_len: int, overlong: str = "truncate",
+                   stats: EncodeStats | None = None) -> list[EncodedPair]:
+  """`encode_pair` of many records with one batched tokenizer call (fast: all cores)."""
+  stats = stats if stats is not None else EncodeStats()
+  texts = [text for r in records for text in (r.prompt, r.chosen, r.rejected)]
+  ids = tokenizer.encode_batch(texts)
+  pairs = []
+  for i, record in enumerate(records):
+    pair = fit_pair(ids[3 * i], ids[3 * i + 1], ids[3 * i + 2], record.margin, tokenizer.eos_id,
+                    seq_len, overlong, stats)
+    if pair is not None:
+      pairs.append(pair)
+  return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class PairArrays:
+  """Many encoded pairs in flat numpy arrays, for fast transfer, storage and random access.
+
+  `tokens` holds every sequence back to back (chosen then rejected, pair by pair); `offsets`,
+  `lengths` and `response_start` are `[n, 2]` (index 1: 0 = chosen, 1 = rejected); `margin` is `[n]`.
+  """
+  tokens: np.ndarray
+  offsets: np.ndarray
+  lengths: np.ndarray
+  response_start: np.ndarray
+  margin: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.margin)
+
+  @classmethod
+  def from_pairs(cls, pairs: Sequence[EncodedPair]) -> PairArrays:
+    seqs = [s for p in pairs for s in (p.chosen, p.rejected)]
+    lengths = np.array([len(s.ids) for s in seqs], np.int64).reshape(-1, 2)
+    tokens = np.fromiter((t for s in seqs for t in s.ids), np.int32, count=int(lengths.sum()))
+    starts = np.array([s.response_start for s in seqs], np.int32).reshape(-1, 2)
+    return cls.from_lengths(tokens, lengths, starts, np.array([p.margin for p in pairs], np.float32))
+
+  @classmethod
+  def from_lengths(cls, tokens: np.ndarray, lengths: np.ndarray, response_start: np.ndarray,
+                   margin: np.ndarray) -> PairArrays:
+    """Arrays from back-to-back tokens and the `[n, 2]` sequence lengths."""
+    lengths = np.asarray(lengths, np.int64).reshape(-1, 2)
+    ends = np.cumsum(lengths.reshape(-1))
+    offsets = (ends - lengths.reshape(-1)).reshape(-1, 2)
+    return cls(np.asarray(tokens, np.int32), offsets, lengths.astype(np.int32),
+               np.asarray(response_start, np.int32).reshape(-1, 2), np.asarray(margin, np.float32))
+
+  @classmethod
+  def concatenate(cls, parts: Sequence[PairArrays]) -> PairArrays:
+    return cls.from_lengths(np.concatenate([p.tokens for p in parts] or [np.zeros(0, np.int32)]),
+                            np.concatenate([p.lengths for p in parts] or [np.zeros((0, 2))]),
+                            np.concatenate([p.response_start for p in parts] or [np.zeros((0, 2))]),
+                            np.concatenate([p.margin for p in parts] or [np.zeros(0)]))
+
+  def sequence(self, index: int, which: int) -> np.ndarray:
+    """The token ids of pair `index`, chosen (`which=0`) or rejected (1)."""
+    start = self.offsets[index, which]
+    return self.tokens[start:start + self.lengths[index, which]]

@@ -1,0 +1,172 @@
+"""The preference-pair record and the bookkeeping of bad input.
+
+A record is one JSON line `{"prompt", "chosen", "rejected"}` with optional `"margin"`, `"id"` and
+`"meta"`. Every loader reports what it could not use to a `BadRecords` counter, by kind and with the
+`file:line` of the first few, so nothing disappears uncounted; in strict mode malformed input is an
+error instead.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import json
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+# Malformed input: an error under --strict.
+MALFORMED_KINDS = ("invalid_json", "invalid_utf8", "missing_field", "non_string_field",
+                   "bad_value", "identical_pair", "empty_file")
+# Well-formed input that a loader cannot turn into a pair (counted, never an error).
+UNUSABLE_KINDS = ("empty_response", "no_valid_perturbation", "fewer_rejected_than_asked")
+KINDS = MALFORMED_KINDS + UNUSABLE_KINDS
+EXAMPLES_KEPT = 5
+
+
+class BadRecordError(ValueError):
+  """Malformed input found in strict mode; the message names file, line and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRecord:
+  """One preference pair: `prompt` followed by a better (`chosen`) and a worse (`rejected`) response."""
+  prompt: str
+  chosen: str
+  rejected: str
+  margin: float | None = None
+  id: str | None = None
+  meta: dict | None = None
+
+  def to_json(self) -> dict[str, Any]:
+    """The interchange JSON object (optional fields only when set)."""
+    out = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+    for name in ("margin", "id", "meta"):
+      if getattr(self, name) is not None:
+        out[name] = getattr(self, name)
+    return out
+
+
+@dataclasses.dataclass
+class BadRecords:
+  """Counts of unusable input by kind, with `file:line: message` of the first few of each kind."""
+  strict: bool = False
+  counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+  def add(self, kind: str, where: str, message: str) -> None:
+    """Count one unusable input at `where` ("file:line"); raise if strict and it is malformed."""
+    if kind not in KINDS:
+      raise ValueError(f"unknown bad-record kind {kind!r}")
+    if self.strict and kind in MALFORMED_KINDS:
+      raise BadRecordError(f"{where}: {kind}: {message}")
+    self.counts[kind] += 1
+    kept = self.examples.setdefault(kind, [])
+    if len(kept) < EXAMPLES_KEPT:
+      kept.append(f"{where}: {message}")
+
+  def merge(self, other: BadRecords) -> None:
+    """Add another counter's counts and examples into this one."""
+    self.counts.update(other.counts)
+    for kind, lines in other.examples.items():
+      kept = self.examples.setdefault(kind, [])
+      kept.extend(lines[:EXAMPLES_KEPT - len(kept)])
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def to_dict(self) -> dict[str, int]:
+    """Every known kind with its count (zeros included, so a manifest is explicit)."""
+    return {kind: int(self.counts.get(kind, 0)) for kind in KINDS}
+
+  def report(self) -> str:
+    """A human-readable summary: counts by kind and the first few locations."""
+    if not self.total:
+      return "no bad records"
+    lines = [f"{self.total} bad records:"]
+    for kind in KINDS:
+      if self.counts.get(kind):
+        lines.append(f"  {kind}: {self.counts[kind]}")
+        lines.extend(f"    {example}" for example in self.examples.get(kind, []))
+    return "\n".join(lines)
+
+
+def open_text_lines(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[str, str]]:
+  """(`file:line`, text) for each non-blank line of a plain or gzipped UTF-8 file.
+
+  Lines that are not valid UTF-8 and files without any line are counted in `bad`.
+  """
+  path = pathlib.Path(path)
+  opener = gzip.open if path.suffix == ".gz" else open
+  seen = False
+  with opener(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      where = f"{path}:{number}"
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        bad.add("invalid_utf8", where, f"not UTF-8 ({e.reason} at byte {e.start})")
+        seen = True
+        continue
+      if text.strip():
+        seen = True
+        yield where, text
+  if not seen:
+    bad.add("empty_file", f"{path}:0", "the file holds no records")
+
+
+def read_json_lines(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[str, dict]]:
+  """(`file:line`, object) for each JSON-object line; invalid lines are counted in `bad`."""
+  for where, text in open_text_lines(path, bad):
+    try:
+      obj = json.loads(text)
+    except json.JSONDecodeError as e:
+      bad.add("invalid_json", where, f"{e.msg} at column {e.colno}")
+      continue
+    if not isinstance(obj, dict):
+      bad.add("invalid_json", where, f"expected a JSON object, got {type(obj).__name__}")
+      continue
+    yield where, obj
+
+
+def read_parquet_rows(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[str, dict]]:
+  """(`file:row`, row) for each row of a Parquet file (rows numbered from 1)."""
+  import pyarrow.parquet as pq  # only Parquet input needs it
+  table = pq.read_table(path)
+  if not table.num_rows:
+    bad.add("empty_file", f"{path}:0", "the file holds no rows")
+  for number, row in enumerate(table.to_pylist(), start=1):
+    yield f"{path}:{number}", row
+
+
+def get_str(obj: dict, field: str, where: str, bad: BadRecords, *, allow_empty: bool = True) -> str | None:
+  """`obj[field]` if it is a string, else None after counting the record as bad."""
+  if field not in obj or obj[field] is None:
+    bad.add("missing_field", where, f"field {field!r} is missing")
+    return None
+  value = obj[field]
+  if not isinstance(value, str):
+    bad.add("non_string_field", where, f"field {field!r} is {type(value).__name__}, not a string")
+    return None
+  if not allow_empty and not value.strip():
+    bad.add("empty_response", where, f"field {field!r} is empty")
+    return None
+  return value
+
+
+def make_pair(prompt: str, chosen: str, rejected: str, where: str, bad: BadRecords, *,
+              margin: Any = None, id: Any = None, meta: Any = None) -> PairRecord | None:
+  """A validated `PairRecord`, or None after counting why it is unusable."""
+  if chosen == rejected:
+    bad.add("identical_pair", where, "chosen and rejected are identical")
+    return None
+  if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+    bad.add("bad_value", where, f"field 'margin' is {margin!r}, not a number")
+    return None
+  if meta is not None and not isinstance(meta, dict):
+    bad.add("bad_value", where, f"field 'meta' is {type(meta).__name__}, not an object")
+    return None
+  return PairRecord(prompt, chosen, rejected, None if margin is None else float(margin),
+                    None if id is None else str(id), meta)
