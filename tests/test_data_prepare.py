@@ -1,0 +1,148 @@
+"""`python -m codepmp_jax.data.prepare`: exact bad-record counts, shard contents, crash-safe reruns."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from codepmp_jax.data import pipeline, prepare
+from codepmp_jax.data.encode import encode_pair
+from codepmp_jax.data.records import BadRecordError, PairRecord
+from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOOD = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f"It is {2 * i}.",
+         "rejected": f"It is {2 * i + 1}.", "margin": i % 3} for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> str:
+  texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in GOOD] * 5
+  out = tmp_path_factory.mktemp("tok") / "tok"
+  train_sentencepiece(texts, 300, out)
+  return f"{out}.model"
+
+
+def _bad_file(path: pathlib.Path) -> None:
+  """Good lines with one line of every malformed kind in between (lines 3, 5, 7, 9, 11, 13)."""
+  lines = [json.dumps(r).encode() for r in GOOD[:2]]
+  lines += [b'{"prompt": "p", "chosen": "a"']
+  lines += [json.dumps(GOOD[2]).encode(), json.dumps({"prompt": "p", "chosen": "a"}).encode()]
+  lines += [json.dumps(GOOD[3]).encode(), json.dumps({"prompt": "p", "chosen": ["a"], "rejected": "b"}).encode()]
+  lines += [json.dumps(GOOD[4]).encode(), json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}).encode()]
+  lines += [json.dumps(GOOD[5]).encode(), b'{"prompt": "p", "chosen": "caf\xe9", "rejected": "b"}']
+  lines += [json.dumps(GOOD[6]).encode(), json.dumps({**GOOD[7], "margin": "high"}).encode()]
+  lines += [json.dumps(r).encode() for r in GOOD[8:]]
+  path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def _settings(tmp_path, tokenizer_path, inputs, **kw) -> prepare.PrepareSettings:
+  defaults = dict(inputs=tuple(inputs), format="pairs", tokenizer=tokenizer_path, seq_len=24,
+                  out=str(tmp_path / "out"), num_shards=3, split="train:0.75,eval:0.25", num_workers=1)
+  return prepare.PrepareSettings(**{**defaults, **kw})
+
+
+def test_every_kind_of_bad_line_is_counted_exactly_in_the_manifest(tmp_path, tokenizer_path):
+  _bad_file(tmp_path / "bad.jsonl")
+  (tmp_path / "empty.jsonl").write_text("")
+  manifest = prepare.prepare(_settings(tmp_path, tokenizer_path,
+                                       [str(tmp_path / "bad.jsonl"), str(tmp_path / "empty.jsonl")]))
+  assert manifest["bad_records"] == {
+      "invalid_json": 1, "invalid_utf8": 1, "missing_field": 1, "non_string_field": 1,
+      "bad_value": 1, "identical_pair": 1, "empty_file": 1, "empty_response": 0,
+      "no_valid_perturbation": 0, "fewer_rejected_than_asked": 0}
+  assert manifest["bad_record_examples"]["missing_field"] == [f"{tmp_path}/bad.jsonl:5: field 'rejected' is missing"]
+  assert manifest["records_loaded"] == len(GOOD) - 1  # GOOD[7] was given a bad margin
+  splits = manifest["splits"]
+  assert splits["train"]["pairs"] + splits["eval"]["pairs"] == len(GOOD) - 1
+  assert 0 < splits["eval"]["pairs"] < splits["train"]["pairs"]
+  with pytest.raises(BadRecordError, match=r"bad\.jsonl:3: invalid_json"):
+    prepare.prepare(_settings(tmp_path, tokenizer_path, [str(tmp_path / "bad.jsonl")],
+                              out=str(tmp_path / "strict"), strict=True))
+
+
+def test_shards_hold_exactly_the_encoded_pairs(tmp_path, tokenizer_path):
+  path = tmp_path / "good.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+  settings = _settings(tmp_path, tokenizer_path, [str(path)], seq_len=20)
+  manifest = prepare.prepare(settings)
+  tokenizer = load_tokenizer(tokenizer_path)
+  assert manifest["tokenizer"]["fingerprint"] == tokenizer.fingerprint
+  assert manifest["sources"] == [{"path": str(path), "sha256": prepare.file_sha256(path),
+                                  "bytes": path.stat().st_size}]
+  expected = {split: [] for split in ("train", "eval")}
+  truncated = 0
+  for r in GOOD:
+    pair = encode_pair(tokenizer, PairRecord(r["prompt"], r["chosen"], r["rejected"], r["margin"]), 20)
+    truncated += bool(pair.chosen.prompt_cut or pair.rejected.prompt_cut)
+    expected[prepare.assign_split(r["prompt"], 0, [("train", 0.75), ("eval", 0.25)])].append(pair)
+  assert manifest["truncated"] == {"prompt": truncated, "response": 0} and truncated > 0
+  out = pathlib.Path(settings.out)
+  for split, pairs in expected.items():
+    files = [out / s["file"] for s in manifest["splits"][split]["shards"]]
+    assert len(files) == 3
+    arrays = pipeline._read_tfrecords(files, 0, 1)
+    assert len(arrays) == len(pairs) == manifest["splits"][split]["pairs"]
+    for i, pair in enumerate(pairs):
+      assert tuple(arrays.sequence(i, 0)) == pair.chosen.ids
+      assert tuple(arrays.sequence(i, 1)) == pair.rejected.ids
+      assert tuple(arrays.response_start[i]) == (pair.chosen.response_start, pair.rejected.response_start)
+      assert arrays.margin[i] == pair.margin
+  histogram = manifest["length_histogram"]
+  assert sum(histogram["counts"]) == 2 * len(GOOD) and histogram["bin_edges"][-1] == 20
+  prepare.check_tokenizer(out, tokenizer.fingerprint)
+  with pytest.raises(ValueError, match="prepared with tokenizer"):
+    prepare.check_tokenizer(out, "0" * 64)
+
+
+def test_rerun_after_a_crash_redoes_only_the_missing_shard(tmp_path, tokenizer_path):
+  path = tmp_path / "good.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+  settings = _settings(tmp_path, tokenizer_path, [str(path)])
+  first = prepare.prepare(settings)
+  out = pathlib.Path(settings.out)
+  lost = out / first["splits"]["train"]["shards"][1]["file"]
+  lost.rename(out / f".{lost.name}.tmp")  # as if the run died while writing it
+  kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord")}
+  second = prepare.prepare(settings)
+  assert second["throughput"]["pairs_encoded"] == first["splits"]["train"]["shards"][1]["pairs"]
+  assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord") if p.name in kept} == kept
+  assert {k: v for k, v in second.items() if k != "throughput"} == {
+      k: v for k, v in first.items() if k != "throughput"}
+  with pytest.raises(ValueError, match="other settings"):
+    prepare.prepare(_settings(tmp_path, tokenizer_path, [str(path)], seq_len=32))
+
+
+def test_cli_with_worker_processes_and_strict_failure(tmp_path, tokenizer_path):
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+  gsm8k = tmp_path / "gsm8k.jsonl"
+  gsm8k.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys {i + 2}. How many?",
+                                       "answer": f"{i}+{i + 2}=<<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2}\n"
+                                                 f"#### {2 * i + 2}"}) + "\n" for i in range(30)))
+  out = tmp_path / "cli"
+  cmd = [sys.executable, "-m", "codepmp_jax.data.prepare", f"--input={gsm8k}", "--format=gsm8k",
+         f"--tokenizer={tokenizer_path}", "--seq_len=64", f"--out={out}", "--num_shards=2",
+         "--split=train:1", "--num_workers=2"]
+  result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert result.returncode == 0, result.stderr
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["splits"]["train"]["pairs"] == 30 and manifest["throughput"]["workers"] == 2
+  assert load_tokenizer(out / "tokenizer").fingerprint == manifest["tokenizer"]["fingerprint"]
+  assert sorted(p.name for p in out.glob("*.tfrecord")) == ["train-00000-of-00002.tfrecord",
+                                                            "train-00001-of-00002.tfrecord"]
+  assert not list(out.glob(".*"))
+  lengths = np.concatenate([np.load(f"{out / s['file']}.lengths.npy")
+                            for s in manifest["splits"]["train"]["shards"]])
+  assert len(lengths) == 30 and lengths.max() <= 64
+
+  _bad_file(tmp_path / "bad.jsonl")
+  cmd[3:5] = [f"--input={tmp_path / 'bad.jsonl'}", "--format=pairs"]
+  result = subprocess.run(cmd + ["--strict", f"--out={tmp_path / 'strict'}"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+  assert result.returncode == 1
+  assert f"{tmp_path / 'bad.jsonl'}:3: invalid_json" in result.stderr
