@@ -1,12 +1,17 @@
-"""`python -m codepmp_jax.eval bon` from a scores file: report, table and plot."""
+"""`python -m codepmp_jax.eval bon` from a scores file: report, table, plot and entry point."""
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from codepmp_jax.eval import __main__ as cli
 from codepmp_jax.eval import bon
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_bon_from_scores_writes_report_table_and_plot(tmp_path, capsys):
@@ -42,3 +47,20 @@ def test_bad_candidates_file_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit, match=r"cand.jsonl:1: missing field 'candidates'"):
     cli.main(["bon", f"--candidates={candidates}", f"--scores={candidates}", "--task=gsm8k",
               "--n=1", f"--out={tmp_path / 'r.json'}"])
+
+
+def test_module_entry_point_runs_without_jax(tmp_path):
+  candidates, scores = tmp_path / "c.jsonl", tmp_path / "s.jsonl"
+  candidates.write_text(json.dumps({"id": 7, "question": "?", "answer": "#### 4",
+                                    "candidates": ["The answer is 4", "#### 5"]}) + "\n")
+  scores.write_text(json.dumps({"id": 7, "rewards": [0.0, 1.0]}) + "\n")
+  code = ("import runpy, sys; sys.argv = ['eval'] + sys.argv[1:]; "
+          "runpy.run_module('codepmp_jax.eval', run_name='__main__'); "
+          "assert 'jax' not in sys.modules, 'bon from scores must not load JAX'")
+  result = subprocess.run(
+      [sys.executable, "-c", code, "bon", f"--candidates={candidates}", f"--scores={scores}",
+       "--task=gsm8k", "--n=1,2", f"--out={tmp_path / 'r.json'}"],
+      capture_output=True, text=True, cwd=ROOT, check=True)
+  assert "oracle" in result.stdout
+  report = json.loads((tmp_path / "r.json").read_text())
+  assert report["bon"]["2"] == {"rm": 0.0, "random": 0.5, "majority": 1.0, "oracle": 1.0}
