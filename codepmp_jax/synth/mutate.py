@@ -97,9 +97,15 @@ def _split_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef, qualname: str
     return None
   head = copy.copy(node)
   head.body = node.body[:1]
-  body = copy.deepcopy(node)
-  body.body = body.body[1:]
-  return Function(qualname, ast.unparse(head), ast.unparse(body), body)
+  body = copy.copy(node)
+  body.body = node.body[1:]
+  code = ast.unparse(body)
+  return Function(qualname, ast.unparse(head), code, _parse_function(code))
+
+
+def _parse_function(code: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
+  """A fresh tree of `code` (much faster than copy.deepcopy, and the same node order every time)."""
+  return ast.parse(code).body[0]
 
 
 def _trivial(body: list[ast.stmt]) -> bool:
@@ -296,9 +302,9 @@ def _negate(test: ast.expr) -> ast.expr:
   return ast.UnaryOp(ast.Not(), test)
 
 
-def apply(fn: ast.FunctionDef | ast.AsyncFunctionDef, site: Site) -> ast.FunctionDef | ast.AsyncFunctionDef:
-  """A mutated deep copy of `fn` (the original is untouched)."""
-  out = copy.deepcopy(fn)
+def apply(fn: Function, site: Site) -> ast.FunctionDef | ast.AsyncFunctionDef:
+  """A mutated fresh tree of `fn` (`fn.node` is untouched)."""
+  out = _parse_function(fn.code)
   n = out if site.index < 0 else body_nodes(out)[site.index]
   if site.op == "compare_swap":
     (j,) = site.variant
@@ -335,27 +341,32 @@ def apply(fn: ast.FunctionDef | ast.AsyncFunctionDef, site: Site) -> ast.Functio
 
 
 def mutants(fn: Function, k: int, rng: random.Random, max_length_diff: float,
-            counts: collections.Counter) -> list[Mutant]:
-  """Up to `k` valid mutants of `fn`, spreading over operators first; rejects are counted."""
+            counts: collections.Counter, balance: int = 0) -> tuple[list[Mutant], int]:
+  """Up to `k` valid mutants of `fn`, spread over operators; rejects are counted.
+
+  `balance` is how many more rejected sides so far were longer than their chosen side than
+  shorter; mutants are picked (from up to 2k valid candidates) to pull it back towards 0, so that
+  "the longer one is worse" is no cue. Returns the mutants and the updated balance.
+  """
   by_op = collections.defaultdict(list)
   for site in find_sites(fn.node):
     by_op[site.op].append(site)
   if not by_op:
     counts["no_site"] += 1
-    return []
+    return [], balance
   ops = sorted(by_op)
   rng.shuffle(ops)
   for op in ops:
     rng.shuffle(by_op[op])
-  original = ast.dump(ast.parse(fn.code))
-  accepted: list[Mutant] = []
+  original = ast.dump(fn.node)
+  pool: list[Mutant] = []
   seen = {original}
   for site in _round_robin([by_op[op] for op in ops]):
-    if len(accepted) == k:
+    if len(pool) == 2 * k:
       break
-    code = ast.unparse(apply(fn.node, site))
+    code = ast.unparse(apply(fn, site))
     try:
-      normal = ast.dump(ast.parse(code))
+      normal = ast.dump(_parse_function(code))
     except SyntaxError:
       counts["mutant_unparsable"] += 1
       continue
@@ -366,8 +377,20 @@ def mutants(fn: Function, k: int, rng: random.Random, max_length_diff: float,
       counts["mutant_length_cue"] += 1
       continue
     seen.add(normal)
-    accepted.append(Mutant(site, code))
-  return accepted
+    pool.append(Mutant(site, code))
+  accepted = []
+  while pool and len(accepted) < k:
+    pick = next((m for m in pool if _sign(m, fn) * balance <= 0), pool[0])
+    pool.remove(pick)
+    accepted.append(pick)
+    balance += _sign(pick, fn)
+  counts["mutant_not_picked"] += len(pool)
+  return accepted, balance
+
+
+def _sign(m: Mutant, fn: Function) -> int:
+  """+1 if the mutant is longer than the original, -1 if shorter, else 0."""
+  return (len(m.code) > len(fn.code)) - (len(m.code) < len(fn.code))
 
 
 def _round_robin(lists: list[list[Site]]) -> Iterator[Site]:

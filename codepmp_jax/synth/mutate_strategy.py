@@ -42,7 +42,7 @@ def document_pairs(doc: Document, cfg: MutateConfig) -> tuple[list[dict], collec
     return [], counts
   counts.update(found)
   tests = doc.extra.get("test") if cfg.execution_check else None
-  records = []
+  records, balance = [], 0
   for fn in functions:
     if tests is not None and fn.qualname != doc.extra.get("entry_point"):
       continue
@@ -51,7 +51,9 @@ def document_pairs(doc: Document, cfg: MutateConfig) -> tuple[list[dict], collec
       continue
     counts["functions_used"] += 1
     rng = random.Random(f"{cfg.seed}:{doc.source_id}:{fn.qualname}")
-    for m in mutate.mutants(fn, cfg.mutants_per_function, rng, cfg.max_length_diff, counts):
+    picked, balance = mutate.mutants(fn, cfg.mutants_per_function, rng, cfg.max_length_diff, counts,
+                                     balance)
+    for m in picked:
       if tests is not None and not _killed_by_tests(doc, fn, m, cfg, counts):
         continue
       counts[f"operator_{m.site.op}"] += 1
