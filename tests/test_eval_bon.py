@@ -144,3 +144,8 @@ def test_bad_input_names_file_line_and_field(tmp_path):
   bon.grade(questions, answers.AnswerChecker("gsm8k"))
   with pytest.raises(ValueError, match="N=4 but question '1' has only 2 candidates"):
     bon.best_of_n(questions, [np.zeros(2)], ns=(4,))
+  with pytest.raises(ValueError, match="question '1' has non-finite rewards"):
+    bon.best_of_n(questions, [np.array([0.0, np.nan])], ns=(1,))
+  scores.write_text('{"id": 1, "rewards": [0.5, 1]}\n{"id": 1, "rewards": [0.5, 1]}\n')
+  with pytest.raises(ValueError, match=r"s.jsonl:2: duplicate id '1' \(first at .*s.jsonl:1\)"):
+    bon.load_scores(scores, questions)

@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from codepmp_jax.data import templates
+from codepmp_jax.eval import answers
 
 METHODS = ("rm", "random", "majority", "oracle")
 
@@ -109,6 +110,8 @@ def load_scores(path: str | pathlib.Path, questions: Sequence[Question]) -> list
     rewards = _field(record, "rewards", list, where)
     if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
       raise ValueError(f"{where}: field 'rewards' must be a list of numbers")
+    if qid in by_id:
+      raise ValueError(f"{where}: duplicate id {qid!r} (first at {by_id[qid][0]})")
     by_id[qid] = (where, np.asarray(rewards, np.float64))
   out = []
   for q in questions:
@@ -122,10 +125,10 @@ def load_scores(path: str | pathlib.Path, questions: Sequence[Question]) -> list
   return out
 
 
-def grade(questions: Sequence[Question], checker) -> int:
+def grade(questions: Sequence[Question], checker: answers.AnswerChecker) -> int:
   """Fills `correct` and `answer_ids` of every question; returns how many candidates had no answer.
 
-  `checker` is an `answers.AnswerChecker`; each distinct answer is graded once per question.
+  Each distinct answer is graded once per question.
   """
   unanswered = 0
   for q in questions:
@@ -202,6 +205,8 @@ def best_of_n(questions: Sequence[Question], rewards: Sequence[np.ndarray], ns: 
     for index, (q, r) in enumerate(zip(questions, rewards)):
       if n > len(q.candidates):
         raise ValueError(f"N={n} but question {q.id!r} has only {len(q.candidates)} candidates")
+      if not np.isfinite(r).all():
+        raise ValueError(f"question {q.id!r} has non-finite rewards: {r.tolist()}")
       acc = question_accuracy(r, q.correct, q.answer_ids, draws(len(q.candidates), n, num_draws,
                                                                 (seed, n, index)))
       for method in METHODS:
