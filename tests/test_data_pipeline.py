@@ -1,0 +1,213 @@
+"""The input pipeline: batch layout, epochs, buckets, per-process parts, exact resume, global arrays."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from codepmp_jax.data import pipeline, prepare
+from codepmp_jax.data.encode import EncodedPair, EncodedSequence, PairArrays
+from codepmp_jax.data.tokenizer import train_sentencepiece
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _pairs(n: int, max_len: int = 12, seed: int = 0) -> PairArrays:
+  """Pair i's chosen starts with token 1000 + i (so batches show which pairs they hold)."""
+  rng = np.random.default_rng(seed)
+  pairs = []
+  for i in range(n):
+    lengths = rng.integers(3, max_len + 1, 2)
+    chosen = (1000 + i, *rng.integers(3, 50, lengths[0] - 2), 2)
+    rejected = (2000 + i, *rng.integers(3, 50, lengths[1] - 2), 2)
+    pairs.append(EncodedPair(EncodedSequence(chosen, 1), EncodedSequence(rejected, 1), float(i)))
+  return PairArrays.from_pairs(pairs)
+
+
+def _batches(cfg, n, *, global_batch=8, seq_len=16, seed=0, repeat=True, index=0, count=1):
+  it = pipeline.PairBatches(cfg, split="train", global_batch=global_batch, seq_len=seq_len,
+                            sharding=None, seed=seed, repeat=repeat, process_index=index,
+                            process_count=count)
+  return it, [next(it) for _ in range(n)]
+
+
+def _ids(batch) -> list[int]:
+  return (batch["input_ids"][:, 0, 0] - 1000).tolist()
+
+
+def test_collate_matches_the_contract_layout():
+  pairs = [EncodedPair(EncodedSequence((5, 6, 7, 2), 2), EncodedSequence((5, 6, 8, 9, 2), 2), 1.5),
+           EncodedPair(EncodedSequence((4, 2), 0), EncodedSequence((4, 3, 2), 1))]
+  batch = pipeline.collate(PairArrays.from_pairs(pairs), 6, pad_id=0)
+  np.testing.assert_array_equal(batch["input_ids"], [[[5, 6, 7, 2, 0, 0], [5, 6, 8, 9, 2, 0]],
+                                                     [[4, 2, 0, 0, 0, 0], [4, 3, 2, 0, 0, 0]]])
+  np.testing.assert_array_equal(batch["attention_mask"], [[[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]],
+                                                          [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]])
+  # LM targets: chosen response tokens incl. eos (never position 0, which nothing predicts).
+  np.testing.assert_array_equal(batch["lm_mask"], [[[0, 0, 1, 1, 0, 0], [0] * 6],
+                                                   [[0, 1, 0, 0, 0, 0], [0] * 6]])
+  np.testing.assert_array_equal(batch["margin"], [1.5, 0.0])
+  assert {k: v.dtype.name for k, v in batch.items()} == {
+      "input_ids": "int32", "attention_mask": "int32", "lm_mask": "int32", "margin": "float32"}
+
+
+def test_epochs_are_permutations_deterministic_in_the_seed_and_stop_when_asked():
+  cfg = pipeline.in_memory_config(_pairs(50), pad_id=0)
+  it, batches = _batches(cfg, 6, repeat=False)
+  with pytest.raises(StopIteration):
+    next(it)
+  seen = [i for b in batches for i in _ids(b)]
+  assert len(seen) == len(set(seen)) == 48 and it.dropped_pairs == 2 and it.num_pairs == 50
+  assert it.get_state()["finished"]
+  _, again = _batches(cfg, 12)
+  _, other = _batches(cfg, 6, seed=1)
+  assert [_ids(b) for b in again[:6]] == [_ids(b) for b in batches]
+  assert [_ids(b) for b in other] != [_ids(b) for b in batches]
+  assert [_ids(b) for b in again[6:]] != [_ids(b) for b in batches]  # a new order each epoch
+  cfg.shuffle_buffer = 0
+  _, ordered = _batches(cfg, 2)
+  assert [_ids(b) for b in ordered] == [list(range(8)), list(range(8, 16))]
+
+
+def test_buckets_are_multiples_of_128_shared_by_all_processes():
+  cfg = pipeline.in_memory_config(_pairs(64, max_len=300, seed=3), pad_id=0, bucket=True)
+  lengths = []
+  for index in range(2):
+    _, batches = _batches(cfg, 8, global_batch=2, seq_len=512, index=index, count=2)
+    lengths.append([b["input_ids"].shape[-1] for b in batches])
+    for b in batches:
+      assert b["attention_mask"].sum(-1).max() <= b["input_ids"].shape[-1]
+  assert lengths[0] == lengths[1]
+  assert set(lengths[0]) <= {128, 256, 384} and len(set(lengths[0])) > 1
+
+
+def test_two_processes_read_disjoint_interleaved_parts():
+  cfg = pipeline.in_memory_config(_pairs(41), pad_id=0)
+  parts = []
+  for index in range(2):
+    it, batches = _batches(cfg, 5, global_batch=8, index=index, count=2, repeat=False)
+    with pytest.raises(StopIteration):
+      next(it)
+    parts.append([_ids(b) for b in batches])
+    assert all(len(ids) == 4 for ids in parts[-1]) and it.steps_per_epoch == 5
+    assert {i % 2 for ids in parts[-1] for i in ids} == {index}
+  assert it.dropped_pairs == 0  # process 1 holds 20 pairs: 5 full batches; process 0 holds 21
+  all_ids = [i for part in parts for ids in part for i in ids]
+  assert len(all_ids) == len(set(all_ids)) == 40
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> str:
+  tmp = tmp_path_factory.mktemp("prepared")
+  rows = [{"prompt": f"Question {i}: add {i} and {i + 1}.", "chosen": f"{2 * i + 1}",
+           "rejected": f"{2 * i + 2}"} for i in range(44)]
+  (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  train_sentencepiece([json.dumps(r) for r in rows] * 3, 300, tmp / "tok")
+  prepare.prepare(prepare.PrepareSettings(
+      inputs=(str(tmp / "pairs.jsonl"),), format="pairs", tokenizer=str(tmp / "tok.model"),
+      seq_len=32, out=str(tmp / "out"), num_shards=3, split="train:1", num_workers=1))
+  return str(tmp / "out")
+
+
+_RESUME = """
+import json, sys
+import numpy as np
+from codepmp_jax.data import pipeline
+cfg = pipeline.default_data_config()
+cfg.update(json.loads(sys.argv[1]))
+out = {}
+for name, spec in json.loads(sys.argv[2]).items():
+  it = pipeline.PairBatches(cfg, split="train", global_batch=8, seq_len=32, sharding=None, seed=7,
+                            repeat=True, process_index=spec["index"], process_count=spec["count"])
+  it.set_state(spec["state"])
+  for step in range(5):
+    for key, value in next(it).items():
+      out[f"{name}/{step}/{key}"] = value
+np.savez(sys.argv[3], **out)
+"""
+
+
+def test_resume_in_a_new_process_gives_the_same_next_batches(prepared, tmp_path):
+  cfg = pipeline.default_data_config()
+  cfg.update(path=prepared, bucket=True, prefetch=3)
+  runs, specs = {}, {}
+  for name, index, count in (("single", 0, 1), ("p0", 0, 2), ("p1", 1, 2)):
+    full_it, full = _batches(cfg, 12, seq_len=32, seed=7, index=index, count=count)
+    part_it, first = _batches(cfg, 7, seq_len=32, seed=7, index=index, count=count)
+    full_it.close()
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(full, first) for k in a)
+    runs[name] = full[7:]
+    specs[name] = {"index": index, "count": count, "state": json.loads(json.dumps(part_it.get_state()))}
+    part_it.close()
+  assert full_it.steps_per_epoch == 5  # the 12 batches cross two epoch boundaries
+  out = tmp_path / "resumed.npz"
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", _RESUME, json.dumps({"path": prepared, "bucket": True}),
+                           json.dumps(specs), str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
+  resumed = np.load(out)
+  for name, batches in runs.items():
+    for step, batch in enumerate(batches):
+      for key, value in batch.items():
+        np.testing.assert_array_equal(resumed[f"{name}/{step}/{key}"], value, err_msg=f"{name} {step} {key}")
+  assert not np.array_equal(runs["p0"][0]["input_ids"], runs["p1"][0]["input_ids"])
+
+
+def test_state_from_another_order_is_refused():
+  cfg = pipeline.in_memory_config(_pairs(20), pad_id=0)
+  it, _ = _batches(cfg, 1)
+  state = it.get_state()
+  other, _ = _batches(cfg, 0, seed=1)
+  with pytest.raises(ValueError, match="seed"):
+    other.set_state(state)
+
+
+def test_global_arrays_on_a_mesh_equal_the_host_batches():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  cfg = pipeline.in_memory_config({"train": _pairs(40), "eval": _pairs(16)}, pad_id=0)
+  it = pipeline.build_pipeline(cfg, split="train", global_batch=16, seq_len=16, sharding=sharding,
+                               seed=0, repeat=True)
+  host = pipeline.build_pipeline(cfg, split="train", global_batch=16, seq_len=16, sharding=None,
+                                 seed=0, repeat=True)
+  for _ in range(3):
+    batch, expected = next(it), next(host)
+    for key, value in batch.items():
+      assert isinstance(value, jax.Array) and value.shape == expected[key].shape
+      assert value.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+      np.testing.assert_array_equal(np.asarray(value), expected[key])
+  assert pipeline.build_pipeline(cfg, split="eval", global_batch=16, seq_len=16, sharding=None,
+                                 seed=0, repeat=False).num_pairs == 16
+
+
+_NO_TF = """
+import sys
+from codepmp_jax.data import pipeline
+from codepmp_jax.data.encode import EncodedPair, EncodedSequence
+cfg = pipeline.default_data_config()
+cfg.update(source="synthetic", vocab_size=100, synthetic_pairs=64)
+it = pipeline.build_pipeline(cfg, split="train", global_batch=4, seq_len=32, sharding=None, seed=0,
+                             repeat=True)
+batch = next(it)
+assert batch["input_ids"].shape == (4, 2, 32) and batch["input_ids"].max() < 100, batch
+assert batch["attention_mask"].all() and batch["lm_mask"][:, 0, 16:].all()
+pair = EncodedPair(EncodedSequence((1, 2), 1), EncodedSequence((1, 3, 2), 1))
+next(pipeline.build_pipeline(pipeline.in_memory_config([pair] * 8, pad_id=0), split="train",
+                             global_batch=4, seq_len=8, sharding=None, seed=0, repeat=True))
+assert "tensorflow" not in sys.modules
+print("ok")
+"""
+
+
+def test_synthetic_and_in_memory_do_not_import_tensorflow():
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", _NO_TF], capture_output=True, text=True, env=env,
+                          timeout=120)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
