@@ -21,6 +21,7 @@ _COMMANDS = {
     "\\exp": " exp", "\\,": "", "\\;": "", "\\ ": "",
 }
 _BRACKETS = {"(": ")", "[": "]"}
+_STARTUP_S = 10.0
 
 
 def _brace_group(s: str, start: int) -> tuple[str, int]:
@@ -169,15 +170,17 @@ class SympyChecker:
     """`sympy_equal(a, b)` computed in the worker; False on timeout, None when unparseable."""
     if (a, b) in self._cache:
       return self._cache[(a, b)]
-    if self._proc is None or self._proc.poll() is not None:
+    started = self._proc is None or self._proc.poll() is not None
+    if started:
       self._proc = self._start()
     try:
       self._proc.stdin.write((json.dumps([a, b]) + "\n").encode())
     except BrokenPipeError:  # The worker died (e.g. out of memory) since the last query.
-      self._proc = self._start()
+      self._proc, started = self._start(), True
       self._proc.stdin.write((json.dumps([a, b]) + "\n").encode())
-    # The first query also waits for the worker to import sympy.
-    ready, _, _ = select.select([self._proc.stdout], [], [], self.timeout_s + 10.0 * (not self._cache))
+    # A fresh worker's first answer also waits for it to import sympy.
+    wait = self.timeout_s + (_STARTUP_S if started else 0.0)
+    ready, _, _ = select.select([self._proc.stdout], [], [], wait)
     line = self._proc.stdout.readline() if ready else b""
     if not line:
       self.timeouts += 1
@@ -209,7 +212,7 @@ def _serve(memory_limit_bytes: int) -> None:
     a, b = json.loads(line)
     try:
       result = sympy_equal(a, b)
-    except (MemoryError, RecursionError, ValueError, TypeError, OverflowError):
+    except Exception:  # noqa: BLE001  Any failure on untrusted input means "could not compare".
       result = None
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
