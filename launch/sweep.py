@@ -338,11 +338,13 @@ def results_table(results: Sequence[Result], overrides: dict[str, dict[str, str]
   return header, rows
 
 
+MARKDOWN_METRICS = ("eval/accuracy", "eval/loss", "eval/margin", "loss", "accuracy")
+
+
 def default_markdown_metrics(results: Sequence[Result]) -> list[str]:
-  """The eval metrics, then training loss and accuracy, of those any run has."""
+  """Those of MARKDOWN_METRICS that any run has (the CSV keeps every metric)."""
   present = {k for r in results for k in r.metrics}
-  evals = sorted(k for k in present if k.startswith("eval/"))
-  return evals + [k for k in ("loss", "accuracy") if k in present]
+  return [k for k in MARKDOWN_METRICS if k in present]
 
 
 def to_markdown(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -395,8 +397,8 @@ def _collect_parser() -> argparse.ArgumentParser:
                               description="Gathers the final metrics of a sweep's workdirs.")
   p.add_argument("--root", required=True, help="the sweep's root directory")
   p.add_argument("--out", help="output path prefix (default: ROOT/results -> .csv and .md)")
-  p.add_argument("--metrics", help="comma-separated metrics for the Markdown table "
-                 "(default: eval/* plus loss and accuracy; the CSV always has all)")
+  p.add_argument("--metrics", help="comma-separated metrics for the Markdown table (default: "
+                 f"{','.join(MARKDOWN_METRICS)}; the CSV always has all)")
   return p
 
 

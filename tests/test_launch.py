@@ -404,6 +404,38 @@ def test_run_locally_skips_finished_workdirs_and_stops_on_failure(tmp_path):
   assert logs == {"0": 1, "1": 1, "fail": 2, "3": 1}  # finished ones were skipped the second time
 
 
+# The smallest real training run: synthetic pairs, a one-layer model (flags as in test_train.py).
+REAL_SMALL = [
+    "--config.data.builtin.name=", "--config.data.source=synthetic", "--config.data.vocab_size=256",
+    "--config.data.synthetic_pairs=512", "--config.model.vocab_size=256",
+    "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
+    "--config.model.num_layers=1", "--config.train.global_batch=8", "--config.train.seq_len=32",
+    "--config.train.log_every=2", "--config.train.eval_every=4", "--config.train.eval_batch=8",
+    "--config.train.eval_batches=1", "--config.mesh_shape=(-1,1,1)",
+]
+
+
+def test_two_point_sweep_of_the_tiny_config_runs_resumes_and_collects(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(ROOT)
+  root = tmp_path / "lr"
+  args = [f"--config={TINY}", f"--root={root}", "--grid", "optimizer.lr=1e-3,3e-3", "--set",
+          "train.total_steps=4", "--run", "--", *REAL_SMALL]
+  assert sweep.main(args) == 0
+  assert sweep.main(args) == 0  # everything finished: both runs are skipped
+  assert capsys.readouterr().out.count("finished before, skipped") == 2
+  assert sweep.main(["collect", f"--root={root}"]) == 0
+  rows = list(csv.DictReader(io.StringIO((root / "results.csv").read_text())))
+  assert [(r["run"], r["status"], r["step"], r["optimizer.lr"]) for r in rows] == [
+      ("lr=1e-3", "finished", "4", "1e-3"), ("lr=3e-3", "finished", "4", "3e-3")]
+  for row in rows:
+    summary = json.loads((root / row["run"] / "summary.json").read_text())
+    assert float(row["eval/accuracy"]) == summary["eval/accuracy"]
+    config = json.loads((root / row["run"] / "config.json").read_text())
+    assert config["optimizer"]["lr"] == float(row["optimizer.lr"])
+  assert (root / "results.md").read_text().splitlines()[0] == (
+      "| run | status | step | optimizer.lr | eval/accuracy | eval/loss | eval/margin | loss | accuracy |")
+
+
 # ---------------------------------------------------------------------------------------------
 # scaling_curve.py
 
