@@ -165,10 +165,11 @@ class SafetensorsFile:
       if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
         raise ConversionError(f"{self.path}: tensor {name!r}: offsets {begin}..{end} do not fit "
                               f"shape {shape} of {info['dtype']}")
-      if end > self._data_size:
+      self.entries[name] = (dtype, shape, begin, end)
+    for name, (_, _, _, end) in sorted(self.entries.items(), key=lambda item: item[1][2]):
+      if end > self._data_size:  # the first tensor (in file order) cut off
         raise ConversionError(f"{self.path}: tensor {name!r} needs bytes up to {end} but the file "
                               f"holds {self._data_size} bytes of data (truncated?)")
-      self.entries[name] = (dtype, shape, begin, end)
     self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
 
   def keys(self) -> list[str]:

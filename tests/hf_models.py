@@ -14,7 +14,7 @@ def smollm2_gguf_path() -> pathlib.Path:
   return files[0]
 
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -86,3 +86,73 @@ def transformers_from_gguf(path: pathlib.Path):
   assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}, result
   model.tie_weights()
   return model.eval()
+
+
+def llama_cpp_permute(weights, heads: int):
+  """llama.cpp's reordering of Q/K rows (convert_hf_to_gguf.py, LlamaModel.permute)."""
+  shape = weights.shape
+  return weights.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def write_tiny_gguf(model, path: pathlib.Path, qtypes: list[str]) -> dict[str, str]:
+  """A llama-architecture GGUF of a tiny transformers LlamaForCausalLM, written as llama.cpp would.
+
+  2-D tensors whose rows split into 32-value blocks take the `qtypes` in turn (the others F16);
+  returns tensor name -> type. A minimal byte-level vocabulary of the model's size is included.
+  """
+  import gguf
+  import numpy as np
+  from tokenizers import pre_tokenizers
+
+  cfg = model.config
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(cfg.num_hidden_layers)
+  writer.add_context_length(cfg.max_position_embeddings)
+  writer.add_embedding_length(cfg.hidden_size)
+  writer.add_feed_forward_length(cfg.intermediate_size)
+  writer.add_head_count(cfg.num_attention_heads)
+  writer.add_head_count_kv(cfg.num_key_value_heads)
+  writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  specials = ["<pad>", "<s>", "</s>"]
+  chars = sorted(pre_tokenizers.ByteLevel.alphabet())[:cfg.vocab_size - len(specials) - 1]
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("default")
+  writer.add_token_list(specials + chars + [chars[0] + chars[1]])
+  writer.add_token_types([3, 3, 3] + [1] * (len(chars) + 1))
+  writer.add_token_merges([f"{chars[0]} {chars[1]}"])
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  writer.add_pad_token_id(0)
+
+  names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+  layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down"}
+  types, turn = {}, 0
+  for name, tensor in model.state_dict().items():
+    if name in names:
+      gguf_name = names[name]
+    else:
+      _, _, index, rest = name.split(".", 3)
+      module, kind = rest.rsplit(".", 1)
+      gguf_name = f"blk.{index}.{layer[module]}.{kind}"
+    data = tensor.detach().numpy().astype(np.float32)
+    if "attn_q." in gguf_name:
+      data = llama_cpp_permute(data, cfg.num_attention_heads)
+    if "attn_k." in gguf_name:
+      data = llama_cpp_permute(data, cfg.num_key_value_heads)
+    qtype = "F32"
+    if data.ndim == 2:
+      qtype = qtypes[turn % len(qtypes)] if data.shape[1] % 32 == 0 else "F16"
+      turn += 1
+    quant = gguf.GGMLQuantizationType[qtype]
+    writer.add_tensor(gguf_name, gguf.quants.quantize(data, quant), raw_dtype=quant)
+    types[gguf_name] = qtype
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return types

@@ -1,4 +1,7 @@
-"""Scoring: batched, bucketed, sharded rewards equal one-sequence-at-a-time forwards; the CLI's records."""
+"""Scoring: batched, bucketed, sharded rewards equal one-sequence-at-a-time forwards; the CLI's records.
+
+Padding invariance itself is checked against transformers in test_model_hf_parity.py.
+"""
 from __future__ import annotations
 
 import json
@@ -9,7 +12,6 @@ import sysconfig
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -38,25 +40,32 @@ def scorer(ckpt):
   return score.RewardScorer(ckpt, batch_size=4, max_length=48, show_progress=False)
 
 
-def _one_at_a_time(scorer, ids):
-  """The reward of one unpadded sequence, straight from the model."""
-  out = transformer.RewardModel(scorer.config).apply(
-      {"params": jax.device_get(scorer.params)}, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32))
-  return float(out.rewards[0])
+@pytest.fixture(scope="module")
+def single(scorer):
+  """One sequence at a time on one device, right-padded to `max_length` (one compile)."""
+  model = transformer.RewardModel(scorer.config)
+  params = jax.device_get(scorer.params)
+  forward = jax.jit(lambda ids, mask: model.apply({"params": params}, ids, mask).rewards[0])
+
+  def reward(ids):
+    padded = np.zeros((1, scorer.max_length), np.int32)
+    padded[0, :len(ids)] = ids
+    return float(forward(padded, (np.arange(scorer.max_length) < len(ids)).astype(np.int32)[None]))
+  return reward
 
 
-def test_score_ids_equals_unbatched_forward(scorer):
+def test_score_ids_equals_unbatched_forward(scorer, single):
   rng = np.random.default_rng(0)
   sequences = [rng.integers(3, 400, n).tolist() for n in (5, 48, 17, 1, 33, 9, 16, 40, 2, 21)]
   rewards = scorer.score_ids(sequences)
-  expected = [_one_at_a_time(scorer, s) for s in sequences]
+  expected = [single(s) for s in sequences]
   assert rewards.dtype == np.float32 and np.std(expected) > 1e-3
   np.testing.assert_allclose(rewards, expected, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="sequence 0 has 49 tokens"):
     scorer.score_ids([[3] * 49])
 
 
-def test_score_texts_reads_reward_at_end_token(scorer):
+def test_score_texts_reads_reward_at_end_token(scorer, single):
   prompts = ["def f(x):\n", "Instruction:What is 2+2?\n\nResponse:"]
   responses = ["    return x\n", " 4" * 40]  # the second is cut to max_length, keeping the end token
   rewards = scorer.score_texts(prompts, responses)
@@ -64,10 +73,10 @@ def test_score_texts_reads_reward_at_end_token(scorer):
   first = tok.encode(prompts[0]) + tok.encode(responses[0]) + [tok.eos_id]
   ids, cut = scorer.encode(prompts[1], responses[1])
   assert cut and len(ids) == 48 and ids[-1] == tok.eos_id
-  np.testing.assert_allclose(rewards, [_one_at_a_time(scorer, first), _one_at_a_time(scorer, ids)], atol=1e-5)
+  np.testing.assert_allclose(rewards, [single(first), single(ids)], atol=1e-5)
 
 
-def test_cli_scores_every_record_kind_and_reports_bad_lines(ckpt, scorer, tmp_path):
+def test_cli_scores_every_record_kind_and_reports_bad_lines(ckpt, scorer, single, tmp_path):
   lines = [
       json.dumps({"input_ids": [5, 6, 7], "id": "a"}),
       json.dumps({"text": "import os\n"}),
@@ -95,13 +104,13 @@ def test_cli_scores_every_record_kind_and_reports_bad_lines(ckpt, scorer, tmp_pa
   tok = scorer.tokenizer
   math = templates.render("math", question="2+2?")
   expected = [
-      _one_at_a_time(scorer, [5, 6, 7]),
-      _one_at_a_time(scorer, tok.encode("import os\n") + [tok.eos_id]),
-      _one_at_a_time(scorer, tok.encode(math) + tok.encode(" 4") + [tok.eos_id]),
+      single([5, 6, 7]),
+      single(tok.encode("import os\n") + [tok.eos_id]),
+      single(tok.encode(math) + tok.encode(" 4") + [tok.eos_id]),
   ]
   got = [rows[0]["reward"], rows[1]["reward"], rows[2]["reward"]]
   np.testing.assert_allclose(got, expected, atol=1e-5)
   prompt = tok.encode(templates.render("math", question="Add."))
   np.testing.assert_allclose(
       [rows[3]["chosen_reward"], rows[3]["rejected_reward"]],
-      [_one_at_a_time(scorer, prompt + tok.encode(s) + [tok.eos_id]) for s in ("a + b", "a - b")], atol=1e-5)
+      [single(prompt + tok.encode(s) + [tok.eos_id]) for s in ("a + b", "a - b")], atol=1e-5)
