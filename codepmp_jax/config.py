@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from codepmp_jax import losses
 from codepmp_jax.data import builtin, pipeline
 from codepmp_jax.model.config import get_preset
 from codepmp_jax.optim import default_optimizer_config
@@ -40,8 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.tokenizer = ""
   config.data = pipeline.default_data_config()
   config.data.builtin = builtin.default_builtin_config()
-  config.loss = ml_collections.ConfigDict(dict(
-      rm_coef=1.0, lm_coef=1.0, center_coef=0.0, loss_type="sigmoid", use_margin=False))
+  config.loss = losses.default_loss_config()
   config.optimizer = default_optimizer_config()
   config.train = ml_collections.ConfigDict(dict(
       global_batch=1024, microbatches=1, seq_len=1024, total_steps=0, epochs=1.0,

@@ -108,7 +108,8 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
       argument_bytes=float(memory.argument_size_in_bytes),
       output_bytes=float(memory.output_size_in_bytes),
       temp_bytes=float(memory.temp_size_in_bytes),
-      flops_per_step=flops.flops_per_token(model_config, tc.seq_len) * tc.global_batch * 2 * tc.seq_len,
+      flops_per_step=flops.pair_step_flops(model_config, tc.global_batch, tc.seq_len,
+                                           lm_loss=config.loss.lm_coef != 0),
       compiled_flops=(cost or {}).get("flops"))
 
 

@@ -155,6 +155,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   checkpoints = checkpoint.TrainCheckpoints(
       workdir, keep=config.checkpoint.keep, keep_steps=tuple(config.checkpoint.keep_steps))
 
+  # MFU's denominator: the device's bf16 peak, or on CPU a matmul measured now.
+  peak = (metrics.device_peak_flops() or metrics.measure_cpu_peak_flops()) * jax.device_count()
+
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # The train state: resumed, or initialised.
     start = checkpoints.latest_step()
@@ -177,9 +180,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                                    batch_sharding, mesh)
 
     tokens_per_step = tc.global_batch * 2 * tc.seq_len
-    flops_per_step = flops.flops_per_token(model_config, tc.seq_len) * tokens_per_step
-    peak = metrics.device_peak_flops() or metrics.measure_cpu_peak_flops()
-    peak *= jax.device_count()
+    flops_per_step = flops.pair_step_flops(model_config, tc.global_batch, tc.seq_len,
+                                           lm_loss=config.loss.lm_coef != 0)
     schedule = optim.make_schedule(config.optimizer, total_steps)
     writer = metrics.MetricWriter(workdir, total_steps, start_step=start)
     stop = {"signal": False}

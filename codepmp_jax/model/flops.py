@@ -50,3 +50,15 @@ def flops_per_token(
   attention = 4 * config.num_layers * seq_len * config.num_heads * config.resolved_head_dim
   passes = 3 if training else 1
   return float(passes * (2 * matmul_params + attention))
+
+
+def pair_step_flops(config: ModelConfig, pairs: int, seq_len: int, lm_loss: bool) -> float:
+  """Model FLOPs of one training step on `pairs` pairs of `seq_len`-token sequences.
+
+  Both sequences of a pair run through the model; the LM head runs on the chosen ones only, and
+  only when the LM loss is on (the train step computes logits for nothing else).
+  """
+  tokens = 2 * pairs * seq_len
+  body = flops_per_token(config, seq_len, lm_head=False)
+  head = flops_per_token(config, seq_len, lm_head=True) - body
+  return tokens * body + (tokens // 2) * head * lm_loss
