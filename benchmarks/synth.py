@@ -80,5 +80,6 @@ def main() -> None:
   print(f"ratio: mutate strategy {rate[1] / rate[0]:.2f}x the floor's rate (pairs/s vs functions/s); "
         f"CLI with 2 workers {rate[3] / rate[2]:.2f}x the pairs/s of 1 worker")
 
+
 if __name__ == "__main__":
   main()
