@@ -70,6 +70,8 @@ def test_epochs_are_permutations_deterministic_in_the_seed_and_stop_when_asked()
   assert [_ids(b) for b in again[:6]] == [_ids(b) for b in batches]
   assert [_ids(b) for b in other] != [_ids(b) for b in batches]
   assert [_ids(b) for b in again[6:]] != [_ids(b) for b in batches]  # a new order each epoch
+  too_small, _ = _batches(pipeline.in_memory_config(_pairs(5), pad_id=0), 0, repeat=False)
+  assert list(too_small) == [] and too_small.dropped_pairs == 5
   cfg.shuffle_buffer = 0
   _, ordered = _batches(cfg, 2)
   assert [_ids(b) for b in ordered] == [list(range(8)), list(range(8, 16))]

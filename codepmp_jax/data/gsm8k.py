@@ -7,8 +7,9 @@ of ONE computation and then redoes the rest of the solution with the wrong value
 annotation that uses it is re-evaluated, and the numbers written in the text are rewritten to
 match, so the solution reads as a plausible, self-consistent mistake whose final answer differs.
 
-A later number refers to an earlier computation when it equals that computation's result (the most
-recent one with that value); that is how the dependency chain is recovered from the annotations.
+A computation is an annotation or a written-out equation (`20/4 = $5`). A later number refers to
+an earlier computation when it equals that computation's result (the most recent one with that
+value); that is how the dependency chain is recovered from the text.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ ANNOTATION = re.compile(r"<<([^<>]*)>>")
 _NUMBER = r"\d+(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+"
 # A minus directly before digits is a sign unless it follows a word or a closing parenthesis.
 _SIGNED = rf"(?:(?<![\w)])-)?(?:{_NUMBER})"
-_TOKEN = re.compile(rf"(<<[^<>]*>>)|({_SIGNED})")
+# A written-out equation: numbers joined by operators, `=`, a number (`12+5 = $17`).
+_EXPRESSION = rf"\$?(?:{_SIGNED})(?:\s*[-+*/x×]\s*\$?(?:{_SIGNED}))+"
+_TOKEN = re.compile(rf"(<<[^<>]*>>)|({_EXPRESSION})(\s*=\s*\$?)({_SIGNED})|({_SIGNED})")
 _NUMBER_RE = re.compile(_SIGNED)
 _FINAL = re.compile(r"^\s*(-?)\s*\$?\s*(" + _NUMBER + r")\s*$")
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -94,17 +97,17 @@ def make_pairs(answer: str, seed: int, key: str, num_rejected: int = 1) -> Gsm8k
 
 
 class _Chain:
-  """The annotated computations of a solution, in order."""
+  """The computations of a solution, in order: calculator annotations and written-out equations."""
 
   def __init__(self, body: str):
     self.body = body
     self.results: list[float] = []
     self.decimals: list[int] = []
-    for match in ANNOTATION.finditer(body):
-      parsed = _parse_annotation(match.group(1))
-      if parsed is not None:
-        self.results.append(parsed[1])
-        self.decimals.append(_decimals(match.group(1).rpartition("=")[2]))
+    for match in _TOKEN.finditer(body):
+      computation = _computation(match)
+      if computation is not None:
+        self.results.append(computation[1])
+        self.decimals.append(_decimals(computation[2]))
 
   def rewrite(self, step: int, value: float, final: float) -> tuple[str, float | None]:
     """The body with computation `step` giving `value` and everything after it redone.
@@ -125,38 +128,42 @@ class _Chain:
     for match in _TOKEN.finditer(self.body):
       out.append(self.body[position:match.start()])
       position = match.end()
-      if match.group(2):
-        out.append(substitute(match))
+      computation = _computation(match)
+      if computation is None:
+        out.append(substitute(match) if match.group(5) else match.group(0))
         continue
-      parsed = _parse_annotation(match.group(1)[2:-2])
-      if parsed is None:
-        out.append(match.group(1))
-        continue
-      expression, old = parsed
-      expression = _NUMBER_RE.sub(substitute, expression)
+      expression, old, result_text = computation
+      rewritten = _NUMBER_RE.sub(substitute, expression)
       if index == step:
         result = value
-      elif expression != parsed[0]:
-        result = _evaluate(expression)
+      elif rewritten != expression:
+        result = _evaluate(rewritten)
       else:
         result = old
       if _key(result) != _key(old):
         new[index] = result
       latest[_key(old)] = index
-      out.append(f"<<{expression}={_format(result, '')}>>")
+      if match.group(1):
+        out.append(f"<<{rewritten}={_format(result, result_text)}>>")
+      else:
+        out.append(f"{rewritten}{match.group(3)}{_format(result, result_text)}")
       index += 1
     out.append(self.body[position:])
     node = latest.get(_key(final))
     return "".join(out), (new[node] if node in new else None)
 
 
-def _parse_annotation(inner: str) -> tuple[str, float] | None:
-  expression, sep, result = inner.rpartition("=")
-  match = _FINAL.match(result)
-  if not sep or not match:
-    return None
-  sign = -1.0 if match.group(1) else 1.0
-  return expression, sign * _to_float(match.group(2))
+def _computation(match: re.Match) -> tuple[str, float, str] | None:
+  """(expression, result, result text) of an annotation or a written-out equation, else None."""
+  if match.group(1):
+    expression, sep, result = match.group(1)[2:-2].rpartition("=")
+    number = _FINAL.match(result)
+    if not sep or not number:
+      return None
+    return expression, (-1.0 if number.group(1) else 1.0) * _to_float(number.group(2)), result
+  if match.group(2):
+    return match.group(2), _to_float(match.group(4)), match.group(4)
+  return None
 
 
 def _parse_final(final: str) -> float:
@@ -201,8 +208,12 @@ def _wrong_values(value: float, decimals: int, rng: random.Random) -> list[float
 
 def _evaluate(expression: str) -> float:
   """The value of an arithmetic expression (numbers, + - * / // % **, parentheses)."""
-  text = re.sub(r"(?<=\d),(?=\d{3})", "", expression).replace("x", "*").replace("^", "**")
-  tree = ast.parse(text.strip(), mode="eval")
+  text = re.sub(r"(?<=\d),(?=\d{3})", "", expression).replace("$", "")
+  text = text.replace("x", "*").replace("×", "*").replace("^", "**")
+  try:
+    tree = ast.parse(" ".join(text.split()), mode="eval")
+  except SyntaxError as e:
+    raise ValueError(f"unsupported expression {expression!r}") from e
 
   def value(node: ast.AST) -> float:
     if isinstance(node, ast.Expression):

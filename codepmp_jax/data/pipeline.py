@@ -216,7 +216,10 @@ class PairBatches:
     self.num_pairs = len(self._part.global_lengths)
     self.steps_per_epoch = (self.num_pairs // process_count) // self.batch
     if not self.steps_per_epoch:
-      raise ValueError(f"split {split!r} has {self.num_pairs} pairs: not one batch of {global_batch}")
+      message = f"split {split!r} has {self.num_pairs} pairs: not one batch of {global_batch}"
+      if repeat:
+        raise ValueError(message)
+      logging.warning("data[%s]: %s; it yields nothing", split, message)
     self.dropped_pairs = 0
     self._position = (0, 0)
     self._epoch_plan: tuple[int, list[np.ndarray], np.ndarray] | None = None

@@ -9,8 +9,9 @@ the split does not depend on file order. Each split is cut into contiguous shard
 `<split>-<i>-of-<K>.tfrecord` (one `tf.train.Example` per pair: `chosen_ids`, `rejected_ids`,
 `response_start` [2], `margin` [1]), each with a `.lengths.npy` (max length per pair, for
 bucketing) and a `.stats.json`. A shard is written under a temporary name and renamed when
-complete, so a rerun after a crash only redoes the shards that are missing. Tokenization runs in
-`--num_workers` processes (default: every core). `manifest.json` records counts per split, bad
+complete, so a rerun after a crash only redoes the shards that are missing. Tokenization uses
+every core: the tokenizer's batch encoding is multithreaded, and `--num_workers` > 1 adds worker
+processes (which also overlap tokenizing with writing). `manifest.json` records counts per split, bad
 records by kind, truncated/dropped pairs, a length histogram, the tokenizer's fingerprint (the
 tokenizer itself is saved in `<out>/tokenizer/`) and the source files with their sha256.
 """
@@ -56,7 +57,7 @@ class PrepareSettings:
   strict: bool = False
   overlong: str = "truncate"
   num_rejected: int = 1
-  num_workers: int = 0  # 0: every core
+  num_workers: int = 1  # 1: in this process (batch encoding is multithreaded); 0: one per core
 
 
 def parse_split(spec: str) -> list[tuple[str, float]]:
@@ -323,7 +324,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("strict", False, "Fail on the first malformed record instead of counting it.")
   flags.DEFINE_enum("overlong", "truncate", list(OVERLONG), "Overlong sequences: truncate or drop.")
   flags.DEFINE_integer("num_rejected", 1, "gsm8k: wrong solutions per question.")
-  flags.DEFINE_integer("num_workers", 0, "Tokenizer processes (0: every core).")
+  flags.DEFINE_integer("num_workers", 1, "Tokenizer processes: 1 tokenizes in this process (the "
+                       "tokenizer's batch encoding already uses every core), 0 starts one per core.")
 
 
 def main(argv: Sequence[str]) -> None:
