@@ -5,6 +5,9 @@ Configs are ml_collections ConfigDicts, locked by the command line (an unknown k
 """
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 from codepmp_jax import losses
@@ -52,3 +55,20 @@ def default_config() -> ml_collections.ConfigDict:
   config.distributed = ml_collections.ConfigDict(dict(
       initialize=False, coordinator_address="", num_processes=1, process_id=0))
   return config
+
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file named like `--config`: `configs/x.py[:arg]` or `x[:arg]`."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.suffix:
+    file = CONFIGS_DIR / f"{path}.py"
+  spec_ = importlib.util.spec_from_file_location(file.stem, file)
+  if spec_ is None or not file.is_file():
+    raise FileNotFoundError(f"no config file {file}")
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  return module.get_config(arg or None)

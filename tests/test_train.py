@@ -1,5 +1,4 @@
 """The trainer as users run it: resume after kill -9, SIGTERM, NaN stop, two processes, real data."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from codepmp_jax import checkpoint, train
-from codepmp_jax.config import default_config
+from codepmp_jax.config import default_config, load_config
 from codepmp_jax.data import prepare
 from codepmp_jax.data.tokenizer import train_sentencepiece
 from codepmp_jax.model.config import ModelConfig
@@ -132,10 +131,7 @@ def test_two_processes_train_like_one(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
 def test_every_config_builds(path):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config(str(path))
   assert set(config) == set(default_config())
   fields = config.model.to_dict()
   fields["vocab_size"] = fields["vocab_size"] or 1000
