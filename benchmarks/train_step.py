@@ -38,6 +38,7 @@ import tqdm
 from benchmarks import common
 from codepmp_jax import metrics, optim, sharding, step
 from codepmp_jax.data import pipeline
+from codepmp_jax.model import flops as flops_lib
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig, get_preset
 
@@ -257,6 +258,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--profile", default="", metavar="DIR",
                       help="also trace one step of ours into DIR and print its per-op breakdown")
   parser.add_argument("--out", default="", help="also write the table to this file")
+  parser.add_argument("--dry_run", action="store_true",
+                      help="print what would be measured (shapes, FLOPs, parameters) and stop")
   args = parser.parse_args(argv)
   args.shapes = [s for s in args.shapes.split(",") if s]
   args.sides = [s for s in args.sides.split(",") if s]
@@ -289,6 +292,13 @@ def main(argv: list[str]) -> None:
   lines = [f"train_step: {platform} ({device}), {args.dtype}, {args.pairs} pairs x {args.seq_len} "
            f"tokens, median of {args.steps} steps after {args.warmup} warm-up; threads: torch "
            f"{torch.get_num_threads()}, XLA {threads}; jax {jax.__version__}, torch {torch.__version__}"]
+  if args.dry_run:
+    for shape in args.shapes:
+      config = get_preset(shape, **dict(common.parse_overrides(args.model)))
+      lines.append(f"{shape}: {flops_lib.count_params(config) / 1e6:.1f}M parameters, "
+                   f"{common.pmp_step_flops(config, args.pairs, args.seq_len) / 1e9:.1f} model GFLOP per step")
+    print("\n".join(lines))
+    return
   rows, ratios = [], []
   for shape in args.shapes:
     result = measure_shape(shape, args, platform)
