@@ -222,7 +222,7 @@ class PairBatches:
       logging.warning("data[%s]: %s; it yields nothing", split, message)
     self.dropped_pairs = 0
     self._position = (0, 0)
-    self._epoch_plan: tuple[int, list[np.ndarray], np.ndarray] | None = None
+    self._epoch_plan: tuple[int, dict[int, np.ndarray], np.ndarray] | None = None
     self._queue: queue.Queue | None = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
@@ -231,20 +231,21 @@ class PairBatches:
   def _local_count(self, process: int) -> int:
     return len(range(process, self.num_pairs, self.process_count))
 
-  def _plan(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per-process permutations of epoch `epoch` and each batch's padded length."""
+  def _plan(self, epoch: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Permutations of epoch `epoch` (this process's; every process's when bucketing, so that
+    all agree on each batch's length) and each batch's padded length."""
     if self._epoch_plan is None or self._epoch_plan[0] != epoch:
-      orders = []
-      for process in range(self.process_count):
+      processes = range(self.process_count) if self._cfg.bucket else [self.process_index]
+      orders = {}
+      for process in processes:
         n = self._local_count(process)
-        order = (np.random.default_rng([self.seed, epoch, process]).permutation(n)
-                 if self._cfg.shuffle_buffer else np.arange(n))
-        orders.append(order)
+        orders[process] = (np.random.default_rng([self.seed, epoch, process]).permutation(n)
+                           if self._cfg.shuffle_buffer else np.arange(n))
       used = self.steps_per_epoch * self.batch
       if self._cfg.bucket:
         longest = np.max([self._part.global_lengths[p + self.process_count * o[:used]]
                           .reshape(self.steps_per_epoch, self.batch).max(axis=1)
-                          for p, o in enumerate(orders)], axis=0)
+                          for p, o in orders.items()], axis=0)
         lengths = np.minimum(-(-longest // BUCKET) * BUCKET, self.seq_len)
       else:
         lengths = np.full(self.steps_per_epoch, self.seq_len)
