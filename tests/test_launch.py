@@ -407,33 +407,51 @@ def test_run_locally_skips_finished_workdirs_and_stops_on_failure(tmp_path):
 # The smallest real training run: synthetic pairs, a one-layer model (flags as in test_train.py).
 REAL_SMALL = [
     "--config.data.builtin.name=", "--config.data.source=synthetic", "--config.data.vocab_size=256",
-    "--config.data.synthetic_pairs=512", "--config.model.vocab_size=256",
+    "--config.data.synthetic_pairs=512", "--config.model.vocab_size=320",
     "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
     "--config.model.num_layers=1", "--config.train.global_batch=8", "--config.train.seq_len=32",
-    "--config.train.log_every=2", "--config.train.eval_every=4", "--config.train.eval_batch=8",
-    "--config.train.eval_batches=1", "--config.mesh_shape=(-1,1,1)",
+    "--config.train.log_every=2", "--config.train.eval_every=0", "--config.mesh_shape=(-1,1,1)",
 ]
 
 
-def test_two_point_sweep_of_the_tiny_config_runs_resumes_and_collects(tmp_path, monkeypatch, capsys):
+def test_real_data_scale_sweep_then_scaling_curve_on_the_tiny_config(tmp_path, monkeypatch, capsys):
+  """A two-point PMP sweep (2 and 4 steps) runs, resumes and is collected; an RM is fine-tuned from
+  its larger point and put on the curve (three real trainer runs, one CPU device each)."""
+  from codepmp_jax.data.tokenizer import train_sentencepiece
+
+  # A tokenizer, so that a run's workdir can be the `init_from` of the next.
+  train_sentencepiece(["def add(a, b):\n  return a + b\n", "Instruction: add\n\nResponse:"] * 20, 300,
+                      tmp_path / "spm")
+  small = [*REAL_SMALL, f"--config.tokenizer={tmp_path / 'spm.model'}"]
   monkeypatch.chdir(ROOT)
-  root = tmp_path / "lr"
-  args = [f"--config={TINY}", f"--root={root}", "--grid", "optimizer.lr=1e-3,3e-3", "--set",
-          "train.total_steps=4", "--run", "--", *REAL_SMALL]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  root = tmp_path / "scale"
+  args = [f"--config={TINY}", f"--root={root}", "--grid", "train.total_steps=2,4", "--run", "--", *small]
   assert sweep.main(args) == 0
   assert sweep.main(args) == 0  # everything finished: both runs are skipped
   assert capsys.readouterr().out.count("finished before, skipped") == 2
   assert sweep.main(["collect", f"--root={root}"]) == 0
   rows = list(csv.DictReader(io.StringIO((root / "results.csv").read_text())))
-  assert [(r["run"], r["status"], r["step"], r["optimizer.lr"]) for r in rows] == [
-      ("lr=1e-3", "finished", "4", "1e-3"), ("lr=3e-3", "finished", "4", "3e-3")]
+  assert [(r["run"], r["status"], r["step"], r["train.total_steps"]) for r in rows] == [
+      ("total_steps=2", "finished", "2", "2"), ("total_steps=4", "finished", "4", "4")]
   for row in rows:
     summary = json.loads((root / row["run"] / "summary.json").read_text())
-    assert float(row["eval/accuracy"]) == summary["eval/accuracy"]
-    config = json.loads((root / row["run"] / "config.json").read_text())
-    assert config["optimizer"]["lr"] == float(row["optimizer.lr"])
+    assert (float(row["loss"]), float(row["accuracy"])) == (summary["loss"], summary["accuracy"])
   assert (root / "results.md").read_text().splitlines()[0] == (
-      "| run | status | step | optimizer.lr | eval/accuracy | eval/loss | eval/margin | loss | accuracy |")
+      "| run | status | step | train.total_steps | loss | accuracy |")
+
+  curve = tmp_path / "curve"
+  assert scaling_curve.main([
+      "finetune", f"--checkpoints={root}/total_steps=4", f"--config={TINY}", f"--root={curve}",
+      "--set", "train.total_steps=2", "--set", "loss.lm_coef=0", "--run", "--", *small,
+      "--config.train.eval_every=2", "--config.train.eval_batch=8", "--config.train.eval_batches=1"]) == 0
+  points = list(csv.DictReader(io.StringIO((curve / "curve.csv").read_text())))
+  assert [(p["run"], int(p["pairs"])) for p in points] == [("total_steps=4", 4 * 8)]
+  summary = json.loads((curve / "total_steps=4" / "summary.json").read_text())
+  assert float(points[0]["accuracy"]) == summary["eval/accuracy"] and summary["step"] == 2
+  config = json.loads((curve / "total_steps=4" / "config.json").read_text())
+  assert config["init_from"] == str(root / "total_steps=4") and config["loss"]["lm_coef"] == 0
+  assert (curve / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------------------------------------
