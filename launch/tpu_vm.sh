@@ -15,7 +15,7 @@ Usage (from anywhere; the checkout is the one holding this script):
 
   --type       accelerator type (v4-8, v4-32, v5litepod-16, v6e-8, ...)
   --zone       zone that has that type
-  --version    TPU software (runtime) version; its Python must be one that jax supports
+  --version    TPU software (runtime) version; jax 0.10 needs Python >= 3.11 on it (else see --setup)
   --name       VM name (default: codepmp-<user>-<time>)
   --project    Google Cloud project (default: gcloud's configured one)
   --spot       create a Spot VM (preemptible; the trainer saves on SIGTERM and resumes from the workdir)
@@ -24,8 +24,9 @@ Usage (from anywhere; the checkout is the one holding this script):
                VM's disk; a multi-host run needs a workdir that all workers share)
   --python     the workers' Python
   --jax        the jax requirement installed for TPUs
-  --setup      a command run on every worker in the checkout after the install, e.g. to copy the
-               prepared data: --setup='gcloud storage cp -r gs://BUCKET/prepared .'
+  --setup      a command run on every worker in the checkout before the install, e.g. to copy the
+               prepared data (--setup='gcloud storage cp -r gs://BUCKET/prepared .') or to install
+               a newer Python (then pass --python=python3.11)
   --dry-run    print the commands instead of running them
 EOF
 }
@@ -111,9 +112,9 @@ main() {
 
   local install train_command run stream wait_all
   install="set -e; mkdir -p $REMOTE_DIR && tar -xzf \$HOME/codepmp_src.tar.gz -C $REMOTE_DIR"
-  install+=" && cd $REMOTE_DIR && $(quote_word "$python") -m pip install -q -r requirements.txt"
-  install+=" $(quote_word "$jax_spec")"
+  install+=" && cd $REMOTE_DIR"
   [[ -z "$setup" ]] || install+=" && $setup"
+  install+=" && $(quote_word "$python") -m pip install -q -r requirements.txt $(quote_word "$jax_spec")"
   train_command="$(print_command "$python" -m codepmp_jax.train "$@" --config.distributed.initialize=true)"
   train_command+="; echo \$? > $STATUS"
   run="cd $REMOTE_DIR && rm -f $STATUS && nohup bash -c $(quote_word "$train_command")"

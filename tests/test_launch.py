@@ -101,11 +101,13 @@ def test_tpu_vm_remote_run_command_survives_two_shell_levels(tmp_path):
   assert (home / "codepmp_train.rc").read_text().strip() == "7"
 
 
-def test_tpu_vm_keep_fetch_spot_and_missing_arguments():
-  out = _bash("launch/tpu_vm.sh", *TPU_ARGS, "--keep", "--spot", "--fetch=results", "--",
-              *TRAIN).stdout
+def test_tpu_vm_keep_fetch_spot_setup_and_missing_arguments():
+  out = _bash("launch/tpu_vm.sh", *TPU_ARGS, "--keep", "--spot", "--fetch=results",
+              "--setup=cp -r /data/prepared .", "--python=python3.11", "--", *TRAIN).stdout
   lines = _gcloud_lines(out)
   assert lines[0][-1] == "--spot"
+  assert lines[2][-1].endswith("&& cd $HOME/codepmp_jax && cp -r /data/prepared . && python3.11 -m pip "
+                               "install -q -r requirements.txt 'jax[tpu]==0.10.2'")
   assert all(line[4] != "delete" for line in lines)
   assert lines[-1] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse",
                        "pmp1:codepmp_jax/runs/pmp1", "results", "--zone=us-central2-b",
