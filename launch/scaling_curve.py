@@ -96,12 +96,16 @@ def resolve_points(patterns: Sequence[str], baseline: str | None = None) -> list
   entries: list[tuple[str, int | None]] = []
   for pattern in patterns:
     path, _, pairs = pattern.partition("@")
-    matches = sorted(glob.glob(path)) or []
-    if not matches:
-      raise sweep.SweepError(f"--checkpoints: nothing matches {path!r}")
+    matches = sorted(glob.glob(path))
+    directories = [m for m in matches if pathlib.Path(m).is_dir()]
+    if not directories:
+      raise sweep.SweepError(f"--checkpoints: no directory matches {path!r}")
+    if len(directories) < len(matches):  # e.g. a sweep root's results.csv and sweep.json
+      print(f"scaling_curve: {path!r}: skipped {len(matches) - len(directories)} files that are not "
+            "checkpoint directories", file=sys.stderr)
     if pairs and not pairs.isdigit():
       raise sweep.SweepError(f"--checkpoints: {pattern!r}: PAIRS must be an integer")
-    entries += [(m, int(pairs) if pairs else None) for m in matches if pathlib.Path(m).is_dir()]
+    entries += [(m, int(pairs) if pairs else None) for m in directories]
   names = [pathlib.Path(p).name for p, _ in entries]
   points = []
   for (path, pairs), name in zip(entries, names):
