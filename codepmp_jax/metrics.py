@@ -149,7 +149,11 @@ class MetricWriter:
     shown = {k: f"{scalars[k]:.4g}" for k in PROGRESS_KEYS if k in scalars}
     if shown:
       self._bar.set_postfix(shown, refresh=False)
-    if step > self._bar.n:
+    self.advance(step)
+
+  def advance(self, step: int) -> None:
+    """Moves the progress bar (and its ETA) to `step`, for the steps that log nothing."""
+    if self.active and step > self._bar.n:
       self._bar.update(step - self._bar.n)
 
   def close(self) -> None:

@@ -209,6 +209,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
           check_finite(pending[0], jax.device_get(pending[1]))
         pending = (step_number, step_metrics)
         window_steps += 1
+        writer.advance(step_number)
         log_now = step_number % tc.log_every == 0 or step_number == total_steps
         save_now = (step_number % config.checkpoint.save_every == 0 or step_number == total_steps
                     or step_number in config.checkpoint.keep_steps)
