@@ -27,6 +27,9 @@ def default_config() -> ml_collections.ConfigDict:
   model: ModelConfig fields (vocab_size 0 = the tokenizer's). With `init_from` only the numerics
     (dtype, param_dtype, remat_policy, scan_layers) are taken from here, the rest from the checkpoint.
   init_from: a model checkpoint or training workdir to take params from (not the optimizer state).
+  decay_from: `WORKDIR[:STEP]` of a warmup-stable-decay run: continue its full train state and
+    data position from that stable-phase step through a decay of `train.decay_steps` steps (the
+    scaling-curve recipe; keep those steps with `checkpoint.keep_steps`).
   tokenizer: a tokenizer file or directory; empty = init_from's, else the prepared data's
     (synthetic / in-memory data may run without one when model.vocab_size is set).
   data: the input pipeline (`data.pipeline`), plus `data.builtin` (`data.builtin`): data that
@@ -41,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.model = model_fields("tiny")
   config.init_from = ""
+  config.decay_from = ""
   config.tokenizer = ""
   config.data = pipeline.default_data_config()
   config.data.builtin = builtin.default_builtin_config()
@@ -48,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.optimizer = default_optimizer_config()
   config.train = ml_collections.ConfigDict(dict(
       global_batch=1024, microbatches=1, seq_len=1024, total_steps=0, epochs=1.0,
-      log_every=10, eval_every=100, eval_batch=0, eval_batches=0))
+      log_every=10, eval_every=100, eval_batch=0, eval_batches=0, decay_steps=0))
   config.mesh_shape = (1, -1, 1)
   config.logical_rules = ml_collections.FieldReference(None, field_type=list)
   config.checkpoint = ml_collections.ConfigDict(dict(save_every=500, keep=3, keep_steps=()))

@@ -20,6 +20,7 @@ import time
 from absl import app, flags, logging
 
 from codepmp_jax import recipes
+from codepmp_jax.data.builtin import SHARED_DATA
 from codepmp_jax.config import load_config
 
 FLAGS = flags.FLAGS
@@ -85,7 +86,7 @@ def run(out: pathlib.Path) -> dict[str, dict]:
   logging.info("PMP done: held-out code-pair accuracy %.3f", pmp_summary.get("eval/accuracy", float("nan")))
 
   logging.info("[2/4] GSM8K pairs with the PMP tokenizer -> %s", out / "gsm8k_pairs")
-  gsm8k = recipes.SHARED_DATA / "gsm8k"
+  gsm8k = SHARED_DATA / "gsm8k"
   subset = recipes.first_lines(gsm8k / "train.jsonl", out / "gsm8k_train_subset.jsonl",
                                FLAGS.rm_questions)
   pairs = recipes.prepare_once([subset], "gsm8k", out / "pmp", out / "gsm8k_pairs",
@@ -103,7 +104,7 @@ def run(out: pathlib.Path) -> dict[str, dict]:
                                         FLAGS.eval_questions, n=8)
     report = recipes.evaluate_rm(
         workdir, workdir / "eval.json", gsm8k_pairs=gsm8k / "test.jsonl",
-        logiqa=recipes.SHARED_DATA / "logiqa2" / "test.jsonl", candidates=candidates,
+        logiqa=SHARED_DATA / "logiqa2" / "test.jsonl", candidates=candidates,
         ns=(1, 2, 4, 8), limit=FLAGS.eval_questions)
     reports[arm] = {**report, "train": train_summary}
 

@@ -15,14 +15,14 @@ import ml_collections
 
 from codepmp_jax import checkpoint, train
 from codepmp_jax.data import gsm8k, prepare
+from codepmp_jax.data.builtin import SHARED_DATA
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def train_once(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   """Trains in `workdir` unless a finished run is there; returns its final metrics."""
   summary = workdir / "summary.json"
-  if summary.is_file():
+  if summary.is_file() and json.loads(summary.read_text()).get("finished"):
     logging.info("reusing the finished run in %s", workdir)
     return json.loads(summary.read_text())
   train.train(config, workdir)

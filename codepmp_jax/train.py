@@ -49,7 +49,9 @@ def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
 def resolve_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | None:
   """The run's tokenizer; prepared data must have been made with it."""
   prepared = config.data.source == "prepared"
-  path = config.tokenizer or config.init_from or (config.data.path if prepared else "")
+  init_tokenizer = pathlib.Path(config.init_from) / checkpoint.TOKENIZER_DIR
+  path = (config.tokenizer or (str(init_tokenizer) if config.init_from and init_tokenizer.is_dir() else "")
+          or (config.data.path if prepared else ""))
   if not path:
     return None
   tokenizer = load_tokenizer(path)
@@ -78,6 +80,30 @@ def resolve_model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer
     raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is smaller than the "
                      f"tokenizer's {tokenizer.vocab_size}")
   return ModelConfig.from_dict(fields)
+
+
+def parse_decay_from(spec: str) -> tuple[pathlib.Path, int]:
+  """`WORKDIR:STEP` (or `WORKDIR`, its newest step) -> the stable-phase checkpoint to decay from."""
+  path, _, step = spec.rpartition(":") if ":" in spec else (spec, "", "")
+  workdir = pathlib.Path(path).absolute()
+  found = int(step) if step else checkpoint.latest_train_step(workdir)
+  if found is None or not (workdir / checkpoint.TRAIN_CHECKPOINTS_DIR / str(found)).is_dir():
+    raise FileNotFoundError(f"decay_from={spec!r}: no training checkpoint at step {found} in {workdir}")
+  return workdir, found
+
+
+def decay_phase_config(config: ml_collections.ConfigDict, stable_steps: int, decay_steps: int
+                       ) -> ml_collections.ConfigDict:
+  """The warmup-stable-decay schedule of a run of `stable_steps + decay_steps` whose decay starts
+  exactly at `stable_steps` (the cheap scaling-curve recipe: decay from stable checkpoints)."""
+  if config.optimizer.schedule != "wsd" or decay_steps < 1:
+    raise ValueError("decay_from needs optimizer.schedule='wsd' and train.decay_steps >= 1")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.optimizer.decay_ratio = decay_steps / (stable_steps + decay_steps)
+  warmup = math.ceil(config.optimizer.warmup_ratio * (stable_steps + decay_steps) - 1e-9)
+  if warmup > stable_steps:
+    raise ValueError(f"decay_from step {stable_steps} is still inside the warmup ({warmup} steps)")
+  return config
 
 
 def initial_params(config: ml_collections.ConfigDict, model_config: ModelConfig,
@@ -149,6 +175,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       config.data, split="train", global_batch=tc.global_batch, seq_len=tc.seq_len,
       sharding=batch_sharding["input_ids"], seed=config.seed, repeat=True)
   total_steps = tc.total_steps or math.ceil(tc.epochs * train_data.num_pairs / tc.global_batch)
+  decay_source = parse_decay_from(config.decay_from) if config.decay_from else None
+  if decay_source is not None:
+    total_steps = decay_source[1] + tc.decay_steps
+    config = decay_phase_config(config, decay_source[1], tc.decay_steps)
   optimizer = optim.make_optimizer(config.optimizer, total_steps)
   model = transformer.RewardModel(model_config)
   abstract_state, state_sharding = step.state_shardings(model_config, optimizer, mesh, rules)
@@ -167,6 +197,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       state, data_state = checkpoints.restore(start, target)
       train_data.set_state(data_state)
       logging.info("resumed from %s at step %d", workdir, start)
+    elif decay_source is not None:
+      source_dir, start = decay_source
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_state, state_sharding)
+      source = checkpoint.TrainCheckpoints(source_dir, keep=1)
+      state, data_state = source.restore(start, target)
+      source.close()
+      train_data.set_state(data_state)
+      logging.info("decay phase: %d steps from step %d of %s", tc.decay_steps, start, source_dir)
     else:
       start = 0
       params = initial_params(config, model_config, state_sharding.params)
@@ -237,7 +276,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       checkpoints.close()
       writer.close()
   if lead:
-    summary = {"step": int(jax.device_get(state.step)), **last}
+    final_step = int(jax.device_get(state.step))
+    summary = {"step": final_step, "finished": final_step == total_steps, **last}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     logging.info("finished: %s", summary)
   return last

@@ -160,3 +160,23 @@ def test_trains_on_real_gsm8k_pairs(tmp_path, shared_data):
   assert rows[60]["loss"] < rows[10]["loss"]
   assert final["lm_loss"] < np.log(tokenizer.vocab_size) - 1.0  # it learned the language of GSM8K
   assert "eval/accuracy" in final
+
+
+def test_decay_from_a_stable_checkpoint_equals_a_run_decaying_there(tmp_path):
+  """Scaling curves the cheap way: decaying from a kept stable-phase checkpoint of a long run gives
+  exactly the run whose warmup-stable-decay schedule decays at that step."""
+  common = ("--config.optimizer.schedule=wsd", "--config.optimizer.warmup_ratio=0")
+  _train(tmp_path / "short", *common, "--config.train.total_steps=10", "--config.optimizer.decay_ratio=0.3")
+  _train(tmp_path / "long", *common, "--config.train.total_steps=14", "--config.optimizer.decay_ratio=0.1",
+         "--config.checkpoint.keep_steps=(7,)", "--config.checkpoint.keep=1",
+         "--config.checkpoint.save_every=100")
+  assert (tmp_path / "long" / "checkpoints" / "7").is_dir()
+  _train(tmp_path / "decayed", *common, f"--config.decay_from={tmp_path / 'long'}:7",
+         "--config.train.decay_steps=3")
+  want, got = _metrics(tmp_path / "short"), _metrics(tmp_path / "decayed")
+  assert sorted(got) == [8, 9, 10]
+  for step in (8, 9, 10):
+    assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-6)
+    assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               checkpoint.load_model(tmp_path / "decayed")[0], checkpoint.load_model(tmp_path / "short")[0])

@@ -19,6 +19,8 @@ import pathlib
 import ml_collections
 
 BUILTINS = ("stdlib_mutate",)
+# The reference data sets beside the checkout (GSM8K, LogiQA 2.0): decontamination and evaluation.
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def default_builtin_config() -> ml_collections.ConfigDict:
@@ -55,7 +57,7 @@ def ensure(data_cfg: ml_collections.ConfigDict) -> None:
     logging.info("building %s: synthesizing %d code pairs into %s", spec.name, spec.max_pairs, pairs_dir)
     synth.run(synth.parse_flags([
         "--source=stdlib", "--strategy=mutate", f"--out={pairs_dir}",
-        f"--max_pairs={spec.max_pairs}", f"--seed={spec.seed}"]))
+        f"--max_pairs={spec.max_pairs}", f"--seed={spec.seed}", f"--eval_data_dir={SHARED_DATA}"]))
   spm_model = root / "spm.model"
   if not spm_model.is_file():
     logging.info("training a %d-piece sentencepiece tokenizer on the pairs", spec.vocab_size)

@@ -19,6 +19,7 @@ import pathlib
 from absl import app, flags, logging
 
 from codepmp_jax import recipes
+from codepmp_jax.data.builtin import SHARED_DATA
 from codepmp_jax.config import load_config
 
 FLAGS = flags.FLAGS
@@ -75,7 +76,7 @@ def write_results(results: dict[int, dict[str, dict]], out: pathlib.Path) -> str
 def main(argv: list[str]) -> None:
   del argv
   out = pathlib.Path(FLAGS.out).absolute()
-  gsm8k = recipes.SHARED_DATA / "gsm8k"
+  gsm8k = SHARED_DATA / "gsm8k"
   if FLAGS.preset == "tiny":
     base_config = load_config("tiny")
     pmp = FLAGS.pmp or str(out / "pmp")
