@@ -1,8 +1,9 @@
-"""Sample N candidates per prompt from a checkpoint: the input of Best-of-N evaluation.
+r"""Sample N candidates per prompt from a checkpoint: the input of Best-of-N evaluation.
 
   python -m codepmp_jax.generate --checkpoint=CKPT --input=IN.jsonl --output=OUT.jsonl \
       --n=8 --temperature=0.7 --top_p=1.0 --max_new_tokens=512 [--template=gsm8k|math|code|none] \
-      [--batch_size=8] [--top_k=0] [--stop=STR ...] [--seed=0] [--add_bos] [--mesh=-1,1,1]
+      [--batch_size=8] [--top_k=0] [--stop=STR ...] [--seed=0] [--add_bos] [--mesh=-1,1,1] \
+      [--scan_layers]
 
 Input lines hold `prompt` (used verbatim) or `question` (rendered with --template); every line
 is written back with `"candidates": [...]` and `"finish_reasons": [...]` added, in input order.
@@ -45,6 +46,7 @@ flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); the text is cut
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("add_bos", False, "Put the tokenizer's BOS token before every prompt.")
 flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh shape (data, fsdp, tensor); -1 = the rest.")
+flags.DEFINE_bool("scan_layers", False, "Decode with nn.scan over layers (compiles faster, runs slower on CPU).")
 
 
 def prompt_text(record: dict, template: str, where: str) -> str:
@@ -107,6 +109,7 @@ def main(argv: list[str]) -> None:
                out_path, len(todo))
 
   params, config = checkpoint.load_model(FLAGS.checkpoint)
+  config = config.replace(scan_layers=FLAGS.scan_layers)
   tokenizer = load_tokenizer(pathlib.Path(FLAGS.checkpoint) / checkpoint.TOKENIZER_DIR)
   mesh = sharding.make_mesh([int(s) for s in FLAGS.mesh])
   generator = Generator(params, config, tokenizer=tokenizer, mesh=mesh)

