@@ -11,6 +11,7 @@ import torch
 
 from codepmp_jax import convert
 from codepmp_jax.data import tokenizer as tok_lib
+from codepmp_jax.model import transformer
 from codepmp_jax.model.transformer import RewardModel
 from tests import hf_models
 
@@ -69,6 +70,14 @@ def smollm2():
   return params, config, tokenizer, hf_models.transformers_from_gguf(path)
 
 
+def _scanned_forward(params, config):
+  """A jitted logits + rewards function over the layers stacked for nn.scan (one layer to compile)."""
+  scanned = config.replace(scan_layers=True)
+  stacked = transformer.stack_layers(params, config.num_layers)
+  return jax.jit(lambda ids, mask: RewardModel(scanned).apply(
+      {"params": stacked}, ids, mask, return_logits=True))
+
+
 def _prompt_ids(tokenizer, shared_data) -> list[int]:
   question = json.loads((shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[0])["question"]
   text = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -89,26 +98,27 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2, shared_dat
   prompt = _prompt_ids(tokenizer, shared_data)
   steps = 10
   length = len(prompt) + steps
-  forward = jax.jit(lambda ids, mask: RewardModel(config).apply(
-      {"params": params}, ids, mask, return_logits=True).logits)
+  forward = _scanned_forward(params, config)
 
   ids = np.zeros((1, length), np.int32)
   ids[0, :len(prompt)] = prompt
   mask = (np.arange(length) < len(prompt)).astype(np.int32)[None]
-  ours = np.asarray(forward(ids, mask))[0, :len(prompt)]
+  ours = np.asarray(forward(ids, mask).logits)[0, :len(prompt)]
   with torch.no_grad():
     theirs = hf(torch.tensor([prompt])).logits[0].numpy()
   assert np.abs(theirs).max() > 5
   np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)
 
-  ours_tokens, theirs_tokens = list(prompt), list(prompt)
+  ours_tokens = list(prompt)  # greedy, recomputing the whole sequence each step
   for _ in range(steps):
     n = len(ours_tokens)
     ids[0, :n] = ours_tokens
     mask[0, :n] = 1
-    ours_tokens.append(int(np.argmax(np.asarray(forward(ids, mask))[0, n - 1])))
-    with torch.no_grad():
-      theirs_tokens.append(int(hf(torch.tensor([theirs_tokens])).logits[0, -1].argmax()))
+    ours_tokens.append(int(np.argmax(np.asarray(forward(ids, mask).logits)[0, n - 1])))
+  with torch.no_grad():  # transformers' own greedy decoding (with its KV cache)
+    theirs_tokens = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=steps, do_sample=False, eos_token_id=None)[0].tolist()
+  assert len(theirs_tokens) == length
   assert ours_tokens == theirs_tokens, (tokenizer.decode(ours_tokens[len(prompt):]),
                                         tokenizer.decode(theirs_tokens[len(prompt):]))
 
@@ -116,6 +126,9 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2, shared_dat
 def test_smollm2_export_scores_like_ours_in_transformers(smollm2, shared_data, tmp_path):
   import transformers
   params, config, tokenizer, _ = smollm2
+  # Two of the 30 layers keep this fast; the full export path is checked on tiny models in test_convert.
+  config = config.replace(num_layers=2)
+  params = {k: v for k, v in params.items() if not k.startswith("layers_") or k in ("layers_0", "layers_1")}
   out = convert.save_hf(tmp_path / "hf", params, config, tokenizer)
   exported = json.loads((out / "config.json").read_text())
   assert exported["pad_token_id"] == 0 != tokenizer.eos_id  # HF must read the reward at the eos
@@ -125,7 +138,7 @@ def test_smollm2_export_scores_like_ours_in_transformers(smollm2, shared_data, t
   batch = hf_tokenizer([t + "<|im_end|>" for t in texts], padding=True, return_tensors="np")
   assert batch["input_ids"][1].tolist()[:len(tokenizer.encode(texts[1]))] == tokenizer.encode(texts[1])
   ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
-  _, ours = _ours(params, config, ids, mask)
+  ours = np.asarray(_scanned_forward(params, config)(ids, mask).rewards)
   with torch.no_grad():
     theirs = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits[:, 0]
   np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4, rtol=0)
