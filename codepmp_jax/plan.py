@@ -123,7 +123,7 @@ def format_plan(p: Plan, device_memory: float | None) -> str:
       ("temporaries per device", _format_bytes(p.temp_bytes)),
       ("peak per device (arguments + temporaries)", _format_bytes(p.peak_bytes)),
       ("model FLOPs per step", f"{p.flops_per_step:.3e}"),
-      ("compiled FLOPs per device", "n/a" if p.compiled_flops is None else f"{p.compiled_flops:.3e}"),
+      ("compiled FLOPs per device (XLA counts a loop body once)", "n/a" if p.compiled_flops is None else f"{p.compiled_flops:.3e}"),
   ]
   if device_memory:
     verdict = "fits" if p.peak_bytes <= device_memory else "does NOT fit"
