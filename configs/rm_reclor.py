@@ -4,18 +4,10 @@
       --tokenizer=runs/pmp_1_5b --seq_len=1024 --out=prepared/reclor
   python -m codepmp_jax.train --config=configs/rm_reclor.py --workdir=runs/rm_reclor \
       --config.init_from=runs/pmp_1_5b
+Arg: a model preset for the shape (default qwen2_1_5b); the params come from init_from.
 """
-from codepmp_jax.config import default_config, model_fields
+from codepmp_jax.config import paper_logic_rm_config
 
 
 def get_config(arg=None):
-  config = default_config()
-  config.model = model_fields(arg or "qwen2_1_5b", dtype="bfloat16", remat_policy="full",
-                              scan_layers=True)
-  config.data.path = "prepared/reclor"
-  config.loss.update(rm_coef=1.0, lm_coef=0.0)
-  config.optimizer.update(lr=3e-6, schedule="wsd", warmup_ratio=0.25, decay_ratio=0.1,
-                          weight_decay=0.1)
-  config.train.update(global_batch=128, microbatches=4, seq_len=1024, epochs=1.0,
-                      log_every=10, eval_every=50, eval_batches=20)
-  return config
+  return paper_logic_rm_config("reclor", arg or "qwen2_1_5b")
