@@ -52,14 +52,15 @@ def stdlib_pairs(limit: int) -> list[dict]:
       tree = ast.parse(source)
     except (SyntaxError, UnicodeDecodeError, ValueError):
       continue
+    source_lines = source.splitlines()
     for node in ast.walk(tree):
       if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         continue
       doc = ast.get_docstring(node)
-      code = ast.get_source_segment(source, node)
-      lines = (code or "").splitlines()
+      lines = source_lines[node.lineno - 1:node.end_lineno]
       if not doc or len(lines) < 4:
         continue
+      code = "\n".join(lines)
       rejected = "\n".join(lines[:1] + lines[:0:-1])
       if rejected == code:
         continue
