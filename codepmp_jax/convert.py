@@ -485,10 +485,14 @@ class _LazyTranspose:
 
 
 def _save_hf_tokenizer(out: pathlib.Path, tokenizer: tokenizer_lib.Tokenizer, pad_id: int | None) -> None:
+  """Our tokenizer files (so `load_tokenizer(out)` gives back the same fingerprint) plus the
+  `tokenizer.json` / `tokenizer_config.json` that transformers reads."""
   tokenizer.save(out)
+  if tokenizer.kind != "hf":
+    (out / tokenizer_lib.HF_FILE).write_text(tokenizer.to_tokenizer_json())
   token = lambda i: None if i is None else tokenizer.id_to_token(i)  # noqa: E731
   tokenizer_config = {
-      "tokenizer_class": "PreTrainedTokenizerFast" if tokenizer.kind == "hf" else "LlamaTokenizer",
+      "tokenizer_class": "PreTrainedTokenizerFast",
       "bos_token": token(tokenizer.bos_id), "eos_token": token(tokenizer.eos_id),
       "pad_token": token(pad_id), "padding_side": "right", "add_bos_token": False,
       "add_eos_token": False, "clean_up_tokenization_spaces": False,

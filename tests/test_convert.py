@@ -5,7 +5,10 @@ import json
 import pathlib
 import subprocess
 import sys
+import sysconfig
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +16,9 @@ import torch
 import transformers
 
 from codepmp_jax import checkpoint, convert
+from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from codepmp_jax.model import transformer
+from codepmp_jax.model.config import get_preset
 from codepmp_jax.model.transformer import RewardModel
 from tests import hf_models
 
@@ -212,3 +218,20 @@ def test_reader_agrees_with_safetensors_library(tiny_dir):
   assert sorted(ours.keys()) == sorted(reference)
   for name, value in reference.items():
     np.testing.assert_array_equal(ours.get(name), value)
+
+
+def test_export_with_sentencepiece_tokenizer_scores_text_like_ours(tmp_path):
+  """Our tiny-config model with its code tokenizer, exported and used through transformers alone."""
+  files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))
+  sp = train_sentencepiece(files, vocab_size=400, out_prefix=tmp_path / "sp")
+  config = get_preset("tiny", vocab_size=400, eos_token_id=sp.eos_id, pad_token_id=sp.pad_id)
+  params = nn.unbox(transformer.init_params(config, jax.random.key(0)))
+  out = convert.save_hf(tmp_path / "hf", params, config, sp)
+  assert load_tokenizer(out).fingerprint == sp.fingerprint
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  texts = ["def f(x):\n    return x * 2\n", "import json\n\nprint(json.dumps({'a': 1}))\n", "pass"]
+  batch = hf_tokenizer([t + hf_tokenizer.eos_token for t in texts], padding=True, return_tensors="np")
+  ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
+  for row, text in enumerate(texts):
+    assert ids[row, :mask[row].sum()].tolist() == sp.encode(text) + [sp.eos_id]
+  np.testing.assert_allclose(_hf_rewards(out, ids, mask), _our_rewards(params, config, ids, mask), atol=1e-4)

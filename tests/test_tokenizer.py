@@ -6,6 +6,7 @@ import pathlib
 import sysconfig
 
 import pytest
+import tokenizers
 
 from codepmp_jax.data import tokenizer as tok_lib
 from tests import hf_models
@@ -78,6 +79,13 @@ def test_sentencepiece_trains_on_code_and_round_trips(tmp_path):
   assert again.fingerprint == sp.fingerprint
   assert again.encode_batch([CODE, "pass"]) == [ids, sp.encode("pass")]
   assert tok_lib.load_tokenizer(tmp_path / "code.model").encode(CODE) == ids
+
+  # Its tokenizer.json export (for transformers) encodes unseen code to the same ids.
+  exported = tokenizers.Tokenizer.from_str(sp.to_tokenizer_json())
+  unseen = [f.read_text() for f in sorted(pathlib.Path(sysconfig.get_paths()["stdlib"], "email").glob("*.py"))[:6]]
+  for text in unseen + [CODE, "a  b   c\n\n\n    d"]:
+    assert exported.encode(text, add_special_tokens=False).ids == sp.encode(text)
+    assert exported.decode(sp.encode(text)) == text
 
 
 def test_bad_files_give_clear_errors(tmp_path):

@@ -91,6 +91,32 @@ class Tokenizer:
       return [i for i in range(self.vocab_size) if self._sp.is_control(i)]
     return sorted(i for i, t in self._hf.get_added_tokens_decoder().items() if t.special)
 
+  def to_tokenizer_json(self) -> str:
+    """This tokenizer as a Hugging Face `tokenizer.json` (for exporting models to transformers).
+
+    A sentencepiece BPE model becomes a byte-fallback BPE whose merges are ordered by the score
+    of the merged piece, which is the order sentencepiece applies them in.
+    """
+    if self.kind == "hf":
+      return self._blob.decode("utf-8")
+    sp = self._sp
+    if sp.get_piece_size() and not any(sp.is_byte(i) for i in range(sp.get_piece_size())):
+      raise ValueError("only byte-fallback sentencepiece models can be exported to tokenizer.json")
+    pieces = [sp.id_to_piece(i) for i in range(self.vocab_size)]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    normal = {p: i for i, p in enumerate(pieces) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+    merges = sorted(
+        ((-sp.get_score(i), normal[p[:k]], normal[p[k:]], p[:k], p[k:])
+         for p, i in normal.items() for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal))
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab=vocab, merges=[(left, right) for *_, left, right in merges],
+        unk_token=sp.id_to_piece(sp.unk_id()), fuse_unk=True, byte_fallback=True))
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf.add_special_tokens([tokenizers.AddedToken(pieces[i], special=True, normalized=False)
+                           for i in self.special_ids()])
+    return hf.to_str()
+
   @property
   def file_name(self) -> str:
     return SENTENCEPIECE_FILE if self.kind == "sentencepiece" else HF_FILE
