@@ -35,10 +35,6 @@ class EncodedPair:
   rejected: EncodedSequence
   margin: float = 0.0
 
-  @property
-  def max_length(self) -> int:
-    return max(len(self.chosen.ids), len(self.rejected.ids))
-
 
 @dataclasses.dataclass
 class EncodeStats:

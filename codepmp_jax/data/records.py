@@ -66,13 +66,6 @@ class BadRecords:
     if len(kept) < EXAMPLES_KEPT:
       kept.append(f"{where}: {message}")
 
-  def merge(self, other: BadRecords) -> None:
-    """Add another counter's counts and examples into this one."""
-    self.counts.update(other.counts)
-    for kind, lines in other.examples.items():
-      kept = self.examples.setdefault(kind, [])
-      kept.extend(lines[:EXAMPLES_KEPT - len(kept)])
-
   @property
   def total(self) -> int:
     return sum(self.counts.values())
