@@ -113,7 +113,7 @@ class _TreeBuilder:
     node = self.params
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(value, dtype=self.dtype)
+    node[path[-1]] = np.array(value, dtype=self.dtype, order="C")  # a copy: no views into the source file
     self.filled.add(path)
 
   def finish(self, source: str, seed: int) -> dict:
@@ -503,13 +503,17 @@ def _save_hf_tokenizer(out: pathlib.Path, tokenizer: tokenizer_lib.Tokenizer, pa
 # ----------------------------------------------------------------------------- command line
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("from_hf", None, "Hugging Face model directory (config.json + safetensors) to import.")
-flags.DEFINE_string("from_gguf", None, "GGUF file to import.")
-flags.DEFINE_string("to_hf", None, "Output directory for a transformers *ForSequenceClassification model.")
-flags.DEFINE_string("checkpoint", None, "Our checkpoint (or training workdir) to export with --to_hf.")
-flags.DEFINE_string("output", None, "Our checkpoint directory to write (with --from_hf / --from_gguf).")
-flags.DEFINE_integer("seed", 0, "Seed of the score head when the source has none.")
-flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so other programs can import this module)."""
+  flags.DEFINE_string("from_hf", None, "Hugging Face model directory (config.json + safetensors) to import.")
+  flags.DEFINE_string("from_gguf", None, "GGUF file to import.")
+  flags.DEFINE_string("to_hf", None, "Output directory for a transformers *ForSequenceClassification model.")
+  flags.DEFINE_string("checkpoint", None, "Our checkpoint (or training workdir) to export with --to_hf.")
+  flags.DEFINE_string("output", None, "Our checkpoint directory to write (with --from_hf / --from_gguf).")
+  flags.DEFINE_integer("seed", 0, "Seed of the score head when the source has none.")
+  flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
 
 
 def main(argv: list[str]) -> None:
@@ -552,4 +556,5 @@ def _leaves(tree: dict) -> Iterator[np.ndarray]:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -204,14 +204,18 @@ def score_file(scorer: RewardScorer, input_path: pathlib.Path, output_path: path
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.")
-flags.DEFINE_string("input", None, "Input JSONL.")
-flags.DEFINE_string("output", None, "Output JSONL (input records with rewards added).")
-flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
-flags.DEFINE_integer("max_length", 1024, "Longest sequence; longer texts are cut as in training.")
-flags.DEFINE_enum("template", None, sorted(templates.TEMPLATES),
-                  "Prompt template for 'prompt' records (default: the checkpoint's, else none).")
-flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh shape (data, fsdp, tensor); -1 = the rest.")
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so other programs can import this module)."""
+  flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.")
+  flags.DEFINE_string("input", None, "Input JSONL.")
+  flags.DEFINE_string("output", None, "Output JSONL (input records with rewards added).")
+  flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+  flags.DEFINE_integer("max_length", 1024, "Longest sequence; longer texts are cut as in training.")
+  flags.DEFINE_enum("template", None, sorted(templates.TEMPLATES),
+                    "Prompt template for 'prompt' records (default: the checkpoint's, else none).")
+  flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh shape (data, fsdp, tensor); -1 = the rest.")
 
 
 def main(argv: list[str]) -> None:
@@ -231,4 +235,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
