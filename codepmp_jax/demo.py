@@ -19,16 +19,11 @@ import time
 
 from absl import app, flags, logging
 
-from codepmp_jax import recipes
+from codepmp_jax import recipes, train
 from codepmp_jax.data.builtin import SHARED_DATA
 from codepmp_jax.config import load_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "demo_out", "Directory for every stage's output.")
-flags.DEFINE_integer("rm_questions", 2000, "GSM8K train questions used for RM fine-tuning.")
-flags.DEFINE_integer("rm_steps", 150, "RM fine-tuning steps (both arms).")
-flags.DEFINE_float("rm_lr", 1e-3, "RM fine-tuning learning rate (both arms).")
-flags.DEFINE_integer("eval_questions", 300, "Held-out GSM8K test / LogiQA 2.0 test questions scored.")
 
 ROWS = (("GSM8K pairwise accuracy (held-out test)", ("pairwise", "accuracy")),
         ("LogiQA 2.0 multiple-choice accuracy", ("mc", "accuracy")),
@@ -118,10 +113,21 @@ def run(out: pathlib.Path) -> dict[str, dict]:
   return reports
 
 
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so importing adds none)."""
+  flags.DEFINE_string("out", "demo_out", "Directory for every stage's output.")
+  flags.DEFINE_integer("rm_questions", 2000, "GSM8K train questions used for RM fine-tuning.")
+  flags.DEFINE_integer("rm_steps", 150, "RM fine-tuning steps (both arms).")
+  flags.DEFINE_float("rm_lr", 1e-3, "RM fine-tuning learning rate (both arms).")
+  flags.DEFINE_integer("eval_questions", 300, "Held-out GSM8K test / LogiQA 2.0 test questions scored.")
+
+
 def main(argv: list[str]) -> None:
   del argv
+  train.quiet_library_logs()
   run(pathlib.Path(FLAGS.out).absolute())
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

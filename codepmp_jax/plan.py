@@ -133,10 +133,14 @@ def format_plan(p: Plan, device_memory: float | None) -> str:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-flags.DEFINE_integer("devices", 8, "Number of (fake) devices to plan for.")
-flags.DEFINE_string("device_memory", "", "Memory of one device, e.g. 16GiB or 80GB.")
-flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size when the config takes it from the tokenizer.")
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so importing adds none)."""
+  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+  flags.DEFINE_integer("devices", 8, "Number of (fake) devices to plan for.")
+  flags.DEFINE_string("device_memory", "", "Memory of one device, e.g. 16GiB or 80GB.")
+  flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size when the config takes it from the tokenizer.")
 
 
 def main(argv: list[str]) -> None:
@@ -152,4 +156,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -284,9 +284,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -296,11 +293,24 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
 
 
+def quiet_library_logs() -> None:
+  """Keeps a program's log readable: our progress, and only warnings from orbax."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so importing adds none)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv: list[str]) -> None:
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet_library_logs()
   train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

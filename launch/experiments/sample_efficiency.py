@@ -18,20 +18,11 @@ import pathlib
 
 from absl import app, flags, logging
 
-from codepmp_jax import recipes
+from codepmp_jax import recipes, train
 from codepmp_jax.data.builtin import SHARED_DATA
 from codepmp_jax.config import load_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "tiny", ["tiny", "smollm2_135m"], "Model family of the experiment.")
-flags.DEFINE_string("out", "runs/sample_efficiency", "Output directory.")
-flags.DEFINE_list("ks", ["128", "512", "2048"], "Numbers of GSM8K training questions.")
-flags.DEFINE_string("base", "", "Base checkpoint (empty: the PMP run's model from scratch).")
-flags.DEFINE_string("pmp", "", "PMP checkpoint (tiny: built here when empty).")
-flags.DEFINE_float("epochs", 3.0, "Passes over the k pairs (at least `min_steps` steps).")
-flags.DEFINE_integer("min_steps", 20, "Fewest fine-tuning steps of any run.")
-flags.DEFINE_float("lr", 1e-3, "Fine-tuning learning rate (tiny; smollm2 uses its config's).")
-flags.DEFINE_integer("eval_questions", 300, "GSM8K test questions for pairwise and Best-of-N.")
 
 ARMS = ("base", "pmp")
 METRICS = (("pairwise accuracy", ("pairwise", "accuracy")), ("Best-of-8 accuracy", ("bon", "8", "rm")))
@@ -73,8 +64,22 @@ def write_results(results: dict[int, dict[str, dict]], out: pathlib.Path) -> str
   return table
 
 
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so importing adds none)."""
+  flags.DEFINE_enum("preset", "tiny", ["tiny", "smollm2_135m"], "Model family of the experiment.")
+  flags.DEFINE_string("out", "runs/sample_efficiency", "Output directory.")
+  flags.DEFINE_list("ks", ["128", "512", "2048"], "Numbers of GSM8K training questions.")
+  flags.DEFINE_string("base", "", "Base checkpoint (empty: the PMP run's model from scratch).")
+  flags.DEFINE_string("pmp", "", "PMP checkpoint (tiny: built here when empty).")
+  flags.DEFINE_float("epochs", 3.0, "Passes over the k pairs (at least `min_steps` steps).")
+  flags.DEFINE_integer("min_steps", 20, "Fewest fine-tuning steps of any run.")
+  flags.DEFINE_float("lr", 1e-3, "Fine-tuning learning rate (tiny; smollm2 uses its config's).")
+  flags.DEFINE_integer("eval_questions", 300, "GSM8K test questions for pairwise and Best-of-N.")
+
+
 def main(argv: list[str]) -> None:
   del argv
+  train.quiet_library_logs()
   out = pathlib.Path(FLAGS.out).absolute()
   gsm8k = SHARED_DATA / "gsm8k"
   if FLAGS.preset == "tiny":
@@ -110,4 +115,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
