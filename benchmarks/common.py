@@ -90,6 +90,9 @@ def op_breakdown(trace_dir: str | pathlib.Path, hlo_text: str, top: int = 25
 
   Reads the perfetto trace that `jax.profiler.trace(trace_dir, create_perfetto_trace=True)`
   wrote and the compiled module's text (`compiled.as_text()`) for the instructions' op names.
+  XLA's CPU runtime runs independent instructions at the same time (e.g. the gate and up
+  projections), so rows can overlap in time: read shares as relative costs, not as a partition
+  of the step's wall time.
   """
   files = sorted(pathlib.Path(trace_dir).glob("**/*.trace.json.gz"))
   if not files:
