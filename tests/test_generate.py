@@ -56,13 +56,21 @@ def test_cache_logits_equal_full_recompute(overrides):
   assert np.abs(full).max() > 0.1  # not vacuous
 
 
-def _hf_greedy(hf, prompt: list[int], eos_id: int, pad_id: int) -> list[int]:
-  """transformers' greedy continuation of one unpadded prompt, cut before its end token."""
-  with torch.no_grad():
-    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                      do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=eos_id,
-                      pad_token_id=pad_id)[0, len(prompt):].tolist()
-  return out[:out.index(eos_id)] if eos_id in out else out
+def _hf_greedy(hf, prompts: list[list[int]], eos_id: int, pad_id: int) -> list[list[int]]:
+  """transformers' greedy continuations of a batch (left-padded, as it requires), each cut
+  before its end token."""
+  longest = max(map(len, prompts))
+  ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # OpenMP spinning costs ~10x the CPU on a shared machine
+  try:
+    with torch.no_grad():
+      out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
+                        eos_token_id=eos_id, pad_token_id=pad_id)[:, longest:].tolist()
+  finally:
+    torch.set_num_threads(threads)
+  return [row[:row.index(eos_id)] if eos_id in row else row for row in out]
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_untied"])
@@ -71,7 +79,7 @@ def test_greedy_equals_transformers_generate(name, tmp_path):
   params, config = convert.load_hf(tmp_path)
   ids, mask = hf_models.padded_batch([7, 3, 12], config.vocab_size, seed=1)
   prompts = [row[m > 0].tolist() for row, m in zip(ids, mask)]
-  expected = [_hf_greedy(hf, p, config.eos_token_id, config.pad_token_id) for p in prompts]
+  expected = _hf_greedy(hf, prompts, config.eos_token_id, config.pad_token_id)
   gen = generate.Generator(params, config, prompt_bucket=16)
   results = gen.generate(prompts, generate.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0))
   for completions, want in zip(results, expected):
@@ -95,7 +103,7 @@ def test_smollm2_greedy_batch_equals_transformers(shared_data, tmp_path):
            for i in (0, 3)]
   prompts = tokenizer.encode_batch(texts)
   assert len(prompts[0]) != len(prompts[1])
-  expected = [_hf_greedy(hf, p, tokenizer.eos_id, tokenizer.pad_id) for p in prompts]
+  expected = _hf_greedy(hf, prompts, tokenizer.eos_id, tokenizer.pad_id)
   gen = generate.Generator(params, config.replace(scan_layers=True), tokenizer=tokenizer)  # fast compile
   results = gen.generate(prompts, generate.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0))
   for completions, want in zip(results, expected):
