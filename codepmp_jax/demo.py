@@ -116,10 +116,10 @@ def run(out: pathlib.Path) -> dict[str, dict]:
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program, so importing adds none)."""
   flags.DEFINE_string("out", "demo_out", "Directory for every stage's output.")
-  flags.DEFINE_integer("rm_questions", 2000, "GSM8K train questions used for RM fine-tuning.")
-  flags.DEFINE_integer("rm_steps", 150, "RM fine-tuning steps (both arms).")
+  flags.DEFINE_integer("rm_questions", 1500, "GSM8K train questions used for RM fine-tuning.")
+  flags.DEFINE_integer("rm_steps", 80, "RM fine-tuning steps (both arms).")
   flags.DEFINE_float("rm_lr", 1e-3, "RM fine-tuning learning rate (both arms).")
-  flags.DEFINE_integer("eval_questions", 300, "Held-out GSM8K test / LogiQA 2.0 test questions scored.")
+  flags.DEFINE_integer("eval_questions", 150, "Held-out GSM8K test / LogiQA 2.0 test questions scored.")
 
 
 def main(argv: list[str]) -> None:

@@ -20,8 +20,8 @@ def get_config(arg=None):
   config.optimizer.lr = 1e-3
   config.optimizer.weight_decay = 0.01
   config.optimizer.warmup_ratio = 0.05
-  config.train.update(global_batch=32, seq_len=256, total_steps=600, log_every=25,
-                      eval_every=100, eval_batch=64, eval_batches=8)
+  config.train.update(global_batch=16, seq_len=256, total_steps=250, log_every=10,
+                      eval_every=50, eval_batch=32, eval_batches=4)
   config.mesh_shape = (-1, 1, 1)
-  config.checkpoint.save_every = 200
+  config.checkpoint.save_every = 50
   return config
