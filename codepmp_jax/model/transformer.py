@@ -27,8 +27,9 @@ _REMAT_POLICIES = {
     "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-# Key/value cache [batch, cache slot, kv head, head dim]; cache slot = token position.
-CACHE_AXES = ("batch", "length", "act_kv_heads", "head_dim")
+# Key/value cache [batch, kv head, cache slot, head dim]; cache slot = token position. Heads before
+# slots keep the decode attention matmuls free of per-step transposes of the whole cache.
+CACHE_AXES = ("batch", "act_kv_heads", "length", "head_dim")
 
 
 class ModelOutput(NamedTuple):
@@ -167,13 +168,16 @@ def cache_attention_bias(positions: jax.Array, cache_length: int,
 def _write_cache(module: nn.Module, name: str, new: jax.Array, positions: jax.Array) -> jax.Array:
   """Writes `new` [B, T, KV, hd] into cache slots `positions` [B, T]; returns the whole cache.
 
-  The cache is created (zeros, as long as the input) when the model is initialized in decode mode.
+  The cache, [B, KV, S, hd], is created (zeros, S = the input length) when the model is
+  initialized in decode mode.
   """
+  batch, length, kv_heads, head_dim = new.shape
   cache = module.variable("cache", name, nn.with_logical_partitioning(jnp.zeros, CACHE_AXES),
-                          new.shape, new.dtype)
-  rows = jnp.arange(new.shape[0])[:, None]
+                          (batch, kv_heads, length, head_dim), new.dtype)
+  rows = jnp.arange(batch)[:, None]
+  # Advanced indices around a slice: the indexed view is [B, T, KV, hd], the layout of `new`.
   cache.value = nn.with_logical_constraint(
-      cache.value.at[rows, positions].set(new.astype(cache.value.dtype)), CACHE_AXES)
+      cache.value.at[rows, :, positions].set(new.astype(cache.value.dtype)), CACHE_AXES)
   return cache.value
 
 
@@ -196,15 +200,17 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
     k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "head_dim"))
+    kv_layout = "bskd"
     if decode_positions is not None:  # attend over the cache instead of over this input alone
       k = _write_cache(self, "key", k, decode_positions)
       v = _write_cache(self, "value", v, decode_positions)
-      bias = cache_attention_bias(decode_positions, k.shape[1], cfg.sliding_window)
+      bias = cache_attention_bias(decode_positions, k.shape[2], cfg.sliding_window)
+      kv_layout = "bksd"
 
     q = q.reshape(batch, length, kv_heads, groups, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"bqkgd,{kv_layout}->bkgqs", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(scores / math.sqrt(hd) + bias, axis=-1).astype(cfg.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(batch, length, heads * hd)
+    out = jnp.einsum(f"bkgqs,{kv_layout}->bqkgd", probs, v).reshape(batch, length, heads * hd)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
     return dense(cfg.hidden_size, ("heads", "embed"), "o_proj", False)(out)
 
@@ -314,7 +320,7 @@ def init_params(config: ModelConfig, rng: jax.Array) -> dict:
 def init_cache(config: ModelConfig, batch_size: int, length: int) -> dict:
   """A zero key/value cache (boxed with its logical axis names) for `length` positions per row.
 
-  Its layout follows the params: `layers_{i}/attn/{key,value}` [B, length, KV, hd], or
+  Its layout follows the params: `layers_{i}/attn/{key,value}` [B, KV, length, hd], or
   `layers/attn/...` with a leading layer axis when `scan_layers`.
   """
   ids = jnp.zeros((batch_size, length), jnp.int32)
