@@ -147,7 +147,7 @@ def test_top_k_1_is_greedy_and_sharding_changes_nothing(tiny_generator):
   cache_spec = sharding.logical_sharding(
       nn.get_partition_spec(transformer.init_cache(config, 4, 8)), mesh, sharding.DEFAULT_RULES)
   assert cache_spec["layers_0"]["attn"]["key"].spec == jax.sharding.PartitionSpec(
-      ("data", "fsdp"), None, "tensor", None)
+      ("data", "fsdp"), "tensor", None, None)
 
 
 def test_top_p_keeps_exactly_the_nucleus():
