@@ -78,3 +78,19 @@ def test_unknown_implementation_is_an_error():
   q, k, v = _qkv()
   with pytest.raises(ValueError, match="not one of"):
     attention.dot_product_attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_model_with_fused_attention_equals_plain(window):
+  """The whole reward model: `attention="fused"` gives the plain path's rewards and logits."""
+  import flax.linen as nn
+  from codepmp_jax.model import transformer
+  from codepmp_jax.model.config import get_preset
+  config = get_preset("tiny", sliding_window=window)
+  params = nn.unbox(transformer.init_params(config, jax.random.key(0)))
+  ids = jax.random.randint(jax.random.key(1), (3, 10), 1, config.vocab_size)
+  mask = (jnp.arange(10)[None] < jnp.array([[10], [6], [2]])).astype(jnp.int32)
+  outs = [transformer.RewardModel(config.replace(attention=impl)).apply(
+      {"params": params}, ids, mask, return_logits=True) for impl in ("plain", "fused")]
+  np.testing.assert_allclose(outs[1].rewards, outs[0].rewards, atol=1e-5)
+  np.testing.assert_allclose(outs[1].logits, outs[0].logits, atol=1e-5)

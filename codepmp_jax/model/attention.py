@@ -17,7 +17,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("plain", "fused")
+from codepmp_jax.model.config import ATTENTION_IMPLEMENTATIONS
+
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ATTENTION_IMPLEMENTATIONS = ("plain", "fused")  # see model/attention.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = False
+  attention: str = "plain"
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -50,6 +52,8 @@ class ModelConfig:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     if self.rope_scaling is not None and self.rope_scaling.get("type") not in ROPE_SCALING_TYPES:
       raise ValueError(f"rope_scaling type {self.rope_scaling.get('type')!r} is not one of {ROPE_SCALING_TYPES}")
 

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from codepmp_jax.model import attention as attention_lib
 from codepmp_jax.model.config import ModelConfig
 
 _REMAT_POLICIES = {
@@ -26,7 +27,6 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Key/value cache [batch, kv head, cache slot, head dim]; cache slot = token position. Heads before
 # slots keep the decode attention matmuls free of per-step transposes of the whole cache.
 CACHE_AXES = ("batch", "act_kv_heads", "length", "head_dim")
@@ -139,18 +139,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def attention_bias(attention_mask: jax.Array, sliding_window: int | None) -> jax.Array:
-  """Additive [B, 1, 1, L, L] bias: causal, padding keys masked, optional sliding window."""
-  length = attention_mask.shape[-1]
-  query = jnp.arange(length)[:, None]
-  key = jnp.arange(length)[None, :]
-  allowed = key <= query
-  if sliding_window is not None:
-    allowed &= query - key < sliding_window
-  allowed = allowed[None] & (attention_mask[:, None, :] > 0)
-  return jnp.where(allowed, 0.0, _MASK_VALUE)[:, None, None].astype(jnp.float32)
-
-
 def cache_attention_bias(positions: jax.Array, cache_length: int,
                          sliding_window: int | None) -> jax.Array:
   """Additive [B, 1, 1, T, S] bias for queries at `positions` [B, T] over S cache slots.
@@ -162,7 +150,7 @@ def cache_attention_bias(positions: jax.Array, cache_length: int,
   allowed = slots <= query
   if sliding_window is not None:
     allowed &= query - slots < sliding_window
-  return jnp.where(allowed, 0.0, _MASK_VALUE)[:, None, None].astype(jnp.float32)
+  return jnp.where(allowed, 0.0, attention_lib.MASK_VALUE)[:, None, None].astype(jnp.float32)
 
 
 def _write_cache(module: nn.Module, name: str, new: jax.Array, positions: jax.Array) -> jax.Array:
@@ -185,12 +173,12 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.Array,
+  def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
                decode_positions: jax.Array | None = None) -> jax.Array:
+    """`lengths` [B]: real tokens per right-padded row (None when decoding over the cache)."""
     cfg = self.config
     batch, length, _ = x.shape
     hd, heads, kv_heads = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
-    groups = heads // kv_heads
     dense = lambda n, axes, name, bias_=cfg.qkv_bias: Linear(  # noqa: E731
         n, axes, use_bias=bias_, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
@@ -200,17 +188,16 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
     k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "head_dim"))
-    kv_layout = "bskd"
-    if decode_positions is not None:  # attend over the cache instead of over this input alone
+    if decode_positions is None:
+      out = attention_lib.dot_product_attention(
+          q, k, v, implementation=cfg.attention, lengths=lengths, causal=True,
+          sliding_window=cfg.sliding_window)
+    else:  # attend over the cache (stored heads-before-slots) instead of over this input alone
       k = _write_cache(self, "key", k, decode_positions)
       v = _write_cache(self, "value", v, decode_positions)
-      bias = cache_attention_bias(decode_positions, k.shape[2], cfg.sliding_window)
-      kv_layout = "bksd"
-
-    q = q.reshape(batch, length, kv_heads, groups, hd)
-    scores = jnp.einsum(f"bqkgd,{kv_layout}->bkgqs", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores / math.sqrt(hd) + bias, axis=-1).astype(cfg.dtype)
-    out = jnp.einsum(f"bkgqs,{kv_layout}->bqkgd", probs, v).reshape(batch, length, heads * hd)
+      bias = cache_attention_bias(decode_positions, k.shape[2], cfg.sliding_window)[:, :, 0]
+      out = attention_lib.plain_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), bias=bias)
+    out = out.reshape(batch, length, heads * hd)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
     return dense(cfg.hidden_size, ("heads", "embed"), "o_proj", False)(out)
 
@@ -233,11 +220,11 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array | None, cos: jax.Array, sin: jax.Array,
+  def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
                decode_positions: jax.Array | None = None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-    x = x + Attention(cfg, name="attn")(norm("input_norm")(x), bias, cos, sin, decode_positions)
+    x = x + Attention(cfg, name="attn")(norm("input_norm")(x), lengths, cos, sin, decode_positions)
     x = x + Mlp(cfg, name="mlp")(norm("post_attn_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     # The carry/output pair lets the same layer run under nn.scan.
@@ -273,11 +260,11 @@ class RewardModel(nn.Module):
 
     if decoding:
       cos, sin = rope_tables(cfg, decode_positions)
-      bias = None  # each layer builds it over its cache
+      lengths = None  # each layer masks over its cache
     else:
       positions = jnp.arange(input_ids.shape[1])[None]
       cos, sin = rope_tables(cfg, positions)
-      bias = attention_bias(attention_mask, cfg.sliding_window)
+      lengths = attention_mask.sum(axis=-1).astype(jnp.int32)
 
     layer_cls = DecoderLayer
     if cfg.remat_policy != "none" and not decoding:
@@ -287,10 +274,10 @@ class RewardModel(nn.Module):
           layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, name="layers")(x, bias, cos, sin, decode_positions)
+      x, _ = stack(cfg, name="layers")(x, lengths, cos, sin, decode_positions)
     else:
       for i in range(cfg.num_layers):
-        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, bias, cos, sin, decode_positions)
+        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, lengths, cos, sin, decode_positions)
     hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
 
     last = jnp.maximum(attention_mask.sum(axis=-1) - 1, 0)
