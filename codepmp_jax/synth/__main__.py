@@ -104,8 +104,10 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
   g.add_argument("--exec_memory_mb", type=int, default=m.exec_memory_mb,
                  help="address-space limit of one sandboxed test run")
   g = p.add_argument_group("LLM strategies (llm, human_vs_weak)")
-  g.add_argument("--backend", default="openai", choices=("openai",),
-                 help="generation backend: an OpenAI-compatible server (vLLM, SGLang, TGI)")
+  g.add_argument("--backend", default="openai", choices=("openai", "jax"),
+                 help="generation backend: an OpenAI-compatible server (vLLM, SGLang, TGI), or "
+                      "'jax', the local JAX generator, for which the --*_model flags are checkpoint "
+                      "paths (python -m codepmp_jax.convert makes them)")
   g.add_argument("--base_url", default="http://localhost:8000", help="server for all three models")
   g.add_argument("--describe_base_url", default="", help="server of the description model ('': --base_url)")
   g.add_argument("--strong_base_url", default="", help="server of the strong model ('': --base_url)")
@@ -141,7 +143,10 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def _backend(args: argparse.Namespace, model: str, url: str) -> backends.OpenAIBackend:
+def _backend(args: argparse.Namespace, model: str, url: str) -> backends.Backend:
+  if args.backend == "jax":
+    from codepmp_jax.synth.jax_backend import JaxBackend  # imports jax only when asked for
+    return JaxBackend.from_checkpoint(model)
   b = backends.OpenAIBackend(url or args.base_url, model, args.api, args.api_key_env,
                              args.concurrency, args.timeout_s, args.max_retries, args.backoff_s)
   b.check()

@@ -7,6 +7,7 @@ the seed and the prompt text, so a rerun of a synthesis shard writes the same co
 """
 from __future__ import annotations
 
+import collections
 import pathlib
 import zlib
 from collections.abc import Sequence
@@ -27,6 +28,10 @@ class JaxBackend:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.generator, self.name = generator, name
     self.batch_size, self.seed, self.stop, self.add_bos = batch_size, seed, tuple(stop), add_bos
+    self.stats: collections.Counter = collections.Counter()  # reported in the synth manifest
+
+  def check(self) -> None:
+    """Nothing to reach: the model is loaded already (the HTTP backend checks its server here)."""
 
   @classmethod
   def from_checkpoint(cls, path: str | pathlib.Path, *, mesh_shape: Sequence[int] = (-1, 1, 1),
@@ -48,4 +53,6 @@ class JaxBackend:
       streams = [zlib.crc32(p.encode()) for p in batch]
       results = self.generator.generate_text(batch, sampling, streams, self.add_bos)
       texts.extend(completions[0].text for completions in results)
+      self.stats["prompts"] += len(batch)
+      self.stats.update(f"finish_{completions[0].finish_reason}" for completions in results)
     return texts
