@@ -239,7 +239,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
     last: dict[str, float] = {}
     pending = None  # (step, device metrics) of the previous step, checked one step late
-    window_start, window_steps = time.perf_counter(), 0
+    run_start = window_start = time.perf_counter()
+    window_steps = 0
     try:
       for step_number in range(start + 1, total_steps + 1):
         batch = next(train_data)
@@ -260,12 +261,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         if log_now:
           elapsed = time.perf_counter() - window_start
           values.update(lr=float(schedule(step_number - 1)),
+                        elapsed_s=time.perf_counter() - run_start,  # since this process started the loop
                         tokens_per_s=tokens_per_step * window_steps / elapsed,
                         mfu=flops_per_step * window_steps / elapsed / peak)
-          window_start, window_steps = time.perf_counter(), 0
           if tc.eval_every and (step_number % tc.eval_every == 0 or step_number == total_steps):
             values.update(evaluate(eval_step, state.params, config, model_config, batch_sharding))
           writer.write(step_number, values)
+          window_start, window_steps = time.perf_counter(), 0  # throughput leaves evaluation out
           last = values
         if save_now or preempted:
           save(step_number)
