@@ -31,24 +31,9 @@ Usage (from anywhere; the checkout is the one holding this script):
 EOF
 }
 
-# One argument as the shell reads it back: bare when safe, else single-quoted.
-quote_word() {
-  local word=$1 escaped="'\\''"
-  if [[ "$word" =~ ^[A-Za-z0-9_./=:,+@%-]+$ ]]; then
-    printf '%s' "$word"
-  else
-    printf "'%s'" "${word//\'/$escaped}"
-  fi
-}
-
-# A command line that can be pasted back into a shell.
-print_command() {
-  local line="" word
-  for word in "$@"; do
-    line+="${line:+ }$(quote_word "$word")"
-  done
-  echo "$line"
-}
+# quote_word and print_command (shell-safe command lines) live with the launchers' shared logic.
+# shellcheck source=launch/distributed_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/distributed_env.sh"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Paths expanded by the workers' shell.
