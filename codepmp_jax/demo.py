@@ -8,7 +8,7 @@
 3. Fine-tune two reward models on them, one from the PMP checkpoint and one from scratch, with the
    same data, seed and schedule.
 4. Evaluate both: pairwise accuracy on held-out GSM8K test pairs, LogiQA 2.0 multiple choice, and
-   Best-of-N on GSM8K test questions; print a side-by-side table and write its plot.
+   Best-of-4 on GSM8K test questions; print a side-by-side table and write its plot.
 Each stage says what it wrote where; a rerun reuses finished stages.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 
 ROWS = (("GSM8K pairwise accuracy (held-out test)", ("pairwise", "accuracy")),
         ("LogiQA 2.0 multiple-choice accuracy", ("mc", "accuracy")),
-        ("GSM8K Best-of-8 accuracy", ("bon", "8", "rm")),
+        ("GSM8K Best-of-4 accuracy", ("bon", "4", "rm")),
         ("RM fine-tune final train loss", ("train", "loss")))
 
 
@@ -96,11 +96,11 @@ def run(out: pathlib.Path) -> dict[str, dict]:
     train_summary = recipes.train_once(config, workdir)
     logging.info("[4/4] evaluating %s -> %s", arm, workdir / "eval.json")
     candidates = recipes.bon_candidates(gsm8k / "test.jsonl", out / "bon_candidates.jsonl",
-                                        FLAGS.eval_questions, n=8)
+                                        FLAGS.eval_questions, n=4)
     report = recipes.evaluate_rm(
         workdir, workdir / "eval.json", gsm8k_pairs=gsm8k / "test.jsonl",
         logiqa=SHARED_DATA / "logiqa2" / "test.jsonl", candidates=candidates,
-        ns=(1, 2, 4, 8), limit=FLAGS.eval_questions)
+        ns=(1, 2, 4), limit=FLAGS.eval_questions)
     reports[arm] = {**report, "train": train_summary}
 
   table = results_table(reports)

@@ -87,19 +87,22 @@ def bon_candidates(source: pathlib.Path, out: pathlib.Path, limit: int, n: int, 
       try:
         pairs = gsm8k.make_pairs(row["answer"], seed, str(index), num_rejected=n - 1)
       except ValueError:
-        continue  # counted below: questions without a valid wrong variant are left out
+        continue  # counted below, like questions with fewer than n - 1 wrong variants
+      if len(pairs.rejected) < n - 1:
+        continue
       candidates = [pairs.chosen, *pairs.rejected]
       rng.shuffle(candidates)
       lines.append(json.dumps({"id": str(index), "question": row["question"],
                                "reference": row["answer"], "candidates": candidates}))
-  logging.info("Best-of-N candidates: %d of %d questions had wrong variants", len(lines), limit)
+  logging.info("Best-of-N candidates: %d of the first %d questions have %d - 1 distinct wrong "
+               "variants; the others are left out", len(lines), limit, n)
   out.write_text("\n".join(lines) + "\n")
   return out
 
 
 def evaluate_rm(ckpt: pathlib.Path, out: pathlib.Path, *, gsm8k_pairs: pathlib.Path | None = None,
                 logiqa: pathlib.Path | None = None, candidates: pathlib.Path | None = None,
-                ns: tuple[int, ...] = (1, 2, 4, 8), limit: int | None = None) -> dict:
+                ns: tuple[int, ...] = (1, 2, 4), limit: int | None = None) -> dict:
   """Held-out pairwise accuracy, LogiQA 2.0 multiple choice and Best-of-N of one checkpoint."""
   if out.is_file():
     return json.loads(out.read_text())

@@ -6,7 +6,7 @@
 
 For each k: fine-tune a reward model on the first k GSM8K training questions' pairs, once from the
 base model and once from the PMP checkpoint, with the same data, seed and schedule; evaluate each
-on held-out GSM8K test pairs (pairwise accuracy) and by Best-of-8; write a table (Markdown and
+on held-out GSM8K test pairs (pairwise accuracy) and by Best-of-4; write a table (Markdown and
 JSON) and a plot of accuracy against k, base against PMP. With `--preset=tiny` the PMP checkpoint
 is the demo's (built on first use) and the base is the same tiny model from scratch.
 """
@@ -25,7 +25,7 @@ from codepmp_jax.config import load_config
 FLAGS = flags.FLAGS
 
 ARMS = ("base", "pmp")
-METRICS = (("pairwise accuracy", ("pairwise", "accuracy")), ("Best-of-8 accuracy", ("bon", "8", "rm")))
+METRICS = (("pairwise accuracy", ("pairwise", "accuracy")), ("Best-of-4 accuracy", ("bon", "4", "rm")))
 
 
 def _value(report: dict, keys: tuple[str, ...]) -> float:
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
     pmp = FLAGS.pmp
     lr = base_config.optimizer.lr
   candidates = recipes.bon_candidates(gsm8k / "test.jsonl", out / "bon_candidates.jsonl",
-                                      FLAGS.eval_questions, n=8)
+                                      FLAGS.eval_questions, n=4)
   results: dict[int, dict[str, dict]] = {}
   for k in sorted(int(k) for k in FLAGS.ks):
     subset = recipes.first_lines(gsm8k / "train.jsonl", out / f"gsm8k_{k}.jsonl", k)
