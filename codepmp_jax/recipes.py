@@ -96,6 +96,7 @@ def bon_candidates(source: pathlib.Path, out: pathlib.Path, limit: int, n: int, 
                                "reference": row["answer"], "candidates": candidates}))
   logging.info("Best-of-N candidates: %d of the first %d questions have %d - 1 distinct wrong "
                "variants; the others are left out", len(lines), limit, n)
+  out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text("\n".join(lines) + "\n")
   return out
 
