@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from codepmp_jax import checkpoint, sharding
 from codepmp_jax.data import templates
+from codepmp_jax.data.records import read_json_objects
 from codepmp_jax.data.tokenizer import load_tokenizer
 from codepmp_jax.model.generate import Generator, SamplingConfig
 
@@ -66,23 +67,14 @@ def prompt_text(record: dict, template: str, where: str) -> str:
 
 
 def read_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:
-  """(where, record) for every non-blank line; a line that is not a JSON object is an error."""
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_no}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      if "id" not in record:
-        record["id"] = line_no
-      elif not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
-        raise ValueError(f"{where}: field 'id' must be a string or integer")
-      yield where, record
+  """(where, record) for every non-blank line, the line number standing in for a missing id."""
+  for line_no, record in read_json_objects(path):
+    where = f"{path}:{line_no}"
+    if "id" not in record:
+      record["id"] = line_no
+    elif not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+      raise ValueError(f"{where}: field 'id' must be a string or integer")
+    yield where, record
 
 
 def stream_id(record_id: str | int) -> int:

@@ -124,6 +124,24 @@ def read_json_lines(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[
     yield where, obj
 
 
+def read_json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+  """(line number, object) for each non-blank line of a plain or gzipped JSONL file, for inputs
+  where a malformed line is an error (candidates, prompts to generate) rather than counted."""
+  path = pathlib.Path(path)
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+      yield line_no, record
+
+
 def read_parquet_rows(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[str, dict]]:
   """(`file:row`, row) for each row of a Parquet file (rows numbered from 1)."""
   import pyarrow.parquet as pq  # only Parquet input needs it

@@ -10,9 +10,7 @@ answer don't vote); oracle is right when any drawn candidate is.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import itertools
-import json
 import math
 import pathlib
 from typing import Iterator, Sequence
@@ -20,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from codepmp_jax.data import templates
+from codepmp_jax.data.records import read_json_objects
 from codepmp_jax.eval import answers
 
 METHODS = ("rm", "random", "majority", "oracle")
@@ -41,23 +40,6 @@ class Question:
   answer_ids: np.ndarray | None = None
 
 
-def read_jsonl(path: str | pathlib.Path) -> Iterator[tuple[int, dict]]:
-  """(line number, record) for each non-blank line of a JSONL file (gzipped when `.gz`)."""
-  path = pathlib.Path(path)
-  opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{path}:{line_no}: expected a JSON object")
-      yield line_no, record
-
-
 def _field(record: dict, name: str, kind: type | tuple[type, ...], where: str):
   """`record[name]`, checked to be of type `kind`, with an error naming the file, line and field."""
   if name not in record:
@@ -76,7 +58,7 @@ def load_candidates(path: str | pathlib.Path) -> list[Question]:
   stands in for `reference`, and a `prompt` without `question` is scored verbatim.
   """
   questions, seen = [], set()
-  for line_no, record in read_jsonl(path):
+  for line_no, record in read_json_objects(path):
     where = f"{path}:{line_no}"
     qid = str(_field(record, "id", (str, int), where))
     candidates = _field(record, "candidates", list, where)
@@ -104,7 +86,7 @@ def load_candidates(path: str | pathlib.Path) -> list[Question]:
 def load_scores(path: str | pathlib.Path, questions: Sequence[Question]) -> list[np.ndarray]:
   """Per-question rewards from lines `{"id", "rewards": [...]}`, in the order of `questions`."""
   by_id = {}
-  for line_no, record in read_jsonl(path):
+  for line_no, record in read_json_objects(path):
     where = f"{path}:{line_no}"
     qid = str(_field(record, "id", (str, int), where))
     rewards = _field(record, "rewards", list, where)
