@@ -29,11 +29,10 @@ from tqdm import tqdm
 
 from codepmp_jax import checkpoint, sharding
 from codepmp_jax.data import templates
-from codepmp_jax.data.encode import encode_sequence
+from codepmp_jax.data.encode import bucket_length, encode_sequence
 from codepmp_jax.data.tokenizer import load_tokenizer
 from codepmp_jax.model import transformer
 
-MIN_BUCKET = 16
 EXAMPLES_SHOWN = 10
 
 
@@ -78,7 +77,7 @@ class RewardScorer:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for start in range(0, len(order), self.batch_size):
         rows = order[start:start + self.batch_size]
-        length = self._bucket(len(sequences[rows[0]]))
+        length = min(bucket_length(len(sequences[rows[0]])), self.max_length)
         ids = np.full((self.batch_size, length), self.pad_id, np.int32)
         mask = np.zeros((self.batch_size, length), np.int32)
         mask[len(rows):, 0] = 1  # filler rows: one token, result discarded
@@ -104,9 +103,6 @@ class RewardScorer:
     if len(prompts) != len(responses):
       raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     return self.score_ids([self.encode(p, r)[0] for p, r in zip(prompts, responses)])
-
-  def _bucket(self, length: int) -> int:
-    return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), self.max_length)
 
 
 def template_from_checkpoint(path: pathlib.Path) -> str | None:

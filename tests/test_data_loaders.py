@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from codepmp_jax.data import gsm8k, loaders
-from codepmp_jax.data.encode import EncodeStats, encode_pair, fit_sequence
+from codepmp_jax.data.encode import EncodeStats, bucket_length, encode_pair, fit_sequence
 from codepmp_jax.data.records import BadRecordError, BadRecords, PairRecord
 from codepmp_jax.data.templates import render
 from codepmp_jax.data.tokenizer import train_sentencepiece
@@ -215,6 +215,19 @@ def test_truncation_cuts_prompt_left_then_response_right_keeping_eos():
   cut = fit_sequence(prompt, response, eos, 3)
   assert (cut.ids, cut.response_cut) == ((6, 7, 0), 2)
   assert fit_sequence(prompt, response, eos, 9, overlong="drop") is None
+
+
+def test_bucket_lengths_by_hand():
+  assert [bucket_length(n) for n in (1, 16, 17, 64, 65, 75, 128, 129, 1000)] == [
+      16, 16, 32, 64, 128, 128, 128, 256, 1024]
+  quarter = lambda n: bucket_length(n, steps_per_octave=4)  # noqa: E731
+  assert [quarter(n) for n in (9, 17, 21, 64, 65, 75, 80, 81, 129, 1000)] == [
+      16, 20, 24, 64, 80, 80, 80, 96, 160, 1024]
+  assert bucket_length(3, minimum=8) == 8
+  for n in range(17, 3000):  # padding never wastes a quarter of the compute
+    assert n <= quarter(n) < n * 1.25 + 1
+  with pytest.raises(ValueError, match="power of two"):
+    bucket_length(10, steps_per_octave=3)
 
 
 def test_encode_pair_round_trips_through_the_tokenizer(tmp_path):

@@ -80,7 +80,7 @@ def test_greedy_equals_transformers_generate(name, tmp_path):
   ids, mask = hf_models.padded_batch([7, 3, 12], config.vocab_size, seed=1)
   prompts = [row[m > 0].tolist() for row, m in zip(ids, mask)]
   expected = _hf_greedy(hf, prompts, config.eos_token_id, config.pad_token_id)
-  gen = generate.Generator(params, config, prompt_bucket=16)
+  gen = generate.Generator(params, config, min_prompt_bucket=16)
   results = gen.generate(prompts, generate.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0))
   for completions, want in zip(results, expected):
     assert completions[0].tokens == want
@@ -114,7 +114,7 @@ def test_smollm2_greedy_batch_equals_transformers(shared_data, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_generator():
   config = get_preset("tiny", eos_token_id=2, pad_token_id=0)
-  return generate.Generator(_tiny_params(config), config, prompt_bucket=8), config
+  return generate.Generator(_tiny_params(config), config, min_prompt_bucket=8), config
 
 
 PROMPTS = [[5, 9, 14, 3], [7, 8], [11, 12, 13, 14, 15, 16]]
@@ -142,7 +142,7 @@ def test_top_k_1_is_greedy_and_sharding_changes_nothing(tiny_generator):
   assert [[c.tokens for c in cs] for cs in gen.generate(PROMPTS, top1)] == [
       [e[0].tokens] * 2 for e in expected]
   mesh = sharding.make_mesh((4, 1, 2))
-  sharded = generate.Generator(gen.params, config, mesh=mesh, prompt_bucket=8)
+  sharded = generate.Generator(gen.params, config, mesh=mesh, min_prompt_bucket=8)
   assert sharded.generate(PROMPTS, sampling) == expected
   cache_spec = sharding.logical_sharding(
       nn.get_partition_spec(transformer.init_cache(config, 4, 8)), mesh, sharding.DEFAULT_RULES)

@@ -16,6 +16,22 @@ from codepmp_jax.data.records import PairRecord
 OVERLONG = ("truncate", "drop")
 
 
+def bucket_length(length: int, minimum: int = 16, steps_per_octave: int = 1) -> int:
+  """The padded length for a batch whose longest sequence has `length` tokens.
+
+  Padding to a few fixed lengths bounds how many programs jit compiles. Lengths up to `minimum`
+  pad to `minimum`; above it every octave (64..128, 128..256, ...) has `steps_per_octave` equally
+  spaced buckets (a power of two), so padding wastes under `1 / steps_per_octave` of the compute.
+  """
+  if steps_per_octave < 1 or steps_per_octave & (steps_per_octave - 1):
+    raise ValueError(f"steps_per_octave must be a power of two, got {steps_per_octave}")
+  if length <= minimum:
+    return minimum
+  octave_start = 1 << ((length - 1).bit_length() - 1)
+  step = max(octave_start // steps_per_octave, 1)
+  return -(-length // step) * step
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedSequence:
   """`ids` = prompt + response + eos; the response starts at `response_start`.

@@ -22,8 +22,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from codepmp_jax import sharding
+from codepmp_jax.data.encode import bucket_length
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig
+
+PROMPT_BUCKETS_PER_OCTAVE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +121,14 @@ class Generator:
   """Batched sampling from one model; jitted programs are reused across calls of the same shapes.
 
   `mesh` (with logical `rules`) places the params as in training and splits prompts over the data
-  axes. Prompt lengths are padded up to a multiple of `prompt_bucket` to bound recompilation.
+  axes. Prompts are padded to one of a few lengths (`encode.bucket_length`: at least
+  `min_prompt_bucket`, then 4 steps per doubling), which bounds both recompilation and the prefill
+  compute spent on padding (under 25%).
   """
 
   def __init__(self, params: Any, config: ModelConfig, *, tokenizer: Any = None,
                eos_ids: Sequence[int] | None = None, mesh: Mesh | None = None,
-               rules: sharding.LogicalRules = sharding.DEFAULT_RULES, prompt_bucket: int = 64,
+               rules: sharding.LogicalRules = sharding.DEFAULT_RULES, min_prompt_bucket: int = 16,
                stop_check_every: int = 16):
     self.config = config.replace(remat_policy="none")
     if config.scan_layers and "layers" not in params:
@@ -137,7 +142,7 @@ class Generator:
     self.pad_id = next(i for i in (config.pad_token_id, getattr(tokenizer, "pad_id", None), 0)
                        if i is not None)
     self.mesh, self.rules = mesh, rules
-    self.prompt_bucket, self.stop_check_every = prompt_bucket, stop_check_every
+    self.min_prompt_bucket, self.stop_check_every = min_prompt_bucket, stop_check_every
     self._model = transformer.RewardModel(self.config)
     self._batch_shards = 1
     if mesh is not None:
@@ -147,6 +152,8 @@ class Generator:
       batch_axes = nn.logical_to_mesh_axes(("batch",), rules)[0] or ()
       batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
       self._batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+    else:  # host (numpy) params would be copied to the device again on every call
+      params = jax.device_put(params)
     self.params = params
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("n", "max_new_tokens"))
     self._decode = jax.jit(self._decode_fn, static_argnames=("sampler",), donate_argnums=(1,))
@@ -213,8 +220,8 @@ class Generator:
     if len(prompt_ids) != len(prompts):
       raise ValueError(f"{len(prompt_ids)} prompt ids for {len(prompts)} prompts")
     batch = -(-len(prompts) // self._batch_shards) * self._batch_shards  # filler rows: length 0
-    longest = max(len(p) for p in prompts)
-    length = -(-longest // self.prompt_bucket) * self.prompt_bucket
+    length = bucket_length(max(len(p) for p in prompts), self.min_prompt_bucket,
+                           PROMPT_BUCKETS_PER_OCTAVE)
     ids = np.full((batch, length), self.pad_id, np.int32)
     lengths = np.zeros((batch,), np.int32)
     for row, p in enumerate(prompts):
