@@ -11,7 +11,7 @@ import pytest
 
 from codepmp_jax.data import gsm8k, loaders
 from codepmp_jax.data.encode import EncodeStats, bucket_length, encode_pair, fit_sequence
-from codepmp_jax.data.records import BadRecordError, BadRecords, PairRecord
+from codepmp_jax.data.records import BadRecordError, BadRecords, PairRecord, read_json_objects
 from codepmp_jax.data.templates import render
 from codepmp_jax.data.tokenizer import train_sentencepiece
 
@@ -215,6 +215,23 @@ def test_truncation_cuts_prompt_left_then_response_right_keeping_eos():
   cut = fit_sequence(prompt, response, eos, 3)
   assert (cut.ids, cut.response_cut) == ((6, 7, 0), 2)
   assert fit_sequence(prompt, response, eos, 9, overlong="drop") is None
+
+
+def test_truncated_gzip_keeps_the_lines_before_the_damage_and_counts_it(tmp_path):
+  lines = [json.dumps({"prompt": f"question {i}", "chosen": f"right {i} " * 20,
+                       "rejected": f"wrong {i} " * 20}) for i in range(3000)]
+  whole = gzip.compress("\n".join(lines).encode() + b"\n")
+  path = tmp_path / "cut.jsonl.gz"
+  path.write_bytes(whole[:len(whole) // 2])  # a download or copy that stopped half way
+  records, bad = _load([str(path)], "pairs")
+  assert 0 < len(records) < 3000
+  assert [r.prompt for r in records] == [f"question {i}" for i in range(len(records))]
+  assert bad.counts == {"corrupt_file": 1}
+  assert bad.examples["corrupt_file"][0].startswith(f"{path}:{len(records) + 1}: unreadable")
+  with pytest.raises(BadRecordError, match=r"cut\.jsonl\.gz:\d+: corrupt_file"):
+    list(loaders.load_records([str(path)], "pairs", BadRecords(strict=True)))
+  with pytest.raises(ValueError, match=r"cut\.jsonl\.gz:\d+: unreadable"):
+    list(read_json_objects(path))
 
 
 def test_bucket_lengths_by_hand():

@@ -13,12 +13,13 @@ import gzip
 import json
 import os
 import pathlib
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 # Malformed input: an error under --strict.
 MALFORMED_KINDS = ("invalid_json", "invalid_utf8", "missing_field", "non_string_field",
-                   "bad_value", "identical_pair", "empty_file")
+                   "bad_value", "identical_pair", "empty_file", "corrupt_file")
 # Well-formed input that a loader cannot turn into a pair (counted, never an error).
 UNUSABLE_KINDS = ("empty_response", "no_valid_perturbation", "fewer_rejected_than_asked")
 KINDS = MALFORMED_KINDS + UNUSABLE_KINDS
@@ -89,13 +90,13 @@ class BadRecords:
 def open_text_lines(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[str, str]]:
   """(`file:line`, text) for each non-blank line of a plain or gzipped UTF-8 file.
 
-  Lines that are not valid UTF-8 and files without any line are counted in `bad`.
+  Lines that are not valid UTF-8, files without any line and a file that cannot be read to its end
+  (a truncated or corrupt gzip: the lines before the damage are kept) are counted in `bad`.
   """
   path = pathlib.Path(path)
-  opener = gzip.open if path.suffix == ".gz" else open
   seen = False
-  with opener(path, "rb") as f:
-    for number, raw in enumerate(f, start=1):
+  try:
+    for number, raw in _numbered_lines(path, "rb"):
       where = f"{path}:{number}"
       try:
         text = raw.decode("utf-8")
@@ -106,8 +107,30 @@ def open_text_lines(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[
       if text.strip():
         seen = True
         yield where, text
+  except _CorruptFile as e:
+    bad.add("corrupt_file", e.where, f"{e.message}; the rest of the file is skipped")
+    seen = True
   if not seen:
     bad.add("empty_file", f"{path}:0", "the file holds no records")
+
+
+class _CorruptFile(Exception):
+  def __init__(self, where: str, message: str):
+    super().__init__(f"{where}: {message}")
+    self.where, self.message = where, message
+
+
+def _numbered_lines(path: pathlib.Path, mode: str) -> Iterator[tuple[int, Any]]:
+  """(line number, line) of a plain or gzipped file; damage to a gzip stream raises _CorruptFile."""
+  opener = gzip.open if path.suffix == ".gz" else open
+  kwargs = {"encoding": "utf-8"} if "t" in mode else {}
+  number = 0
+  with opener(path, mode, **kwargs) as f:
+    try:
+      for number, line in enumerate(f, start=1):
+        yield number, line
+    except (EOFError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError) as e:
+      raise _CorruptFile(f"{path}:{number + 1}", f"unreadable from this line on ({e})") from None
 
 
 def read_json_lines(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[str, dict]]:
@@ -128,9 +151,8 @@ def read_json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
   """(line number, object) for each non-blank line of a plain or gzipped JSONL file, for inputs
   where a malformed line is an error (candidates, prompts to generate) rather than counted."""
   path = pathlib.Path(path)
-  opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
+  try:
+    for line_no, line in _numbered_lines(path, "rt"):
       if not line.strip():
         continue
       try:
@@ -140,6 +162,8 @@ def read_json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
       if not isinstance(record, dict):
         raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
       yield line_no, record
+  except _CorruptFile as e:
+    raise ValueError(str(e)) from None
 
 
 def read_parquet_rows(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[str, dict]]:
