@@ -5,12 +5,13 @@ import gzip
 import json
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from codepmp_jax.data import gsm8k, loaders
-from codepmp_jax.data.encode import EncodeStats, bucket_length, encode_pair, fit_sequence
+from codepmp_jax.data.encode import EncodeStats, bucket_length, encode_pair, fit_pair, fit_sequence
 from codepmp_jax.data.records import BadRecordError, BadRecords, PairRecord, read_json_objects
 from codepmp_jax.data.templates import render
 from codepmp_jax.data.tokenizer import train_sentencepiece
@@ -206,15 +207,38 @@ def test_bad_records_are_counted_with_file_and_line_and_strict_raises(tmp_path):
 
 
 def test_truncation_cuts_prompt_left_then_response_right_keeping_eos():
-  prompt, response, eos = [1, 2, 3, 4, 5], [6, 7, 8, 9], 0
-  assert fit_sequence(prompt, response, eos, 10).ids == (1, 2, 3, 4, 5, 6, 7, 8, 9, 0)
-  cut = fit_sequence(prompt, response, eos, 7)
+  ids, start, eos = [1, 2, 3, 4, 5, 6, 7, 8, 9], 5, 0
+  assert fit_sequence(ids, start, eos, 10).ids == (1, 2, 3, 4, 5, 6, 7, 8, 9, 0)
+  cut = fit_sequence(ids, start, eos, 7)
   assert (cut.ids, cut.response_start, cut.prompt_cut, cut.response_cut) == ((4, 5, 6, 7, 8, 9, 0), 2, 3, 0)
-  cut = fit_sequence(prompt, response, eos, 5)
+  cut = fit_sequence(ids, start, eos, 5)
   assert (cut.ids, cut.response_start, cut.prompt_cut) == ((6, 7, 8, 9, 0), 0, 5)
-  cut = fit_sequence(prompt, response, eos, 3)
+  cut = fit_sequence(ids, start, eos, 3)
   assert (cut.ids, cut.response_cut) == ((6, 7, 0), 2)
-  assert fit_sequence(prompt, response, eos, 9, overlong="drop") is None
+  assert fit_sequence(ids, start, eos, 9, overlong="drop") is None
+
+
+def test_a_pair_keeps_one_prompt_after_truncation():
+  rng = np.random.default_rng(0)
+  for _ in range(500):
+    prompt = list(rng.integers(10, 100, rng.integers(0, 12)))
+    chosen, rejected = (prompt + list(rng.integers(10, 100, rng.integers(1, 12))) for _ in range(2))
+    seq_len = int(rng.integers(2, 26))
+    stats = EncodeStats()
+    pair = fit_pair((chosen, len(prompt)), (rejected, len(prompt)), None, 0, seq_len, "truncate", stats)
+    c, r = pair.chosen, pair.rejected
+    assert c.ids[:c.response_start] == r.ids[:r.response_start]  # one prompt, cut alike
+    assert c.prompt_cut == r.prompt_cut
+    for seq, full in ((c, chosen), (r, rejected)):
+      assert len(seq.ids) <= seq_len and seq.ids[-1] == 0
+      assert list(seq.ids[:-1]) == full[seq.prompt_cut:len(full) - seq.response_cut]
+    assert stats.truncated_prompt == (c.prompt_cut > 0)
+    longest = max(len(chosen), len(rejected)) + 1
+    # the prompt loses exactly the larger excess (all of it when that is not enough)
+    assert c.prompt_cut == min(max(longest - seq_len, 0), len(prompt))
+    dropped = EncodeStats()
+    kept = fit_pair((chosen, len(prompt)), (rejected, len(prompt)), None, 0, seq_len, "drop", dropped)
+    assert (kept is None) == (longest > seq_len) == (dropped.dropped_overlong == 1)
 
 
 def test_truncated_gzip_keeps_the_lines_before_the_damage_and_counts_it(tmp_path):

@@ -1,8 +1,12 @@
 """Token ids of preference pairs: prompt + response + end token, cut safely to `seq_len`.
 
-The reward is read at the last real token, so the end token must survive truncation: a sequence
-that does not fit first loses prompt tokens from the left, then response tokens from the right
-(the end token stays last); with `overlong="drop"` the pair is dropped instead. Both are counted.
+Each sequence is tokenized as one text (`Tokenizer.encode_joined`), as transformers, TRL and
+RewardBench tokenize it, and the response boundary comes from the tokenizer's offsets.
+The reward is read at the last real token, so the end token must survive truncation: a pair that
+does not fit first loses prompt tokens from the left, the SAME number from both sequences (the
+larger of the two excesses), so chosen and rejected still see one prompt; then response tokens
+from the right (the end token stays last). With `overlong="drop"` the pair is dropped instead.
+Both are counted.
 """
 from __future__ import annotations
 
@@ -65,36 +69,57 @@ class EncodeStats:
       setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
 
 
-def fit_sequence(prompt: Sequence[int], response: Sequence[int], eos_id: int, seq_len: int,
+Tokenized = tuple[Sequence[int], int]  # (ids of prompt + response, index where the response starts)
+
+
+def _cut(ids: Sequence[int], response_start: int, prompt_cut: int, total_cut: int,
+         eos_id: int) -> EncodedSequence:
+  """`ids` + eos with `total_cut` tokens removed: `prompt_cut` from the left, the rest from the response's end."""
+  response_len = len(ids) - response_start
+  response_cut = total_cut - prompt_cut
+  if response_cut > response_len:  # more than the response holds: the rest comes off the prompt
+    prompt_cut += response_cut - response_len
+    response_cut = response_len
+  kept = list(ids[prompt_cut:len(ids) - response_cut])
+  return EncodedSequence((*kept, eos_id), response_start - prompt_cut, prompt_cut, response_cut)
+
+
+def fit_sequence(ids: Sequence[int], response_start: int, eos_id: int, seq_len: int,
                  overlong: str = "truncate") -> EncodedSequence | None:
   """prompt + response + eos within `seq_len` tokens, or None if too long and `overlong="drop"`."""
+  return _fit([(ids, response_start)], eos_id, seq_len, overlong)[0]
+
+
+def _fit(sequences: Sequence[Tokenized], eos_id: int, seq_len: int, overlong: str) -> list[EncodedSequence | None]:
+  """Fit sequences that share a prompt: each loses the same number of prompt tokens."""
   if overlong not in OVERLONG:
     raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
   if seq_len < 2:
     raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-  excess = len(prompt) + len(response) + 1 - seq_len
-  if excess <= 0:
-    return EncodedSequence((*prompt, *response, eos_id), len(prompt))
+  excess = [len(ids) + 1 - seq_len for ids, _ in sequences]
+  if max(excess) <= 0:
+    return [EncodedSequence((*ids, eos_id), start) for ids, start in sequences]
   if overlong == "drop":
-    return None
-  prompt_cut = min(excess, len(prompt))
-  response_cut = excess - prompt_cut
-  prompt = prompt[prompt_cut:]
-  response = response[:len(response) - response_cut]
-  return EncodedSequence((*prompt, *response, eos_id), len(prompt), prompt_cut, response_cut)
+    return [None] * len(sequences)
+  prompt_cut = min(max(excess), *(start for _, start in sequences))
+  return [_cut(ids, start, prompt_cut, max(e, prompt_cut), eos_id) for (ids, start), e in zip(sequences, excess)]
 
 
 def encode_sequence(tokenizer, prompt: str, response: str, seq_len: int,
                     overlong: str = "truncate") -> EncodedSequence | None:
   """Token ids of one prompt + response + eos (see `fit_sequence`)."""
-  return fit_sequence(tokenizer.encode(prompt), tokenizer.encode(response), tokenizer.eos_id,
-                      seq_len, overlong)
+  ids, start = tokenizer.encode_joined(prompt, response)
+  return fit_sequence(ids, start, tokenizer.eos_id, seq_len, overlong)
 
 
-def fit_pair(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], margin: float | None,
-             eos_id: int, seq_len: int, overlong: str, stats: EncodeStats) -> EncodedPair | None:
-  """One pair from token ids, counted in `stats`; None if dropped as overlong."""
-  fitted = [fit_sequence(prompt, response, eos_id, seq_len, overlong) for response in (chosen, rejected)]
+def fit_pair(chosen: Tokenized, rejected: Tokenized, margin: float | None, eos_id: int, seq_len: int,
+             overlong: str, stats: EncodeStats) -> EncodedPair | None:
+  """One pair from its two tokenized sequences, counted in `stats`; None if dropped as overlong.
+
+  Both sequences lose the same number of prompt tokens (the larger excess, at most the prompt),
+  so a pair's two sequences keep the same prompt tokens.
+  """
+  fitted = _fit([chosen, rejected], eos_id, seq_len, overlong)
   if None in fitted:
     stats.dropped_overlong += 1
     return None
@@ -106,22 +131,22 @@ def fit_pair(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[in
 
 def encode_pair(tokenizer, record: PairRecord, seq_len: int, overlong: str = "truncate",
                 stats: EncodeStats | None = None) -> EncodedPair | None:
-  """A tokenized pair (chosen and rejected share the prompt), or None if dropped as overlong."""
-  return fit_pair(tokenizer.encode(record.prompt), tokenizer.encode(record.chosen),
-                  tokenizer.encode(record.rejected), record.margin, tokenizer.eos_id, seq_len,
-                  overlong, stats if stats is not None else EncodeStats())
+  """A tokenized pair (chosen and rejected keep one prompt), or None if dropped as overlong."""
+  pairs = encode_records(tokenizer, [record], seq_len, overlong, stats)
+  return pairs[0] if pairs else None
 
 
 def encode_records(tokenizer, records: Sequence[PairRecord], seq_len: int, overlong: str = "truncate",
                    stats: EncodeStats | None = None) -> list[EncodedPair]:
   """`encode_pair` of many records with one batched tokenizer call (fast: all cores)."""
   stats = stats if stats is not None else EncodeStats()
-  texts = [text for r in records for text in (r.prompt, r.chosen, r.rejected)]
-  ids = tokenizer.encode_batch(texts)
+  prompts = [r.prompt for r in records for _ in range(2)]
+  responses = [text for r in records for text in (r.chosen, r.rejected)]
+  encoded = tokenizer.encode_joined_batch(prompts, responses)
   pairs = []
   for i, record in enumerate(records):
-    pair = fit_pair(ids[3 * i], ids[3 * i + 1], ids[3 * i + 2], record.margin, tokenizer.eos_id,
-                    seq_len, overlong, stats)
+    pair = fit_pair(encoded[2 * i], encoded[2 * i + 1], record.margin, tokenizer.eos_id, seq_len,
+                    overlong, stats)
     if pair is not None:
       pairs.append(pair)
   return pairs

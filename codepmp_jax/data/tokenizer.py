@@ -70,6 +70,33 @@ class Tokenizer:
       return self._sp.encode(texts, num_threads=os.cpu_count() or 1)
     return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
 
+  def encode_joined(self, prompt: str, response: str) -> tuple[list[int], int]:
+    """Token ids of `prompt + response` tokenized as ONE text, and where the response starts.
+
+    This is what transformers, TRL and RewardBench produce for the same string (tokenizing the two
+    parts separately differs where the response's first characters merge with the prompt's last
+    token, and sentencepiece would mark each part as a word start). The response starts at the
+    first token that covers any of its characters, found from the tokenizer's offsets.
+    """
+    return self.encode_joined_batch([prompt], [response])[0]
+
+  def encode_joined_batch(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], int]]:
+    """`encode_joined` of many (prompt, response) pairs with one batched call (all cores)."""
+    prompts, responses = list(prompts), list(responses)
+    if len(prompts) != len(responses):
+      raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    texts = [p + r for p, r in zip(prompts, responses)]
+    out = []
+    if self.kind == "sentencepiece":  # offsets are UTF-8 byte positions
+      protos = self._sp.encode(texts, return_type="proto", num_threads=os.cpu_count() or 1)
+      for prompt, proto in zip(prompts, protos):
+        ids = [p.id for p in proto.pieces]
+        out.append((ids, _boundary([(p.begin, p.end) for p in proto.pieces], len(prompt.encode("utf-8")))))
+    else:  # offsets are character positions
+      for prompt, encoding in zip(prompts, self._hf.encode_batch(texts, add_special_tokens=False)):
+        out.append((list(encoding.ids), _boundary(encoding.offsets, len(prompt))))
+    return out
+
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     """The text of `ids` (the inverse of `encode` for text without special tokens)."""
     ids = [int(i) for i in ids]
@@ -134,6 +161,18 @@ class Tokenizer:
   def __repr__(self) -> str:
     return (f"Tokenizer(kind={self.kind}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
             f"eos_id={self.eos_id}, pad_id={self.pad_id}, fingerprint={self.fingerprint[:12]})")
+
+
+def _boundary(offsets: Sequence[tuple[int, int]], prompt_end: int) -> int:
+  """Index of the first token that covers text at or after `prompt_end` (the response's first token).
+
+  A token that straddles the boundary belongs to the response; the partial-byte tokens of a
+  character split by byte fallback carry that character's start, so they go with it.
+  """
+  for i, (begin, end) in enumerate(offsets):
+    if end > prompt_end or begin >= prompt_end:
+      return i
+  return len(offsets)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
