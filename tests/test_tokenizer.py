@@ -101,3 +101,45 @@ def test_bad_files_give_clear_errors(tmp_path):
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="no codepmp_tokenizer.json"):
     tok_lib.load_tokenizer(empty)
+
+
+JOINED = [("Instruction:What is x?\n\nResponse:", " x = 3"), ("x =", "= 3"), ("", "print(1)"),
+          ("Passage: café\n\nResponse:", "é🙂 done"), ("def f():\n", "    return 1\n"), ("a", "")]
+
+
+def _exported_transformers_tokenizer(ours: tok_lib.Tokenizer, directory: pathlib.Path):
+  """The tokenizer of `convert --to_hf`, as transformers loads it."""
+  import transformers
+  from codepmp_jax import convert
+  convert._save_hf_tokenizer(directory, ours, ours.pad_id)
+  return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def _check_joined(ours: tok_lib.Tokenizer, theirs, pairs) -> None:
+  for prompt, response in pairs:
+    ids, start = ours.encode_joined(prompt, response)
+    assert ids == theirs(prompt + response, add_special_tokens=False)["input_ids"], (prompt, response)
+    assert ours.encode_joined_batch([prompt], [response]) == [(ids, start)]
+    assert ours.decode(ids) == prompt + response
+    # Every prompt token lies inside the prompt; the first response token covers response text.
+    assert prompt.startswith(ours.decode(ids[:start]))
+    assert start == len(ids) or not prompt.startswith(ours.decode(ids[:start + 1])) or not response
+
+
+def test_joined_encoding_equals_transformers_for_every_tokenizer_kind(gguf_pair, tmp_path, shared_data):
+  ours, theirs = gguf_pair  # GGUF vocabulary -> tokenizer.json
+  record = json.loads((shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[0])
+  pairs = JOINED + [(f"Instruction:{record['question']}\n\nResponse:", " " + record["answer"])]
+  _check_joined(ours, theirs, pairs)
+  _check_joined(ours, _exported_transformers_tokenizer(ours, tmp_path / "gguf_export"), pairs)
+  theirs.save_pretrained(tmp_path / "hf")  # a Hugging Face tokenizer.json directory
+  _check_joined(tok_lib.load_tokenizer(tmp_path / "hf"), theirs, pairs)
+  # The merge case: tokenized apart, "x =" + "= 3" is not what anyone else sees.
+  ids, start = ours.encode_joined("x =", "= 3")
+  assert ours.encode("x =") + ours.encode("= 3") != ids and ours.decode(ids[start:]).endswith("= 3")
+
+  files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))
+  sp = tok_lib.train_sentencepiece(files, vocab_size=700, out_prefix=tmp_path / "code")
+  _check_joined(sp, _exported_transformers_tokenizer(sp, tmp_path / "sp_export"), pairs)
+  split = [(p, r) for p, r in pairs if sp.encode(p) + sp.encode(r) != sp.encode_joined(p, r)[0]]
+  assert split  # the sentencepiece model too merges across the boundary somewhere
