@@ -286,3 +286,16 @@ def test_encode_pair_round_trips_through_the_tokenizer(tmp_path):
   assert short.chosen.ids[-1] == tokenizer.eos_id and short.chosen.prompt_cut == 2
   assert encode_pair(tokenizer, record, 8, overlong="drop", stats=stats) is None
   assert (stats.pairs, stats.truncated_prompt, stats.truncated_response, stats.dropped_overlong) == (2, 1, 0, 1)
+
+
+def test_trl_standard_formats_and_margin(tmp_path):
+  rows = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "margin": 2},
+          {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+          {"chosen": "abc", "rejected": "abd"},
+          {"prompt": "p", "chosen": "a", "rejected": 3}]
+  records, bad = _load([_write_jsonl(tmp_path / "s.jsonl", rows)], "trl")
+  assert [(r.prompt, r.chosen, r.rejected, r.margin) for r in records] == [
+      ("The sky is", " blue.", " green.", 2.0), ("The sky is", " blue.", " green.", None),
+      ("ab", "c", "d", None)]
+  assert bad.counts == {"non_string_field": 1}
+  assert loaders.FORMAT_TEMPLATES.keys() == loaders.FORMATS.keys()

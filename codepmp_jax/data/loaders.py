@@ -8,7 +8,8 @@
 | gsm8k         | question, answer (rejected: `gsm8k.make_pairs`)          | math            |
 | logiqa2       | text, question, options, answer (0-based)                | logic           |
 | reclor        | context, question, answers (or options), label           | logic           |
-| trl           | chosen, rejected message lists (+ optional prompt)       | `render_chat`   |
+| trl           | TRL preference data: conversational (message lists) or   | `render_chat`   |
+|               | standard (strings), implicit or explicit prompt, margin  | (strings: none) |
 
 Files are JSON lines (optionally gzipped) or Parquet (`.parquet`). Every line that yields no pair
 is counted in the `BadRecords` passed in; logic data give one pair per wrong option (gold vs wrong)
@@ -204,14 +205,49 @@ def _messages(value, field: str, where: str, bad: BadRecords) -> list[dict] | No
   return value
 
 
-def load_trl(path: str, bad: BadRecords, options: LoaderOptions) -> Iterator[PairRecord]:
-  """TRL conversational pairs: the shared conversation is the prompt, the last replies differ.
+def implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+  """(prompt, chosen, rejected) of TRL's implicit-prompt standard pairs (TRL's `extract_prompt` rule).
 
-  With an explicit `prompt` (a message list or a string, read as a user turn) `chosen` and
-  `rejected` hold the reply; without one, the prompt is their common leading messages.
+  The prompt is the longest common prefix, less a final space, which stays with the responses.
+  """
+  end = 0
+  while end < min(len(chosen), len(rejected)) and chosen[end] == rejected[end]:
+    end += 1
+  if end and chosen[end - 1] == " ":
+    end -= 1
+  return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _load_trl_standard(obj: dict, where: str, bad: BadRecords) -> PairRecord | None:
+  """TRL standard pairs: `prompt` + `chosen` / `rejected` strings, or the two whole texts."""
+  if "prompt" in obj:
+    fields = [get_str(obj, name, where, bad) for name in ("prompt", "chosen", "rejected")]
+    if None in fields:
+      return None
+  else:
+    texts = [get_str(obj, name, where, bad) for name in ("chosen", "rejected")]
+    if None in texts:
+      return None
+    fields = implicit_prompt(*texts)
+  return make_pair(*fields, where, bad, margin=obj.get("margin"), id=_row_id(obj, where, "id"))
+
+
+def load_trl(path: str, bad: BadRecords, options: LoaderOptions) -> Iterator[PairRecord]:
+  """The preference data sets TRL documents: conversational or standard, implicit or explicit prompt.
+
+  Conversational: the shared conversation is the prompt (`render_chat`, prompt format `chat`),
+  the last assistant replies differ; an explicit `prompt` is a message list or a string, read as a
+  user turn. Standard (`chosen` / `rejected` strings): with `prompt` the texts are used as given
+  (prompt format `none`); without, the prompt is their common prefix (`implicit_prompt`).
+  An optional `margin` is kept.
   """
   del options
   for where, obj in rows(path, bad):
+    if isinstance(obj.get("chosen"), str):
+      record = _load_trl_standard(obj, where, bad)
+      if record is not None:
+        yield record
+      continue
     chosen = _messages(obj.get("chosen"), "chosen", where, bad)
     if chosen is None:
       continue
@@ -247,6 +283,14 @@ FORMATS: dict[str, Loader] = {
     "logiqa2": load_logic,
     "reclor": load_logic,
     "trl": load_trl,
+}
+
+
+# The prompt format (`templates.FORMATS`) each loader renders its prompts in: what a model trained on
+# that data should record (`templates.save_prompt_format`). TRL standard (string) data is `none`.
+FORMAT_TEMPLATES: dict[str, str] = {
+    "pairs": "none", "codepmp": "code", "math_shepherd": "math", "gsm8k": "math", "logiqa2": "logic",
+    "reclor": "logic", "trl": "chat",
 }
 
 
