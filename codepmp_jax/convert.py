@@ -20,8 +20,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 from absl import app, flags
+from etils import epath
 from tqdm import tqdm
 
+from codepmp_jax import cli
+from codepmp_jax.data import templates
 from codepmp_jax.data import tokenizer as tokenizer_lib
 from codepmp_jax.model.config import ModelConfig
 
@@ -446,8 +449,13 @@ def export_pad_id(tokenizer: tokenizer_lib.Tokenizer | None, config: ModelConfig
 
 
 def save_hf(out: str | pathlib.Path, params: dict, config: ModelConfig,
-            tokenizer: tokenizer_lib.Tokenizer | None) -> pathlib.Path:
-  """Write a `*ForSequenceClassification` directory that transformers scores exactly as we do."""
+            tokenizer: tokenizer_lib.Tokenizer | None, template: str | None = None) -> pathlib.Path:
+  """Write a `*ForSequenceClassification` directory that transformers scores exactly as we do.
+
+  With a prompt format (`templates.FORMATS`) the tokenizer gets a `chat_template` rendering a
+  user/assistant conversation into the training text (ending in the end token), the format is
+  stored (`prompt_format.json`), and the model card (README.md) says how to score with it.
+  """
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   pad_id = export_pad_id(tokenizer, config)
@@ -468,8 +476,59 @@ def save_hf(out: str | pathlib.Path, params: dict, config: ModelConfig,
   write_safetensors(out / "model.safetensors", dict(tensors()), {"format": "pt"})
   (out / "config.json").write_text(json.dumps(hf_config_from_model(config, pad_id), indent=2) + "\n")
   if tokenizer is not None:
-    _save_hf_tokenizer(out, tokenizer, pad_id)
+    _save_hf_tokenizer(out, tokenizer, pad_id, template)
+  if template is not None:
+    templates.save_prompt_format(out, template)
+  (out / "README.md").write_text(model_card(config, template, tokenizer is not None))
   return out
+
+
+def model_card(config: ModelConfig, template: str | None, has_tokenizer: bool) -> str:
+  """The README.md of an export: what the model is, its prompt format, and how to score with it."""
+  name = "MODEL_DIR"
+  if template is None:
+    prompt = ("This checkpoint records no prompt format, so the export has no chat template: "
+              "score the exact text the model was trained on, followed by the end token.")
+  else:
+    example_prompt, _ = templates.render_conversation(template, [{"role": "user", "content": "QUESTION"}])
+    prompt = (f"Prompt format `{template}`: a reward is read at the end token after `prompt + response`, "
+              f"where the prompt is rendered as\n\n```\n{example_prompt}\n```\n\n(`QUESTION` is the "
+              "user message). The tokenizer's `chat_template` renders a [user, assistant] conversation "
+              "into exactly that text plus the end token, so `apply_chat_template` gives the training text.")
+  usage = "" if not has_tokenizer else f"""
+## Score with transformers
+
+```python
+import torch, transformers
+tok = transformers.AutoTokenizer.from_pretrained("{name}")
+rm = transformers.AutoModelForSequenceClassification.from_pretrained("{name}", dtype=torch.float32)
+messages = [{{"role": "user", "content": "What is 2 + 3?"}}, {{"role": "assistant", "content": " 5"}}]
+ids = tok.apply_chat_template(messages, return_tensors="pt", return_dict=True)
+print(rm(**ids).logits[0, 0].item())  # the reward
+```
+
+Batches pad on the right (`padding_side="right"`); the pad token is not the end token, so the
+reward is read at the end token as in training.
+
+## RewardBench and TRL
+
+```
+rewardbench --model={name} --batch_size=8 --trust_remote_code=False
+```
+RewardBench applies the tokenizer's chat template, i.e. the training format above. TRL's
+`RewardTrainer` fine-tunes the export directly (`model=...` this directory, a conversational or
+standard preference data set).
+"""
+  return f"""# Reward model trained with codepmp_jax
+
+A {config.architecture} `ForSequenceClassification` reward model ({config.num_layers} layers, hidden size
+{config.hidden_size}, vocabulary {config.vocab_size}) exported by `python -m codepmp_jax.convert --to_hf`.
+It was trained with CodePMP (arXiv 2410.02229): preference-model pretraining on code pairs
+(Bradley-Terry + LM loss) and/or reward-model fine-tuning (Bradley-Terry loss), reward read at
+the last token of each sequence (the end token).
+
+{prompt}
+{usage}"""
 
 
 class _LazyTranspose:
@@ -484,7 +543,8 @@ class _LazyTranspose:
     return np.asarray(self.array).T
 
 
-def _save_hf_tokenizer(out: pathlib.Path, tokenizer: tokenizer_lib.Tokenizer, pad_id: int | None) -> None:
+def _save_hf_tokenizer(out: pathlib.Path, tokenizer: tokenizer_lib.Tokenizer, pad_id: int | None,
+                       template: str | None = None) -> None:
   """Our tokenizer files (so `load_tokenizer(out)` gives back the same fingerprint) plus the
   `tokenizer.json` / `tokenizer_config.json` that transformers reads."""
   tokenizer.save(out)
@@ -497,6 +557,8 @@ def _save_hf_tokenizer(out: pathlib.Path, tokenizer: tokenizer_lib.Tokenizer, pa
       "pad_token": token(pad_id), "padding_side": "right", "add_bos_token": False,
       "add_eos_token": False, "clean_up_tokenization_spaces": False,
   }
+  if template is not None:
+    tokenizer_config["chat_template"] = templates.chat_template(template)
   (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
@@ -514,6 +576,8 @@ def define_flags() -> None:
   flags.DEFINE_string("output", None, "Our checkpoint directory to write (with --from_hf / --from_gguf).")
   flags.DEFINE_integer("seed", 0, "Seed of the score head when the source has none.")
   flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
+  flags.DEFINE_enum("template", None, list(templates.FORMATS),
+                    "Prompt format of the model (default: the one stored with the checkpoint).")
 
 
 def main(argv: list[str]) -> None:
@@ -526,13 +590,17 @@ def main(argv: list[str]) -> None:
   if modes[0] == "to_hf":
     if not FLAGS.checkpoint:
       raise app.UsageError("--to_hf needs --checkpoint")
-    params, config = checkpoint.load_model(FLAGS.checkpoint)
-    tokenizer_dir = pathlib.Path(FLAGS.checkpoint) / checkpoint.TOKENIZER_DIR
+    source = epath.Path(FLAGS.checkpoint)
+    params, config = checkpoint.load_model(source)
+    tokenizer_dir = source / checkpoint.TOKENIZER_DIR
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
     if tokenizer is None:
-      print(f"note: {FLAGS.checkpoint} has no tokenizer; writing the model without tokenizer files")
-    out = save_hf(FLAGS.to_hf, params, config, tokenizer)
-    print(f"wrote {out} ({config.architecture}, {config.num_layers} layers)")
+      print(f"note: {source} has no tokenizer; writing the model without tokenizer files")
+    template = FLAGS.template or templates.load_prompt_format(source)
+    if template is None:
+      print(f"note: {source} records no prompt format (--template to give one); the export has no chat_template")
+    out = save_hf(FLAGS.to_hf, params, config, tokenizer, template)
+    print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, prompt format {template})")
     return
   if not FLAGS.output:
     raise app.UsageError(f"--{modes[0]} needs --output")
@@ -543,9 +611,13 @@ def main(argv: list[str]) -> None:
     tokenizer = tokenizer_lib.load_tokenizer(source) if has_tokenizer else None
     if tokenizer is None:
       print(f"note: {source} has no tokenizer; the checkpoint can score token ids only")
+    template = FLAGS.template or templates.load_prompt_format(source)
   else:
     params, config, tokenizer = load_gguf(FLAGS.from_gguf, FLAGS.seed, FLAGS.param_dtype)
+    template = FLAGS.template
   out = checkpoint.save_model(FLAGS.output, params, config, tokenizer)
+  if template is not None:
+    templates.save_prompt_format(out, template)
   print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, "
         f"{sum(x.size for x in _leaves(params)) / 1e6:.1f}M parameters)")
 
@@ -556,5 +628,4 @@ def _leaves(tree: dict) -> Iterator[np.ndarray]:
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -1,0 +1,92 @@
+"""One way to run a command-line program: quiet start-up, one-line errors, `--verbose` for the rest.
+
+Adopting it in a CLI module (absl flags) takes two lines:
+
+    from codepmp_jax import cli
+    ...
+    if __name__ == "__main__":
+      cli.run(main, define_flags)   # instead of `define_flags(); app.run(main)`
+
+What it does:
+- library noise off by default: TensorFlow/XLA C++ logs (`TF_CPP_MIN_LOG_LEVEL`, set by
+  `codepmp_jax/__init__.py` before anything heavy is imported), oneDNN notices, and absl INFO
+  chatter (orbax checkpointing); `--verbose` keeps all of it;
+- expected errors (`EXPECTED`: a bad path, an unreadable or corrupt file, a bad value, a bad flag or
+  config override) end the program with ONE line `error: <message>` on stderr and exit code 2; with
+  `--verbose`, or for any other exception (a bug), the traceback is shown.
+Programs with their own parser (argparse) call `quiet_logs(verbose)` and `fail(error)` /
+`expected_errors(verbose)` directly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging as logging_std
+import sys
+from collections.abc import Callable, Iterator
+from typing import NoReturn
+
+from absl import app, flags, logging
+
+EXIT_USAGE = 2
+# What a user can cause: wrong paths, unreadable/corrupt inputs, bad values (ConversionError,
+# BadRecordError and JSON/Unicode errors are ValueErrors), bad flags.
+EXPECTED: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                             PermissionError, ValueError, app.UsageError, flags.Error)
+
+
+def fail(error: BaseException | str) -> NoReturn:
+  """Print `error: <message>` on stderr (no traceback) and exit with code 2."""
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+class _Quiet(logging_std.Filter):
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING
+
+
+def quiet_logs(verbose: bool) -> None:
+  """absl / Python logging at WARNING (our progress is printed, not logged) unless `verbose`."""
+  if verbose:
+    logging.set_verbosity(logging.INFO)
+    return
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(_Quiet())
+  for name in ("orbax", "jax", "absl", "etils", "tensorflow", "transformers"):
+    logging_std.getLogger(name).setLevel(logging_std.WARNING)
+
+
+@contextlib.contextmanager
+def expected_errors(verbose: bool) -> Iterator[None]:
+  """Turn an expected error raised inside into `fail(...)`; re-raise it when `verbose`."""
+  try:
+    yield
+  except EXPECTED as e:
+    if verbose:
+      raise
+    fail(e)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if "--verbose" in argv:
+      raise
+    fail(e)
+
+
+def run(main: Callable[[list[str]], None], define_flags: Callable[[], None] | None = None) -> None:
+  """`app.run(main)` with `--verbose`, quiet logs and one-line errors (see the module docstring)."""
+  if define_flags is not None:
+    define_flags()
+  if "verbose" not in flags.FLAGS:
+    flags.DEFINE_bool("verbose", False, "Show library logs and full tracebacks.")
+
+  def wrapped(argv: list[str]) -> None:
+    verbose = flags.FLAGS.verbose
+    quiet_logs(verbose)
+    with expected_errors(verbose):
+      main(argv)
+
+  app.run(wrapped, flags_parser=_parse_flags)
