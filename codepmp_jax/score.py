@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
-import pathlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,9 +25,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import app, flags
+from etils import epath
 from tqdm import tqdm
 
-from codepmp_jax import checkpoint, sharding
+from codepmp_jax import checkpoint, cli, sharding
 from codepmp_jax.data import templates
 from codepmp_jax.data.encode import bucket_length, encode_sequence
 from codepmp_jax.data.tokenizer import load_tokenizer
@@ -43,9 +44,9 @@ class RewardScorer:
   compiled; the batch is split over the mesh's data axes.
   """
 
-  def __init__(self, checkpoint_path: str | pathlib.Path, batch_size: int = 16, max_length: int = 1024,
+  def __init__(self, checkpoint_path: str | os.PathLike, batch_size: int = 16, max_length: int = 1024,
                mesh_shape: Sequence[int] = (-1, 1, 1), show_progress: bool = True):
-    path = pathlib.Path(checkpoint_path)
+    path = epath.Path(checkpoint_path)
     self.config = checkpoint.load_model_config(path).replace(scan_layers=False, remat_policy="none")
     self.mesh = sharding.make_mesh(mesh_shape)
     self.rules = sharding.DEFAULT_RULES
@@ -54,6 +55,7 @@ class RewardScorer:
     self.params, _ = checkpoint.load_model(path, shardings=param_shardings)
     tokenizer_dir = path / checkpoint.TOKENIZER_DIR
     self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    self.prompt_format = templates.load_prompt_format(path)  # None if the checkpoint records none
     data_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self.batch_size = -(-batch_size // data_ways) * data_ways
     self.max_length = max_length
@@ -105,23 +107,13 @@ class RewardScorer:
     return self.score_ids([self.encode(p, r)[0] for p, r in zip(prompts, responses)])
 
 
-def template_from_checkpoint(path: pathlib.Path) -> str | None:
-  """The prompt template named in the run config stored with a checkpoint, if any."""
-  config_file = path / "config.json"
-  if not config_file.is_file():
-    return None
-  config = json.loads(config_file.read_text())
-  for holder in (config.get("data") or {}, config):
-    if isinstance(holder, dict) and isinstance(holder.get("template"), str):
-      return holder["template"]
-  return None
-
-
 def _prompt(record: dict, template: str, where: str) -> str:
   if not isinstance(record.get("prompt"), str):
     raise ValueError(f"{where}: field 'prompt' must be a string")
   if template == "none":
     return record["prompt"]
+  if template == "chat":  # a model trained on conversations: the prompt is the user's turn
+    return templates.render_chat([{"role": "user", "content": record["prompt"]}])
   fields = {k: v for k, v in record.items() if isinstance(v, str)}
   fields.setdefault("question", record["prompt"])
   fields.setdefault("query", fields["question"])
@@ -162,12 +154,12 @@ def sequences_of(record: Any, scorer: RewardScorer, template: str, where: str) -
                    f"'prompt'+'chosen'+'rejected'; got fields {sorted(record)}")
 
 
-def score_file(scorer: RewardScorer, input_path: pathlib.Path, output_path: pathlib.Path,
+def score_file(scorer: RewardScorer, input_path: epath.Path, output_path: epath.Path,
                template: str) -> collections.Counter:
   """Score every line of `input_path` into `output_path`; returns counts (records, bad lines, truncated)."""
   counts: collections.Counter = collections.Counter()
   records, fields, sequences = [], [], []
-  with open(input_path, encoding="utf-8") as f:
+  with input_path.open(encoding="utf-8") as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -191,7 +183,7 @@ def score_file(scorer: RewardScorer, input_path: pathlib.Path, output_path: path
         counts["truncated"] += truncated
   rewards = iter(scorer.score_ids(sequences).tolist()) if sequences else iter(())
   output_path.parent.mkdir(parents=True, exist_ok=True)
-  with open(output_path, "w", encoding="utf-8") as out:
+  with output_path.open("w", encoding="utf-8") as out:
     for record, names in zip(records, fields):
       out.write(json.dumps({**record, **{name: next(rewards) for name in names}}, ensure_ascii=False) + "\n")
   counts["records"] = len(records)
@@ -209,8 +201,8 @@ def define_flags() -> None:
   flags.DEFINE_string("output", None, "Output JSONL (input records with rewards added).")
   flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
   flags.DEFINE_integer("max_length", 1024, "Longest sequence; longer texts are cut as in training.")
-  flags.DEFINE_enum("template", None, sorted(templates.TEMPLATES),
-                    "Prompt template for 'prompt' records (default: the checkpoint's, else none).")
+  flags.DEFINE_enum("template", None, list(templates.FORMATS),
+                    "Prompt template for 'prompt' records (default: the checkpoint's prompt format, else none).")
   flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh shape (data, fsdp, tensor); -1 = the rest.")
 
 
@@ -219,17 +211,16 @@ def main(argv: list[str]) -> None:
   for name in ("checkpoint", "input", "output"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
-  path = pathlib.Path(FLAGS.checkpoint)
-  template = FLAGS.template or template_from_checkpoint(path)
-  if template is None:
-    print(f"note: {path} names no prompt template; prompts are used verbatim (--template to choose)")
-    template = "none"
+  path = epath.Path(FLAGS.checkpoint)
   scorer = RewardScorer(path, FLAGS.batch_size, FLAGS.max_length, [int(s) for s in FLAGS.mesh])
-  counts = score_file(scorer, pathlib.Path(FLAGS.input), pathlib.Path(FLAGS.output), template)
+  template = FLAGS.template or scorer.prompt_format
+  if template is None:
+    print(f"note: {path} records no prompt format; prompts are used verbatim (--template to choose)")
+    template = "none"
+  counts = score_file(scorer, epath.Path(FLAGS.input), epath.Path(FLAGS.output), template)
   print(f"scored {counts['records']} records ({counts['sequences']} sequences, {counts['truncated']} "
         f"truncated to {FLAGS.max_length} tokens) -> {FLAGS.output}; {counts['bad_lines']} bad lines skipped")
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

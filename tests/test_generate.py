@@ -95,8 +95,9 @@ def test_smollm2_greedy_batch_equals_transformers(shared_data, tmp_path):
   """
   import transformers
   params, config, tokenizer = convert.load_gguf(hf_models.smollm2_gguf_path())
-  hf = transformers.LlamaForCausalLM.from_pretrained(
-      convert.save_hf(tmp_path, params, config, tokenizer), dtype=torch.float32).eval()
+  exported = convert.save_hf(tmp_path, params, config, tokenizer)
+  hf = transformers.LlamaForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
   assert config.tie_word_embeddings  # so the exported classifier's embedding is the LM head
   lines = (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()
   texts = [f"<|im_start|>user\n{json.loads(lines[i])['question']}<|im_end|>\n<|im_start|>assistant\n"
@@ -108,6 +109,7 @@ def test_smollm2_greedy_batch_equals_transformers(shared_data, tmp_path):
   results = gen.generate(prompts, generate.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.0))
   for completions, want in zip(results, expected):
     assert completions[0].tokens == want, (completions[0].text, tokenizer.decode(want))
+    assert completions[0].text == hf_tokenizer.decode(want, skip_special_tokens=True)
   assert any(len(w) > 10 for w in expected)
 
 

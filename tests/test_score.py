@@ -70,13 +70,14 @@ def test_score_texts_reads_reward_at_end_token(scorer, single):
   responses = ["    return x\n", " 4" * 40]  # the second is cut to max_length, keeping the end token
   rewards = scorer.score_texts(prompts, responses)
   tok = scorer.tokenizer
-  first = tok.encode(prompts[0]) + tok.encode(responses[0]) + [tok.eos_id]
+  first = tok.encode(prompts[0] + responses[0]) + [tok.eos_id]  # one text, as transformers tokenizes it
   ids, cut = scorer.encode(prompts[1], responses[1])
   assert cut and len(ids) == 48 and ids[-1] == tok.eos_id
   np.testing.assert_allclose(rewards, [single(first), single(ids)], atol=1e-5)
 
 
 def test_cli_scores_every_record_kind_and_reports_bad_lines(ckpt, scorer, single, tmp_path):
+  templates.save_prompt_format(ckpt, "math")  # the checkpoint's prompt format is the default
   lines = [
       json.dumps({"input_ids": [5, 6, 7], "id": "a"}),
       json.dumps({"text": "import os\n"}),
@@ -91,7 +92,7 @@ def test_cli_scores_every_record_kind_and_reports_bad_lines(ckpt, scorer, single
   src.write_text("\n".join(lines) + "\n")
   result = subprocess.run(
       [sys.executable, "-m", "codepmp_jax.score", f"--checkpoint={ckpt}", f"--input={src}",
-       f"--output={out}", "--batch_size=8", "--max_length=64", "--template=math"],
+       f"--output={out}", "--batch_size=8", "--max_length=64"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"{src}:4: invalid JSON" in result.stderr
@@ -106,11 +107,11 @@ def test_cli_scores_every_record_kind_and_reports_bad_lines(ckpt, scorer, single
   expected = [
       single([5, 6, 7]),
       single(tok.encode("import os\n") + [tok.eos_id]),
-      single(tok.encode(math) + tok.encode(" 4") + [tok.eos_id]),
+      single(tok.encode(math + " 4") + [tok.eos_id]),
   ]
   got = [rows[0]["reward"], rows[1]["reward"], rows[2]["reward"]]
   np.testing.assert_allclose(got, expected, atol=1e-5)
-  prompt = tok.encode(templates.render("math", question="Add."))
+  prompt = templates.render("math", question="Add.")
   np.testing.assert_allclose(
       [rows[3]["chosen_reward"], rows[3]["rejected_reward"]],
-      [single(prompt + tok.encode(s) + [tok.eos_id]) for s in ("a + b", "a - b")], atol=1e-5)
+      [single(tok.encode(prompt + s) + [tok.eos_id]) for s in ("a + b", "a - b")], atol=1e-5)

@@ -58,7 +58,8 @@ class SamplingConfig:
 class Completion:
   """One sampled continuation.
 
-  `tokens` are the generated ids before the end token; `text` (with a tokenizer) is cut before
+  `tokens` are the generated ids before the end token; `text` (with a tokenizer) is their text
+  without special tokens (as transformers' `decode(..., skip_special_tokens=True)`), cut before
   the first stop string. `finish_reason` is "eos", "stop" or "length".
   """
 
@@ -251,7 +252,7 @@ class Generator:
         if sampling.stop:
           tokens = np.asarray(state.tokens[:, :step])
           for row in np.flatnonzero(~done):
-            if any(s in self.tokenizer.decode(tokens[row]) for s in sampling.stop):
+            if any(s in self.tokenizer.decode(tokens[row], skip_special_tokens=True) for s in sampling.stop):
               done[row] = True
           state = state._replace(done=jax.device_put(done, state.done.sharding))
         if step >= sampling.max_new_tokens or done.all():
@@ -266,7 +267,7 @@ class Generator:
     tokens = [int(t) for t in tokens]
     text = None
     if self.tokenizer is not None:
-      text = self.tokenizer.decode(tokens)
+      text = self.tokenizer.decode(tokens, skip_special_tokens=True)  # the text, as transformers decodes it
       cuts = [text.find(s) for s in sampling.stop if s in text]
       if cuts:
         text, reason = text[:min(cuts)], "stop"
