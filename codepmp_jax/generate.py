@@ -14,15 +14,15 @@ seed and its id, so resumed and uninterrupted runs write the same candidates.
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 import zlib
 from collections.abc import Iterator
 
-from absl import app, flags, logging
+from absl import app, flags
+from etils import epath
 from tqdm import tqdm
 
-from codepmp_jax import checkpoint, sharding
+from codepmp_jax import checkpoint, cli, sharding
 from codepmp_jax.data import templates
 from codepmp_jax.data.records import read_json_objects
 from codepmp_jax.data.tokenizer import load_tokenizer
@@ -40,8 +40,9 @@ flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 keeps every token.")
 flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens; 0 keeps all.")
 flags.DEFINE_integer("max_new_tokens", 512, "Most tokens generated per candidate.")
-flags.DEFINE_enum("template", "none", sorted(templates.TEMPLATES) + sorted(TEMPLATE_ALIASES),
-                  "Prompt template for records with `question` (none: `prompt` verbatim).")
+flags.DEFINE_enum("template", None, list(templates.FORMATS) + sorted(TEMPLATE_ALIASES),
+                  "Prompt template for records with `question` (none: `prompt` verbatim; default: the "
+                  "checkpoint's stored prompt format, else none).")
 flags.DEFINE_integer("batch_size", 8, "Prompts decoded together (each with its n samples).")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); the text is cut before it.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -53,7 +54,9 @@ flags.DEFINE_bool("scan_layers", False, "Decode with nn.scan over layers (compil
 def prompt_text(record: dict, template: str, where: str) -> str:
   """The prompt of one input record: `prompt` verbatim, or its fields rendered with `template`."""
   template = TEMPLATE_ALIASES.get(template, template)
-  if template == "none":
+  if template == "chat" and isinstance(record.get("question"), str):  # a conversational model
+    return templates.render_chat([{"role": "user", "content": record["question"]}])
+  if template in ("none", "chat"):
     if not isinstance(record.get("prompt"), str):
       raise ValueError(f"{where}: field 'prompt' must be a string (or pass --template for 'question')")
     return record["prompt"]
@@ -66,7 +69,7 @@ def prompt_text(record: dict, template: str, where: str) -> str:
     raise ValueError(f"{where}: {e}") from None
 
 
-def read_records(path: pathlib.Path) -> Iterator[tuple[str, dict]]:
+def read_records(path: epath.Path) -> Iterator[tuple[str, dict]]:
   """(where, record) for every non-blank line, the line number standing in for a missing id."""
   for line_no, record in read_json_objects(path):
     where = f"{path}:{line_no}"
@@ -87,22 +90,24 @@ def main(argv: list[str]) -> None:
   for name in ("checkpoint", "input", "output"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
-  out_path = pathlib.Path(FLAGS.output)
+  source = epath.Path(FLAGS.checkpoint)
+  template = FLAGS.template or templates.load_prompt_format(source) or "none"
+  out_path = epath.Path(FLAGS.output)
   done_ids = {str(r["id"]) for _, r in read_records(out_path)} if out_path.exists() else set()
   todo, seen = [], set()
-  for where, record in read_records(pathlib.Path(FLAGS.input)):
+  for where, record in read_records(epath.Path(FLAGS.input)):
     key = str(record["id"])
     if key in seen:
       raise ValueError(f"{where}: duplicate id {key!r}")
     seen.add(key)
     if key not in done_ids:
-      todo.append((record, prompt_text(record, FLAGS.template, where)))
-  logging.info("%d prompts, %d already in %s, %d to generate", len(seen), len(done_ids & seen),
-               out_path, len(todo))
+      todo.append((record, prompt_text(record, template, where)))
+  print(f"{len(seen)} prompts, {len(done_ids & seen)} already in {out_path}, {len(todo)} to generate "
+        f"(prompt format {template})")
 
-  params, config = checkpoint.load_model(FLAGS.checkpoint)
+  params, config = checkpoint.load_model(source)
   config = config.replace(scan_layers=FLAGS.scan_layers)
-  tokenizer = load_tokenizer(pathlib.Path(FLAGS.checkpoint) / checkpoint.TOKENIZER_DIR)
+  tokenizer = load_tokenizer(source / checkpoint.TOKENIZER_DIR)
   mesh = sharding.make_mesh([int(s) for s in FLAGS.mesh])
   generator = Generator(params, config, tokenizer=tokenizer, mesh=mesh)
   sampling = SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
@@ -110,7 +115,7 @@ def main(argv: list[str]) -> None:
                             stop=tuple(FLAGS.stop))
   out_path.parent.mkdir(parents=True, exist_ok=True)
   tokens, start = 0, time.perf_counter()
-  with open(out_path, "a") as out, tqdm(total=len(todo), unit="prompt", desc="generate") as bar:
+  with out_path.open("a") as out, tqdm(total=len(todo), unit="prompt", desc="generate") as bar:
     for i in range(0, len(todo), FLAGS.batch_size):
       batch = todo[i:i + FLAGS.batch_size]
       results = generator.generate_text(
@@ -123,8 +128,8 @@ def main(argv: list[str]) -> None:
       out.flush()
       bar.update(len(batch))
       bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):.1f}")
-  logging.info("wrote %d records to %s (%d tokens)", len(todo), out_path, tokens)
+  print(f"wrote {len(todo)} records to {out_path} ({tokens} tokens)")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

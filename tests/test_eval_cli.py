@@ -41,12 +41,19 @@ def test_bon_from_scores_writes_report_table_and_plot(tmp_path, capsys):
   assert "majority" in printed and "oracle" in printed and "100.0" in printed
 
 
-def test_bad_candidates_file_is_a_clear_error(tmp_path):
+def test_bad_candidates_file_is_a_clear_error(tmp_path, capsys):
   candidates = tmp_path / "cand.jsonl"
   candidates.write_text('{"id": "a", "reference": "3"}\n')
-  with pytest.raises(SystemExit, match=r"cand.jsonl:1: missing field 'candidates'"):
+  with pytest.raises(SystemExit) as exit_info:
     cli.main(["bon", f"--candidates={candidates}", f"--scores={candidates}", "--task=gsm8k",
               "--n=1", f"--out={tmp_path / 'r.json'}"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "cand.jsonl:1: missing field 'candidates'" in err
+  assert len(err.strip().splitlines()) == 1
+  with pytest.raises(SystemExit) as exit_info:  # a bad flag: one line too
+    cli.main(["bon", "--task=gsm8k", "--n=x", f"--out={tmp_path / 'r.json'}"])
+  assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
 def test_module_entry_point_runs_without_jax(tmp_path):

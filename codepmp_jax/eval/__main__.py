@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import sys
 from typing import Sequence
 
+from etils import epath
+
+from codepmp_jax import cli
+from codepmp_jax.data import loaders
 from codepmp_jax.eval import bon, modes
 
 
@@ -27,14 +29,22 @@ def _ns(text: str) -> list[int]:
   return sorted(set(ns))
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose usage errors are one `error: ...` line (exit 2), like every other CLI."""
+
+  def error(self, message: str):
+    cli.fail(f"{self.prog}: {message} (--help for usage)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The command line: one subcommand per mode."""
-  parser = argparse.ArgumentParser(prog="python -m codepmp_jax.eval", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="mode", required=True)
+  parser = _Parser(prog="python -m codepmp_jax.eval", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="mode", required=True, parser_class=_Parser)
 
   def common(p: argparse.ArgumentParser, checkpoint_required: bool) -> None:
     p.add_argument("--out", required=True, help="where to write the JSON report")
+    p.add_argument("--verbose", action="store_true", help="library logs and full tracebacks")
     p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT records")
     p.add_argument("--seed", type=int, default=0, help="seed of draws and bootstrap")
     p.add_argument("--checkpoint", required=checkpoint_required,
@@ -112,6 +122,11 @@ def run(args: argparse.Namespace) -> dict:
   if args.checkpoint is not None:
     from codepmp_jax.score import RewardScorer  # JAX and the model load only when scoring.
     scorer = RewardScorer(args.checkpoint, args.batch_size, args.max_length)
+    data_format = {"pairwise": getattr(args, "format", None), "mc": "logiqa2", "bon": "gsm8k"}[args.mode]
+    expected = loaders.FORMAT_TEMPLATES.get(data_format)
+    if scorer.prompt_format not in (None, expected):
+      print(f"note: {args.checkpoint} was trained with prompt format {scorer.prompt_format!r}; this "
+            f"evaluation renders prompts as {expected!r}")
   if args.mode == "pairwise":
     report = modes.pairwise(scorer, args.data, args.format, args.by, args.limit, args.strict,
                             args.seed)
@@ -119,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     report = modes.multiple_choice(scorer, args.data, args.format, args.by, args.limit,
                                    args.strict, args.seed)
   else:
-    plot = args.plot or pathlib.Path(args.out).with_suffix(".png")
+    plot = args.plot or epath.Path(args.out).with_suffix(".png")
     report = modes.best_of_n(args.candidates, args.task, args.n, scorer, args.scores, args.draws,
                              args.seed, args.limit, args.sympy_timeout, plot, args.save_scores)
   if args.checkpoint is not None:
@@ -130,12 +145,11 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
   """Parses `argv`, runs the mode, prints its table and writes the JSON report."""
   args = build_parser().parse_args(argv)
-  try:
+  cli.quiet_logs(args.verbose)
+  with cli.expected_errors(args.verbose):
     report = run(args)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
   print(render(report))
-  out = pathlib.Path(args.out)
+  out = epath.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2) + "\n")
   print(f"report: {out}")
