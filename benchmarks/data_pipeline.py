@@ -79,11 +79,10 @@ def _peer_map(batch: dict, tokenizer_path: str, seq_len: int) -> dict:
     _PEER["tokenizer"] = load_tokenizer(tokenizer_path)
   tokenizer = _PEER["tokenizer"]
   n = len(batch["prompt"])
-  ids = tokenizer.encode_batch(batch["prompt"] + batch["chosen"] + batch["rejected"])
+  joined = tokenizer.encode_joined_batch(batch["prompt"] * 2, batch["chosen"] + batch["rejected"])
   out = {"chosen_ids": [], "rejected_ids": [], "response_start": []}
   for i in range(n):
-    pair = fit_pair(ids[i], ids[n + i], ids[2 * n + i], None, tokenizer.eos_id, seq_len, "truncate",
-                    EncodeStats())
+    pair = fit_pair(joined[i], joined[n + i], None, tokenizer.eos_id, seq_len, "truncate", EncodeStats())
     out["chosen_ids"].append(list(pair.chosen.ids))
     out["rejected_ids"].append(list(pair.rejected.ids))
     out["response_start"].append([pair.chosen.response_start, pair.rejected.response_start])
