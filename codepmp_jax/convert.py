@@ -513,7 +513,7 @@ reward is read at the end token as in training.
 ## RewardBench and TRL
 
 ```
-rewardbench --model={name} --batch_size=8 --trust_remote_code=False
+rewardbench --model={name} --batch_size=8
 ```
 RewardBench applies the tokenizer's chat template, i.e. the training format above. TRL's
 `RewardTrainer` fine-tunes the export directly (`model=...` this directory, a conversational or
