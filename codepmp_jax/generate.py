@@ -23,7 +23,7 @@ from etils import epath
 from tqdm import tqdm
 
 from codepmp_jax import checkpoint, cli, sharding
-from codepmp_jax.data import templates
+from codepmp_jax.data import registry, templates
 from codepmp_jax.data.records import read_json_objects
 from codepmp_jax.data.tokenizer import load_tokenizer
 from codepmp_jax.model.generate import Generator, SamplingConfig
@@ -33,7 +33,10 @@ TEMPLATE_ALIASES = {"gsm8k": "math"}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Model checkpoint or training workdir (with its tokenizer).")
-flags.DEFINE_string("input", None, "JSONL of prompts: `prompt`, or `question` with --template.")
+flags.DEFINE_string("input", None, "JSONL of prompts: `prompt`, or `question` with --template; or a "
+                    "registered data set (gsm8k/test).")
+flags.DEFINE_string("data_dir", None, "Where registered data sets live (default: $CODEPMP_DATA, "
+                    "../shared/data, the cache, else downloaded).")
 flags.DEFINE_string("output", None, "JSONL to write (appended to when resuming).")
 flags.DEFINE_integer("n", 8, "Candidates per prompt.")
 flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
@@ -95,7 +98,7 @@ def main(argv: list[str]) -> None:
   out_path = epath.Path(FLAGS.output)
   done_ids = {str(r["id"]) for _, r in read_records(out_path)} if out_path.exists() else set()
   todo, seen = [], set()
-  for where, record in read_records(epath.Path(FLAGS.input)):
+  for where, record in read_records(registry.resolve(FLAGS.input, FLAGS.data_dir)):
     key = str(record["id"])
     if key in seen:
       raise ValueError(f"{where}: duplicate id {key!r}")

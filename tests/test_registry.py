@@ -116,3 +116,10 @@ def test_cli_prints_paths_or_one_error_line(shared_data):
   bad = subprocess.run(command + ["gsm8k/dev"], capture_output=True, text=True, cwd=root)
   assert bad.returncode == 2 and bad.stderr.startswith("error: unknown data set 'gsm8k/dev'")
   assert len(bad.stderr.splitlines()) == 1
+
+
+def test_resolve_takes_names_or_paths(isolated, monkeypatch, shared_data, tmp_path):
+  monkeypatch.setattr(registry, "SHARED_DATA", shared_data)
+  assert registry.resolve("logiqa2/test") == shared_data / "logiqa2" / "test.jsonl"
+  assert registry.resolve(str(tmp_path / "x.jsonl")) == tmp_path / "x.jsonl"  # a path, as given
+  assert str(registry.resolve("gs://bucket/gsm8k/test.jsonl")) == "gs://bucket/gsm8k/test.jsonl"

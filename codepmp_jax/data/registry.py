@@ -1,6 +1,7 @@
 """The public data sets the project reads, found wherever they are (or downloaded and checked).
 
   registry.path("gsm8k/test")            # -> a local file, or DataNotFound (one clear line)
+  registry.resolve(arg)                  # a CLI argument: a registered name or a path
   python -m codepmp_jax.data.registry [--data_dir=DIR] [NAME ...]   # find or fetch, print paths
 
 Each data set has its official download URL and the sha256 of that file. `path(name)` resolves in
@@ -147,6 +148,14 @@ def path(name: str, explicit: str | os.PathLike | None = None, data_dir: str | o
   except OSError as e:
     raise DataNotFound(f"data set {name} not found (looked in {looked}) and the download failed "
                        f"({e}); {how}") from None
+
+
+def resolve(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> epath.Path:
+  """A command line's data argument: a registered name (`gsm8k/test`) is found by `path`, anything
+  else is a path, used as given."""
+  if isinstance(spec, str) and spec in DATASETS:
+    return path(spec, data_dir=data_dir)
+  return epath.Path(spec)
 
 
 def main(argv: list[str]) -> None:

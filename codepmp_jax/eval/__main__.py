@@ -15,7 +15,7 @@ from typing import Sequence
 from etils import epath
 
 from codepmp_jax import cli
-from codepmp_jax.data import loaders
+from codepmp_jax.data import loaders, registry
 from codepmp_jax.eval import bon, modes
 
 
@@ -51,10 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model checkpoint or training workdir")
     p.add_argument("--batch_size", type=int, default=8, help="sequences scored per batch")
     p.add_argument("--max_length", type=int, default=1024, help="tokens per sequence")
+    p.add_argument("--data_dir", default=None,
+                   help="where registered data sets (--data=gsm8k/test) live (default: $CODEPMP_DATA, "
+                        "../shared/data, the cache, else downloaded)")
 
   p = sub.add_parser("pairwise", help="accuracy on held-out preference pairs")
   common(p, checkpoint_required=True)
-  p.add_argument("--data", required=True)
+  p.add_argument("--data", required=True, help="a file, or a registered data set (gsm8k/test, logiqa2/test)")
   p.add_argument("--format", required=True, help="a data loader format (pairs, gsm8k, logiqa2, ...)")
   p.add_argument("--by", default="source", help="meta field to break accuracy down by")
   p.add_argument("--strict", action="store_true", help="malformed records are an error")
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("mc", help="multiple choice: score every option, pick the highest")
   common(p, checkpoint_required=True)
-  p.add_argument("--data", required=True)
+  p.add_argument("--data", required=True, help="a file, or a registered data set (logiqa2/test)")
   p.add_argument("--format", required=True, choices=("logiqa2", "reclor"))
   p.add_argument("--by", default="type", help="row field to break accuracy down by")
   p.add_argument("--strict", action="store_true", help="malformed records are an error")
@@ -118,6 +121,8 @@ def render(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> dict:
   """Runs one mode from parsed arguments and returns its report."""
+  if getattr(args, "data", None) is not None:
+    args.data = str(registry.resolve(args.data, args.data_dir))
   scorer = None
   if args.checkpoint is not None:
     from codepmp_jax.score import RewardScorer  # JAX and the model load only when scoring.
