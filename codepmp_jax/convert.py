@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import re
 from collections.abc import Iterator
@@ -185,7 +186,7 @@ class SafetensorsFile:
     return raw.view(dtype).reshape(shape)
 
 
-def write_safetensors(path: str | pathlib.Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
   """Write arrays to a safetensors file one at a time (`tensors` may hold lazily converted arrays)."""
   names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
   header, offset = {"__metadata__": metadata}, 0
@@ -196,7 +197,7 @@ def write_safetensors(path: str | pathlib.Path, tensors: dict[str, Any], metadat
     offset += size
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  with open(path, "wb") as f:
+  with epath.Path(path).open("wb") as f:
     f.write(len(blob).to_bytes(8, "little") + blob)
     for array in tensors.values():
       f.write(np.ascontiguousarray(array).tobytes())
@@ -448,15 +449,15 @@ def export_pad_id(tokenizer: tokenizer_lib.Tokenizer | None, config: ModelConfig
   return others[0]
 
 
-def save_hf(out: str | pathlib.Path, params: dict, config: ModelConfig,
-            tokenizer: tokenizer_lib.Tokenizer | None, template: str | None = None) -> pathlib.Path:
+def save_hf(out: str | os.PathLike, params: dict, config: ModelConfig,
+            tokenizer: tokenizer_lib.Tokenizer | None, template: str | None = None) -> epath.Path:
   """Write a `*ForSequenceClassification` directory that transformers scores exactly as we do.
 
   With a prompt format (`templates.FORMATS`) the tokenizer gets a `chat_template` rendering a
   user/assistant conversation into the training text (ending in the end token), the format is
   stored (`prompt_format.json`), and the model card (README.md) says how to score with it.
   """
-  out = pathlib.Path(out)
+  out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   pad_id = export_pad_id(tokenizer, config)
   hf_names = {("embed", "embedding"): "model.embed_tokens.weight", ("final_norm", "scale"): "model.norm.weight",
@@ -543,7 +544,7 @@ class _LazyTranspose:
     return np.asarray(self.array).T
 
 
-def _save_hf_tokenizer(out: pathlib.Path, tokenizer: tokenizer_lib.Tokenizer, pad_id: int | None,
+def _save_hf_tokenizer(out: epath.Path, tokenizer: tokenizer_lib.Tokenizer, pad_id: int | None,
                        template: str | None = None) -> None:
   """Our tokenizer files (so `load_tokenizer(out)` gives back the same fingerprint) plus the
   `tokenizer.json` / `tokenizer_config.json` that transformers reads."""

@@ -14,6 +14,7 @@ import pathlib
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
+from etils import epath
 import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers
 
@@ -148,9 +149,9 @@ class Tokenizer:
   def file_name(self) -> str:
     return SENTENCEPIECE_FILE if self.kind == "sentencepiece" else HF_FILE
 
-  def save(self, directory: str | os.PathLike) -> pathlib.Path:
+  def save(self, directory: str | os.PathLike) -> epath.Path:
     """Write the model file (byte-identical to the one loaded) and the special ids beside it."""
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / self.file_name).write_bytes(self._blob)
     special = {"kind": self.kind, "file": self.file_name, "bos_id": self.bos_id,
@@ -182,7 +183,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   with its special ids; a Hugging Face model directory takes them from its tokenizer_config.json /
   config.json.
   """
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if path.is_dir():
     if (path / "tokenizer").is_dir() and not any(
         (path / name).exists() for name in (SPECIAL_IDS_FILE, HF_FILE, SENTENCEPIECE_FILE)):
@@ -199,7 +200,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   raise ValueError(f"{path}: not a tokenizer (expected .model, tokenizer.json, .gguf or a directory)")
 
 
-def _load_directory(directory: pathlib.Path) -> Tokenizer:
+def _load_directory(directory: epath.Path) -> Tokenizer:
   special_file = directory / SPECIAL_IDS_FILE
   if special_file.exists():
     special = json.loads(special_file.read_text())
@@ -220,7 +221,7 @@ def _load_directory(directory: pathlib.Path) -> Tokenizer:
       f"{directory}: no {SPECIAL_IDS_FILE}, {HF_FILE}, {SENTENCEPIECE_FILE} or single .gguf file found")
 
 
-def _sentencepiece_from_bytes(blob: bytes, source: pathlib.Path) -> Tokenizer:
+def _sentencepiece_from_bytes(blob: bytes, source: epath.Path) -> Tokenizer:
   try:
     sp = spm.SentencePieceProcessor(model_proto=blob)
   except RuntimeError as e:
@@ -232,7 +233,7 @@ def _sentencepiece_from_bytes(blob: bytes, source: pathlib.Path) -> Tokenizer:
                    bos_id=sp.bos_id() if sp.bos_id() >= 0 else None)
 
 
-def _hf_from_directory(directory: pathlib.Path, json_file: pathlib.Path) -> Tokenizer:
+def _hf_from_directory(directory: epath.Path, json_file: epath.Path) -> Tokenizer:
   """A `tokenizer.json` with special ids from the Hugging Face config files beside it."""
   blob = json_file.read_bytes()
   try:
@@ -259,7 +260,7 @@ def _hf_from_directory(directory: pathlib.Path, json_file: pathlib.Path) -> Toke
   return Tokenizer("hf", blob, eos_id=special["eos"], pad_id=special["pad"], bos_id=special["bos"])
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def _read_json(path: epath.Path) -> dict:
   if not path.exists():
     return {}
   try:
@@ -272,9 +273,9 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> Tokenizer:
   """The vocabulary stored in a GGUF file, as a `tokenizer.json` tokenizer (byte-level BPE)."""
   import gguf  # only needed for GGUF files
 
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   try:
-    reader = gguf.GGUFReader(path)
+    reader = gguf.GGUFReader(os.fspath(path))  # memory-mapped: a local file
   except Exception as e:  # gguf raises ValueError/struct.error/IndexError on damaged files
     raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
@@ -307,7 +308,7 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> Tokenizer:
   return Tokenizer("hf", hf.to_str().encode("utf-8"), eos_id=eos_id, pad_id=pad_id, bos_id=bos_id)
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str, path: pathlib.Path) -> tokenizers.Tokenizer:
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str, path: epath.Path) -> tokenizers.Tokenizer:
   pairs = []
   for rank, merge in enumerate(merges):
     parts = merge.split(" ")
