@@ -255,3 +255,27 @@ def test_cli_writes_candidates_and_resumes(tmp_path, tiny_checkpoint):
   out.write_text(lines[0] + "\n")
   run()
   assert out.read_text().splitlines() == lines
+
+
+def test_candidate_text_has_no_special_tokens_and_still_ends_at_eos_and_stops():
+  """Decoded like transformers' skip_special_tokens=True, with a byte-level BPE that has chat markers."""
+  import tokenizers
+  from codepmp_jax.data.tokenizer import Tokenizer
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = tokenizers.decoders.ByteLevel()
+  bpe.train_from_iterator(["Hello world STOP more after"] * 20, tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer = Tokenizer("hf", bpe.to_str().encode(), eos_id=bpe.token_to_id("<|endoftext|>"))
+  config = get_preset("tiny", vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id)
+  gen = generate.Generator(_tiny_params(config), config, tokenizer=tokenizer)
+  marker = tokenizer.encode("<|im_start|>")
+  assert len(marker) == 1 and marker[0] in tokenizer.special_ids()
+  ids = tokenizer.encode("Hello") + marker + tokenizer.encode(" world")
+  plain = gen._completion(np.array(ids + [tokenizer.eos_id] + tokenizer.encode(" after")),
+                          generate.SamplingConfig())
+  assert (plain.text, plain.finish_reason, plain.tokens) == ("Hello world", "eos", ids)
+  stopped = gen._completion(np.array(ids + tokenizer.encode(" STOP more")),
+                            generate.SamplingConfig(stop=("STOP",)))
+  assert (stopped.text, stopped.finish_reason) == ("Hello world ", "stop")
