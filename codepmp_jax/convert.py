@@ -2,7 +2,10 @@
 
   python -m codepmp_jax.convert --from_hf=DIR --output=CKPT [--seed=0] [--param_dtype=float32]
   python -m codepmp_jax.convert --from_gguf=FILE --output=CKPT
-  python -m codepmp_jax.convert --to_hf=OUT --checkpoint=CKPT
+  python -m codepmp_jax.convert --to_hf=OUT --checkpoint=CKPT [--template=math]
+
+`--to_hf` carries the model's prompt format (stored with the checkpoint, or --template) into the
+export: a `chat_template` rendering the training text, `prompt_format.json` and a model card.
 
 Only safetensors and GGUF are read (never pickle). Tensors are read one at a time from memory maps
 and written straight into the target tree, so a model is never held twice. Every failure names the

@@ -1,11 +1,13 @@
 r"""Sample N candidates per prompt from a checkpoint: the input of Best-of-N evaluation.
 
   python -m codepmp_jax.generate --checkpoint=CKPT --input=IN.jsonl --output=OUT.jsonl \
-      --n=8 --temperature=0.7 --top_p=1.0 --max_new_tokens=512 [--template=gsm8k|math|code|none] \
+      --n=8 --temperature=0.7 --top_p=1.0 --max_new_tokens=512 [--template=gsm8k|math|code|logic|chat|none] \
       [--batch_size=8] [--top_k=0] [--stop=STR ...] [--seed=0] [--add_bos] [--mesh=-1,1,1] \
       [--scan_layers]
 
-Input lines hold `prompt` (used verbatim) or `question` (rendered with --template); every line
+Input lines hold `prompt` (used verbatim) or `question` (rendered with --template, by default the
+prompt format stored with the checkpoint); `--input` may also name a registered data set
+(`gsm8k/test`, found by `data.registry`). Candidates are decoded without special tokens. Every line
 is written back with `"candidates": [...]` and `"finish_reasons": [...]` added, in input order.
 A line without `id` gets its line number as id. Rerunning with the same output skips the ids
 already written there, so an interrupted run resumes; each prompt's samples depend only on the

@@ -1,12 +1,13 @@
 """Score JSONL records with a reward model checkpoint.
 
   python -m codepmp_jax.score --checkpoint=CKPT --input=IN.jsonl --output=OUT.jsonl \
-      [--batch_size=16] [--max_length=1024] [--template=none|code|math|logic] [--mesh=-1,1,1]
+      [--batch_size=16] [--max_length=1024] [--template=none|code|math|logic|chat] [--mesh=-1,1,1]
 
 Each input line is one of
   {"input_ids": [...]}                 scored verbatim (no template, nothing added);
   {"text": ...}                        text + end token;
-  {"prompt", "response"}               template(prompt) + response + end token;
+  {"prompt", "response"}               template(prompt) + response + end token (the template
+                                       is the checkpoint's stored prompt format unless --template);
   {"prompt", "chosen", "rejected"}     both responses, as above.
 The output repeats each record with `"reward"` (or `"chosen_reward"` and `"rejected_reward"`) added.
 A bad line is reported with its line number and left out of the output; the counts are printed.

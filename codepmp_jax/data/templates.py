@@ -3,6 +3,10 @@
 `code` wraps a code description for PMP pairs, `math` a math question (Math-Shepherd, GSM8K),
 `logic` a passage and question (ReClor, LogiQA 2.0); `none` passes the prompt through. The
 response follows the rendered prompt directly, then the end token.
+
+A model records the format it was trained on (`save_prompt_format` / `load_prompt_format`, one of
+`FORMATS`: the templates plus `chat`, the rendering of TRL-style conversations), and
+`chat_template` turns that format into a transformers chat template giving the same text.
 """
 from __future__ import annotations
 
