@@ -19,7 +19,9 @@ where it looked and how to provide it.
 
 ReClor is not registered: its licence requires a request form and forbids redistribution (give
 its files by path). LogiQA 2.0 ships `.txt` files of JSON lines; they are stored here under the
-name `.jsonl`, unchanged, so the sha256 is that of the official file.
+name `.jsonl`, unchanged. The registered sizes and sha256 are those of the official files (checked
+against openai/grade-school-math at 3101c7d and csitfun/LogiQA2.0 at 955e1d3, Dec 2026), which are
+also byte-identical to the copies in `../shared/data`.
 """
 from __future__ import annotations
 
