@@ -143,3 +143,25 @@ def test_joined_encoding_equals_transformers_for_every_tokenizer_kind(gguf_pair,
   _check_joined(sp, _exported_transformers_tokenizer(sp, tmp_path / "sp_export"), pairs)
   split = [(p, r) for p, r in pairs if sp.encode(p) + sp.encode(r) != sp.encode_joined(p, r)[0]]
   assert split  # the sentencepiece model too merges across the boundary somewhere
+
+
+def test_sentencepiece_boundary_fast_path_equals_its_offsets(tmp_path):
+  """Piece byte lengths give sentencepiece's own offsets; a normalizing model (dummy prefix, NFKC)
+  falls back to asking sentencepiece."""
+  import io
+
+  import sentencepiece as spm
+  texts = [json.dumps(p) for p in JOINED] * 30 + [CODE] * 30
+  normalizing = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=normalizing, vocab_size=500,
+                                 model_type="bpe", byte_fallback=True, eos_id=2, minloglevel=2,
+                                 hard_vocab_limit=False)
+  models = [tok_lib.train_sentencepiece(texts, 500, tmp_path / "code"),
+            tok_lib.Tokenizer("sentencepiece", normalizing.getvalue(), eos_id=2)]
+  for tokenizer in models:
+    for prompt, response in JOINED + [("ﬁ  x", "① y"), (CODE, "  ")]:
+      proto = tokenizer._sp.encode(prompt + response, return_type="proto")
+      boundary = tok_lib._boundary([(p.begin, p.end) for p in proto.pieces], len(prompt.encode()))
+      assert tokenizer.encode_joined(prompt, response) == ([p.id for p in proto.pieces], boundary)
+  ids = models[1].encode("ﬁ  x")
+  assert models[1]._piece_bytes[ids].sum() != len("ﬁ  x".encode())  # this one took the fallback

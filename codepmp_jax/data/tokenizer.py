@@ -13,6 +13,7 @@ import os
 import pathlib
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 from etils import epath
 import tokenizers
@@ -46,6 +47,7 @@ class Tokenizer:
     if kind == "sentencepiece":
       self._sp = spm.SentencePieceProcessor(model_proto=blob)
       self.vocab_size = self._sp.get_piece_size()
+      self._piece_bytes = _piece_byte_lengths(self._sp)
     else:
       self._hf = tokenizers.Tokenizer.from_str(blob.decode("utf-8"))
       self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
@@ -89,10 +91,17 @@ class Tokenizer:
     texts = [p + r for p, r in zip(prompts, responses)]
     out = []
     if self.kind == "sentencepiece":  # offsets are UTF-8 byte positions
-      protos = self._sp.encode(texts, return_type="proto", num_threads=os.cpu_count() or 1)
-      for prompt, proto in zip(prompts, protos):
-        ids = [p.id for p in proto.pieces]
-        out.append((ids, _boundary([(p.begin, p.end) for p in proto.pieces], len(prompt.encode("utf-8")))))
+      threads = os.cpu_count() or 1
+      for prompt, text, ids in zip(prompts, texts, self._sp.encode(texts, num_threads=threads)):
+        # Fast path: offsets from the pieces' byte lengths, exact when they add up to the text (no
+        # normalization changed it, no unknown piece); otherwise ask sentencepiece for its offsets.
+        ends = np.cumsum(self._piece_bytes[ids]) if ids else np.zeros(0, np.int64)
+        if ids and (ends[-1] != len(text.encode("utf-8")) or self._piece_bytes[ids].min() < 0):
+          proto = self._sp.encode(text, return_type="proto")
+          spans = [(p.begin, p.end) for p in proto.pieces]
+        else:
+          spans = zip(ends - self._piece_bytes[ids], ends)
+        out.append((ids, _boundary(list(spans), len(prompt.encode("utf-8")))))
     else:  # offsets are character positions
       for prompt, encoding in zip(prompts, self._hf.encode_batch(texts, add_special_tokens=False)):
         out.append((list(encoding.ids), _boundary(encoding.offsets, len(prompt))))
@@ -162,6 +171,19 @@ class Tokenizer:
   def __repr__(self) -> str:
     return (f"Tokenizer(kind={self.kind}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
             f"eos_id={self.eos_id}, pad_id={self.pad_id}, fingerprint={self.fingerprint[:12]})")
+
+
+def _piece_byte_lengths(sp: spm.SentencePieceProcessor) -> np.ndarray:
+  """UTF-8 length of the text each piece stands for (byte pieces 1, control 0, unknown -1)."""
+  lengths = np.zeros(sp.get_piece_size(), np.int64)
+  for i in range(sp.get_piece_size()):
+    if sp.is_unknown(i):
+      lengths[i] = -1
+    elif sp.is_byte(i):
+      lengths[i] = 1
+    elif not sp.is_control(i):
+      lengths[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+  return lengths
 
 
 def _boundary(offsets: Sequence[tuple[int, int]], prompt_end: int) -> int:
