@@ -31,8 +31,10 @@ METHODS = ("rm", "random", "majority", "oracle")
 class Question:
   """One Best-of-N question: the prompt its candidates are scored with, and their grades.
 
-  `answer_ids[i]` numbers candidate i's extracted answer (equal answers share a number; -1 when
-  none could be read), and `correct[i]` says whether candidate i is right.
+  `finals[i]`, when given, is the part of candidate i its answer is read from (CHAMP: the
+  model's one-sentence summary); otherwise the whole candidate. `answer_ids[i]` numbers
+  candidate i's extracted answer (equal answers share a number; -1 when none could be read),
+  and `correct[i]` says whether candidate i is right.
   """
 
   id: str
@@ -41,6 +43,7 @@ class Question:
   candidates: list[str]
   correct: np.ndarray | None = None
   answer_ids: np.ndarray | None = None
+  finals: list[str] | None = None
 
 
 def _field(record: dict, name: str, kind: type | tuple[type, ...], where: str):
@@ -58,7 +61,8 @@ def load_candidates(path: str | pathlib.Path) -> list[Question]:
   """Questions from a candidates file: lines `{"id", "question", "reference", "candidates"}`.
 
   Lines as `codepmp_jax.generate` writes them also work: `answer` (GSM8K's and MATH-500's field)
-  stands in for `reference`, and a `prompt` without `question` is scored verbatim.
+  stands in for `reference`, and a `prompt` without `question` is scored verbatim. An optional
+  `finals` list (one string per candidate) holds the text each answer is read from.
   """
   questions, seen = [], set()
   for line_no, record in read_json_objects(path):
@@ -80,7 +84,12 @@ def load_candidates(path: str | pathlib.Path) -> list[Question]:
       prompt = _field(record, "prompt", str, where)
     else:
       raise ValueError(f"{where}: missing field 'question' (or 'prompt')")
-    questions.append(Question(qid, prompt, str(reference), candidates))
+    finals = record.get("finals")
+    if finals is not None and (not isinstance(finals, list) or len(finals) != len(candidates)
+                               or not all(isinstance(f, str) for f in finals)):
+      raise ValueError(f"{where}: field 'finals' must be a list of {len(candidates)} strings "
+                       "(one per candidate)")
+    questions.append(Question(qid, prompt, str(reference), candidates, finals=finals))
   if not questions:
     raise ValueError(f"{path}: no records")
   return questions
@@ -119,7 +128,7 @@ def grade(questions: Sequence[Question], checker: answers.AnswerChecker) -> int:
   for q in questions:
     reference = checker.reference_key(q.reference)
     ids, verdicts, correct, answer_ids = {}, {}, [], []
-    for text in q.candidates:
+    for text in (q.finals if q.finals is not None else q.candidates):
       key = checker.key(text)
       if key is None:
         unanswered += 1
