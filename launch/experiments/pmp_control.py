@@ -36,14 +36,22 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from codepmp_jax.data import builtin
+
 ARMS = ("base", "lm", "pmp")
 COMPARISONS = (("pmp", "base"), ("pmp", "lm"), ("lm", "base"))
-SHARED_DATA = epath.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = epath.Path(builtin.SHARED_DATA)
 
 
 @dataclasses.dataclass(frozen=True)
 class ControlSettings:
-  """Everything that sizes the experiment; the defaults are the full CPU run (see README)."""
+  """Everything that sizes the experiment; the defaults are the full CPU run (see README).
+
+  Sized for 30 minutes on 2 idle cores from measurements on this (loaded) machine: an RM step of
+  the tiny model at 16 x 256 took 4.5 s loaded (~1.1 s idle, README), scoring 45-50 ms per
+  sequence loaded at 256 tokens. The 18 evaluations of ~10k sequences each (LogiQA's 6,288 options
+  are most of it) dominate, hence 128 tokens and two k.
+  """
   out: str = "runs/pmp_control"
   # The model (the tiny family) and its sequences.
   hidden_size: int = 128
@@ -51,20 +59,20 @@ class ControlSettings:
   num_layers: int = 4
   num_heads: int = 4
   num_kv_heads: int = 2
-  seq_len: int = 256
+  seq_len: int = 128
   batch: int = 16
   # Code pairs, synthesized from the standard library (or read from `code_pairs_file`, a pairs
   # JSONL[.gz]): half for the base LM, half for the continuations lm / pmp.
-  code_pairs: int = 4000
+  code_pairs: int = 6000
   code_pairs_file: str = ""
   vocab_size: int = 4000
-  base_steps: int = 150
-  continue_steps: int = 100
+  base_steps: int = 100
+  continue_steps: int = 60
   pretrain_lr: float = 1e-3
   # RM fine-tuning: GSM8K training questions k, seeds per point, epochs over the k pairs.
-  ks: tuple[int, ...] = (64, 256, 1024)
+  ks: tuple[int, ...] = (64, 512)
   seeds: tuple[int, ...] = (0, 1, 2)
-  rm_epochs: float = 2.0
+  rm_epochs: float = 1.0
   rm_min_steps: int = 10
   rm_lr: float = 1e-3
   rm_warmup_ratio: float = 0.03
@@ -74,7 +82,7 @@ class ControlSettings:
   champ_settings: tuple[str, ...] = ("0-Shot", "5-Shot")
   bon_ns: tuple[int, ...] = (1, 2, 4, 8)
   score_batch: int = 64
-  score_length: int = 256
+  score_length: int = 128
 
 
 def smoke_settings(out: str, code_pairs_file: str = "") -> ControlSettings:
@@ -127,14 +135,13 @@ def _base_config(s: ControlSettings) -> ml_collections.ConfigDict:
 def _pair_lines(path: epath.Path) -> list[str]:
   """The non-empty lines of a pairs JSONL file, gzipped or not."""
   if path.suffix == ".gz":
-    with gzip.open(path.open("rb"), "rt", encoding="utf-8") as f:
+    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
       return [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
   return [line + "\n" for line in path.read_text().splitlines() if line.strip()]
 
 
 def code_data(s: ControlSettings, out: epath.Path) -> tuple[epath.Path, epath.Path, epath.Path]:
   """(tokenizer, base-half prepared dir, continuation-half prepared dir) of the code pairs."""
-  from codepmp_jax.data import builtin
   from codepmp_jax.data.tokenizer import train_sentencepiece
   if s.code_pairs_file:
     lines = _pair_lines(epath.Path(s.code_pairs_file))
@@ -418,6 +425,7 @@ def define_flags() -> None:
   flags.DEFINE_string("code_pairs_file", "", "Code pairs JSONL[.gz] to use instead of synthesizing.")
   flags.DEFINE_list("ks", [str(k) for k in defaults.ks], "GSM8K training questions per RM.")
   flags.DEFINE_list("seeds", [str(x) for x in defaults.seeds], "Seeds per point (>= 2 for CIs).")
+  flags.DEFINE_integer("code_pairs", defaults.code_pairs, "Code pairs to synthesize (both halves).")
   flags.DEFINE_integer("base_steps", defaults.base_steps, "Base LM pretraining steps.")
   flags.DEFINE_integer("continue_steps", defaults.continue_steps, "LM / PMP continuation steps.")
   flags.DEFINE_integer("eval_limit", 0, "Test questions per evaluation (0: the whole test sets).")
@@ -431,7 +439,7 @@ def main(argv: list[str]) -> None:
     settings = smoke_settings(f.out, f.code_pairs_file)
   else:
     settings = ControlSettings(
-        out=f.out, ks=tuple(int(k) for k in f.ks), seeds=tuple(int(x) for x in f.seeds),
+        out=f.out, code_pairs=f.code_pairs, ks=tuple(int(k) for k in f.ks), seeds=tuple(int(x) for x in f.seeds),
         base_steps=f.base_steps, continue_steps=f.continue_steps, code_pairs_file=f.code_pairs_file,
         eval_limit=f.eval_limit or None)
   run(settings)
