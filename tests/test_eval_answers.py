@@ -46,12 +46,40 @@ TRICKY_GSM8K = [
     ("so we get \\boxed{1,250}", Fraction(1250)),
     ("No numbers here.", None),
     ("Profit: .5 million", Fraction(1, 2)),
+    ("The smallest value is 1/2.", Fraction(1, 2)),  # a full stop after the denominator
+    ("The answer is 3/4.5 hours", Fraction(3)),  # `4.5` is no denominator
 ]
 
 
 @pytest.mark.parametrize("text, expected", TRICKY_GSM8K)
 def test_gsm8k_tricky_answers(text, expected):
   assert answers.extract_gsm8k(text) == expected
+
+
+# CHAMP summaries (real ones, from champ-dataset) and the number a reader takes as the answer.
+STATED = [
+    ("There are 239 strings of length 6 consisting of the digits 1, 2, and 3, where adjacent "
+     "digits differ by less than or equal to 1.", Fraction(239)),
+    ("The number of different ordered triples (a, b, c) of non-negative integers such that "
+     "a + b + c = 99 is 5050.", Fraction(5050)),
+    ("The smallest value of the function (x^2 + 2) / sqrt(x^2 + 1) for real x is 2, which occurs "
+     "at x = 0.", Fraction(2)),
+    ("The possible value of a mod 5, given that f(x) = x^5 - x + a is divisible by x - b, is 0.",
+     Fraction(0)),
+    ("The difference between the largest and smallest possible values of ab + bc + ac for real "
+     "values a, b, c with a^2 + b^2 + c^2 = 1 is 3/2.", Fraction(3, 2)),
+    ("The minimum is \\( \\boxed{0} \\), achieved when \\( a = b = c \\).", Fraction(0)),
+    ("I found 12 of them in total.", Fraction(12)),  # no stating verb: the GSM8K reading
+    ("The answer is not determined.", None),
+]
+
+
+@pytest.mark.parametrize("text, expected", STATED)
+def test_champ_reads_the_stated_number(text, expected):
+  assert answers.extract_stated(text) == expected
+  checker = answers.AnswerChecker("champ")
+  assert checker.key(text) == expected
+  assert checker.reference_key("3 is the only possible value") == 3
 
 
 def test_gsm8k_checker_compares_numbers():

@@ -59,13 +59,14 @@ def brute_force(n: int) -> dict[str, float]:
     for subset in subsets:
       picked = [rows[i] for i in subset]
       best = max(r[2] for r in picked)
-      rm_pick = next(r for r in picked if r[2] == best)
+      rm_tied = [r for r in picked if r[2] == best]
       votes = collections.Counter(r[1] for r in picked if r[1] is not None)
       top = max(votes.values()) if votes else 0
-      majority = next((r[1] for r in picked if r[1] is not None and votes[r[1]] == top), None)
-      per_q["rm"] += rm_pick[1] == truth
+      tied_answers = [a for a, c in votes.items() if c == top]
+      per_q["rm"] += sum(r[1] == truth for r in rm_tied) / len(rm_tied)
       per_q["random"] += sum(r[1] == truth for r in picked) / n
-      per_q["majority"] += majority == truth
+      per_q["majority"] += (sum(a == truth for a in tied_answers) / len(tied_answers)
+                            if tied_answers else 0)
       per_q["oracle"] += any(r[1] == truth for r in picked)
     for method in bon.METHODS:
       totals[method] += per_q[method] / len(subsets)
@@ -119,9 +120,31 @@ def test_draws_are_without_replacement_and_seeded():
                                 list(itertools.combinations(range(5), 2)))
 
 
-def test_majority_ties_go_to_the_answer_drawn_first():
-  picks = bon.majority_picks(np.array([[2, 1, 1, 2, 0], [-1, -1, -1, -1, -1], [-1, 3, 3, -1, 0]]))
-  np.testing.assert_array_equal(picks, [0, -1, 1])
+def test_ties_score_a_uniform_pick_hand_computed():
+  # Answer ids 0..3, of which 1 and 3 are right.
+  answer_correct = np.array([False, True, False, True])
+  draws = np.array([
+      [2, 1, 1, 2, 0],    # 1 and 2 tie at two votes: one of two right -> 1/2
+      [-1, -1, -1, -1, -1],  # nobody answered -> 0
+      [-1, 3, 3, -1, 0],  # 3 wins outright -> 1
+      [0, 1, 2, 3, -1],   # four-way tie, 1 and 3 right -> 2/4
+      [0, 2, 0, 2, 1],    # 0 and 2 tie, both wrong -> 0
+  ])
+  np.testing.assert_allclose(bon.majority_accuracy(draws, answer_correct),
+                             [0.5, 0.0, 1.0, 0.5, 0.0])
+  # The RM pick: three candidates share the top reward, one of them right -> 1/3 for N=4;
+  # the same question read in the other order gives the same value (no draw-order effect).
+  rewards = np.array([1.0, 1.0, 0.2, 1.0])
+  correct = np.array([False, True, True, False])
+  ids = np.array([0, 1, 1, 2])
+  picks = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
+  acc = bon.question_accuracy(rewards, correct, ids, picks)
+  assert acc["rm"] == pytest.approx(1 / 3)
+  # Majority over all four: answer 1 has two votes and wins outright -> 1.
+  assert acc["majority"] == 1.0
+  # Two candidates: first-drawn tie-breaking would give 0 or 1 depending on the order.
+  acc = bon.question_accuracy(rewards, correct, ids, np.array([[0, 1], [1, 0]]))
+  assert (acc["rm"], acc["majority"]) == (0.5, 0.5)
 
 
 def test_bad_input_names_file_line_and_field(tmp_path):

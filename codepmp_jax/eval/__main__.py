@@ -1,7 +1,7 @@
 """`python -m codepmp_jax.eval pairwise|bon|mc ... --out=REPORT.json`: evaluate a reward model.
 
   pairwise --checkpoint=CKPT --data=FILE --format=F [--by=source]
-  bon      --candidates=FILE --task=gsm8k|math (--checkpoint=CKPT | --scores=FILE) --n=1,2,4,...
+  bon      --candidates=FILE --task=gsm8k|math|champ (--checkpoint=CKPT | --scores=FILE) --n=1,2,4,...
   mc       --checkpoint=CKPT --data=FILE --format=logiqa2|reclor [--by=type]
 
 Every mode prints a table and writes its report as JSON (accuracies are fractions).
@@ -16,7 +16,7 @@ from etils import epath
 
 from codepmp_jax import cli
 from codepmp_jax.data import loaders, registry
-from codepmp_jax.eval import bon, modes
+from codepmp_jax.eval import answers, bon, modes
 
 
 def _ns(text: str) -> list[int]:
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
   common(p, checkpoint_required=False)
   p.add_argument("--candidates", required=True,
                  help='JSONL: {"id", "question", "reference", "candidates": [...]}')
-  p.add_argument("--task", required=True, choices=("gsm8k", "math"))
+  p.add_argument("--task", required=True, choices=answers.TASKS)
   p.add_argument("--scores", help='JSONL {"id", "rewards": [...]} used instead of a checkpoint')
   p.add_argument("--n", type=_ns, default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
                  help="comma-separated N values")

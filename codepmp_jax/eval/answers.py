@@ -1,6 +1,7 @@
 """Final-answer extraction and checking for GSM8K and MATH, used to grade Best-of-N picks.
 
-GSM8K answers are numbers compared exactly as fractions; MATH answers are LaTeX strings compared
+GSM8K answers are numbers compared exactly as fractions; CHAMP answers are the number a
+one-sentence summary states (`extract_stated`), compared the same way; MATH answers are LaTeX strings compared
 after the MATH benchmark's string normalisation (Hendrycks et al. 2021) and, when both sides
 parse, by sympy in a time-limited worker process (`sympy_check.SympyChecker`).
 """
@@ -12,14 +13,14 @@ from typing import Hashable
 
 from codepmp_jax.eval import sympy_check
 
-TASKS = ("gsm8k", "math")
+TASKS = ("gsm8k", "math", "champ")
 
 # A number as written in prose: optional sign and dollar sign, thousands separators, decimals, and
 # an optional `/denominator`. The look-behind keeps `16-3` from reading as `16` and `-3`.
 _NUMBER = re.compile(
     r"(?<![\w.])(?P<sign>-)?\$?"
     r"(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)?(?P<frac>\.\d+)?"
-    r"(?:/(?P<den>\d+)(?![\d.]))?"
+    r"(?:/(?P<den>\d+)(?!\d|\.\d))?"
 )
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
 _GSM8K_MARKERS = (
@@ -68,6 +69,24 @@ def extract_gsm8k(text: str) -> Fraction | None:
       return found[0] if which == "first" else found[-1]
   found = _numbers(text)
   return found[-1] if found else None
+
+
+_STATING_VERB = re.compile(r"\b(?:is|are|equals|be)\b")
+
+
+def extract_stated(text: str) -> Fraction | None:
+  """The number a one-sentence answer states: the first number after its last `is`/`are`/`equals`.
+
+  A summary restates the problem before giving its answer ("The number of strings of length 6
+  ... is 239", "There are 144 ways to fill a 2 x 11 rectangle"), so neither the first nor the
+  last number of the sentence is reliable; the verb that introduces the answer is. Falls back to
+  `extract_gsm8k` when no such verb is followed by a number.
+  """
+  for verb in reversed(list(_STATING_VERB.finditer(text))):
+    found = _numbers(text[verb.end():])
+    if found:
+      return found[0]
+  return extract_gsm8k(text)
 
 
 # --- MATH: the benchmark's string normalisation (hendrycks/math, `is_equiv` / `_strip_string`).
@@ -186,15 +205,17 @@ class AnswerChecker:
     """Canonical answer of a candidate solution, or None when none can be extracted."""
     if self.task == "gsm8k":
       return extract_gsm8k(text)
+    if self.task == "champ":
+      return extract_stated(text)
     answer = extract_math(text)
     return None if answer is None else normalize_math(answer)
 
   def reference_key(self, reference: str) -> Hashable:
     """Canonical answer of a reference: a full solution (`####`, `\\boxed`) or the bare answer."""
-    if self.task == "gsm8k":
+    if self.task in ("gsm8k", "champ"):
       value = extract_gsm8k(reference)
       if value is None:
-        raise ValueError(f"GSM8K reference holds no number: {reference!r}")
+        raise ValueError(f"{self.task} reference holds no number: {reference!r}")
       return value
     boxed = last_boxed(reference)
     return normalize_math(reference if boxed is None else boxed)

@@ -2,10 +2,13 @@
 
 For each N, every question gets the same draws of N candidates for all four methods: all
 C(n, N) subsets when there are at most `num_draws` of them (exact), else `num_draws` random
-draws without replacement from fixed seeds. The reward model picks the highest reward (ties: the
-first drawn); random is the expected accuracy of a uniform pick among the drawn (pass@1);
-majority votes over extracted answers (ties: the answer drawn first; candidates without an
-answer don't vote); oracle is right when any drawn candidate is.
+draws without replacement from fixed seeds. The reward model picks the highest reward; random
+is the expected accuracy of a uniform pick among the drawn (pass@1); majority votes over
+extracted answers (candidates without an answer don't vote; a draw where none answered scores
+0); oracle is right when any drawn candidate is. Ties score their expected accuracy under a
+uniform pick: among the candidates sharing the top reward, and among the answers sharing the top
+vote count. Breaking them by draw order instead would tie the score to the candidates' order in
+the file (GSM8K-style files list one model's sample first), which put majority@2 below random.
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ METHODS = ("rm", "random", "majority", "oracle")
 class Question:
   """One Best-of-N question: the prompt its candidates are scored with, and their grades.
 
-  `answer_ids[i]` numbers candidate i's extracted answer (equal answers share a number; -1 when
-  none could be read), and `correct[i]` says whether candidate i is right.
+  `finals[i]`, when given, is the part of candidate i its answer is read from (CHAMP: the
+  model's one-sentence summary); otherwise the whole candidate. `answer_ids[i]` numbers
+  candidate i's extracted answer (equal answers share a number; -1 when none could be read),
+  and `correct[i]` says whether candidate i is right.
   """
 
   id: str
@@ -38,6 +43,7 @@ class Question:
   candidates: list[str]
   correct: np.ndarray | None = None
   answer_ids: np.ndarray | None = None
+  finals: list[str] | None = None
 
 
 def _field(record: dict, name: str, kind: type | tuple[type, ...], where: str):
@@ -55,7 +61,8 @@ def load_candidates(path: str | pathlib.Path) -> list[Question]:
   """Questions from a candidates file: lines `{"id", "question", "reference", "candidates"}`.
 
   Lines as `codepmp_jax.generate` writes them also work: `answer` (GSM8K's and MATH-500's field)
-  stands in for `reference`, and a `prompt` without `question` is scored verbatim.
+  stands in for `reference`, and a `prompt` without `question` is scored verbatim. An optional
+  `finals` list (one string per candidate) holds the text each answer is read from.
   """
   questions, seen = [], set()
   for line_no, record in read_json_objects(path):
@@ -77,7 +84,12 @@ def load_candidates(path: str | pathlib.Path) -> list[Question]:
       prompt = _field(record, "prompt", str, where)
     else:
       raise ValueError(f"{where}: missing field 'question' (or 'prompt')")
-    questions.append(Question(qid, prompt, str(reference), candidates))
+    finals = record.get("finals")
+    if finals is not None and (not isinstance(finals, list) or len(finals) != len(candidates)
+                               or not all(isinstance(f, str) for f in finals)):
+      raise ValueError(f"{where}: field 'finals' must be a list of {len(candidates)} strings "
+                       "(one per candidate)")
+    questions.append(Question(qid, prompt, str(reference), candidates, finals=finals))
   if not questions:
     raise ValueError(f"{path}: no records")
   return questions
@@ -116,7 +128,7 @@ def grade(questions: Sequence[Question], checker: answers.AnswerChecker) -> int:
   for q in questions:
     reference = checker.reference_key(q.reference)
     ids, verdicts, correct, answer_ids = {}, {}, [], []
-    for text in q.candidates:
+    for text in (q.finals if q.finals is not None else q.candidates):
       key = checker.key(text)
       if key is None:
         unanswered += 1
@@ -143,34 +155,44 @@ def draws(num_candidates: int, n: int, num_draws: int, seed: Sequence[int]) -> n
   return np.argsort(rng.random((num_draws, num_candidates)), axis=1)[:, :n]
 
 
-def majority_picks(answer_ids: np.ndarray) -> np.ndarray:
-  """[D] position of the majority answer's first occurrence in each draw (-1: no answers at all).
+def majority_accuracy(answer_ids: np.ndarray, answer_correct: np.ndarray) -> np.ndarray:
+  """[D] expected accuracy of majority vote in each draw, ties split uniformly among answers.
 
-  `answer_ids` is [D, N]; the most frequent id wins, ties go to the id drawn first.
+  `answer_ids` is [D, N] (-1: no answer, no vote); `answer_correct[a]` says whether answer id
+  `a` is right. The most frequent answers win; with t of them tied, each is picked with
+  probability 1/t. A draw without any answer scores 0.
   """
   d, n = answer_ids.shape
-  k = int(answer_ids.max()) + 1 if answer_ids.size else 0
+  k = len(answer_correct)
   if k == 0:
-    return np.full(d, -1)
+    return np.zeros(d)
   valid = answer_ids >= 0
   rows = np.repeat(np.arange(d), n)
   counts = np.zeros((d, k), np.int64)
   np.add.at(counts, (rows[valid.ravel()], answer_ids[valid]), 1)
-  first = np.full((d, k), n, np.int64)
-  positions = np.tile(np.arange(n), d)
-  np.minimum.at(first, (rows[valid.ravel()], answer_ids[valid]), positions[valid.ravel()])
   best = counts.max(axis=1, keepdims=True)
-  winner_first = np.where(counts == best, first, n).min(axis=1)
-  return np.where(best[:, 0] > 0, winner_first, -1)
+  tied = (counts == best) & (best > 0)
+  num_tied = tied.sum(axis=1)
+  hits = (tied & np.asarray(answer_correct, bool)[None, :]).sum(axis=1)
+  return np.where(num_tied > 0, hits / np.maximum(num_tied, 1), 0.0)
+
+
+def answer_correctness(correct: np.ndarray, answer_ids: np.ndarray) -> np.ndarray:
+  """[K] whether each answer id is right (all candidates with one answer share its grade)."""
+  out = np.zeros(int(answer_ids.max()) + 1 if answer_ids.size else 0, bool)
+  valid = answer_ids >= 0
+  out[answer_ids[valid]] = correct[valid]
+  return out
 
 
 def question_accuracy(rewards: np.ndarray, correct: np.ndarray, answer_ids: np.ndarray,
                       picks: np.ndarray) -> dict[str, float]:
   """Mean accuracy of each method over the draws `picks` [D, N] of one question."""
   drawn_correct = correct[picks]
-  rm = drawn_correct[np.arange(len(picks)), np.argmax(rewards[picks], axis=1)]
-  major = majority_picks(answer_ids[picks])
-  majority = np.where(major >= 0, drawn_correct[np.arange(len(picks)), np.maximum(major, 0)], False)
+  drawn_rewards = rewards[picks]
+  top = drawn_rewards == drawn_rewards.max(axis=1, keepdims=True)
+  rm = (top & drawn_correct).sum(axis=1) / top.sum(axis=1)
+  majority = majority_accuracy(answer_ids[picks], answer_correctness(correct, answer_ids))
   return {"rm": float(rm.mean()), "random": float(drawn_correct.mean()),
           "majority": float(majority.mean()), "oracle": float(drawn_correct.any(axis=1).mean())}
 

@@ -17,6 +17,7 @@ import sys
 import time
 
 from codepmp_jax.synth import backends
+from codepmp_jax.synth import classify
 from codepmp_jax.synth import filters
 from codepmp_jax.synth import llm_strategy
 from codepmp_jax.synth import merge
@@ -30,7 +31,7 @@ STRATEGIES = ("mutate",) + llm_strategy.STRATEGIES
 # Flags that do not change what is written (a resumed run may change them).
 RUNTIME_FLAGS = {"out", "max_pairs", "workers", "check", "merge", "log_level", "concurrency",
                  "timeout_s", "max_retries", "backoff_s", "api_key_env", "base_url",
-                 "describe_base_url", "strong_base_url", "weak_base_url"}
+                 "describe_base_url", "strong_base_url", "weak_base_url", "classify_base_url"}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -135,6 +136,7 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
                  help="sampling of the strong and weak answers")
   g.add_argument("--respond_top_p", type=float, default=s["top_p"], help="as above")
   g.add_argument("--respond_max_tokens", type=int, default=s["max_tokens"], help="as above")
+  classify.add_flags(p)
   args = p.parse_args(argv)
   if not 0 <= args.shard_index < args.num_shards:
     p.error(f"--shard_index={args.shard_index} must be in [0, --num_shards={args.num_shards})")
@@ -173,6 +175,11 @@ def run(args: argparse.Namespace) -> dict:
   with pipeline.worker_pool(args.workers, state) as pmap:
     docs, corpus_counts, sources, examples = pipeline.collect_documents(
         _csv(args.source), args.shard_index, args.num_shards, pmap, args.near_dup_threshold)
+    classify_counts = None
+    if args.classify_model:
+      classifier = _backend(args, args.classify_model, args.classify_base_url)
+      used_backends.append(classifier)
+      docs, classify_counts = classify.select(docs, classifier, classify.settings_from_flags(args))
     chunks = [docs[i:i + args.docs_per_shard] for i in range(0, len(docs), args.docs_per_shard)]
     out = pipeline.output_dir(args.out, args.shard_index, args.num_shards)
     writer = writer_lib.ShardWriter(out, settings, len(chunks))
@@ -186,7 +193,7 @@ def run(args: argparse.Namespace) -> dict:
       describer = _backend(args, args.describe_model, args.describe_base_url)
       weak = _backend(args, args.weak_model, args.weak_base_url)
       strong = _backend(args, args.strong_model, args.strong_base_url) if args.strategy == "llm" else None
-      used_backends = [b for b in (describer, strong, weak) if b is not None]
+      used_backends += [b for b in (describer, strong, weak) if b is not None]
       models = {"describe": describer.name, "strong": strong.name if strong else "human",
                 "weak": weak.name}
       describe = llm_strategy.Sampling(args.describe_temperature, args.describe_top_p,
@@ -212,7 +219,8 @@ def run(args: argparse.Namespace) -> dict:
       **base, "complete": True, "models": models,
       "sampling": None if models is None else {
           "describe": describe.kwargs(), "respond": respond.kwargs()},
-      "counts": {"corpus": corpus_counts, "strategy": strategy_counts, "pairs_written": pairs},
+      "counts": {"corpus": corpus_counts, "classify": classify_counts, "strategy": strategy_counts,
+                 "pairs_written": pairs},
       "lengths": lengths, "length_sums": length_sums, "bad_input_examples": examples,
       "backend_requests": {b.name: dict(b.stats) for b in used_backends},
       "shards": [{k: s[k] for k in ("file", "records", "available", "sha256")} for s in used],
