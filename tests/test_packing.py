@@ -77,11 +77,13 @@ def test_model_on_packed_rows_equals_padded(impl):
   model = transformer.RewardModel(MODEL.replace(attention=impl))
   padded = pipeline.collate(arrays, 16, PAD)
   ids = padded["input_ids"].reshape(-1, 16)
-  ref = model.apply({"params": params}, ids, padded["attention_mask"].reshape(-1, 16), return_logits=True)
+  ref = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, return_logits=True))(
+      params, ids, padded["attention_mask"].reshape(-1, 16))
   result = packing.pack_pairs(arrays, row_len=40, max_pairs_per_row=3, pad_id=PAD)
   b = result.batch
-  out = model.apply({"params": params}, b["input_ids"], b["segment_ids"] > 0, return_logits=True,
-                    segment_ids=b["segment_ids"], positions=b["positions"], reward_index=b["reward_index"])
+  out = jax.jit(lambda p, b: model.apply(
+      {"params": p}, b["input_ids"], b["segment_ids"] > 0, return_logits=True,
+      segment_ids=b["segment_ids"], positions=b["positions"], reward_index=b["reward_index"]))(params, b)
   for row, k in zip(*np.nonzero(result.slots >= 0)):
     pair = result.slots[row, k]
     for which in (0, 1):
@@ -110,8 +112,8 @@ def test_packed_loss_and_gradients_equal_padded():
     sums = step.packed_microbatch_sums(model, p, packed, LOSS)
     return losses.loss_from_sums(sums, LOSS), sums
 
-  (ref_loss, ref_sums), ref_grads = jax.value_and_grad(padded_loss, has_aux=True)(params)
-  (loss, sums), grads = jax.value_and_grad(packed_loss, has_aux=True)(params)
+  (ref_loss, ref_sums), ref_grads = jax.jit(jax.value_and_grad(padded_loss, has_aux=True))(params)
+  (loss, sums), grads = jax.jit(jax.value_and_grad(packed_loss, has_aux=True))(params)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for key in losses.SUM_KEYS:
     np.testing.assert_allclose(sums[key], ref_sums[key], rtol=1e-5, atol=1e-5, err_msg=key)
