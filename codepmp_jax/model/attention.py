@@ -147,9 +147,12 @@ def _splash_kernel(heads: int, length: int, causal: bool, sliding_window: int | 
   sizes = kernel_lib.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
       block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-  return kernel_lib.make_splash_mha(
-      mask_lib.MultiHeadMask([head_mask] * heads), head_shards=1, q_seq_shards=1,
-      block_sizes=sizes, interpret=interpret)
+  # Built as concrete arrays even when first called under a trace, so the cached kernel can serve
+  # later traces.
+  with jax.ensure_compile_time_eval():
+    return kernel_lib.make_splash_mha(
+        mask_lib.MultiHeadMask([head_mask] * heads), head_shards=1, q_seq_shards=1,
+        block_sizes=sizes, interpret=interpret)
 
 
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
