@@ -48,6 +48,9 @@ def test_splash_with_lengths_equals_plain_on_real_tokens():
 def test_auto_resolves_by_backend():
   assert [attention.resolve_implementation("auto", b) for b in ("gpu", "tpu", "cpu")] == [
       "fused", "splash", "plain"]
+  # cuDNN's kernel takes bf16/fp16 and head_dim <= 128 only
+  assert attention.resolve_implementation("auto", "gpu", jnp.float32) == "plain"
+  assert attention.resolve_implementation("auto", "gpu", jnp.bfloat16, head_dim=256) == "plain"
   assert attention.resolve_implementation("splash", "cpu") == "splash"
 
 

@@ -8,7 +8,8 @@
   splash  the Pallas TPU splash attention kernel (`jax.experimental.pallas.ops.tpu`), which skips
           every fully masked [block_q, block_kv] tile, so packed rows pay only for the attention
           within their segments; `interpret=True` runs it on any backend (tests on CPU).
-  auto    fused on GPU, splash on TPU, plain elsewhere (`resolve_implementation`).
+  auto    fused on GPU (for bf16/fp16 and head_dim <= 128, what cuDNN takes), splash on TPU,
+          plain elsewhere (`resolve_implementation`).
 All take the mask as what the model knows about its batch (causal, right-padding lengths, segment
 ids of packed rows, an optional sliding window) rather than as a materialised bias, so the kernels
 can use their built-in masks; a precomputed additive `bias` (e.g. over a key/value cache) is
@@ -32,12 +33,18 @@ IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def resolve_implementation(implementation: str, backend: str | None = None) -> str:
-  """"auto" -> the fast path of `backend` (default: JAX's default backend); other names unchanged."""
+def resolve_implementation(implementation: str, backend: str | None = None, dtype=jnp.bfloat16,
+                           head_dim: int = 128) -> str:
+  """"auto" -> the fast path of `backend` (default: JAX's default backend) for inputs of `dtype`
+  and `head_dim`; other names are returned unchanged."""
   if implementation != "auto":
     return implementation
   backend = backend or jax.default_backend()
-  return {"gpu": "fused", "tpu": "splash"}.get(backend, "plain")
+  if backend == "tpu":
+    return "splash"
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128:
+    return "fused"
+  return "plain"
 
 
 def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None, causal: bool,
@@ -198,6 +205,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
   fn = {"plain": plain_attention, "fused": fused_attention,
-        "splash": splash_attention}[resolve_implementation(implementation)]
+        "splash": splash_attention}[resolve_implementation(
+            implementation, dtype=query.dtype, head_dim=query.shape[-1])]
   return fn(query, key, value, bias=bias, lengths=lengths, causal=causal,
             sliding_window=sliding_window, segment_ids=segment_ids)

@@ -43,7 +43,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = False
-  attention: str = "auto"  # auto: fused (cuDNN) on GPU, splash on TPU, plain on CPU
+  attention: str = "auto"  # auto: fused (cuDNN, bf16) on GPU, splash on TPU, else plain
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
