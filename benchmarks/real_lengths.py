@@ -11,8 +11,9 @@ on both (also cached). Each data set's first `--num_pairs` pairs are trained on,
 by every mode:
   padded    ours, `--pairs` pairs per step, every sequence padded to `seq_len`;
   bucketed  ours, each step padded to the bucket (next multiple of 128) of its longest sequence;
-  packed    ours, `data.packing.pack_pairs` into `--pairs` rows of `2 * seq_len` tokens (the same
-            row tokens per step as padded), leftovers carried into the next step;
+  packed    ours, `data.packing.pack_pairs` into `--pairs` rows of `--row_len` tokens (default
+            `2 * seq_len`: the row tokens of a padded step, and room for any pair; `seq_len` halves
+            the rows' attention cost where every pair fits), leftovers carried into the next step;
   peer      transformers + torch (`benchmarks.train_step.Peer`), `--pairs` pairs per step padded
             to the longest sequence of the step, as TRL's collator does.
 Every shape is compiled (ours) or run once (peer) before timing. Reported: real tokens / second
@@ -183,6 +184,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--pairs", type=int, default=4, help="pairs per padded step = rows per packed step")
   parser.add_argument("--num_pairs", type=int, default=32, help="pairs per data set (all modes train on them)")
   parser.add_argument("--max_pairs_per_row", type=int, default=8)
+  parser.add_argument("--row_len", type=int, default=0, help="packed row length (0: 2 * seq_len)")
   parser.add_argument("--data", default="stdlib,gsm8k")
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--vocab_size", type=int, default=4000, help="sentencepiece pieces")
@@ -220,7 +222,8 @@ def main(argv: list[str]) -> None:
     usable = _take(arrays, range(len(arrays) // args.pairs * args.pairs))
     for mode in args.modes:
       if mode == "packed":
-        batches = packed_batches(usable, args.pairs, 2 * args.seq_len, args.max_pairs_per_row, 0)
+        batches = packed_batches(usable, args.pairs, args.row_len or 2 * args.seq_len,
+                                 args.max_pairs_per_row, 0)
       else:
         batches = padded_batches(usable, args.pairs, args.seq_len, 0, mode)
       tokens = sum(real_tokens(b) for b in batches)

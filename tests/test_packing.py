@@ -69,12 +69,17 @@ def _params():
   return nn.unbox(transformer.init_params(MODEL, jax.random.key(1)))
 
 
-@pytest.mark.parametrize("impl", ["plain", "fused"])
-def test_model_on_packed_rows_equals_padded(impl):
-  """Rewards and LM logits of each packed sequence equal those of the padded batch (1e-5)."""
+@pytest.mark.parametrize("impl,scan", [("plain", False), ("fused", False), ("plain", True)])
+def test_model_on_packed_rows_equals_padded(impl, scan):
+  """Rewards and LM logits of each packed sequence equal those of the padded batch (1e-5), also
+  with the layers scanned and rematerialised."""
   arrays = _pairs()
   params = _params()
-  model = transformer.RewardModel(MODEL.replace(attention=impl))
+  config = MODEL.replace(attention=impl)
+  if scan:
+    config = config.replace(scan_layers=True, remat_policy="full")
+    params = transformer.stack_layers(params, config.num_layers)
+  model = transformer.RewardModel(config)
   padded = pipeline.collate(arrays, 16, PAD)
   ids = padded["input_ids"].reshape(-1, 16)
   ref = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, return_logits=True))(
