@@ -11,12 +11,13 @@ on both (also cached). Each data set's first `--num_pairs` pairs are trained on,
 by every mode:
   padded    ours, `--pairs` pairs per step, every sequence padded to `seq_len`;
   bucketed  ours, each step padded to the bucket (next multiple of 128) of its longest sequence;
-  packed    ours, `data.packing.pack_pairs` into `--pairs` rows of `--row_len` tokens (default
-            `2 * seq_len`: the row tokens of a padded step, and room for any pair; `seq_len` halves
-            the rows' attention cost where every pair fits), leftovers carried into the next step;
+  packed    ours, each step's pairs packed by `data.packing.pack_batch` into rows of `--row_len`
+            tokens (default `2 * seq_len`, room for any pair; `seq_len` halves the rows' attention
+            cost where every pair fits), the row count in quarter-octave buckets;
   peer      transformers + torch (`benchmarks.train_step.Peer`), `--pairs` pairs per step padded
             to the longest sequence of the step, as TRL's collator does.
-Every shape is compiled (ours) or run once (peer) before timing. Reported: real tokens / second
+Every mode trains on the same pairs in the same `--pairs`-pair steps. Every shape is compiled (ours)
+or run once (peer) before timing. Reported: real tokens / second
 over all steps of the mode (chosen and rejected tokens, padding excluded) and the packing
 efficiency. One side runs at a time (see benchmarks/train_step.py).
 """
@@ -106,16 +107,12 @@ def padded_batches(arrays: PairArrays, pairs: int, seq_len: int, pad_id: int, mo
   return batches
 
 
-def packed_batches(arrays: PairArrays, rows: int, row_len: int, max_pairs_per_row: int,
+def packed_batches(arrays: PairArrays, pairs: int, row_len: int, max_pairs_per_row: int,
                    pad_id: int) -> list[dict]:
-  """The pairs in order, packed `rows` x `row_len` at a time, leftovers first into the next batch."""
-  batches, pending = [], np.arange(len(arrays))
-  while len(pending):
-    result = packing.pack_pairs(_take(arrays, pending), row_len=row_len,
-                                max_pairs_per_row=max_pairs_per_row, pad_id=pad_id, num_rows=rows)
-    batches.append(result.batch)
-    pending = pending[result.left_over]
-  return batches
+  """Consecutive `pairs`-pair batches, each packed whole (`packing.pack_batch`)."""
+  return [packing.pack_batch(_take(arrays, range(start, start + pairs)), row_len=row_len,
+                             max_pairs_per_row=max_pairs_per_row, pad_id=pad_id).batch
+          for start in range(0, len(arrays) - pairs + 1, pairs)]
 
 
 def real_tokens(batch: dict) -> int:
@@ -181,7 +178,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shape", default="tiny", help="model preset (vocab_size is set to the tokenizer's)")
   parser.add_argument("--seq_len", type=int, default=256)
-  parser.add_argument("--pairs", type=int, default=4, help="pairs per padded step = rows per packed step")
+  parser.add_argument("--pairs", type=int, default=8, help="pairs per step (every mode)")
   parser.add_argument("--num_pairs", type=int, default=32, help="pairs per data set (all modes train on them)")
   parser.add_argument("--max_pairs_per_row", type=int, default=8)
   parser.add_argument("--row_len", type=int, default=0, help="packed row length (0: 2 * seq_len)")

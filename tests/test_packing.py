@@ -60,6 +60,19 @@ def test_first_fit_decreasing_fixed_rows_and_left_over():
   assert sorted(placed + result.left_over.tolist()) == list(range(6)) and len(placed) == 4
 
 
+def test_pack_batch_takes_every_pair_and_rounds_rows_up():
+  arrays = _pairs(n=11)
+  result = packing.pack_batch(arrays, row_len=32, max_pairs_per_row=2, pad_id=PAD, row_multiple=4)
+  used = int((result.slots >= 0).any(axis=1).sum())
+  assert sorted(result.slots[result.slots >= 0].tolist()) == list(range(11))
+  assert result.left_over.size == 0
+  rows = len(result.slots)
+  assert rows % 4 == 0 and used <= rows < used + 4 + rows // 4
+  assert all(v.shape[0] == rows for v in result.batch.values())
+  assert not result.batch["segment_ids"][used:].any() and not result.batch["pair_valid"][used:].any()
+  assert result.efficiency == pytest.approx(arrays.lengths.sum() / (rows * 32))
+
+
 def test_pair_longer_than_a_row_is_an_error():
   with pytest.raises(ValueError, match="pair 1 has 12 tokens"):
     packing.assign_rows(np.array([4, 12]), row_len=10, max_pairs_per_row=2)

@@ -25,6 +25,10 @@ without it, as many rows are used as the pairs need. The batch layout:
   pair_valid   [R, K] float32 1 where the slot holds a pair
   margin       [R, K] float32 the pair's margin (0 in empty slots)
 
+`pack_batch` is the form a training pipeline wants: ALL of a batch's pairs (so a step still trains
+on a fixed number of pairs, as the padded step does, and resuming stays exact), in as many rows as
+they need, the row count rounded up to a multiple of `row_multiple` (the devices the rows are split
+over, times the microbatches) in a few sizes per octave, so only a few shapes are compiled.
 `codepmp_jax.step.make_packed_train_step` trains on it with the same loss and gradients as the
 padded step on the same pairs.
 """
@@ -34,7 +38,7 @@ import dataclasses
 
 import numpy as np
 
-from codepmp_jax.data.encode import PairArrays
+from codepmp_jax.data.encode import PairArrays, bucket_length
 
 ORDERS = ("ffd", "first_fit")
 PACKED_KEYS = ("input_ids", "segment_ids", "positions", "lm_mask", "reward_index", "pair_valid",
@@ -142,3 +146,25 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
     slots[row, slot[row]] = i
     slot[row] += 1
   return PackResult(batch, slots, np.flatnonzero(rows < 0))
+
+
+def pack_batch(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
+               row_multiple: int = 1, steps_per_octave: int = 4, order: str = "ffd") -> PackResult:
+  """Every pair of `arrays` packed, the rows padded with empty ones to `row_multiple` x a bucket.
+
+  The bucket is `encode.bucket_length(rows / row_multiple, minimum=1, steps_per_octave)`, so a
+  padded row count wastes under `1 / steps_per_octave` of the rows and a run compiles a few
+  shapes. Empty rows are all padding (`segment_ids` 0, no valid pair slot).
+  """
+  if row_multiple < 1:
+    raise ValueError(f"row_multiple must be at least 1, got {row_multiple}")
+  packed = pack_pairs(arrays, row_len=row_len, max_pairs_per_row=max_pairs_per_row, pad_id=pad_id,
+                      order=order)
+  rows = len(packed.slots)
+  target = row_multiple * bucket_length(max(-(-rows // row_multiple), 1), 1, steps_per_octave)
+  extra = target - rows
+  batch = {key: np.concatenate([value, np.full((extra,) + value.shape[1:],
+                                               pad_id if key == "input_ids" else 0, value.dtype)])
+           for key, value in packed.batch.items()}
+  slots = np.concatenate([packed.slots, np.full((extra, max_pairs_per_row), -1, np.int64)])
+  return PackResult(batch, slots, packed.left_over)
