@@ -140,6 +140,11 @@ class Peer:
     self.grad_clip = opt.grad_clip
     self.autocast = dict(device_type=self.device.type, dtype=getattr(torch, dtype),
                          enabled=dtype != "float32")
+    self.set_batch(batch)
+
+  def set_batch(self, batch: Batch) -> None:
+    """The `[B, 2, L]` host batch the next steps train on (moved to the device once)."""
+    torch = self.torch
     pairs, _, length = batch["input_ids"].shape
     as_tensor = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(self.device)  # noqa: E731
     self.ids = as_tensor(batch["input_ids"].reshape(2 * pairs, length)).long()

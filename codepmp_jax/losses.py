@@ -242,3 +242,36 @@ def pmp_loss(
   """
   sums = pair_sums(chosen_rewards, rejected_rewards, lm_sum, lm_count, margin, cfg)
   return loss_from_sums(sums, cfg), metrics_from_sums(sums, cfg)
+
+
+def masked_pair_sums(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    valid: jax.Array,
+    lm_sum: jax.Array,
+    lm_count: jax.Array,
+    margin: jax.Array | None,
+    cfg: Any,
+) -> dict[str, jax.Array]:
+  """`pair_sums` over the pairs where `valid` is 1 (packed batches have empty pair slots).
+
+  All inputs are flat `[P]`; an empty slot adds nothing to any sum, so the sums equal
+  `pair_sums` of the valid pairs alone.
+  """
+  w = valid.astype(jnp.float32)
+  chosen = chosen_rewards.astype(jnp.float32)
+  rejected = rejected_rewards.astype(jnp.float32)
+  bt = bradley_terry(chosen, rejected, margin if cfg.use_margin else None, cfg.loss_type)
+  return {
+      "num_pairs": jnp.sum(w),
+      "bt_sum": jnp.sum(w * bt),
+      "center_sum": jnp.sum(w * jnp.square(chosen + rejected)),
+      "lm_sum": jnp.asarray(lm_sum, jnp.float32),
+      "lm_count": jnp.asarray(lm_count, jnp.float32),
+      "correct": jnp.sum(w * (chosen > rejected).astype(jnp.float32)),
+      "margin_sum": jnp.sum(w * (chosen - rejected)),
+      "chosen_sum": jnp.sum(w * chosen),
+      "chosen_sq_sum": jnp.sum(w * jnp.square(chosen)),
+      "rejected_sum": jnp.sum(w * rejected),
+      "rejected_sq_sum": jnp.sum(w * jnp.square(rejected)),
+  }

@@ -36,24 +36,32 @@ from codepmp_jax.data.tokenizer import load_tokenizer
 from codepmp_jax.model import transformer
 
 EXAMPLES_SHOWN = 10
+MAX_ROWS_FACTOR = 8  # short buckets batch up to 8x the rows of the longest one
 
 
 class RewardScorer:
   """A checkpoint's reward for token sequences or (prompt, response) texts, batched and jitted.
 
-  Sequences are sorted by length and padded to power-of-two lengths, so only a few shapes are
-  compiled; the batch is split over the mesh's data axes.
+  Sequences are sorted by length and padded to power-of-two lengths (`bucket_length`); shorter
+  buckets take proportionally more rows (up to `MAX_ROWS_FACTOR` x `batch_size`), so a batch holds
+  about the same number of tokens and each bucket is one compiled shape. The layers run under
+  `nn.scan` (params stacked once at load), so a compile traces one layer, not all of them. The
+  batch is split over the mesh's data axes.
   """
 
   def __init__(self, checkpoint_path: str | os.PathLike, batch_size: int = 16, max_length: int = 1024,
                mesh_shape: Sequence[int] = (-1, 1, 1), show_progress: bool = True):
     path = epath.Path(checkpoint_path)
-    self.config = checkpoint.load_model_config(path).replace(scan_layers=False, remat_policy="none")
+    canonical = checkpoint.load_model_config(path).replace(scan_layers=False, remat_policy="none")
+    self.config = canonical.replace(scan_layers=True)
     self.mesh = sharding.make_mesh(mesh_shape)
     self.rules = sharding.DEFAULT_RULES
-    boxed = jax.eval_shape(lambda: transformer.init_params(self.config, jax.random.key(0)))
-    param_shardings = sharding.logical_sharding(nn.get_partition_spec(boxed), self.mesh, self.rules)
-    self.params, _ = checkpoint.load_model(path, shardings=param_shardings)
+    shardings_of = lambda config: sharding.logical_sharding(nn.get_partition_spec(jax.eval_shape(  # noqa: E731
+        lambda: transformer.init_params(config, jax.random.key(0)))), self.mesh, self.rules)
+    params, _ = checkpoint.load_model(path, shardings=shardings_of(canonical))
+    param_shardings = shardings_of(self.config)
+    self.params = jax.jit(lambda p: transformer.stack_layers(p, canonical.num_layers),
+                          out_shardings=param_shardings)(params)
     tokenizer_dir = path / checkpoint.TOKENIZER_DIR
     self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
     self.prompt_format = templates.load_prompt_format(path)  # None if the checkpoint records none
@@ -74,15 +82,12 @@ class RewardScorer:
     for i, seq in enumerate(sequences):
       if not 0 < len(seq) <= self.max_length:
         raise ValueError(f"sequence {i} has {len(seq)} tokens; scoring needs 1..{self.max_length}")
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     rewards = np.zeros(len(sequences), np.float32)
     bar = tqdm(total=len(sequences), unit="seq", desc="score", disable=not self.show_progress)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      for start in range(0, len(order), self.batch_size):
-        rows = order[start:start + self.batch_size]
-        length = min(bucket_length(len(sequences[rows[0]])), self.max_length)
-        ids = np.full((self.batch_size, length), self.pad_id, np.int32)
-        mask = np.zeros((self.batch_size, length), np.int32)
+      for rows, length, batch_rows in self.length_batches([len(s) for s in sequences]):
+        ids = np.full((batch_rows, length), self.pad_id, np.int32)
+        mask = np.zeros((batch_rows, length), np.int32)
         mask[len(rows):, 0] = 1  # filler rows: one token, result discarded
         for row, index in enumerate(rows):
           ids[row, :len(sequences[index])] = sequences[index]
@@ -93,6 +98,24 @@ class RewardScorer:
         bar.update(len(rows))
     bar.close()
     return rewards
+
+  def length_batches(self, lengths: Sequence[int]) -> list[tuple[list[int], int, int]]:
+    """(indices, padded length, rows) of each batch: longest first, each bucket's rows scaled up
+    as its padded length falls (`batch_size` x min(MAX_ROWS_FACTOR, longest bucket // length)).
+
+    A batch never mixes buckets, so every bucket compiles once; callers restore the input order
+    from the indices.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: dict[int, list[int]] = {}
+    for i in order:
+      buckets.setdefault(min(bucket_length(lengths[i]), self.max_length), []).append(i)
+    longest = max(buckets, default=1)
+    batches = []
+    for length, indices in buckets.items():
+      rows = self.batch_size * max(1, min(MAX_ROWS_FACTOR, longest // length))
+      batches += [(indices[s:s + rows], length, rows) for s in range(0, len(indices), rows)]
+    return batches
 
   def encode(self, prompt: str, response: str) -> tuple[list[int], bool]:
     """prompt + response + end token, cut to `max_length` as training cuts it; and whether it was cut."""

@@ -131,3 +131,76 @@ def jit_eval_step(eval_step: Callable, param_sharding: Any,
                   batch_sharding: dict[str, NamedSharding], mesh: Mesh) -> Callable:
   return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding),
                  out_shardings=sharding.replicated(mesh))
+
+
+# Packed pairs (codepmp_jax.data.packing): rows [R, L] holding several pairs each.
+PACKED_BATCH_KEYS = ("input_ids", "segment_ids", "positions", "lm_mask", "reward_index",
+                     "pair_valid", "margin")
+
+
+def packed_batch_shardings(mesh: Mesh, rules: sharding.LogicalRules) -> dict[str, NamedSharding]:
+  """Packed batches are split over their rows; a pair's two sequences share a row."""
+  return {key: sharding.batch_sharding(mesh, rules, 2) for key in PACKED_BATCH_KEYS}
+
+
+def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any
+                           ) -> dict[str, jax.Array]:
+  """`_microbatch_sums` of a packed (micro)batch: the same sums as the padded batch of its pairs.
+
+  Rewards are read at `reward_index` (chosen, rejected, chosen, ... per row); empty pair slots
+  (`pair_valid` 0) add nothing. The LM head runs over every row (rejected tokens included, their
+  weight 0), as chosen and rejected share rows.
+  """
+  want_lm = loss_cfg.lm_coef != 0
+  ids = batch["input_ids"]
+  out = model.apply({"params": params}, ids, batch["segment_ids"] > 0, return_logits=want_lm,
+                    segment_ids=batch["segment_ids"], positions=batch["positions"],
+                    reward_index=batch["reward_index"])
+  chosen, rejected = out.rewards[:, 0::2].reshape(-1), out.rewards[:, 1::2].reshape(-1)
+  if want_lm:
+    lm_sum, lm_count = losses.lm_cross_entropy(out.logits, ids, batch["lm_mask"])
+  else:
+    lm_sum = lm_count = jnp.zeros((), jnp.float32)
+  return losses.masked_pair_sums(chosen, rejected, batch["pair_valid"].reshape(-1), lm_sum, lm_count,
+                                 batch["margin"].reshape(-1), loss_cfg)
+
+
+def make_packed_train_step(model: transformer.RewardModel, optimizer: optax.GradientTransformation,
+                           loss_cfg: Any, microbatches: int = 1) -> Callable[[TrainState, Batch], tuple]:
+  """`make_train_step` for packed batches; microbatches split the rows (every M-th row).
+
+  The loss divides by the whole batch's valid pairs and LM tokens, so loss and gradients equal
+  those of the padded step on the same pairs.
+  """
+
+  def loss_fn(params, microbatch, num_pairs, lm_count):
+    sums = packed_microbatch_sums(model, params, microbatch, loss_cfg)
+    return losses.loss_from_sums(sums, loss_cfg, num_pairs, lm_count), sums
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch):
+    num_pairs = jnp.maximum(jnp.sum(batch["pair_valid"].astype(jnp.float32)), 1.0)
+    lm_count = losses.count_lm_tokens(batch["lm_mask"])
+    if microbatches == 1:
+      grads, sums = grad_fn(state.params, batch, num_pairs, lm_count)
+    else:
+      split = _split_microbatches(batch, microbatches)
+      def accumulate(carry, microbatch):
+        grads, sums = grad_fn(state.params, microbatch, num_pairs, lm_count)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          grad_fn, state.params, jax.tree.map(lambda x: x[0], split), num_pairs, lm_count))
+      (grads, sums), _ = jax.lax.scan(accumulate, zeros, split)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = losses.metrics_from_sums(sums, loss_cfg)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_packed_eval_step(model: transformer.RewardModel, loss_cfg: Any) -> Callable[[Any, Batch], dict]:
+  """(params, packed batch) -> additive sums, as `make_eval_step`."""
+  return lambda params, batch: packed_microbatch_sums(model, params, batch, loss_cfg)

@@ -1,17 +1,27 @@
-"""Scaled dot-product attention with grouped-query heads: a plain XLA path and a fused kernel path.
+"""Scaled dot-product attention with grouped-query heads: a plain XLA path and two kernel paths.
 
 `dot_product_attention(..., implementation=NAME)` picks the path by name:
-  plain  einsums and a float32 softmax written out here; runs everywhere and is the reference.
-  fused  `jax.nn.dot_product_attention`: cuDNN flash attention on GPU (bf16/fp16, head_dim <= 128),
-         which never materialises the [L, L] scores and skips the masked half of causal attention;
-         JAX's default implementation elsewhere.
-Both take the mask as what the model knows about its batch (causal, right-padding lengths, an
-optional sliding window) rather than as a materialised bias, so the fused kernel can use its
-built-in masks; a precomputed additive `bias` (e.g. over a key/value cache) is accepted too.
-Masked keys get a large negative logit, not -inf, so a row with no visible key stays finite.
+  plain   einsums and a float32 softmax written out here; runs everywhere and is the reference.
+  fused   `jax.nn.dot_product_attention`: cuDNN flash attention on GPU (bf16/fp16, head_dim <= 128),
+          which never materialises the [L, L] scores and skips the masked half of causal attention;
+          JAX's default implementation elsewhere.
+  splash  the Pallas TPU splash attention kernel (`jax.experimental.pallas.ops.tpu`), which skips
+          every fully masked [block_q, block_kv] tile, so packed rows pay only for the attention
+          within their segments; `interpret=True` runs it on any backend (tests on CPU).
+  auto    fused on GPU (for bf16/fp16 and head_dim <= 128, what cuDNN takes), splash on TPU,
+          plain elsewhere (`resolve_implementation`).
+All take the mask as what the model knows about its batch (causal, right-padding lengths, segment
+ids of packed rows, an optional sliding window) rather than as a materialised bias, so the kernels
+can use their built-in masks; a precomputed additive `bias` (e.g. over a key/value cache) is
+accepted by plain and fused. Masked keys get a large negative logit, not -inf, so a row with no
+visible key stays finite.
+
+Segment ids ([B, L] int, packed rows): a query sees only keys of its own segment. Padding carries
+segment 0, so padding tokens see only padding (never a real token) and stay finite.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -23,12 +33,28 @@ IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+def resolve_implementation(implementation: str, backend: str | None = None, dtype=jnp.bfloat16,
+                           head_dim: int = 128) -> str:
+  """"auto" -> the fast path of `backend` (default: JAX's default backend) for inputs of `dtype`
+  and `head_dim`; other names are returned unchanged."""
+  if implementation != "auto":
+    return implementation
+  backend = backend or jax.default_backend()
+  if backend == "tpu":
+    return "splash"
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128:
+    return "fused"
+  return "plain"
+
+
 def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None, causal: bool,
-                   sliding_window: int | None) -> jax.Array | None:
+                   sliding_window: int | None, segment_ids: jax.Array | None = None
+                   ) -> jax.Array | None:
   """Boolean [B or 1, 1, T, S] mask: which keys each query may see (None: all of them).
 
   Query t sits at position t and key s at position s. `lengths` [B] marks keys at or after a
-  row's length as padding (right-padded rows); `sliding_window` w keeps keys with t - s < w.
+  row's length as padding (right-padded rows); `sliding_window` w keeps keys with t - s < w;
+  `segment_ids` [B, T] (self-attention, T == S) keeps keys of the query's segment.
   """
   query = jnp.arange(query_length)[:, None]
   key = jnp.arange(key_length)[None, :]
@@ -43,12 +69,16 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
   if lengths is not None:
     real = key[None] < lengths[:, None, None]
     allowed = real if allowed is None else allowed & real
+  if segment_ids is not None:
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    allowed = same if allowed is None else allowed & same
   return None if allowed is None else allowed[:, None]
 
 
 def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                     bias: jax.Array | None = None, lengths: jax.Array | None = None,
-                    causal: bool = False, sliding_window: int | None = None) -> jax.Array:
+                    causal: bool = False, sliding_window: int | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
   """Grouped-query attention as two batched matmuls around a float32 softmax.
 
   query [B, T, H, hd], key/value [B, S, KV, hd] with H a multiple of KV; `bias` is additive,
@@ -74,7 +104,7 @@ def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     else:
       bias = bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
     scores = scores + bias.astype(jnp.float32)
-  mask = attention_mask(length, kv_length, lengths, causal, sliding_window)
+  mask = attention_mask(length, kv_length, lengths, causal, sliding_window, segment_ids)
   if mask is not None:
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
@@ -85,26 +115,97 @@ def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
 def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                     bias: jax.Array | None = None, lengths: jax.Array | None = None,
-                    causal: bool = False, sliding_window: int | None = None) -> jax.Array:
+                    causal: bool = False, sliding_window: int | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
   """The same attention through `jax.nn.dot_product_attention`, with cuDNN's kernel on GPU.
 
   Padding is passed as key lengths only, so padded query rows see the same keys as in
-  `plain_attention`. The kernel is chosen by the default backend, where the step runs.
+  `plain_attention`. Segment ids go in as a boolean [B, 1, T, S] same-segment mask (this JAX's
+  cuDNN binding takes no segment ids; it adds the mask as a bias inside the fused kernel). The
+  kernel is chosen by the default backend, where the step runs.
   """
   on_gpu = jax.default_backend() == "gpu"
   window = None if sliding_window is None else (sliding_window - 1, 0)
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
   return jax.nn.dot_product_attention(
-      query, key, value, bias=bias, is_causal=causal,
+      query, key, value, bias=bias, mask=mask, is_causal=causal,
       key_value_seq_lengths=None if lengths is None else lengths.astype(jnp.int32),
       local_window_size=window, implementation="cudnn" if on_gpu else None)
+
+
+SPLASH_BLOCK = 128  # the TPU kernel's tile (lane width); rows are padded to a multiple of it
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, length: int, causal: bool, sliding_window: int | None, interpret: bool):
+  """A splash multi-head kernel for [heads, length, hd] inputs with the given static mask."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+  shape = (length, length)
+  if sliding_window is not None:
+    head_mask = mask_lib.LocalMask(shape, (sliding_window - 1, 0 if causal else None), 0)
+  elif causal:
+    head_mask = mask_lib.CausalMask(shape)
+  else:
+    head_mask = mask_lib.FullMask(shape)
+  block = SPLASH_BLOCK
+  sizes = kernel_lib.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+      block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  # Built as concrete arrays even when first called under a trace, so the cached kernel can serve
+  # later traces.
+  with jax.ensure_compile_time_eval():
+    return kernel_lib.make_splash_mha(
+        mask_lib.MultiHeadMask([head_mask] * heads), head_shards=1, q_seq_shards=1,
+        block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                     bias: jax.Array | None = None, lengths: jax.Array | None = None,
+                     causal: bool = False, sliding_window: int | None = None,
+                     segment_ids: jax.Array | None = None, interpret: bool | None = None) -> jax.Array:
+  """The same attention through the Pallas splash kernel (TPU; `interpret` runs it anywhere).
+
+  Right-padding `lengths` become segment ids (1 real, 0 padding) and rows are padded to a multiple
+  of `SPLASH_BLOCK` with segment -1, so padding queries see only padding: their outputs differ
+  from `plain_attention`'s (which lets them see the real keys) but are never read. Grouped
+  heads go to the kernel as [KV, H/KV] groups; the batch is a `vmap`. `interpret` defaults to
+  True off TPU. No additive `bias` (decoding over a cache uses the plain path).
+  """
+  if bias is not None:
+    raise ValueError("splash attention takes no additive bias; use implementation='plain'")
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+  batch, length, heads, head_dim = query.shape
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  if segment_ids is None:
+    segment_ids = (jnp.ones((batch, length), jnp.int32) if lengths is None else
+                   (jnp.arange(length)[None] < lengths[:, None]).astype(jnp.int32))
+  elif lengths is not None:
+    segment_ids = jnp.where(jnp.arange(length)[None] < lengths[:, None], segment_ids, 0)
+  pad = -length % SPLASH_BLOCK
+  to_kernel = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
+  q = to_kernel(query * jnp.asarray(1.0 / math.sqrt(head_dim), query.dtype))
+  k, v = to_kernel(key), to_kernel(value)
+  segments = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
+  kernel = _splash_kernel(heads, length + pad, causal, sliding_window, interpret)
+  out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=kernel_lib.SegmentIds(q=s, kv=s)))(
+      q, k, v, segments)
+  return out.transpose(0, 2, 1, 3)[:, :length].astype(value.dtype)
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                           implementation: str = "plain", bias: jax.Array | None = None,
                           lengths: jax.Array | None = None, causal: bool = False,
-                          sliding_window: int | None = None) -> jax.Array:
+                          sliding_window: int | None = None,
+                          segment_ids: jax.Array | None = None) -> jax.Array:
   """softmax(q k^T / sqrt(hd) + bias + mask) v over grouped heads, by the named implementation."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
-  fn = plain_attention if implementation == "plain" else fused_attention
-  return fn(query, key, value, bias=bias, lengths=lengths, causal=causal, sliding_window=sliding_window)
+  fn = {"plain": plain_attention, "fused": fused_attention,
+        "splash": splash_attention}[resolve_implementation(
+            implementation, dtype=query.dtype, head_dim=query.shape[-1])]
+  return fn(query, key, value, bias=bias, lengths=lengths, causal=causal,
+            sliding_window=sliding_window, segment_ids=segment_ids)

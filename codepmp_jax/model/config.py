@@ -9,7 +9,7 @@ from typing import Any
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-ATTENTION_IMPLEMENTATIONS = ("plain", "fused")  # see model/attention.py
+ATTENTION_IMPLEMENTATIONS = ("plain", "fused", "splash", "auto")  # see model/attention.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = False
-  attention: str = "plain"
+  attention: str = "auto"  # auto: fused (cuDNN, bf16) on GPU, splash on TPU, else plain
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:

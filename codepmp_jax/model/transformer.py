@@ -9,6 +9,10 @@ Generation (`codepmp_jax.model.generate`) runs the same model incrementally: giv
 `decode_positions`, every attention layer writes its keys and values into a preallocated key/value
 cache (the Flax "cache" collection, see `init_cache`) at those positions and attends over the cache.
 Without `decode_positions` nothing about the training and scoring path changes.
+
+Packed rows (`codepmp_jax.data.packing`): given `segment_ids` and `positions`, each row holds several
+sequences back to back; a token attends only within its segment (causal), RoPE positions restart
+per segment, and `reward_index` names the columns (each segment's last token) to read rewards at.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ CACHE_AXES = ("batch", "act_kv_heads", "length", "head_dim")
 
 class ModelOutput(NamedTuple):
   hidden_states: jax.Array  # [B, L, D], after the final norm
-  rewards: jax.Array  # [B] float32
+  rewards: jax.Array  # [B] float32 ([B, K] at `reward_index` for packed rows)
   logits: jax.Array | None  # [B / logits_every, L, V] when asked
 
 
@@ -174,8 +178,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
-               decode_positions: jax.Array | None = None) -> jax.Array:
-    """`lengths` [B]: real tokens per right-padded row (None when decoding over the cache)."""
+               decode_positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """`lengths` [B]: real tokens per right-padded row (None when decoding over the cache or when
+    `segment_ids` [B, L] of packed rows say which tokens see each other)."""
     cfg = self.config
     batch, length, _ = x.shape
     hd, heads, kv_heads = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -191,7 +197,7 @@ class Attention(nn.Module):
     if decode_positions is None:
       out = attention_lib.dot_product_attention(
           q, k, v, implementation=cfg.attention, lengths=lengths, causal=True,
-          sliding_window=cfg.sliding_window)
+          sliding_window=cfg.sliding_window, segment_ids=segment_ids)
     else:  # attend over the cache (stored heads-before-slots) instead of over this input alone
       k = _write_cache(self, "key", k, decode_positions)
       v = _write_cache(self, "value", v, decode_positions)
@@ -221,10 +227,11 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
-               decode_positions: jax.Array | None = None):
+               decode_positions: jax.Array | None = None, segment_ids: jax.Array | None = None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-    x = x + Attention(cfg, name="attn")(norm("input_norm")(x), lengths, cos, sin, decode_positions)
+    x = x + Attention(cfg, name="attn")(
+        norm("input_norm")(x), lengths, cos, sin, decode_positions, segment_ids)
     x = x + Mlp(cfg, name="mlp")(norm("post_attn_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     # The carry/output pair lets the same layer run under nn.scan.
@@ -239,7 +246,9 @@ class RewardModel(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                return_logits: bool = False, logits_every: int = 1,
-               decode_positions: jax.Array | None = None) -> ModelOutput:
+               decode_positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None,
+               reward_index: jax.Array | None = None) -> ModelOutput:
     """Hidden states, rewards at `length - 1`, and (if asked) LM logits.
 
     `logits_every=2` computes logits only for rows 0, 2, 4, ... (the chosen sequences of an
@@ -251,6 +260,11 @@ class RewardModel(nn.Module):
     position, so a right-padded prompt batch prefills in one call and later calls feed one token
     per row at per-row positions. Logits are then computed only at `length - 1` (shape [B, 1, V]):
     the next-token distribution is all generation needs.
+
+    Packed rows: `segment_ids` [B, L] (0 = padding) keep attention within each segment,
+    `positions` [B, L] are the RoPE positions (restarting at 0 per segment; default 0..L-1), and
+    `reward_index` [B, K] gives the columns to read rewards at (rewards [B, K]) instead of
+    `length - 1`. `attention_mask` then only marks real tokens; it is not used for attention.
     """
     cfg = self.config
     decoding = decode_positions is not None
@@ -262,9 +276,10 @@ class RewardModel(nn.Module):
       cos, sin = rope_tables(cfg, decode_positions)
       lengths = None  # each layer masks over its cache
     else:
-      positions = jnp.arange(input_ids.shape[1])[None]
+      if positions is None:
+        positions = jnp.arange(input_ids.shape[1])[None]
       cos, sin = rope_tables(cfg, positions)
-      lengths = attention_mask.sum(axis=-1).astype(jnp.int32)
+      lengths = None if segment_ids is not None else attention_mask.sum(axis=-1).astype(jnp.int32)
 
     layer_cls = DecoderLayer
     if cfg.remat_policy != "none" and not decoding:
@@ -272,19 +287,22 @@ class RewardModel(nn.Module):
     if cfg.scan_layers:
       stack = nn.scan(
           layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+          in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, name="layers")(x, lengths, cos, sin, decode_positions)
+      x, _ = stack(cfg, name="layers")(x, lengths, cos, sin, decode_positions, segment_ids)
     else:
       for i in range(cfg.num_layers):
-        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, lengths, cos, sin, decode_positions)
+        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, lengths, cos, sin, decode_positions, segment_ids)
     hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
 
-    last = jnp.maximum(attention_mask.sum(axis=-1) - 1, 0)
-    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    if reward_index is None:
+      last = jnp.maximum(attention_mask.sum(axis=-1) - 1, 0)
+      last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    else:
+      last_hidden = jnp.take_along_axis(hidden, reward_index[..., None], axis=1)
     score = Linear(1, ("embed", "score"), dtype=jnp.float32, param_dtype=cfg.param_dtype,
                    stddev=1.0 / math.sqrt(cfg.hidden_size + 1), name="score")
-    rewards = score(last_hidden.astype(jnp.float32))[:, 0]
+    rewards = score(last_hidden.astype(jnp.float32))[..., 0]
 
     logits = None
     if return_logits or self.is_initializing():  # init always creates the LM head

@@ -1,0 +1,241 @@
+"""Real (non-pad) tokens per second of the PMP step on the lengths of real data: padded to `seq_len`,
+bucketed, and packed batches of ours, beside the padded PyTorch peer fed the same pairs.
+
+  python -m benchmarks.real_lengths                                   # tiny, seq_len 256
+  python -m benchmarks.real_lengths --shape=smollm2_135m --seq_len=1024 --pairs=8 --num_pairs=64
+
+Data, both real: stdlib code pairs (the built-in default's `synth --strategy=mutate`, synthesized
+into `--cache` on first use and reused) and GSM8K pairs (`../shared/data/gsm8k/train.jsonl`, the
+reference solution against a consistently wrong one), tokenized by one sentencepiece model trained
+on both (also cached). Each data set's first `--num_pairs` pairs are trained on, in the same order,
+by every mode:
+  padded    ours, `--pairs` pairs per step, every sequence padded to `seq_len`;
+  bucketed  ours, each step padded to the bucket (next multiple of 128) of its longest sequence;
+  packed    ours, each step's pairs packed by `data.packing.pack_batch` into rows of `--row_len`
+            tokens (default `2 * seq_len`, room for any pair; `seq_len` halves the rows' attention
+            cost where every pair fits), the row count in quarter-octave buckets;
+  peer      transformers + torch (`benchmarks.train_step.Peer`), `--pairs` pairs per step padded
+            to the longest sequence of the step, as TRL's collator does.
+Every mode trains on the same pairs in the same `--pairs`-pair steps. Every shape is compiled (ours)
+or run once (peer) before timing. Reported: real tokens / second
+over all steps of the mode (chosen and rejected tokens, padding excluded) and the packing
+efficiency. One side runs at a time (see benchmarks/train_step.py).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from benchmarks.train_step import LOSS, Peer, _optimizer_config
+from codepmp_jax import optim, sharding, step
+from codepmp_jax.data import builtin, loaders, packing, pipeline
+from codepmp_jax.data.encode import PairArrays, encode_records
+from codepmp_jax.data.records import BadRecords, PairRecord
+from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from codepmp_jax.model import transformer
+from codepmp_jax.model.config import ModelConfig, get_preset
+
+MODES = ("padded", "bucketed", "packed", "peer")
+BUCKET = 128
+
+
+def _stdlib_records(cache: pathlib.Path, num_pairs: int) -> list[PairRecord]:
+  pairs_dir = cache / f"stdlib_{num_pairs}"
+  if not (pairs_dir / "manifest.json").is_file():
+    subprocess.run([sys.executable, "-m", "codepmp_jax.synth", "--source=stdlib", "--strategy=mutate",
+                    f"--out={pairs_dir}", f"--max_pairs={num_pairs}", "--seed=0"],
+                   check=True, stdout=subprocess.DEVNULL)
+  records = []
+  for shard in sorted(pairs_dir.glob("*.jsonl.gz")):
+    with gzip.open(shard, "rt", encoding="utf-8") as f:
+      records += [PairRecord(**{k: v for k, v in json.loads(line).items()
+                                if k in ("prompt", "chosen", "rejected")}) for line in f]
+  return records[:num_pairs]
+
+
+def _gsm8k_records(num_pairs: int) -> list[PairRecord]:
+  path = builtin.SHARED_DATA / "gsm8k" / "train.jsonl"
+  records = []
+  for record in loaders.load_gsm8k(str(path), BadRecords(), loaders.LoaderOptions()):
+    records.append(record)
+    if len(records) == num_pairs:
+      break
+  return records
+
+
+def load_data(cache: pathlib.Path, num_pairs: int, seq_len: int, vocab_size: int) -> dict[str, PairArrays]:
+  """data set name -> its first `num_pairs` pairs, tokenized and cut to `seq_len`."""
+  cache.mkdir(parents=True, exist_ok=True)
+  records = {"stdlib": _stdlib_records(cache, num_pairs), "gsm8k": _gsm8k_records(num_pairs)}
+  spm = cache / f"spm_{vocab_size}_{num_pairs}"
+  if not spm.with_suffix(".model").is_file():
+    texts = [r.prompt + r.chosen for rs in records.values() for r in rs]
+    train_sentencepiece(texts, vocab_size, spm)
+  tokenizer = load_tokenizer(spm.with_suffix(".model"))
+  return {name: PairArrays.from_pairs(encode_records(tokenizer, rs, seq_len)) for name, rs in records.items()}
+
+
+def _take(arrays: PairArrays, indices) -> PairArrays:
+  indices = np.asarray(indices, np.int64)
+  tokens = [arrays.sequence(i, w) for i in indices for w in (0, 1)]
+  return PairArrays.from_lengths(np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
+                                 arrays.lengths[indices], arrays.response_start[indices],
+                                 arrays.margin[indices])
+
+
+def padded_batches(arrays: PairArrays, pairs: int, seq_len: int, pad_id: int, mode: str) -> list[dict]:
+  """Consecutive `pairs`-pair batches padded to seq_len, to their bucket, or to their longest sequence."""
+  batches = []
+  for start in range(0, len(arrays) - pairs + 1, pairs):
+    part = _take(arrays, range(start, start + pairs))
+    longest = int(part.lengths.max())
+    length = {"padded": seq_len, "bucketed": min(-(-longest // BUCKET) * BUCKET, seq_len),
+              "peer": longest}[mode]
+    batches.append(pipeline.collate(part, length, pad_id))
+  return batches
+
+
+def packed_batches(arrays: PairArrays, pairs: int, row_len: int, max_pairs_per_row: int,
+                   pad_id: int) -> list[dict]:
+  """Consecutive `pairs`-pair batches, each packed whole (`packing.pack_batch`)."""
+  return [packing.pack_batch(_take(arrays, range(start, start + pairs)), row_len=row_len,
+                             max_pairs_per_row=max_pairs_per_row, pad_id=pad_id).batch
+          for start in range(0, len(arrays) - pairs + 1, pairs)]
+
+
+def real_tokens(batch: dict) -> int:
+  if "segment_ids" in batch:
+    return int((batch["segment_ids"] > 0).sum())
+  return int(batch["attention_mask"].sum())
+
+
+class OursRunner:
+  """Our jitted step on one device, compiled for every batch shape before timing."""
+
+  def __init__(self, config: ModelConfig, packed: bool):
+    self.mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    rules = sharding.DEFAULT_RULES
+    optimizer = optim.make_optimizer(_optimizer_config(), total_steps=1000)
+    _, state_sharding = step.state_shardings(config, optimizer, self.mesh, rules)
+    make = step.make_packed_train_step if packed else step.make_train_step
+    shardings = (step.packed_batch_shardings if packed else step.batch_shardings)(self.mesh, rules)
+    self.shardings = shardings
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
+      params = jax.jit(lambda: nn.unbox(transformer.init_params(config, jax.random.key(0))),
+                       out_shardings=state_sharding.params)()
+      opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
+      self.state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+      self.fn = step.jit_train_step(make(transformer.RewardModel(config), optimizer, LOSS),
+                                    state_sharding, shardings, self.mesh)
+
+  def run(self, batch: dict) -> None:
+    with jax.set_mesh(self.mesh):
+      self.state, out = self.fn(self.state, jax.device_put(batch, self.shardings))
+      jax.block_until_ready((self.state, out))
+
+
+def measure(runner_step, batches: list[dict]) -> float:
+  """Seconds for all batches, after one untimed run of each distinct shape."""
+  seen = set()
+  for batch in batches:
+    shape = batch["input_ids"].shape
+    if shape not in seen:
+      seen.add(shape)
+      runner_step(batch)
+  start = time.perf_counter()
+  for batch in batches:
+    runner_step(batch)
+  return time.perf_counter() - start
+
+
+def run_mode(mode: str, config: ModelConfig, batches: list[dict], dtype: str) -> float:
+  if mode == "peer":
+    peer = Peer(config, batches[0], dtype, remat=False)
+
+    def peer_step(batch):
+      peer.set_batch(batch)
+      peer.step()
+    seconds = measure(peer_step, batches)
+    peer.close()
+    return seconds
+  return measure(OursRunner(config, packed=mode == "packed").run, batches)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shape", default="tiny", help="model preset (vocab_size is set to the tokenizer's)")
+  parser.add_argument("--seq_len", type=int, default=256)
+  parser.add_argument("--pairs", type=int, default=8, help="pairs per step (every mode)")
+  parser.add_argument("--num_pairs", type=int, default=32, help="pairs per data set (all modes train on them)")
+  parser.add_argument("--max_pairs_per_row", type=int, default=8)
+  parser.add_argument("--row_len", type=int, default=0, help="packed row length (0: 2 * seq_len)")
+  parser.add_argument("--data", default="stdlib,gsm8k")
+  parser.add_argument("--modes", default=",".join(MODES))
+  parser.add_argument("--vocab_size", type=int, default=4000, help="sentencepiece pieces")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--cache", default="benchmarks_out/real_lengths",
+                      help="where synthesized pairs and the tokenizer are kept between runs")
+  parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE")
+  args = parser.parse_args(argv)
+  args.data = [d for d in args.data.split(",") if d]
+  args.modes = [m for m in args.modes.split(",") if m]
+  unknown = sorted(set(args.modes) - set(MODES)) + sorted(set(args.data) - {"stdlib", "gsm8k"})
+  if unknown:
+    parser.error(f"unknown modes or data sets: {unknown}")
+  if args.num_pairs < args.pairs:
+    parser.error("--num_pairs must be at least --pairs")
+  return args
+
+
+def main(argv: list[str]) -> None:
+  args = parse_args(argv)
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  data = load_data(pathlib.Path(args.cache), args.num_pairs, args.seq_len, args.vocab_size)
+  config = get_preset(args.shape, vocab_size=args.vocab_size, dtype=args.dtype, param_dtype="float32",
+                      pad_token_id=0, **dict(common.parse_overrides(args.model)))
+  lines = [f"real_lengths: {jax.default_backend()} ({jax.devices()[0].device_kind}), {args.shape}, "
+           f"{args.dtype}, seq_len {args.seq_len}, {args.pairs} pairs (rows) per step, "
+           f"{args.num_pairs} pairs per data set; jax {jax.__version__}, torch {torch.__version__}"]
+  rows = []
+  for name in args.data:
+    arrays = data[name]
+    lengths = arrays.lengths.reshape(-1)
+    lines.append(f"{name}: {len(arrays)} pairs, sequence length median {int(np.median(lengths))}, "
+                 f"p90 {int(np.percentile(lengths, 90))}, max {int(lengths.max())}")
+    usable = _take(arrays, range(len(arrays) // args.pairs * args.pairs))
+    for mode in args.modes:
+      if mode == "packed":
+        batches = packed_batches(usable, args.pairs, args.row_len or 2 * args.seq_len,
+                                 args.max_pairs_per_row, 0)
+      else:
+        batches = padded_batches(usable, args.pairs, args.seq_len, 0, mode)
+      tokens = sum(real_tokens(b) for b in batches)
+      row_tokens = sum(b["input_ids"].size for b in batches)
+      seconds = run_mode(mode, config, batches, args.dtype)
+      rows.append((name, mode, len(batches), tokens, f"{tokens / row_tokens:.1%}", seconds, tokens / seconds))
+  table = common.format_table(("data", "mode", "steps", "real tokens", "efficiency", "seconds",
+                               "real tokens/s"), rows)
+  speed = {(r[0], r[1]): r[-1] for r in rows}
+  ratios = [f"{name}: {a} / {b} = {speed[name, a] / speed[name, b]:.2f}x"
+            for name in args.data for a, b in (("packed", "bucketed"), ("packed", "padded"),
+                                               ("packed", "peer"), ("bucketed", "peer"))
+            if (name, a) in speed and (name, b) in speed]
+  print("\n".join(lines + ["", table, ""] + ratios))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

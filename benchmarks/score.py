@@ -1,0 +1,139 @@
+"""Scoring throughput: `codepmp_jax.score.RewardScorer` against transformers scoring the same records.
+
+  python -m benchmarks.score                                  # tiny, 256 GSM8K records
+  python -m benchmarks.score --shape=smollm2_135m --num_records=512 --max_length=1024
+
+Records: GSM8K test questions + reference solutions (`../shared/data/gsm8k/test.jsonl`, the math
+template), tokenized by a sentencepiece model trained on them, cut to `--max_length`. One random
+model is saved as our checkpoint and exported with `codepmp_jax.convert.save_hf`; transformers loads
+that `*ForSequenceClassification` directory. Both sides get the same token ids and batch size;
+the peer is given the same help ours has (sequences sorted by length, each batch padded to its
+longest, `torch.inference_mode`), so the comparison is of the forward passes. Each side scores the
+records once untimed (compiles every length bucket) and then `--repeats` times; the median is
+reported, with the largest reward difference between the sides as a correctness check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from benchmarks import common
+from codepmp_jax import checkpoint, convert
+from codepmp_jax.data import builtin, templates
+from codepmp_jax.data.encode import encode_sequence
+from codepmp_jax.data.tokenizer import train_sentencepiece
+from codepmp_jax.model import transformer
+from codepmp_jax.model.config import get_preset
+from codepmp_jax.score import RewardScorer
+
+
+def gsm8k_texts(num_records: int) -> list[tuple[str, str]]:
+  path = builtin.SHARED_DATA / "gsm8k" / "test.jsonl"
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      record = json.loads(line)
+      out.append((templates.render("math", question=record["question"]), record["answer"]))
+      if len(out) == num_records:
+        break
+  return out
+
+
+class PeerScorer:
+  """transformers `AutoModelForSequenceClassification`, sorted by length, batches padded to their longest."""
+
+  def __init__(self, hf_dir: pathlib.Path, batch_size: int, pad_id: int):
+    import torch
+    import transformers
+    self.torch = torch
+    self.model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        hf_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+    self.batch_size, self.pad_id = batch_size, pad_id
+
+  def score_ids(self, sequences: list[list[int]]) -> np.ndarray:
+    torch = self.torch
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    rewards = np.zeros(len(sequences), np.float32)
+    with torch.inference_mode():
+      for start in range(0, len(order), self.batch_size):
+        rows = order[start:start + self.batch_size]
+        length = len(sequences[rows[0]])
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for row, i in enumerate(rows):
+          ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
+          mask[row, :len(sequences[i])] = 1
+        rewards[rows] = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().numpy()
+    return rewards
+
+
+def _timed(fn, repeats: int) -> tuple[float, np.ndarray]:
+  out = fn()  # untimed: compiles (ours) and warms up (peer)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), out
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shape", default="tiny")
+  parser.add_argument("--num_records", type=int, default=256)
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--max_length", type=int, default=512)
+  parser.add_argument("--vocab_size", type=int, default=2000, help="sentencepiece pieces")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE")
+  args = parser.parse_args(argv)
+  import torch
+  torch.set_num_threads(os.cpu_count())
+
+  texts = gsm8k_texts(args.num_records)
+  with tempfile.TemporaryDirectory() as tmp:
+    root = pathlib.Path(tmp)
+    tokenizer = train_sentencepiece([p + r for p, r in texts], args.vocab_size, root / "spm")
+    sequences = [list(encode_sequence(tokenizer, p, r, args.max_length).ids) for p, r in texts]
+    config = get_preset(args.shape, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                        pad_token_id=tokenizer.pad_id, param_dtype="float32", dtype="float32",
+                        **dict(common.parse_overrides(args.model)))
+    params = nn.unbox(transformer.init_params(config, jax.random.key(0)))
+    ckpt = checkpoint.save_model(root / "ckpt", params, config, tokenizer)
+    hf_dir = convert.save_hf(root / "hf", jax.device_get(params), config, tokenizer)
+    del params
+
+    peer = PeerScorer(hf_dir, args.batch_size, tokenizer.pad_id)
+    peer_seconds, peer_rewards = _timed(lambda: peer.score_ids(sequences), args.repeats)
+    del peer
+    ours = RewardScorer(ckpt, batch_size=args.batch_size, max_length=args.max_length,
+                        mesh_shape=(1, 1, 1) if len(jax.devices()) == 1 else (-1, 1, 1),
+                        show_progress=False)
+    ours_seconds, ours_rewards = _timed(lambda: ours.score_ids(sequences), args.repeats)
+
+  lengths = np.array([len(s) for s in sequences])
+  tokens = int(lengths.sum())
+  rows = [("ours", ours_seconds, len(sequences) / ours_seconds, tokens / ours_seconds),
+          ("transformers", peer_seconds, len(sequences) / peer_seconds, tokens / peer_seconds)]
+  print("\n".join([
+      f"score: {jax.default_backend()} ({jax.devices()[0].device_kind}), {args.shape}, "
+      f"{len(sequences)} GSM8K records (length median {int(np.median(lengths))}, max {lengths.max()}), "
+      f"batch {args.batch_size}, median of {args.repeats}; jax {jax.__version__}, torch {torch.__version__}",
+      "", common.format_table(("side", "seconds", "records/s", "tokens/s"), rows), "",
+      f"ratio (ours / transformers): {peer_seconds / ours_seconds:.2f}x; "
+      f"max |reward difference| {float(np.abs(ours_rewards - peer_rewards).max()):.2e}"]))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

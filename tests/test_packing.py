@@ -1,0 +1,168 @@
+"""Packed pairs: the packer's layout, the model on packed rows, and the packed step against the padded one."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from codepmp_jax import losses, optim, sharding, step
+from codepmp_jax.data import packing, pipeline
+from codepmp_jax.data.encode import PairArrays
+from codepmp_jax.model import transformer
+from codepmp_jax.model.config import get_preset
+
+MODEL = get_preset("tiny", attention="plain")
+LOSS = ml_collections.ConfigDict(dict(
+    rm_coef=1.0, lm_coef=1.0, center_coef=0.01, loss_type="sigmoid", use_margin=True))
+PAD = 0
+
+
+def _pairs(n=8, max_len=16, seed=0) -> PairArrays:
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(2, max_len + 1, size=(n, 2))
+  tokens = rng.integers(1, MODEL.vocab_size, size=int(lengths.sum())).astype(np.int32)
+  starts = np.minimum(rng.integers(0, 6, size=(n, 2)), lengths - 1)
+  return PairArrays.from_lengths(tokens, lengths, starts, rng.uniform(0, 0.5, n).astype(np.float32))
+
+
+def test_layout_by_hand():
+  # pair 0: chosen [5 6 7], rejected [8 9]; pair 1: chosen [1 2], rejected [3]
+  arrays = PairArrays.from_lengths(np.array([5, 6, 7, 8, 9, 1, 2, 3]), [[3, 2], [2, 1]],
+                                   [[1, 1], [0, 0]], np.array([0.5, 0.25]))
+  result = packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD)
+  b = result.batch
+  np.testing.assert_array_equal(b["input_ids"], [[5, 6, 7, 8, 9, 1, 2, 3, 0, 0]])
+  np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 2, 2, 3, 3, 4, 0, 0]])
+  np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0, 1, 0, 1, 0, 0, 0]])
+  # chosen responses: pair 0 from its index 1, pair 1 from index max(0, 1) = 1 (never a segment start)
+  np.testing.assert_array_equal(b["lm_mask"], [[0, 1, 1, 0, 0, 0, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(b["reward_index"], [[2, 4, 6, 7]])
+  np.testing.assert_array_equal(b["pair_valid"], [[1, 1]])
+  np.testing.assert_allclose(b["margin"], [[0.5, 0.25]])
+  np.testing.assert_array_equal(result.slots, [[0, 1]])
+  assert result.left_over.size == 0
+  assert result.efficiency == pytest.approx(0.8)
+
+
+def test_first_fit_decreasing_fixed_rows_and_left_over():
+  lengths = np.array([3, 9, 5, 7, 2])  # pair totals
+  rows = packing.assign_rows(lengths, row_len=10, max_pairs_per_row=4)
+  # longest first: 9 -> row 0, 7 -> row 1, 5 -> row 2, 3 -> row 1, 2 -> row 2
+  np.testing.assert_array_equal(rows, [1, 0, 2, 1, 2])
+  in_order = packing.assign_rows(lengths, row_len=10, max_pairs_per_row=4, order="first_fit")
+  np.testing.assert_array_equal(in_order, [0, 1, 0, 2, 0])
+  capped = packing.assign_rows(lengths, row_len=10, max_pairs_per_row=1, num_rows=2)
+  np.testing.assert_array_equal(capped, [-1, 0, -1, 1, -1])
+  arrays = _pairs(n=6)
+  result = packing.pack_pairs(arrays, row_len=32, max_pairs_per_row=1, pad_id=PAD, num_rows=4)
+  placed = sorted(int(i) for i in result.slots.reshape(-1) if i >= 0)
+  assert sorted(placed + result.left_over.tolist()) == list(range(6)) and len(placed) == 4
+
+
+def test_pack_batch_takes_every_pair_and_rounds_rows_up():
+  arrays = _pairs(n=11)
+  result = packing.pack_batch(arrays, row_len=32, max_pairs_per_row=2, pad_id=PAD, row_multiple=4)
+  used = int((result.slots >= 0).any(axis=1).sum())
+  assert sorted(result.slots[result.slots >= 0].tolist()) == list(range(11))
+  assert result.left_over.size == 0
+  rows = len(result.slots)
+  assert rows % 4 == 0 and used <= rows < used + 4 + rows // 4
+  assert all(v.shape[0] == rows for v in result.batch.values())
+  assert not result.batch["segment_ids"][used:].any() and not result.batch["pair_valid"][used:].any()
+  assert result.efficiency == pytest.approx(arrays.lengths.sum() / (rows * 32))
+
+
+def test_pair_longer_than_a_row_is_an_error():
+  with pytest.raises(ValueError, match="pair 1 has 12 tokens"):
+    packing.assign_rows(np.array([4, 12]), row_len=10, max_pairs_per_row=2)
+
+
+def _params():
+  return nn.unbox(transformer.init_params(MODEL, jax.random.key(1)))
+
+
+@pytest.mark.parametrize("impl,scan", [("plain", False), ("fused", False), ("plain", True)])
+def test_model_on_packed_rows_equals_padded(impl, scan):
+  """Rewards and LM logits of each packed sequence equal those of the padded batch (1e-5), also
+  with the layers scanned and rematerialised."""
+  arrays = _pairs()
+  params = _params()
+  config = MODEL.replace(attention=impl)
+  if scan:
+    config = config.replace(scan_layers=True, remat_policy="full")
+    params = transformer.stack_layers(params, config.num_layers)
+  model = transformer.RewardModel(config)
+  padded = pipeline.collate(arrays, 16, PAD)
+  ids = padded["input_ids"].reshape(-1, 16)
+  ref = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, return_logits=True))(
+      params, ids, padded["attention_mask"].reshape(-1, 16))
+  result = packing.pack_pairs(arrays, row_len=40, max_pairs_per_row=3, pad_id=PAD)
+  b = result.batch
+  out = jax.jit(lambda p, b: model.apply(
+      {"params": p}, b["input_ids"], b["segment_ids"] > 0, return_logits=True,
+      segment_ids=b["segment_ids"], positions=b["positions"], reward_index=b["reward_index"]))(params, b)
+  for row, k in zip(*np.nonzero(result.slots >= 0)):
+    pair = result.slots[row, k]
+    for which in (0, 1):
+      np.testing.assert_allclose(out.rewards[row, 2 * k + which], ref.rewards[2 * pair + which],
+                                 rtol=1e-5, atol=1e-5)
+      end = b["reward_index"][row, 2 * k + which] + 1
+      length = arrays.lengths[pair, which]
+      np.testing.assert_allclose(out.logits[row, end - length:end], ref.logits[2 * pair + which, :length],
+                                 rtol=1e-5, atol=1e-5)
+
+
+def test_packed_loss_and_gradients_equal_padded():
+  """The key property: same pairs, same loss and gradients, packed or padded (1e-5, float32)."""
+  arrays = _pairs(n=8)
+  params = _params()
+  model = transformer.RewardModel(MODEL)
+  padded = {k: jnp.asarray(v) for k, v in pipeline.collate(arrays, 16, PAD).items()}
+  packed = {k: jnp.asarray(v) for k, v in
+            packing.pack_pairs(arrays, row_len=48, max_pairs_per_row=4, pad_id=PAD).batch.items()}
+
+  def padded_loss(p):
+    sums = step._microbatch_sums(model, p, padded, LOSS)
+    return losses.loss_from_sums(sums, LOSS), sums
+
+  def packed_loss(p):
+    sums = step.packed_microbatch_sums(model, p, packed, LOSS)
+    return losses.loss_from_sums(sums, LOSS), sums
+
+  (ref_loss, ref_sums), ref_grads = jax.jit(jax.value_and_grad(padded_loss, has_aux=True))(params)
+  (loss, sums), grads = jax.jit(jax.value_and_grad(packed_loss, has_aux=True))(params)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for key in losses.SUM_KEYS:
+    np.testing.assert_allclose(sums[key], ref_sums[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, ref_grads)
+
+
+def _one_step(make, batch, batch_sharding, mesh_shape, **kwargs):
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  rules = sharding.DEFAULT_RULES
+  opt_cfg = optim.default_optimizer_config()
+  opt_cfg.lr = 1e-3
+  optimizer = optim.make_optimizer(opt_cfg, total_steps=10)
+  _, state_sharding = step.state_shardings(MODEL, optimizer, mesh, rules)
+  params = _params()
+  state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+  shardings = batch_sharding(mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    fn = step.jit_train_step(make(transformer.RewardModel(MODEL), optimizer, LOSS, **kwargs),
+                             state_sharding, shardings, mesh)
+    new_state, metrics = fn(jax.device_put(state, state_sharding), jax.device_put(batch, shardings))
+  return jax.device_get(new_state.params), jax.device_get(metrics)
+
+
+def test_packed_train_step_equals_padded_on_a_mesh_with_microbatches():
+  arrays = _pairs(n=8, seed=3)
+  ref_params, ref_metrics = _one_step(step.make_train_step, pipeline.collate(arrays, 16, PAD),
+                                      step.batch_shardings, (1, 1, 1))
+  packed = packing.pack_pairs(arrays, row_len=32, max_pairs_per_row=2, pad_id=PAD, num_rows=8)
+  assert packed.left_over.size == 0
+  params, metrics = _one_step(step.make_packed_train_step, packed.batch, step.packed_batch_shardings,
+                              (2, 2, 2), microbatches=2)
+  for key in ("loss", "bt_loss", "lm_loss", "grad_norm", "accuracy", "chosen_reward_std"):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)
