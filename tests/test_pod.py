@@ -173,3 +173,114 @@ def test_orbax_gets_the_uri_unchanged(monkeypatch):
   monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", FakeManager)
   checkpoint.TrainCheckpoints("gs://bucket/run", keep=1)
   assert opened == ["gs://bucket/run/checkpoints"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _metrics(workdir) -> dict[int, dict]:
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return {row["step"]: row for row in map(json.loads, lines)}
+
+
+WORDS = ("alpha beta gamma delta sum list loop return value index count print sort map filter "
+         "read write open close key item").split()
+
+
+def _rehearsal_data(tmp_path):
+  """Prepared multi-shard pairs, a tokenizer, and a bf16 checkpoint made with that tokenizer."""
+  rng = np.random.default_rng(0)
+  def text(n):
+    return " ".join(rng.choice(WORDS, size=n))
+  records = [{"prompt": f"task {i}: {text(int(rng.integers(3, 20)))}",
+              "chosen": text(int(rng.integers(5, 60))), "rejected": text(int(rng.integers(5, 60)))}
+             for i in range(320)]
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+  tokenizer = train_sentencepiece([r["prompt"] + r["chosen"] + r["rejected"] for r in records], 300,
+                                  tmp_path / "spm")
+  prepare.prepare(prepare.PrepareSettings(
+      inputs=(str(pairs),), format="pairs", tokenizer=str(tmp_path / "spm.model"), seq_len=256,
+      out=str(tmp_path / "prepared"), num_shards=3, split="train:0.8,eval:0.2", num_workers=1))
+  model = get_preset("tiny", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                     num_layers=2, num_heads=4, num_kv_heads=2, eos_token_id=tokenizer.eos_id,
+                     pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id)
+  _save_bf16_checkpoint(tmp_path / "ckpt", model, tokenizer)
+  return tmp_path / "prepared", tmp_path / "ckpt"
+
+
+def _launch(workdir, flags, processes, devices_per_process):
+  port = _free_port()
+  procs = []
+  for process_id in range(processes):
+    env = os.environ.copy()
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+    distributed = [] if processes == 1 else [
+        f"--config.distributed.coordinator_address=localhost:{port}",
+        f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={process_id}"]
+    cmd = [sys.executable, "-m", "codepmp_jax.train", f"--workdir={workdir}", *flags, *distributed]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _finish(procs, timeout):
+  outs = []
+  for proc in procs:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    outs.append(out)
+  return outs
+
+
+@pytest.mark.slow
+def test_pod_rehearsal_preempt_one_host_resume_equals_one_process(tmp_path):
+  """4 processes x 2 devices, one shared workdir, scan + remat, a bf16 init_from trained in
+  float32, prepared multi-shard bucketed data, microbatched eval. SIGTERM to one process: all
+  four save the same step and exit 0; the resumed run's losses equal a 1-process 8-device run's."""
+  data, ckpt = _rehearsal_data(tmp_path)
+  total = 30
+  flags = [
+      "--config=configs/tiny.py", "--config.data.builtin.name=", "--config.data.source=prepared",
+      f"--config.data.path={data}", "--config.data.shuffle_buffer=0", "--config.data.bucket=True",
+      f"--config.init_from={ckpt}", "--config.model.scan_layers=True",
+      "--config.model.remat_policy=full", "--config.model.param_dtype=float32",
+      "--config.train.global_batch=8", "--config.train.microbatches=2", "--config.train.seq_len=256",
+      f"--config.train.total_steps={total}", "--config.train.log_every=1",
+      "--config.train.eval_every=10", "--config.train.eval_batch=8", "--config.train.eval_batches=2",
+      "--config.checkpoint.save_every=1000", "--config.optimizer.lr=1e-3",
+      "--config.mesh_shape=(2,4,1)", "--config.compilation_cache_dir=",
+  ]
+  _finish(_launch(tmp_path / "one", flags, 1, 8), timeout=600)
+  pod = tmp_path / "pod"
+  procs = _launch(pod, flags, 4, 2)
+  deadline = time.time() + 600
+  while not ((pod / "metrics.jsonl").is_file()
+             and len((pod / "metrics.jsonl").read_text().splitlines()) >= 3):
+    assert all(p.poll() is None for p in procs), [p.communicate()[0][-3000:] for p in procs]
+    assert time.time() < deadline, "the pod run did not start"
+    time.sleep(0.2)
+  procs[2].send_signal(signal.SIGTERM)
+  signalled = time.time()
+  outs = _finish(procs, timeout=90)
+  assert time.time() - signalled < 60
+  saved = {int(m) for out in outs for m in re.findall(r"preempted: saved step (\d+)", out)}
+  assert len(saved) == 1 and sum("preempted: saved step" in out for out in outs) == 4, saved
+  (stop_step,) = saved
+  assert stop_step < total and checkpoint.latest_train_step(pod) == stop_step
+  _finish(_launch(pod, flags, 4, 2), timeout=600)
+
+  one, resumed = _metrics(tmp_path / "one"), _metrics(pod)
+  assert sorted(resumed) == sorted(one) == list(range(1, total + 1))
+  for step_number in one:
+    for key in ("loss", "bt_loss", "lm_loss", "accuracy", "grad_norm", "pad_fraction",
+                "eval/loss", "eval/accuracy"):
+      if key in one[step_number]:
+        assert resumed[step_number][key] == pytest.approx(one[step_number][key], rel=1e-5, abs=1e-5), (
+            step_number, key)
+  assert any(one[s]["pad_fraction"] > 0.1 for s in one)  # bucketed, still some padding
+  assert "eval/loss" in one[10] and "eval/loss" in resumed[30]
