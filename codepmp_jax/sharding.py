@@ -75,27 +75,31 @@ def split_mesh_shape(shape: Sequence[int], dcn_shape: Sequence[int]) -> tuple[in
   return tuple(n // d for n, d in zip(shape, dcn_shape))
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
-              dcn_shape: Sequence[int] | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh laid out on the physical topology.
+def device_grid(shape: Sequence[int], devices: Sequence[Any], dcn_shape: Sequence[int] | None = None
+                ) -> np.ndarray:
+  """`devices` arranged as a mesh of `shape` (one entry may be -1) on the physical topology.
 
-  One entry of `shape` may be -1 (all remaining devices). Within a slice, devices are ordered by
-  `mesh_utils.create_device_mesh` so that neighbouring mesh positions are neighbouring chips.
-  `dcn_shape` (slices along each axis, product = number of slices) builds a hybrid mesh with
-  `create_hybrid_device_mesh`: only the axes given slices cross the slow data-centre network, so
-  FSDP and tensor parallelism stay on the chip interconnect unless asked otherwise. The mesh's
-  axes are Auto (Explicit axes break linen's logical partitioning).
+  Within a slice, `mesh_utils.create_device_mesh` orders devices so that neighbouring mesh
+  positions are neighbouring chips. `dcn_shape` (slices along each axis, product = number of
+  slices) builds a hybrid mesh with `create_hybrid_device_mesh`: only the axes given slices cross
+  the slow data-centre network, so FSDP and tensor parallelism stay on the chip interconnect
+  unless asked otherwise. Slices are told apart by `slice_index` (TPU) or else by process (GPU
+  nodes).
   """
-  devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(shape, len(devices))
   if dcn_shape is not None and math.prod(dcn_shape) > 1:
-    ici_shape = split_mesh_shape(shape, dcn_shape)
-    grid = mesh_utils.create_hybrid_device_mesh(
-        ici_shape, tuple(dcn_shape), devices, process_is_granule=not hasattr(devices[0], "slice_index"),
-        allow_split_physical_axes=True)
-  else:
-    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  return Mesh(grid, MESH_AXES)
+    return mesh_utils.create_hybrid_device_mesh(
+        split_mesh_shape(shape, dcn_shape), tuple(dcn_shape), devices,
+        process_is_granule=not hasattr(devices[0], "slice_index"), allow_split_physical_axes=True)
+  return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
+              dcn_shape: Sequence[int] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh laid out by `device_grid`; its axes are Auto (Explicit axes
+  break linen's logical partitioning)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return Mesh(device_grid(shape, devices, dcn_shape), MESH_AXES)
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> LogicalRules:
