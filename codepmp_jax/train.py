@@ -79,7 +79,7 @@ def check_shared_workdir(workdir: epath.Path) -> None:
   if jax.process_count() == 1:
     return
   token = int(multihost_utils.broadcast_one_to_all(
-      np.asarray(np.random.default_rng().integers(1, 2**62) if jax.process_index() == 0 else 0)))
+      np.asarray(np.random.default_rng().integers(1, 2**31 - 1) if jax.process_index() == 0 else 0)))
   marker = workdir / _SHARED_CHECK_FILE
   if jax.process_index() == 0:
     marker.write_text(str(token))
