@@ -13,7 +13,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from ml_collections import config_dict
