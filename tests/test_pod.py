@@ -283,3 +283,34 @@ def test_pod_rehearsal_preempt_one_host_resume_equals_one_process(tmp_path):
             step_number, key)
   assert any(one[s]["pad_fraction"] > 0.1 for s in one)  # bucketed, still some padding
   assert "eval/loss" in one[10] and "eval/loss" in resumed[30]
+
+
+def test_compilation_cache_setting(monkeypatch, tmp_path):
+  updates = []
+  monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
+  config = default_config()
+  assert train.setup_compilation_cache(config, checkpoint.as_path(tmp_path)) == ""  # auto, 1 CPU process
+  config.compilation_cache_dir = "gs://bucket/cache"
+  assert train.setup_compilation_cache(config, checkpoint.as_path(tmp_path)) == "gs://bucket/cache"
+  assert updates == [("jax_compilation_cache_dir", "gs://bucket/cache")]
+
+
+def test_unshared_workdir_stops_at_once(tmp_path):
+  """Two processes whose workdirs differ (as two hosts' local disks would): both stop, naming it."""
+  port = _free_port()
+  procs = []
+  for process_id in range(2):
+    env = os.environ.copy()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+    cmd = [sys.executable, "-m", "codepmp_jax.train", f"--workdir={tmp_path}/host{process_id}/run",
+           "--config=configs/tiny.py", "--config.data.builtin.name=", "--config.data.source=synthetic",
+           f"--config.distributed.coordinator_address=localhost:{port}",
+           "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode != 0 for p in procs)
+  assert any(re.search(r"workdir .*host\d/run is not shared: processes \[1\] .* use gs://", out)
+             for out in outs), outs[0][-2000:]
+  assert not (tmp_path / "host0" / "run" / "checkpoints").exists()
