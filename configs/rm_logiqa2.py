@@ -4,10 +4,10 @@
       --tokenizer=runs/pmp_1_5b --seq_len=1024 --out=prepared/logiqa2
   python -m codepmp_jax.train --config=configs/rm_logiqa2.py --workdir=runs/rm_logiqa2 \
       --config.init_from=runs/pmp_1_5b
-Arg: a model preset for the shape (default qwen2_1_5b); the params come from init_from.
+Arg: `preset=NAME` (or just NAME), the model shape (default qwen2_1_5b); params come from init_from.
 """
-from codepmp_jax.config import paper_logic_rm_config
+from configs import common
 
 
 def get_config(arg=None):
-  return paper_logic_rm_config("logiqa2", arg or "qwen2_1_5b")
+  return common.logic_rm("logiqa2", common.parse_arg(arg, preset="qwen2_1_5b").preset)
