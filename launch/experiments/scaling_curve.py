@@ -4,13 +4,13 @@ The paper keeps checkpoints from the stable phase of one warmup-stable-decay PMP
 spaced by a factor of sqrt(2), runs a short decay from each, fine-tunes an RM from every decayed
 checkpoint and evaluates it. This module gives the steps, then fine-tunes, evaluates and plots:
 
-  python -m launch.scaling_curve steps --first=250 --last=4000
+  python -m launch.experiments.scaling_curve steps --first=250 --last=4000
       # -> the steps and --config.checkpoint.keep_steps=(250,354,500,...) for the PMP run
   # (PMP run with those keep_steps; then one decay run per kept step, see codepmp_jax/train.py)
-  python -m launch.scaling_curve finetune --checkpoints='runs/decay_*' \
+  python -m launch.experiments.scaling_curve finetune --checkpoints='runs/decay_*' \
       --config=configs/rm_gsm8k_smollm2_135m.py --root=runs/curve --baseline=ckpt/smollm2 \
       [--eval=pairwise --eval_data=../shared/data/gsm8k/test.jsonl --eval_format=gsm8k] [--run]
-  python -m launch.scaling_curve plot --root=runs/curve
+  python -m launch.experiments.scaling_curve plot --root=runs/curve
       # -> runs/curve/curve.png, curve.csv, curve.md
 
 `finetune` prints the commands (or runs them with --run, skipping finished ones): one RM
@@ -33,10 +33,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-if not __package__:  # `python launch/scaling_curve.py`: import launch.sweep from the repository
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+if not __package__:  # `python launch/experiments/scaling_curve.py`: import from the repository
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from launch import sweep  # noqa: E402  (after the path set-up above)
+from codepmp_jax import workdir as workdir_lib  # noqa: E402  (after the path set-up above)
+from launch import sweep  # noqa: E402
+from launch.experiments import report  # noqa: E402
 
 MANIFEST = "curve.json"
 EVAL_REPORT = "eval.json"
@@ -77,14 +79,13 @@ class Point:
 
 def pairs_of_workdir(path: str | pathlib.Path) -> int:
   """PMP pairs a training workdir has seen: final step (summary.json) x train.global_batch."""
-  path = pathlib.Path(path)
-  summary, config = path / sweep.SUMMARY, path / "config.json"
-  missing = [p.name for p in (summary, config) if not p.exists()]
+  summary, config = workdir_lib.read_summary(path), workdir_lib.read_config(path)
+  missing = [name for name, data in ((workdir_lib.SUMMARY, summary), (workdir_lib.CONFIG, config))
+             if data is None]
   if missing:
     raise sweep.SweepError(f"{path}: no {' or '.join(missing)} to count its PMP pairs from; "
                            f"is it a finished training workdir? Else write {path}@PAIRS")
-  step = json.loads(summary.read_text())["step"]
-  return int(step) * int(json.loads(config.read_text())["train"]["global_batch"])
+  return int(summary["step"]) * int(config["train"]["global_batch"])
 
 
 def resolve_points(patterns: Sequence[str], baseline: str | None = None) -> list[Point]:
@@ -144,8 +145,9 @@ def point_accuracy(workdir: pathlib.Path) -> tuple[float, float | None, float | 
   if result.status != "finished":
     raise sweep.SweepError(f"{workdir}: fine-tune is {result.status} and has no {EVAL_REPORT}")
   if "eval/accuracy" not in result.metrics:
-    raise sweep.SweepError(f"{workdir}: no {EVAL_REPORT} and no eval/accuracy in {sweep.SUMMARY}")
-  return result.metrics["eval/accuracy"], None, None, f"{sweep.SUMMARY} eval/accuracy"
+    raise sweep.SweepError(f"{workdir}: no {EVAL_REPORT} and no eval/accuracy in "
+                           f"{workdir_lib.SUMMARY}")
+  return result.metrics["eval/accuracy"], None, None, f"{workdir_lib.SUMMARY} eval/accuracy"
 
 
 def curve_rows(root: str | pathlib.Path) -> list[dict]:
@@ -153,7 +155,7 @@ def curve_rows(root: str | pathlib.Path) -> list[dict]:
   root = pathlib.Path(root)
   manifest = root / MANIFEST
   if not manifest.exists():
-    raise sweep.SweepError(f"{manifest}: missing; run `python -m launch.scaling_curve finetune` first")
+    raise sweep.SweepError(f"{manifest}: missing; run `python -m launch.experiments.scaling_curve finetune` first")
   rows = []
   for point in json.loads(manifest.read_text())["points"]:
     accuracy, low, high, source = point_accuracy(root / point["name"])
@@ -165,12 +167,7 @@ def curve_rows(root: str | pathlib.Path) -> list[dict]:
 
 def plot_curve(rows: Sequence[dict], path: str | pathlib.Path, title: str) -> pathlib.Path:
   """Accuracy against PMP pairs (log scale), 95% CIs where known, the baseline as a dashed line."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = report.pyplot().subplots(figsize=(6, 4))
   points = [r for r in rows if r["pairs"] > 0]
   xs = [r["pairs"] for r in points]
   ys = [100 * r["accuracy"] for r in points]
@@ -191,11 +188,7 @@ def plot_curve(rows: Sequence[dict], path: str | pathlib.Path, title: str) -> pa
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return report.save_figure(fig, path)
 
 
 def _finetune(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -242,8 +235,8 @@ def _plot(args: argparse.Namespace) -> int:
   rows = curve_rows(root)
   header = ["run", "pairs", "accuracy", "ci95_low", "ci95_high", "checkpoint", "source"]
   table = [[r[h] for h in header] for r in rows]
-  (root / "curve.csv").write_text(sweep.to_csv(header, table))
-  markdown = sweep.to_markdown(header, table)
+  (root / "curve.csv").write_text(report.to_csv(header, table))
+  markdown = report.to_markdown(header, table)
   (root / "curve.md").write_text(markdown)
   png = plot_curve(rows, root / "curve.png", args.title or f"RM accuracy against PMP pairs ({root.name})")
   print(markdown, end="")
@@ -260,7 +253,7 @@ def _steps(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
   """The command line: steps, finetune and plot."""
-  parser = argparse.ArgumentParser(prog="python -m launch.scaling_curve", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m launch.experiments.scaling_curve", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("steps", help="stable-phase steps to keep (geometric) and their trainer flag")

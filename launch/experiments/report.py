@@ -1,0 +1,70 @@
+"""Tables and plots of the experiments and sweeps: one Markdown/CSV format, one matplotlib set-up.
+
+Every experiment writes its results as `results.md` (a GitHub Markdown table), `results.csv` or
+`results.json`, and `results.png`; these helpers are the only place that formats or draws them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from etils import epath
+
+
+def format_cell(value: object, digits: int = 4) -> str:
+  """A table cell: floats to `digits` significant digits (nan as nan), None as empty."""
+  if isinstance(value, float):
+    return "nan" if math.isnan(value) else f"{value:.{digits}g}"
+  return "" if value is None else str(value)
+
+
+def to_markdown(header: Sequence[str], rows: Sequence[Sequence[object]],
+                cell: Callable[[object], str] = format_cell, align: str = "---") -> str:
+  """A GitHub Markdown table (`align` is each column's rule: `---` or `---:`), newline-ended."""
+  lines = ["| " + " | ".join(header) + " |", "|" + f"{align}|" * len(header)]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def to_csv(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+  """CSV with full-precision numbers and empty cells for missing values."""
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(header)
+  writer.writerows([["" if v is None else v for v in row] for row in rows])
+  return out.getvalue()
+
+
+def fixed3(value: object) -> str:
+  """Accuracy-style cells: three decimals."""
+  return f"{float(value):.3f}" if isinstance(value, (int, float)) else format_cell(value)
+
+
+def lookup(report: Mapping[str, Any], keys: Sequence[str]) -> float:
+  """`report[k1][k2]...` as a float (a metric deep in an evaluation report)."""
+  value: Any = report
+  for key in keys:
+    value = value[key]
+  return float(value)
+
+
+def pyplot():
+  """matplotlib's pyplot on the file-only Agg backend (no display needed), set up once."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def save_figure(fig: Any, path: str | epath.PathLike, dpi: int = 120) -> epath.Path:
+  """Writes the figure as PNG (creating its folder) and closes it."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
+  with path.open("wb") as f:
+    fig.savefig(f, dpi=dpi, format="png")
+  pyplot().close(fig)
+  return path
