@@ -14,7 +14,7 @@ import pathlib
 import sys
 from typing import Sequence
 
-from codepmp_jax.eval import bon, modes
+from codepmp_jax.eval import bon, reward_tasks
 
 
 def _ns(text: str) -> list[int]:
@@ -113,14 +113,14 @@ def run(args: argparse.Namespace) -> dict:
     from codepmp_jax.score import RewardScorer  # JAX and the model load only when scoring.
     scorer = RewardScorer(args.checkpoint, args.batch_size, args.max_length)
   if args.mode == "pairwise":
-    report = modes.pairwise(scorer, args.data, args.format, args.by, args.limit, args.strict,
+    report = reward_tasks.pairwise(scorer, args.data, args.format, args.by, args.limit, args.strict,
                             args.seed)
   elif args.mode == "mc":
-    report = modes.multiple_choice(scorer, args.data, args.format, args.by, args.limit,
+    report = reward_tasks.multiple_choice(scorer, args.data, args.format, args.by, args.limit,
                                    args.strict, args.seed)
   else:
     plot = args.plot or pathlib.Path(args.out).with_suffix(".png")
-    report = modes.best_of_n(args.candidates, args.task, args.n, scorer, args.scores, args.draws,
+    report = reward_tasks.best_of_n(args.candidates, args.task, args.n, scorer, args.scores, args.draws,
                              args.seed, args.limit, args.sympy_timeout, plot, args.save_scores)
   if args.checkpoint is not None:
     report["checkpoint"] = str(args.checkpoint)

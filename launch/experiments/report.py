@@ -22,9 +22,12 @@ def format_cell(value: object, digits: int = 4) -> str:
 
 
 def to_markdown(header: Sequence[str], rows: Sequence[Sequence[object]],
-                cell: Callable[[object], str] = format_cell, align: str = "---") -> str:
-  """A GitHub Markdown table (`align` is each column's rule: `---` or `---:`), newline-ended."""
-  lines = ["| " + " | ".join(header) + " |", "|" + f"{align}|" * len(header)]
+                cell: Callable[[object], str] = format_cell,
+                align: str | Sequence[str] = "---") -> str:
+  """A GitHub Markdown table, newline-ended; `align` is the rule of every column or of each
+  (`---` left, `---:` right)."""
+  rules = [align] * len(header) if isinstance(align, str) else list(align)
+  lines = ["| " + " | ".join(header) + " |", "|" + "".join(f"{r}|" for r in rules)]
   lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
   return "\n".join(lines) + "\n"
 
@@ -39,8 +42,8 @@ def to_csv(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def fixed3(value: object) -> str:
-  """Accuracy-style cells: three decimals."""
-  return f"{float(value):.3f}" if isinstance(value, (int, float)) else format_cell(value)
+  """Accuracy-style cells: floats to three decimals (other values as `format_cell`)."""
+  return f"{value:.3f}" if isinstance(value, float) else format_cell(value)
 
 
 def lookup(report: Mapping[str, Any], keys: Sequence[str]) -> float:
