@@ -20,7 +20,7 @@ def test_demo_runs_end_to_end_at_a_tiny_size_and_reuses_its_stages(tmp_path, sha
       shared_data=str(shared_data),
       pmp_overrides={**TINY_MODEL, **SMALL_TRAIN, "train.total_steps": 4, "train.log_every": 2,
                      "train.eval_every": 4, "checkpoint.save_every": 4,
-                     "data.builtin.max_pairs": 150, "data.builtin.vocab_size": 300},
+                     "data.builtin.max_pairs": 150, "data.builtin.vocab_size": 500},
       rm_overrides={**TINY_MODEL, **SMALL_TRAIN})
   reports = demo.run(settings)
   assert list(reports) == ["PMP-initialized", "scratch"]

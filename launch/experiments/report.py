@@ -1,7 +1,8 @@
 """Tables and plots of the experiments and sweeps: one Markdown/CSV format, one matplotlib set-up.
 
 Every experiment writes its results as `results.md` (a GitHub Markdown table), `results.csv` or
-`results.json`, and `results.png`; these helpers are the only place that formats or draws them.
+`results.json`, and `results.png`; these helpers are the only place that formats them, and
+`pyplot` / `save_figure` (the project's one matplotlib set-up, `codepmp_jax/eval/plots.py`) draw.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from etils import epath
+from codepmp_jax.eval.plots import pyplot, save_figure  # noqa: F401  (the experiments' plots)
 
 
 def format_cell(value: object, digits: int = 4) -> str:
@@ -52,22 +53,3 @@ def lookup(report: Mapping[str, Any], keys: Sequence[str]) -> float:
   for key in keys:
     value = value[key]
   return float(value)
-
-
-def pyplot():
-  """matplotlib's pyplot on the file-only Agg backend (no display needed), set up once."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def save_figure(fig: Any, path: str | epath.PathLike, dpi: int = 120) -> epath.Path:
-  """Writes the figure as PNG (creating its folder) and closes it."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.tight_layout()
-  with path.open("wb") as f:
-    fig.savefig(f, dpi=dpi, format="png")
-  pyplot().close(fig)
-  return path
