@@ -25,6 +25,7 @@ TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
+NAMES = (CONFIG, MODEL_CONFIG, TOKENIZER, METRICS, CHECKPOINTS, SUMMARY)
 
 PathLike = str | epath.PathLike
 
@@ -33,55 +34,38 @@ class WorkdirError(ValueError):
   """A workdir file that is there but cannot be read (the message names it)."""
 
 
-def config_path(workdir: PathLike) -> epath.Path:
-  return epath.Path(workdir) / CONFIG
+def path(workdir: PathLike, name: str) -> epath.Path:
+  """`workdir/name` for one of the names above (`path(w, SUMMARY)`), as an `epath.Path`."""
+  if name not in NAMES:
+    raise ValueError(f"{name!r} is not a workdir entry; one of {NAMES}")
+  return epath.Path(workdir) / name
 
 
-def model_config_path(workdir: PathLike) -> epath.Path:
-  return epath.Path(workdir) / MODEL_CONFIG
-
-
-def tokenizer_path(workdir: PathLike) -> epath.Path:
-  return epath.Path(workdir) / TOKENIZER
-
-
-def metrics_path(workdir: PathLike) -> epath.Path:
-  return epath.Path(workdir) / METRICS
-
-
-def checkpoints_path(workdir: PathLike) -> epath.Path:
-  return epath.Path(workdir) / CHECKPOINTS
-
-
-def summary_path(workdir: PathLike) -> epath.Path:
-  return epath.Path(workdir) / SUMMARY
-
-
-def _read_json(path: epath.Path) -> dict[str, Any]:
+def _read_json(file: epath.Path) -> dict[str, Any]:
   try:
-    return json.loads(path.read_text())
+    return json.loads(file.read_text())
   except json.JSONDecodeError as e:
-    raise WorkdirError(f"{path}: not JSON ({e})") from e
+    raise WorkdirError(f"{file}: not JSON ({e})") from e
 
 
 def read_config(workdir: PathLike) -> dict[str, Any] | None:
   """The run's `config.json` as a dict, or None before the run has started."""
-  path = config_path(workdir)
-  return _read_json(path) if path.exists() else None
+  file = path(workdir, CONFIG)
+  return _read_json(file) if file.exists() else None
 
 
 def read_summary(workdir: PathLike) -> dict[str, Any] | None:
   """The run's `summary.json` (its end: step, finished, final metrics), or None before it."""
-  path = summary_path(workdir)
-  return _read_json(path) if path.exists() else None
+  file = path(workdir, SUMMARY)
+  return _read_json(file) if file.exists() else None
 
 
 def last_metrics(workdir: PathLike) -> dict[str, Any] | None:
   """The last record of `metrics.jsonl`, or None; a torn last line (a kill mid-write) is skipped."""
-  path = metrics_path(workdir)
-  if not path.exists():
+  file = path(workdir, METRICS)
+  if not file.exists():
     return None
-  lines = path.read_text().splitlines()
+  lines = file.read_text().splitlines()
   last = None
   for number, line in enumerate(lines, 1):
     if not line.strip():
@@ -90,9 +74,9 @@ def last_metrics(workdir: PathLike) -> dict[str, Any] | None:
       last = json.loads(line)
     except json.JSONDecodeError as e:
       if number == len(lines):
-        logging.warning("%s:%d: torn last line skipped", path, number)
+        logging.warning("%s:%d: torn last line skipped", file, number)
         break
-      raise WorkdirError(f"{path}:{number}: not JSON ({e})") from e
+      raise WorkdirError(f"{file}:{number}: not JSON ({e})") from e
   return last
 
 

@@ -40,7 +40,7 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
   """The `get_config(arg)` string as typed fields, each defaulting to its value in `spec`.
 
   `arg` is `key=value,key=value`; a bare `key` is `key=True` (`runlocal`); a lone bare value that
-  names no field is the value of the first field (`configs/rm_reclor.py:qwen2_7b`). Values take
+  names no field is the value of the first field (`configs/rm_math_shepherd.py:qwen2_7b`). Values take
   the type of their default (bools from true/false/1/0). An unknown key is an error naming it.
   """
   arg = arg or ""

@@ -275,8 +275,8 @@ def collect(root: str | pathlib.Path) -> tuple[list[Result], dict[str, dict[str,
             for r in json.loads(manifest.read_text())["runs"]}
   else:
     runs = {d.name: {} for d in sorted(root.iterdir())
-            if d.is_dir() and (workdir_lib.summary_path(d).exists()
-                               or workdir_lib.metrics_path(d).exists())}
+            if d.is_dir() and (workdir_lib.path(d, workdir_lib.SUMMARY).exists()
+                               or workdir_lib.path(d, workdir_lib.METRICS).exists())}
   if not runs:
     raise SweepError(f"{root}: no {MANIFEST} and no workdir with {workdir_lib.SUMMARY} or "
                      f"{workdir_lib.METRICS}")

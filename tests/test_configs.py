@@ -13,7 +13,7 @@ from configs import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
-RM_CONFIGS = ("rm_math_shepherd", "rm_reclor", "rm_logiqa2", "rm_gsm8k_smollm2_135m")
+RM_CONFIGS = ("rm_math_shepherd", "rm_logic:reclor", "rm_logic:logiqa2", "rm_gsm8k_smollm2_135m")
 
 
 def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
@@ -66,8 +66,8 @@ def test_rm_configs_carry_the_released_hyperparameters(name):
   assert config.data.bucket
   assert config.init_from is None  # required: --config.init_from=CKPT or =scratch
   config.init_from = "runs/pmp"  # the placeholder takes a string from the command line
-  expected = {"rm_math_shepherd": (3e-7, 0.03), "rm_reclor": (3e-6, 0.25),
-              "rm_logiqa2": (3e-6, 0.25), "rm_gsm8k_smollm2_135m": (3e-6, 0.03)}[name]
+  expected = {"rm_math_shepherd": (3e-7, 0.03), "rm_logic:reclor": (3e-6, 0.25),
+              "rm_logic:logiqa2": (3e-6, 0.25), "rm_gsm8k_smollm2_135m": (3e-6, 0.03)}[name]
   assert (config.optimizer.lr, config.optimizer.warmup_ratio) == expected
 
 
@@ -95,8 +95,11 @@ def test_parse_arg_one_way_for_every_config():
     common.parse_arg("qwen2_7b")
   with pytest.raises(ValueError, match="boolean"):
     common.parse_arg("runlocal=maybe", runlocal=False)
-  assert load_config("rm_reclor:qwen2_7b").model.hidden_size == load_config(
-      "pmp_qwen2_7b").model.hidden_size
+  config = load_config("rm_logic:dataset=reclor,preset=qwen2_7b")
+  assert config.model.hidden_size == load_config("pmp_qwen2_7b").model.hidden_size
+  assert config.data.path == "prepared/reclor"
+  with pytest.raises(ValueError, match="dataset 'race' is not one of"):
+    load_config("rm_logic:race")
   with pytest.raises(ValueError, match="takes no argument"):
     load_config("tiny:qwen2_7b")
 

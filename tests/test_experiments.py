@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from launch.experiments import demo, report
+from absl import flags
+
+from launch.experiments import demo, report, sample_efficiency, settings_flags
 
 TINY_MODEL = {"model.num_layers": 1, "model.hidden_size": 32, "model.intermediate_size": 64,
               "model.num_heads": 2, "model.num_kv_heads": 1}
@@ -54,3 +56,17 @@ def test_report_tables_and_figure(tmp_path):
   ax.plot([1, 2], [3, 4])
   path = report.save_figure(fig, tmp_path / "sub" / "x.png")
   assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_command_line_of_an_experiment_is_its_settings():
+  values = flags.FlagValues()
+  cls = sample_efficiency.SampleEfficiencySettings
+  settings_flags.define_flags(cls, sample_efficiency.HELP, values)
+  values(["x", "--ks=4,8", "--lr=0.5", "--preset=smollm2_135m"])
+  assert settings_flags.from_flags(cls, values) == cls(ks=(4, 8), lr=0.5, preset="smollm2_135m")
+  values = flags.FlagValues()
+  settings_flags.define_flags(demo.DemoSettings, demo.HELP, values)
+  values(["x", "--rm_steps=3"])
+  assert settings_flags.from_flags(demo.DemoSettings, values) == demo.DemoSettings(rm_steps=3)
+  with pytest.raises(ValueError, match="needs base and pmp"):
+    sample_efficiency.run(cls(preset="smollm2_135m", out="unused"))

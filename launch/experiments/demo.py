@@ -25,12 +25,12 @@ from etils import epath
 if __name__ == "__main__" and not __package__:  # `python launch/experiments/demo.py`
   sys.path.insert(0, str(epath.Path(__file__).resolve().parents[2]))
 
-from absl import app, flags, logging  # noqa: E402  (after the path set-up above)
+from absl import app, logging  # noqa: E402  (after the path set-up above)
 
 from codepmp_jax import train  # noqa: E402
 from codepmp_jax.config import load_config  # noqa: E402
 from codepmp_jax.data.builtin import SHARED_DATA  # noqa: E402
-from launch.experiments import recipes, report  # noqa: E402
+from launch.experiments import recipes, report, settings_flags  # noqa: E402
 
 ROWS = (("GSM8K pairwise accuracy (held-out test)", ("pairwise", "accuracy")),
         ("LogiQA 2.0 multiple-choice accuracy", ("mc", "accuracy")),
@@ -130,28 +130,20 @@ def run(settings: DemoSettings) -> dict[str, dict]:
   return reports
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """The command-line flags (defined only when run as a program, so importing adds none)."""
-  defaults = DemoSettings()
-  flags.DEFINE_string("out", defaults.out, "Directory for every stage's output.")
-  flags.DEFINE_integer("rm_questions", defaults.rm_questions,
-                       "GSM8K train questions used for RM fine-tuning.")
-  flags.DEFINE_integer("rm_steps", defaults.rm_steps, "RM fine-tuning steps (both arms).")
-  flags.DEFINE_float("rm_lr", defaults.rm_lr, "RM fine-tuning learning rate (both arms).")
-  flags.DEFINE_integer("eval_questions", defaults.eval_questions,
-                       "Held-out GSM8K test / LogiQA 2.0 test questions scored.")
+HELP = {"out": "Directory for every stage's output.",
+        "rm_questions": "GSM8K train questions used for RM fine-tuning.",
+        "rm_steps": "RM fine-tuning steps (both arms).",
+        "rm_lr": "RM fine-tuning learning rate (both arms).",
+        "eval_questions": "Held-out GSM8K test / LogiQA 2.0 test questions scored.",
+        "shared_data": "The reference data sets (gsm8k/, logiqa2/)."}
 
 
 def main(argv: list[str]) -> None:
   del argv
   train.quiet_library_logs()
-  run(DemoSettings(out=FLAGS.out, rm_questions=FLAGS.rm_questions, rm_steps=FLAGS.rm_steps,
-                   rm_lr=FLAGS.rm_lr, eval_questions=FLAGS.eval_questions))
+  run(settings_flags.from_flags(DemoSettings))
 
 
 if __name__ == "__main__":
-  define_flags()
+  settings_flags.define_flags(DemoSettings, HELP)
   app.run(main)

@@ -23,12 +23,12 @@ from etils import epath
 if __name__ == "__main__" and not __package__:  # `python launch/experiments/sample_efficiency.py`
   sys.path.insert(0, str(epath.Path(__file__).resolve().parents[2]))
 
-from absl import app, flags, logging  # noqa: E402  (after the path set-up above)
+from absl import app, logging  # noqa: E402  (after the path set-up above)
 
 from codepmp_jax import train  # noqa: E402
 from codepmp_jax.config import load_config  # noqa: E402
 from codepmp_jax.data.builtin import SHARED_DATA  # noqa: E402
-from launch.experiments import recipes, report  # noqa: E402
+from launch.experiments import recipes, report, settings_flags  # noqa: E402
 
 ARMS = ("base", "pmp")
 METRICS = (("pairwise accuracy", ("pairwise", "accuracy")), ("Best-of-4 accuracy", ("bon", "4", "rm")))
@@ -117,36 +117,27 @@ def run(settings: SampleEfficiencySettings) -> dict[int, dict[str, dict]]:
   return results
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """The command-line flags (defined only when run as a program, so importing adds none)."""
-  d = SampleEfficiencySettings()
-  flags.DEFINE_enum("preset", d.preset, sorted(PRESET_CONFIGS), "Model family of the experiment.")
-  flags.DEFINE_string("out", d.out, "Output directory.")
-  flags.DEFINE_list("ks", [str(k) for k in d.ks], "Numbers of GSM8K training questions.")
-  flags.DEFINE_string("base", d.base, "Base checkpoint (empty: the PMP run's model from scratch).")
-  flags.DEFINE_string("pmp", d.pmp, "PMP checkpoint (tiny: built here when empty).")
-  flags.DEFINE_float("epochs", d.epochs, "Passes over the k pairs (at least `min_steps` steps).")
-  flags.DEFINE_integer("min_steps", d.min_steps, "Fewest fine-tuning steps of any run.")
-  flags.DEFINE_float("lr", d.lr, "Fine-tuning learning rate (0: the preset config's).")
-  flags.DEFINE_integer("eval_questions", d.eval_questions,
-                       "GSM8K test questions for pairwise and Best-of-N.")
+HELP = {"preset": f"Model family of the experiment: {' or '.join(PRESET_CONFIGS)}.",
+        "out": "Output directory.",
+        "ks": "Numbers of GSM8K training questions.",
+        "base": "Base checkpoint (empty: the PMP run's model from scratch).",
+        "pmp": "PMP checkpoint (tiny: built here when empty).",
+        "epochs": "Passes over the k pairs (at least `min_steps` steps).",
+        "min_steps": "Fewest fine-tuning steps of any run.",
+        "lr": "Fine-tuning learning rate (0: the preset config's).",
+        "eval_questions": "GSM8K test questions for pairwise and Best-of-N.",
+        "shared_data": "The reference data sets (gsm8k/)."}
 
 
 def main(argv: list[str]) -> None:
   del argv
   train.quiet_library_logs()
   try:
-    run(SampleEfficiencySettings(
-        preset=FLAGS.preset, out=FLAGS.out, ks=tuple(int(k) for k in FLAGS.ks), base=FLAGS.base,
-        pmp=FLAGS.pmp, epochs=FLAGS.epochs, min_steps=FLAGS.min_steps, lr=FLAGS.lr,
-        eval_questions=FLAGS.eval_questions))
+    run(settings_flags.from_flags(SampleEfficiencySettings))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":
-  define_flags()
+  settings_flags.define_flags(SampleEfficiencySettings, HELP)
   app.run(main)
