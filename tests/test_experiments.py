@@ -61,11 +61,11 @@ def test_report_tables_and_figure(tmp_path):
 def test_the_command_line_of_an_experiment_is_its_settings():
   values = flags.FlagValues()
   cls = sample_efficiency.SampleEfficiencySettings
-  settings_flags.define_flags(cls, sample_efficiency.HELP, values)
+  settings_flags.define_flags(cls, values)
   values(["x", "--ks=4,8", "--lr=0.5", "--preset=smollm2_135m"])
   assert settings_flags.from_flags(cls, values) == cls(ks=(4, 8), lr=0.5, preset="smollm2_135m")
   values = flags.FlagValues()
-  settings_flags.define_flags(demo.DemoSettings, demo.HELP, values)
+  settings_flags.define_flags(demo.DemoSettings, values)
   values(["x", "--rm_steps=3"])
   assert settings_flags.from_flags(demo.DemoSettings, values) == demo.DemoSettings(rm_steps=3)
   with pytest.raises(ValueError, match="needs base and pmp"):

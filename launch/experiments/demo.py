@@ -25,12 +25,12 @@ from etils import epath
 if __name__ == "__main__" and not __package__:  # `python launch/experiments/demo.py`
   sys.path.insert(0, str(epath.Path(__file__).resolve().parents[2]))
 
-from absl import app, logging  # noqa: E402  (after the path set-up above)
+from absl import logging  # noqa: E402  (after the path set-up above)
 
-from codepmp_jax import train  # noqa: E402
 from codepmp_jax.config import load_config  # noqa: E402
 from codepmp_jax.data.builtin import SHARED_DATA  # noqa: E402
 from launch.experiments import recipes, report, settings_flags  # noqa: E402
+from launch.experiments.settings_flags import setting  # noqa: E402
 
 ROWS = (("GSM8K pairwise accuracy (held-out test)", ("pairwise", "accuracy")),
         ("LogiQA 2.0 multiple-choice accuracy", ("mc", "accuracy")),
@@ -40,20 +40,17 @@ ROWS = (("GSM8K pairwise accuracy (held-out test)", ("pairwise", "accuracy")),
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-  """What the demo runs; the defaults are `make demo`.
-
-  pmp_overrides, rm_overrides: dotted config fields changed on the PMP run's config
-    (configs/tiny.py, e.g. `{"train.total_steps": 4}`) and on the RM fine-tunes'
-    (configs/short_rm.py), for a smaller run (the end-to-end test); empty = the demo as it is.
-  """
-  out: str = "demo_out"
-  rm_questions: int = 1500
-  rm_steps: int = 80
-  rm_lr: float = 1e-3
-  eval_questions: int = 150
-  shared_data: str = str(SHARED_DATA)
-  pmp_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  rm_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  """What the demo runs; the defaults are `make demo`."""
+  out: str = setting("demo_out", "Directory for every stage's output.")
+  rm_questions: int = setting(1500, "GSM8K train questions used for RM fine-tuning.")
+  rm_steps: int = setting(80, "RM fine-tuning steps (both arms).")
+  rm_lr: float = setting(1e-3, "RM fine-tuning learning rate (both arms).")
+  eval_questions: int = setting(150, "Held-out GSM8K test / LogiQA 2.0 test questions scored.")
+  shared_data: str = setting(str(SHARED_DATA), "The reference data sets (gsm8k/, logiqa2/).")
+  pmp_overrides: Mapping[str, Any] = setting(
+      {}, "Dotted fields changed on the PMP run's config (configs/tiny.py), for a smaller run.")
+  rm_overrides: Mapping[str, Any] = setting(
+      {}, "Dotted fields changed on the RM fine-tunes' config (configs/short_rm.py).")
 
 
 def results_table(reports: dict[str, dict]) -> str:
@@ -130,20 +127,5 @@ def run(settings: DemoSettings) -> dict[str, dict]:
   return reports
 
 
-HELP = {"out": "Directory for every stage's output.",
-        "rm_questions": "GSM8K train questions used for RM fine-tuning.",
-        "rm_steps": "RM fine-tuning steps (both arms).",
-        "rm_lr": "RM fine-tuning learning rate (both arms).",
-        "eval_questions": "Held-out GSM8K test / LogiQA 2.0 test questions scored.",
-        "shared_data": "The reference data sets (gsm8k/, logiqa2/)."}
-
-
-def main(argv: list[str]) -> None:
-  del argv
-  train.quiet_library_logs()
-  run(settings_flags.from_flags(DemoSettings))
-
-
 if __name__ == "__main__":
-  settings_flags.define_flags(DemoSettings, HELP)
-  app.run(main)
+  settings_flags.run_program(DemoSettings, run)

@@ -23,12 +23,12 @@ from etils import epath
 if __name__ == "__main__" and not __package__:  # `python launch/experiments/sample_efficiency.py`
   sys.path.insert(0, str(epath.Path(__file__).resolve().parents[2]))
 
-from absl import app, logging  # noqa: E402  (after the path set-up above)
+from absl import logging  # noqa: E402  (after the path set-up above)
 
-from codepmp_jax import train  # noqa: E402
 from codepmp_jax.config import load_config  # noqa: E402
 from codepmp_jax.data.builtin import SHARED_DATA  # noqa: E402
 from launch.experiments import recipes, report, settings_flags  # noqa: E402
+from launch.experiments.settings_flags import setting  # noqa: E402
 
 ARMS = ("base", "pmp")
 METRICS = (("pairwise accuracy", ("pairwise", "accuracy")), ("Best-of-4 accuracy", ("bon", "4", "rm")))
@@ -38,19 +38,17 @@ PRESET_CONFIGS = {"tiny": "tiny", "smollm2_135m": "rm_gsm8k_smollm2_135m"}
 
 @dataclasses.dataclass(frozen=True)
 class SampleEfficiencySettings:
-  """preset: the model family; base / pmp: checkpoints ('' base = the model from scratch; '' pmp
-  with tiny = the demo's PMP run, built here); lr: the fine-tuning lr (0 = the preset config's:
-  1e-3 for tiny, 3e-6 for smollm2_135m)."""
-  preset: str = "tiny"
-  out: str = "runs/sample_efficiency"
-  ks: tuple[int, ...] = (128, 512, 2048)
-  base: str = ""
-  pmp: str = ""
-  epochs: float = 3.0
-  min_steps: int = 20
-  lr: float = 0.0
-  eval_questions: int = 300
-  shared_data: str = str(SHARED_DATA)
+  """The experiment's sizes and checkpoints; the defaults are the small CPU version."""
+  preset: str = setting("tiny", f"Model family: {' or '.join(PRESET_CONFIGS)}.")
+  out: str = setting("runs/sample_efficiency", "Output directory.")
+  ks: tuple[int, ...] = setting((128, 512, 2048), "Numbers of GSM8K training questions.")
+  base: str = setting("", "Base checkpoint (empty: the PMP run's model from scratch).")
+  pmp: str = setting("", "PMP checkpoint (tiny: the demo's PMP run, built here when empty).")
+  epochs: float = setting(3.0, "Passes over the k pairs (at least `min_steps` steps).")
+  min_steps: int = setting(20, "Fewest fine-tuning steps of any run.")
+  lr: float = setting(0.0, "Fine-tuning lr (0: the preset config's, 1e-3 tiny, 3e-6 smollm2).")
+  eval_questions: int = setting(300, "GSM8K test questions for pairwise and Best-of-N.")
+  shared_data: str = setting(str(SHARED_DATA), "The reference data sets (gsm8k/).")
 
 
 def write_results(results: dict[int, dict[str, dict]], out: epath.Path) -> str:
@@ -117,27 +115,5 @@ def run(settings: SampleEfficiencySettings) -> dict[int, dict[str, dict]]:
   return results
 
 
-HELP = {"preset": f"Model family of the experiment: {' or '.join(PRESET_CONFIGS)}.",
-        "out": "Output directory.",
-        "ks": "Numbers of GSM8K training questions.",
-        "base": "Base checkpoint (empty: the PMP run's model from scratch).",
-        "pmp": "PMP checkpoint (tiny: built here when empty).",
-        "epochs": "Passes over the k pairs (at least `min_steps` steps).",
-        "min_steps": "Fewest fine-tuning steps of any run.",
-        "lr": "Fine-tuning learning rate (0: the preset config's).",
-        "eval_questions": "GSM8K test questions for pairwise and Best-of-N.",
-        "shared_data": "The reference data sets (gsm8k/)."}
-
-
-def main(argv: list[str]) -> None:
-  del argv
-  train.quiet_library_logs()
-  try:
-    run(settings_flags.from_flags(SampleEfficiencySettings))
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-
-
 if __name__ == "__main__":
-  settings_flags.define_flags(SampleEfficiencySettings, HELP)
-  app.run(main)
+  settings_flags.run_program(SampleEfficiencySettings, run)
