@@ -13,6 +13,8 @@ from configs import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
+# The paper's 1.5B/7B configs (scanned, full remat, 1024 x 1024) take the longest to compile.
+SLOW_TO_COMPILE = {"pmp_qwen2_1_5b", "pmp_qwen2_7b", "rm_logic", "rm_math_shepherd"}
 RM_CONFIGS = ("rm_math_shepherd", "rm_logic:reclor", "rm_logic:logiqa2", "rm_gsm8k_smollm2_135m")
 
 
@@ -27,7 +29,9 @@ def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
   return out
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [
+    pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW_TO_COMPILE else [])
+    for p in CONFIGS])
 def test_every_config_builds(path):
   """The config has exactly the default fields, and its train step compiles on 8 fake devices.
 

@@ -87,6 +87,7 @@ def test_greedy_equals_transformers_generate(name, tmp_path):
     assert completions[0].finish_reason == ("length" if len(want) == NEW_TOKENS else "eos")
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_batch_equals_transformers(shared_data, tmp_path):
   """The real SmolLM2-135M: two GSM8K prompts of different lengths in one batch.
 

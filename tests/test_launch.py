@@ -418,6 +418,7 @@ REAL_SMALL = [
 ]
 
 
+@pytest.mark.slow
 def test_real_data_scale_sweep_then_scaling_curve_on_the_tiny_config(tmp_path, monkeypatch, capsys):
   """A two-point PMP sweep (2 and 4 steps) runs, resumes and is collected; an RM is fine-tuned from
   its larger point and put on the curve (three real trainer runs, one CPU device each)."""

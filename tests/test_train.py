@@ -52,6 +52,7 @@ def _wait_for(predicate, proc, timeout=240):
     time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   common = ("--config.train.total_steps=20", "--config.checkpoint.save_every=5")
@@ -74,6 +75,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     assert got_metrics[step]["loss"] == pytest.approx(want_metrics[step]["loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step(tmp_path):
   proc = _train(tmp_path, "--config.train.total_steps=100000", "--config.checkpoint.save_every=100000",
                 wait=False)
@@ -105,6 +107,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   common = ("--config.train.total_steps=4", "--config.data.shuffle_buffer=0")
   _train(tmp_path / "one", *common)
@@ -150,6 +153,7 @@ def test_trains_on_real_gsm8k_pairs(tmp_path, shared_data):
   assert "eval/accuracy" in final
 
 
+@pytest.mark.slow
 def test_decay_from_a_stable_checkpoint_equals_a_run_decaying_there(tmp_path):
   """Scaling curves the cheap way: decaying from a kept stable-phase checkpoint of a long run gives
   exactly the run whose warmup-stable-decay schedule decays at that step."""
