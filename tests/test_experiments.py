@@ -70,3 +70,39 @@ def test_the_command_line_of_an_experiment_is_its_settings():
   assert settings_flags.from_flags(demo.DemoSettings, values) == demo.DemoSettings(rm_steps=3)
   with pytest.raises(ValueError, match="needs base and pmp"):
     sample_efficiency.run(cls(preset="smollm2_135m", out="unused"))
+
+
+def test_demo_table_and_plot_of_two_arms(tmp_path):
+  arm = {"pairwise": {"accuracy": 0.7}, "mc": {"accuracy": 0.25}, "bon": {"4": {"rm": 0.5}},
+         "train": {"loss": 0.6931}}
+  table = demo.results_table({"PMP-initialized": arm, "scratch": {**arm, "mc": {"accuracy": 0.3}}})
+  assert table.splitlines() == [
+      "| metric | PMP-initialized | scratch |", "|---|---:|---:|",
+      "| GSM8K pairwise accuracy (held-out test) | 0.700 | 0.700 |",
+      "| LogiQA 2.0 multiple-choice accuracy | 0.250 | 0.300 |",
+      "| GSM8K Best-of-4 accuracy | 0.500 | 0.500 |",
+      "| RM fine-tune final train loss | 0.693 | 0.693 |"]
+  path = demo.plot_results({"a": arm, "b": arm}, tmp_path / "r.png")
+  assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recipes_reuse_finished_work_and_build_best_of_n_candidates(tmp_path, shared_data):
+  from etils import epath
+
+  from launch.experiments import recipes
+
+  workdir = epath.Path(tmp_path / "run")
+  workdir.mkdir()
+  (workdir / "summary.json").write_text(json.dumps({"step": 3, "finished": True, "loss": 0.5}))
+  assert recipes.train_once(None, workdir) == {"step": 3, "finished": True, "loss": 0.5}
+  source = epath.Path(shared_data) / "gsm8k" / "test.jsonl"
+  subset = recipes.first_lines(source, epath.Path(tmp_path / "first.jsonl"), 5)
+  rows = [json.loads(line) for line in subset.read_text().splitlines()]
+  assert rows == [json.loads(line) for line in source.read_text().splitlines()[:5]]
+  path = recipes.bon_candidates(source, epath.Path(tmp_path / "bon.jsonl"), limit=20, n=4)
+  questions = [json.loads(line) for line in path.read_text().splitlines()]
+  assert 0 < len(questions) <= 20
+  for q in questions:  # the reference solution once among four distinct candidates
+    assert len(q["candidates"]) == 4 and len(set(q["candidates"])) == 4
+    answer = q["reference"].split("####")[-1].strip()
+    assert sum(c.endswith(f"The answer is {answer}") for c in q["candidates"]) == 1
