@@ -17,12 +17,20 @@ SMALL_TRAIN = {"train.global_batch": 8, "train.eval_batch": 8, "train.eval_batch
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_at_a_tiny_size_and_reuses_its_stages(tmp_path, shared_data, capsys):
+  """Every stage of `make demo` at a tiny size; PMP on synthetic pairs with a small tokenizer
+  instead of the built-in stdlib synthesis (tested on its own), so the test stays short."""
+  from codepmp_jax.data.tokenizer import train_sentencepiece
+
+  train_sentencepiece(["def add(a, b):\n  return a + b\n", "Question: 2 + 3?\nAnswer: 5"] * 20, 300,
+                      tmp_path / "spm")
   settings = demo.DemoSettings(
       out=str(tmp_path / "demo"), rm_questions=40, rm_steps=2, eval_questions=6,
       shared_data=str(shared_data),
       pmp_overrides={**TINY_MODEL, **SMALL_TRAIN, "train.total_steps": 4, "train.log_every": 2,
-                     "train.eval_every": 4, "checkpoint.save_every": 4,
-                     "data.builtin.max_pairs": 150, "data.builtin.vocab_size": 500},
+                     "train.eval_every": 4, "checkpoint.save_every": 4, "data.builtin.name": "",
+                     "data.source": "synthetic", "data.vocab_size": 256,
+                     "data.synthetic_pairs": 256, "model.vocab_size": 320,
+                     "tokenizer": str(tmp_path / "spm.model")},
       rm_overrides={**TINY_MODEL, **SMALL_TRAIN})
   reports = demo.run(settings)
   assert list(reports) == ["PMP-initialized", "scratch"]
