@@ -221,6 +221,7 @@ def test_synthesis_backend_completes_prompts_in_order(tiny_checkpoint):
   assert sampled() == sampled()  # seeded by the prompt text
 
 
+@pytest.mark.slow
 def test_cli_writes_candidates_and_resumes(tmp_path, tiny_checkpoint):
   """End to end on a tiny checkpoint: candidates per record, then a rerun after a lost tail
   completes the file with exactly the lines an uninterrupted run wrote."""

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from codepmp_jax import optim, plan, sharding, step
 from codepmp_jax.config import load_config
@@ -56,6 +57,7 @@ def test_tiny_plan_matches_a_real_run_on_8_devices():
   assert planned.params_bytes < 0.3 * total
 
 
+@pytest.mark.slow
 def test_plan_of_qwen2_7b_on_64_devices():
   out = subprocess.run(
       [sys.executable, "-m", "codepmp_jax.plan", "--config=configs/pmp_qwen2_7b.py", "--devices=64",

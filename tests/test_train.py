@@ -89,6 +89,7 @@ def test_sigterm_saves_the_current_step(tmp_path):
   assert json.loads((tmp_path / "summary.json").read_text())["step"] == saved
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_saving(tmp_path):
   proc = _train(tmp_path, "--config.train.total_steps=50", "--config.checkpoint.save_every=1",
                 "--config.optimizer.lr=1e30", "--config.optimizer.grad_clip=0",
