@@ -207,6 +207,7 @@ def tiny_checkpoint(tmp_path_factory, shared_data):
   return checkpoint.save_model(tmp_path / "ckpt", _tiny_params(config), config, tokenizer), questions
 
 
+@pytest.mark.slow
 def test_synthesis_backend_completes_prompts_in_order(tiny_checkpoint):
   from codepmp_jax.synth.jax_backend import JaxBackend
   ckpt, questions = tiny_checkpoint
