@@ -53,7 +53,7 @@ MANIFEST_VERSION = 2
 HISTOGRAM_BIN = 64
 CHUNK = 512
 SHARD_PAIRS = 100_000  # default shard size
-GATHER = 8192  # pairs per read when writing a shard in its shuffled order
+GATHER = 1024  # pairs per gather when writing a shard in its shuffled order (bounds its memory)
 
 
 @dataclasses.dataclass(frozen=True)
