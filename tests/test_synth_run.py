@@ -77,7 +77,7 @@ def test_full_run(full):
 def test_help_documents_flags():
   out = subprocess.run([sys.executable, "-m", "codepmp_jax.synth", "--help"], capture_output=True,
                        text=True, cwd=pathlib.Path(__file__).resolve().parents[1], check=True).stdout
-  for flag in ("--source", "--strategy", "--max_pairs", "--shard_index", "--num_shards", "--merge",
+  for flag in ("--source", "--strategy", "--max_pairs", "--shard_index", "--num_shards", "--merge", "--stage",
                "--check", "--base_url", "--api_key_env", "--near_dup_threshold", "--decontam_sets"):
     assert flag in out
 
@@ -203,3 +203,19 @@ def test_cross_worker_removals_keep_the_first_of_each_component():
   # 2 repeats 0's content; 3 shares a band with 1; 4 collides with nobody.
   assert dedup.cross_worker_removals(sha, bands) == {2: "cross_worker_exact_duplicate",
                                                      3: "cross_worker_near_duplicate"}
+
+
+def test_slurm_launcher_chains_the_four_stages():
+  root = pathlib.Path(__file__).resolve().parents[1]
+  script = root / "launch" / "synth_slurm.sbatch"
+  env = {"PATH": "/usr/bin:/bin", "CODEPMP_ROOT": str(root), "PYTHON": "py"}
+  lines = subprocess.run(["bash", str(script), "--submit", "3", "--dry-run", "--out=/s/p"], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+  assert lines == [
+      f"sbatch --parsable --array=0-2 {script} --task signatures 3 --out=/s/p",
+      f"sbatch --parsable --dependency=afterok:JOB_signatures {script} --task dedup 3 --out=/s/p",
+      f"sbatch --parsable --dependency=afterok:JOB_dedup --array=0-2 {script} --task pairs 3 --out=/s/p",
+      f"sbatch --parsable --dependency=afterok:JOB_pairs {script} --task merge 3 --out=/s/p"]
+  task = subprocess.run(["bash", str(script), "--task", "pairs", "3", "--dry-run", "--out=/s/p"],
+                        env={**env, "SLURM_ARRAY_TASK_ID": "1"}, capture_output=True, text=True, check=True)
+  assert task.stdout.strip() == "py -m codepmp_jax.synth --out=/s/p --stage=pairs --shard_index=1 --num_shards=3"
