@@ -51,8 +51,9 @@ def ensure(data_cfg: ml_collections.ConfigDict) -> None:
   from codepmp_jax.synth.synthesize import SynthSettings, synthesize
 
   root = epath.Path(data_cfg.path)
-  if (root / prepare.MANIFEST).is_file():
-    return
+  manifest = root / prepare.MANIFEST
+  if manifest.is_file() and json.loads(manifest.read_text()).get("version") == prepare.MANIFEST_VERSION:
+    return  # (an older version's shards are prepared again, from the kept pairs and tokenizer)
   pairs_dir = root / "pairs"
   synth_manifest = pairs_dir / "manifest.json"
   if not (synth_manifest.is_file() and json.loads(synth_manifest.read_text()).get("complete")):

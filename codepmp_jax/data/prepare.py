@@ -243,12 +243,12 @@ def _write_shard(staging: _Staging, name: str, spill: str, records: int, seed: i
   for start, part in zip(starts, parts):
     part["offset"] += start
   stream_rows = np.concatenate(parts) if parts else np.zeros(0, shards.INDEX_DTYPE)
-  order = np.random.default_rng([seed, int.from_bytes(name.encode(), "little") % (1 << 63)]
-                                ).permutation(len(stream_rows))
+  name_key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+  order = np.random.default_rng([seed, name_key]).permutation(len(stream_rows))
   rows = stream_rows[order]
-  source = np.memmap(stream, np.int32, "r") if starts[-1] else np.zeros(0, np.int32)
   digest, written = hashlib.sha256(), 0
-  with open(staging.path(f"{name}{shards.TOKENS}"), "wb") as f:
+  # Reads, not a memory map: mapped pages would count in this process's RSS.
+  with open(stream, "rb") as source, open(staging.path(f"{name}{shards.TOKENS}"), "wb") as f:
     for i in range(0, len(rows), GATHER):
       tokens = shards.gather(stream_rows, source, order[i:i + GATHER]).tokens
       rows["offset"][i:i + GATHER] = written + np.concatenate(
@@ -257,7 +257,6 @@ def _write_shard(staging: _Staging, name: str, spill: str, records: int, seed: i
       data = tokens.astype("<i4").tobytes()
       digest.update(data)
       f.write(data)
-  del source
   os.remove(stream)
   np.save(staging.path(f"{name}{shards.INDEX}"), rows)
   np.save(staging.path(f"{name}{shards.LENGTHS}"), rows["lengths"].max(axis=1, initial=0).astype(np.int32))
