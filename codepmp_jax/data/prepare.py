@@ -7,7 +7,7 @@
 Records are split by a hash of (seed, prompt), so all pairs of one prompt land in one split and
 the split does not depend on file order. Memory stays bounded whatever the corpus size:
   pass 1  streams the records through the loaders and spills their texts, per split, to a local
-          spill file in chunks (`--spill_dir`; default `<out>/.spill`);
+          spill file in chunks (below `--spill_dir`; default `<out>`);
   route   sends record j of a split to shard `perm[j] * K // n` (perm: a permutation seeded by
           (seed, split)), so every shard is a uniform sample of its split (and shards have the
           sizes of an even cut), appending it to that shard's spill file;
@@ -72,7 +72,7 @@ class PrepareSettings:
   overlong: str = "truncate"
   num_rejected: int = 1
   num_workers: int = 1  # 1: in this process (batch encoding is multithreaded); 0: one per core
-  spill_dir: str = ""  # local scratch for the record texts ('': <out>/.spill, or a temp dir)
+  spill_dir: str = ""  # local scratch for the record texts ('': <out>, or the temp dir if remote)
 
 
 def parse_split(spec: str) -> list[tuple[str, float]]:
@@ -324,8 +324,10 @@ def prepare(settings: PrepareSettings) -> dict:
       {**fixed, "sources": sources, "tokenizer": tokenizer.fingerprint}, sort_keys=True).encode()
   ).hexdigest()
 
-  spill = settings.spill_dir or (str(out / ".spill") if shards.is_local(out) else tempfile.mkdtemp())
-  shutil.rmtree(spill, ignore_errors=True)  # a crashed run's spill is redone from the inputs
+  # A directory of its own below --spill_dir (which it deletes when done), redone on a rerun.
+  scratch = settings.spill_dir or (str(out) if shards.is_local(out) else tempfile.gettempdir())
+  spill = os.path.join(scratch, f".spill-{settings_hash[:16]}")
+  shutil.rmtree(spill, ignore_errors=True)
   os.makedirs(spill)
   staging = _Staging(out)
   bad = BadRecords(strict=settings.strict)
@@ -377,10 +379,10 @@ def prepare(settings: PrepareSettings) -> dict:
   if shards.is_local(out):
     tokenizer.save(out / "tokenizer")
   else:
-    local = tempfile.mkdtemp()
-    tokenizer.save(os.path.join(local, "tokenizer"))
-    for f in epath.Path(local, "tokenizer").iterdir():
-      f.copy(out / "tokenizer" / f.name, overwrite=True)
+    with tempfile.TemporaryDirectory() as local:
+      tokenizer.save(os.path.join(local, "tokenizer"))
+      for f in epath.Path(local, "tokenizer").iterdir():
+        f.copy(out / "tokenizer" / f.name, overwrite=True)
   manifest = _manifest(settings, splits, done, bad, sum(counts.values()), sources, tokenizer,
                        settings_hash)
   manifest["throughput"] = {"pairs_encoded": sum(p[1] for p in plan), "seconds": round(elapsed, 3),
@@ -467,7 +469,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_workers", 1, "Tokenizer processes: 1 tokenizes in this process (the "
                        "tokenizer's batch encoding already uses every core), 0 starts one per core.")
   flags.DEFINE_string("spill_dir", "", "Local scratch directory for the record texts between the "
-                      "passes (about the size of the inputs, uncompressed; default <out>/.spill).")
+                      "passes (about the size of the inputs, uncompressed; default: --out, or the "
+                      "temp dir when --out is remote); a subdirectory is made and removed in it.")
 
 
 def main(argv: Sequence[str]) -> None:
