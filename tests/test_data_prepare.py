@@ -1,6 +1,7 @@
 """`python -m codepmp_jax.data.prepare`: exact bad-record counts, shard contents, crash-safe reruns."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -116,7 +117,11 @@ def test_rerun_after_a_crash_redoes_only_the_missing_shard(tmp_path, tokenizer_p
   lost = out / (first["splits"]["train"]["shards"][1]["file"] + ".stats.json")
   lost.unlink()  # as if the run died before publishing the shard's last file
   kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tokens")}
-  second = prepare.prepare(settings)
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  (scratch / "keep.txt").write_text("not prepare's")
+  second = prepare.prepare(dataclasses.replace(settings, spill_dir=str(scratch)))
+  assert [p.name for p in scratch.iterdir()] == ["keep.txt"]
   assert second["throughput"]["pairs_encoded"] == first["splits"]["train"]["shards"][1]["pairs"]
   changed = {p.name for p in out.glob("*.tokens") if p.stat().st_mtime_ns != kept[p.name]}
   assert changed == {first["splits"]["train"]["shards"][1]["file"] + ".tokens"}
