@@ -8,15 +8,15 @@ One shard `<split>-<i>-of-<K>` of a prepared directory is four files:
   `<name>.stats.json`  counts and hashes; written last, so its presence marks a complete shard.
 
 Why this and not ArrayRecord or TFRecord: a pair is a slice of one file at an offset the index gives,
-so reading a batch is a numpy gather from `np.memmap` (no parsing, no TensorFlow, no dependency
-beyond numpy), a process touches only the pages of the pairs it trains on, and opening a shard costs
-the same whatever its size. Remote directories (`gs://...`) are read through `etils.epath` file
-objects with one seek + read per pair (mount them with gcsfuse for speed).
+so reading a batch is one seek + read per pair (no parsing, no TensorFlow, no dependency beyond
+numpy), a process touches only the bytes of the pairs it trains on, and opening a shard costs the
+same whatever its size. The index (28 bytes a pair) is memory-mapped; token files are read, not
+mapped (see `gather`). Local and remote (`gs://...`, through `etils.epath`) files read the same way.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 from etils import epath
@@ -63,13 +63,10 @@ class Shard:
     tokens_path = epath.Path(f"{self.base}{TOKENS}")
     if is_local(self.base):
       index = np.load(index_path, mmap_mode="r")
-      size = os.path.getsize(tokens_path) // 4
-      tokens = np.memmap(tokens_path, np.int32, "r") if size else np.zeros(0, np.int32)
     else:
       with index_path.open("rb") as f:
         index = np.load(f)
-      tokens = tokens_path.open("rb")
-      size = tokens_path.stat().length // 4
+    size = tokens_path.stat().length // 4
     if index.dtype != INDEX_DTYPE or len(index) != self.pairs:
       raise ValueError(f"{index_path}: {len(index)} rows of {index.dtype}, the manifest says "
                        f"{self.pairs} of {INDEX_DTYPE}; prepare the data again")
@@ -77,7 +74,7 @@ class Shard:
     if end != size:
       raise ValueError(f"{tokens_path}: {size} tokens, its index needs {end}; prepare the data again")
     Shard.opened.append(str(tokens_path))
-    self._index, self._tokens = index, tokens
+    self._index, self._tokens = index, tokens_path.open("rb")
 
   def take(self, local: np.ndarray) -> PairArrays:
     """Pairs `local` (indices into this shard) as flat arrays."""
@@ -85,23 +82,20 @@ class Shard:
     return gather(self._index, self._tokens, local)
 
 
-def gather(index: np.ndarray, tokens, local: np.ndarray) -> PairArrays:
-  """Pairs `local` of a shard from its `index` rows and its `tokens` (an array or a file object)."""
+def gather(index: np.ndarray, tokens: BinaryIO, local: np.ndarray) -> PairArrays:
+  """Pairs `local` of a shard from its `index` rows and its open `.tokens` file.
+
+  One seek + read per pair, not a memory map: the kernel maps ~64 KB around every page a mapped
+  read touches (fault-around), and those pages count in the reader's RSS, so a map would grow
+  the resident memory of a training process towards the size of its shards over an epoch.
+  """
   rows = index[np.asarray(local, np.int64)]
-  lengths = rows["lengths"].astype(np.int64)
-  totals = lengths.sum(axis=1)
-  if isinstance(tokens, np.ndarray):
-    ends = np.cumsum(totals)
-    positions = (np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - totals, totals)
-                 + np.repeat(rows["offset"], totals))
-    flat = np.asarray(tokens[positions])
-  else:
-    parts = []
-    for offset, total in zip(rows["offset"].tolist(), totals.tolist()):
-      tokens.seek(4 * offset)
-      parts.append(np.frombuffer(tokens.read(4 * total), "<i4"))
-    flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-  return PairArrays.from_lengths(flat, lengths, rows["response_start"], rows["margin"])
+  parts = []
+  for offset, total in zip(rows["offset"].tolist(), rows["lengths"].sum(axis=1).tolist()):
+    tokens.seek(4 * offset)
+    parts.append(np.frombuffer(tokens.read(4 * total), "<i4"))
+  flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+  return PairArrays.from_lengths(flat, rows["lengths"], rows["response_start"], rows["margin"])
 
 
 def read_lengths(bases: Sequence[epath.Path]) -> list[np.ndarray]:
