@@ -6,8 +6,8 @@ returns a `PairBatches` iterator of the batch layout in docs/CONTRACTS.md.
 How it stays exact and cheap: process `p` of `P` owns the contiguous range
 `[p*N//P, (p+1)*N//P)` of the split's `N` pairs (the shards concatenated in manifest order), and
 batch `k` of epoch `e` is a slice of a permutation of that range drawn from `(seed, e, p)`. Prepared
-shards are memory-mapped (`shards.py`): a process opens only the shards its range overlaps and reads
-only the pairs of its batches, so start-up time and resident memory do not grow with the data set
+shards are random-access files (`shards.py`): a process opens only the shards its range overlaps and
+reads only the pairs of its batches, so start-up time and resident memory do not grow with the data set
 (beyond the permutation, 8 bytes per own pair, and with buckets the 4-byte lengths of every pair).
 The state is just `(epoch, batch)`, so saving it is free and a resumed run produces the same
 batches without replaying any data. Every process takes the same number of batches per epoch
