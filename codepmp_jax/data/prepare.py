@@ -1,4 +1,4 @@
-"""Tokenize preference data into memory-mappable shards: `python -m codepmp_jax.data.prepare`.
+"""Tokenize preference data into random-access token shards: `python -m codepmp_jax.data.prepare`.
 
   python -m codepmp_jax.data.prepare --input='data/*.jsonl.gz' --format=codepmp \\
       --tokenizer=tok/tokenizer.model --seq_len=1024 --out=prepared/code \\

@@ -1,4 +1,4 @@
-"""The prepared-shard format: flat int32 token files with a fixed-size index, memory-mapped to read.
+"""The prepared-shard format: flat int32 token files with a fixed-size index, read at random.
 
 One shard `<split>-<i>-of-<K>` of a prepared directory is four files:
   `<name>.tokens`      every pair's chosen then rejected token ids back to back, little-endian int32
