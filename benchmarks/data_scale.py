@@ -55,10 +55,12 @@ print(json.dumps({"startup_s": t_first - t_import, "pairs_per_s": 64 * int(sys.a
 
 
 def write_pairs(path: pathlib.Path, n: int, seed: int = 0) -> None:
-  """`n` pairs of random words, 20-80 words per text."""
+  """`n` pairs of random words, 20-80 words per text (written under a temporary name, then renamed,
+  so an interrupted run leaves no short file that a rerun would take as complete)."""
   rng = np.random.default_rng(seed)
   words = np.array(WORDS)
-  with open(path, "w") as f:
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "w") as f:
     for start in range(0, n, 10000):
       m = min(10000, n - start)
       lengths = rng.integers(20, 81, (m, 3))
@@ -69,6 +71,7 @@ def write_pairs(path: pathlib.Path, n: int, seed: int = 0) -> None:
         prompt, chosen, rejected = next(texts), next(texts), next(texts)
         f.write(json.dumps({"prompt": f"{start + i}: {prompt}", "chosen": chosen,
                             "rejected": rejected}) + "\n")
+  os.replace(tmp, path)
 
 
 def timed(cmd: list[str], cwd: pathlib.Path = ROOT) -> tuple[float, float, str]:
