@@ -50,7 +50,7 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--files", type=int, default=300, help="first N stdlib .py files (0: all)")
   p.add_argument("--mutants_per_function", type=int, default=5)
-  p.add_argument("--eval_data_dir", default="../shared/data")
+  p.add_argument("--eval_data_dir", default="")
   args = p.parse_args()
   docs = [d for d in corpus.iter_documents("stdlib") if d.lang == "python" and d.error is None]
   docs = docs[:args.files] if args.files else docs

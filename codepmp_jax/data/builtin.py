@@ -59,7 +59,7 @@ def ensure(data_cfg: ml_collections.ConfigDict) -> None:
   if not (synth_manifest.is_file() and json.loads(synth_manifest.read_text()).get("complete")):
     logging.info("building %s: synthesizing %d code pairs into %s", spec.name, spec.max_pairs, pairs_dir)
     synthesize(SynthSettings(out=str(pairs_dir), source=("stdlib",), strategy="mutate",
-                             max_pairs=spec.max_pairs, seed=spec.seed, eval_data_dir=str(SHARED_DATA),
+                             max_pairs=spec.max_pairs, seed=spec.seed,
                              workers=min(2, os.cpu_count() or 1)))
   spm_model = root / "spm.model"
   if not spm_model.is_file():

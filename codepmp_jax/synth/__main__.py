@@ -91,7 +91,7 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
   g.add_argument("--decontam_sets", default=",".join(D.decontam_sets),
                  help=f"evaluation sets to decontaminate against, from {SETS} ('': none)")
   g.add_argument("--decontam_files", default="", help="more files (text or JSONL) to decontaminate against")
-  g.add_argument("--eval_data_dir", default=D.eval_data_dir, help="where gsm8k/ and logiqa2/ live")
+  g.add_argument("--eval_data_dir", default=D.eval_data_dir, help="where gsm8k/ and logiqa2/ live ('': found by codepmp_jax.data.registry)")
   g.add_argument("--decontam_ngram", type=int, default=D.decontam_ngram, help="word n-gram length of the overlap test")
   g = p.add_argument_group("mutate strategy")
   m = D

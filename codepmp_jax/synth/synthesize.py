@@ -67,7 +67,7 @@ class SynthSettings:
   near_dup_threshold: float = 0.85
   decontam_sets: tuple[str, ...] = SETS
   decontam_files: tuple[str, ...] = ()
-  eval_data_dir: str = "../shared/data"
+  eval_data_dir: str = ""  # "": the data registry's search order
   decontam_ngram: int = 13
   # mutate strategy
   mutants_per_function: int = _MUTATE.mutants_per_function
