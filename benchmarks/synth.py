@@ -1,8 +1,8 @@
 """Throughput of the `mutate` strategy on the standard library, against the parse/unparse floor.
 
 Peer: parsing every file and printing every documented function with `ast.unparse` (the least
-work any AST-based mutator does). Then the strategy alone in-process, and the whole CLI pipeline
-(filters, MinHash dedup, decontamination, shards) with 1 and 2 worker processes.
+work any AST-based mutator does). Then the strategy alone in-process, and the whole pipeline
+(`synthesize`: filters, MinHash dedup, decontamination, shards) with 1 and 2 worker processes.
 
   python -m benchmarks.synth [--files=300] [--mutants_per_function=5]   (from the repo root)
 """
@@ -17,17 +17,17 @@ import time
 from absl import app, flags
 
 from codepmp_jax import cli
-from codepmp_jax.synth import __main__ as synth_main
 from codepmp_jax.synth import corpus
-from codepmp_jax.synth import mutate
+from codepmp_jax.synth import mutations
 from codepmp_jax.synth import mutate_strategy
+from codepmp_jax.synth.synthesize import SynthSettings, synthesize
 
 
 def _floor(docs: list[corpus.Document]) -> int:
   functions = 0
   for doc in docs:
     try:
-      fns, _ = mutate.extract_functions(doc.content)
+      fns, _ = mutations.extract_functions(doc.content)
     except (SyntaxError, ValueError, RecursionError):
       continue
     for fn in fns:
@@ -43,9 +43,8 @@ def _strategy(docs: list[corpus.Document], k: int) -> int:
 
 def _cli(root: pathlib.Path, workers: int, k: int, data_dir: str) -> int:
   with tempfile.TemporaryDirectory() as out:
-    manifest = synth_main.run(synth_main.parse_flags([
-        f"--source={root}", f"--out={out}", f"--workers={workers}",
-        f"--mutants_per_function={k}", f"--eval_data_dir={data_dir}", "--log_level=WARNING"]))
+    manifest = synthesize(SynthSettings(out=out, source=(str(root),), workers=workers,
+                                        mutants_per_function=k, eval_data_dir=data_dir))
   return manifest["counts"]["pairs_written"]
 
 
@@ -56,11 +55,12 @@ def define_flags() -> None:
   """The benchmark's sizes (defined only when run as a program)."""
   flags.DEFINE_integer("files", 300, "First N stdlib .py files (0: all).")
   flags.DEFINE_integer("mutants_per_function", 5, "Mutants per function.")
-  flags.DEFINE_string("eval_data_dir", "../shared/data", "Evaluation data to decontaminate against.")
+  flags.DEFINE_string("eval_data_dir", "", "Evaluation data to decontaminate against ('': the "
+                      "data registry's search order).")
 
 
 def main(argv: list[str]) -> None:
-  """Times the floor, the strategy and the CLI pipeline (1 and 2 workers) and prints the table."""
+  """Times the floor, the strategy and `synthesize` (1 and 2 workers) and prints the table."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   docs = [d for d in corpus.iter_documents("stdlib") if d.lang == "python" and d.error is None]
@@ -75,8 +75,8 @@ def main(argv: list[str]) -> None:
     for name, fn, unit in [
         ("parse + unparse floor (peer)", lambda: _floor(docs), "functions"),
         ("mutate strategy, in-process", lambda: _strategy(docs, FLAGS.mutants_per_function), "pairs"),
-        ("CLI pipeline, --workers=1", lambda: _cli(root, 1, FLAGS.mutants_per_function, FLAGS.eval_data_dir), "pairs"),
-        ("CLI pipeline, --workers=2", lambda: _cli(root, 2, FLAGS.mutants_per_function, FLAGS.eval_data_dir), "pairs")]:
+        ("synthesize, workers=1", lambda: _cli(root, 1, FLAGS.mutants_per_function, FLAGS.eval_data_dir), "pairs"),
+        ("synthesize, workers=2", lambda: _cli(root, 2, FLAGS.mutants_per_function, FLAGS.eval_data_dir), "pairs")]:
       start = time.perf_counter()
       n = fn()
       rows.append((name, n, unit, time.perf_counter() - start))
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> None:
     print(f"| {name:32} | {n:8d} | {unit:9} | {s:8.2f} | {n / s:8.1f} |")
   rate = [n / sec for _, n, _, sec in rows]
   print(f"ratio: mutate strategy {rate[1] / rate[0]:.2f}x the floor's rate (pairs/s vs functions/s); "
-        f"CLI with 2 workers {rate[3] / rate[2]:.2f}x the pairs/s of 1 worker")
+        f"synthesize with 2 workers {rate[3] / rate[2]:.2f}x the pairs/s of 1 worker")
 
 
 if __name__ == "__main__":
