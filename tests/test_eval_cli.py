@@ -80,3 +80,12 @@ def test_module_entry_point_runs_without_jax(tmp_path):
   assert "oracle" in result.stdout
   report = json.loads((tmp_path / "r.json").read_text())
   assert report["bon"]["2"] == {"rm": 0.0, "random": 0.5, "majority": 0.5, "oracle": 1.0}  # 4 and 5 tie: 1/2
+
+
+def test_module_usage_error_is_one_line(tmp_path):
+  for args, message in ((["bon", "--task=gsm8k", "--scores=s.jsonl", f"--out={tmp_path / 'r.json'}"],
+                         "error: bon: --candidates is required"),
+                        (["pairwise", "--chekpoint=c"], "error: Unknown command line flag 'chekpoint'. Did you mean: checkpoint ?")):
+    result = subprocess.run([sys.executable, "-m", "codepmp_jax.eval", *args], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [message], result.stderr
