@@ -20,8 +20,8 @@ from codepmp_jax.eval import answers, bon, reward_tasks
 
 MODES = ("pairwise", "bon", "mc")
 # The flags each mode needs (bon needs one of --checkpoint and --scores too).
-REQUIRED = {"pairwise": ("out", "checkpoint", "data", "format"), "mc": ("out", "checkpoint", "data", "format"),
-            "bon": ("out", "candidates", "task")}
+REQUIRED = {"pairwise": ("out", "checkpoint", "data", "format"),
+            "mc": ("out", "checkpoint", "data", "format"), "bon": ("out", "candidates", "task")}
 MC_FORMATS = ("logiqa2", "reclor")
 DEFAULT_BY = {"pairwise": "source", "mc": "type"}
 
