@@ -23,7 +23,7 @@ from launch.experiments import demo, report, sample_efficiency, settings_flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
         "num_kv_heads": 1, "seq_len": 64, "batch": 8, "vocab_size": 300, "score_batch": 16,
-        "score_length": 64, "champ_models": ("GPT-4", "PaLM 2 Medium")}
+        "score_length": 64, "rm_min_steps": 2}
 
 
 def _code_pairs(path, n=64):

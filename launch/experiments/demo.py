@@ -174,6 +174,9 @@ def run(settings: DemoSettings) -> dict[str, dict]:
   out = epath.Path(s.out)
   out.mkdir(parents=True, exist_ok=True)
   champ, champ_counts = pmp_control.champ_file(s, out)
+  if not champ_counts["questions"]:
+    raise ValueError(f"no CHAMP question has {BON_N} candidates from {s.champ_models} "
+                     f"({s.champ_settings}): {champ_counts['skipped']}")
   timings = {}
 
   def stage(name: str, t: float) -> None:
