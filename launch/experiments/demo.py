@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -89,7 +90,7 @@ def synthesize_code_pairs(max_pairs: int, data: Mapping[str, epath.Path], out: e
     link = eval_dir / registry.DATASETS[name].file
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
-      link.symlink_to(data[name])
+      os.symlink(str(data[name]), str(link))
   synth.run(synth.parse_flags([
       "--source=stdlib", "--strategy=mutate", f"--out={out / 'code_pairs'}",
       f"--max_pairs={max_pairs}", "--seed=0", f"--eval_data_dir={eval_dir}", "--log_level=WARNING"]))
