@@ -59,7 +59,11 @@ def from_flags(cls: type, values: flags.FlagValues = flags.FLAGS) -> Any:
     default, value = _default(field), values[field.name].value
     if isinstance(default, tuple):
       kind = type(default[0]) if default else str
-      value = tuple(kind(v) for v in value)
+      try:
+        value = tuple(kind(v) for v in value)
+      except ValueError:
+        raise ValueError(f"--{field.name}: expected comma-separated {kind.__name__} values, got "
+                         f"{','.join(value)!r}") from None
     kwargs[field.name] = value
   return cls(**kwargs)
 
