@@ -40,7 +40,7 @@ from absl import app, flags
 from benchmarks import common
 from benchmarks.train_step import LOSS, Peer, _optimizer_config
 from codepmp_jax import cli, optim, sharding, step
-from codepmp_jax.data import builtin, loaders, packing, pipeline
+from codepmp_jax.data import builtin, loaders, packing, pipeline, registry
 from codepmp_jax.data.encode import PairArrays, encode_records
 from codepmp_jax.data.records import BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -66,7 +66,7 @@ def _stdlib_records(cache: pathlib.Path, num_pairs: int) -> list[PairRecord]:
 
 
 def _gsm8k_records(num_pairs: int) -> list[PairRecord]:
-  path = builtin.SHARED_DATA / "gsm8k" / "train.jsonl"
+  path = registry.path("gsm8k/train")
   records = []
   for record in loaders.load_gsm8k(str(path), BadRecords(), loaders.LoaderOptions()):
     records.append(record)

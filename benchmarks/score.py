@@ -28,7 +28,7 @@ from absl import app, flags
 
 from benchmarks import common
 from codepmp_jax import checkpoint, cli, convert
-from codepmp_jax.data import builtin, templates
+from codepmp_jax.data import registry, templates
 from codepmp_jax.data.encode import encode_sequence
 from codepmp_jax.data.tokenizer import train_sentencepiece
 from codepmp_jax.model import transformer
@@ -37,7 +37,7 @@ from codepmp_jax.score import RewardScorer
 
 
 def gsm8k_texts(num_records: int) -> list[tuple[str, str]]:
-  path = builtin.SHARED_DATA / "gsm8k" / "test.jsonl"
+  path = registry.path("gsm8k/test")
   out = []
   with open(path, encoding="utf-8") as f:
     for line in f:
