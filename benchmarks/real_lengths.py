@@ -40,7 +40,7 @@ from absl import app, flags
 from benchmarks import common
 from benchmarks.train_step import LOSS, Peer, _optimizer_config
 from codepmp_jax import cli, optim, sharding, step
-from codepmp_jax.data import builtin, loaders, packing, pipeline, registry
+from codepmp_jax.data import loaders, packing, pipeline, registry
 from codepmp_jax.data.encode import PairArrays, encode_records
 from codepmp_jax.data.records import BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
