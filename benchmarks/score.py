@@ -122,7 +122,7 @@ def main(argv: list[str]) -> None:
 
     peer = PeerScorer(hf_dir, FLAGS.batch_size, tokenizer.pad_id)
     peer_seconds, peer_rewards = _timed(lambda: peer.score_ids(sequences), FLAGS.repeats)
-    del peer
+    peer = None  # frees the torch model before ours loads
     ours = RewardScorer(ckpt, batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
                         mesh_shape=(1, 1, 1) if len(jax.devices()) == 1 else (-1, 1, 1),
                         show_progress=False)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from codepmp_jax import checkpoint, convert
+from codepmp_jax import checkpoint
 from codepmp_jax.data import loaders, templates
 from codepmp_jax.data.records import BadRecords
 from codepmp_jax.data.tokenizer import train_sentencepiece
