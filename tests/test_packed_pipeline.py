@@ -148,3 +148,22 @@ def test_packed_training_on_prepared_data_equals_unpacked_and_evaluates(tmp_path
     assert 0 < packed[step]["packing_efficiency"] <= 1
   assert packed_final["eval/loss"] == pytest.approx(padded_final["eval/loss"], rel=1e-4)
   assert packed_final["eval/accuracy"] == pytest.approx(padded_final["eval/accuracy"])
+
+
+def test_plan_compiles_the_packed_steps_on_the_most_rows_a_batch_can_take():
+  from codepmp_jax import plan
+  from codepmp_jax.config import load_config
+  from codepmp_jax.model.config import ModelConfig
+
+  config = load_config("tiny")
+  config.mesh_shape = (8, 1, 1)
+  config.train.update(global_batch=16, seq_len=64, microbatches=2)
+  model_config = ModelConfig.from_dict({**config.model.to_dict(), "vocab_size": 1000})
+  padded = plan.plan(config, model_config)
+  config.data.pack = True
+  packed = plan.plan(config, model_config)
+  # At most one pair a row: 16 rows of 128 tokens, the positions of the padded [16, 2, 64] batch.
+  assert pipeline.round_packed_rows(16, 2 * 8) == 16
+  assert packed.params_bytes == padded.params_bytes
+  assert 0.5 * padded.temp_bytes < packed.temp_bytes < 2 * padded.temp_bytes
+  assert packed.eval_temp_bytes > 0

@@ -298,7 +298,7 @@ class PairBatches:
       self.pairs_per_row = cfg.pack_pairs_per_row
       if self.pairs_per_row < 1:
         raise ValueError(f"data.pack_pairs_per_row must be at least 1, got {self.pairs_per_row}")
-      self.row_multiple = row_multiple * _local_batch_shards(sharding, process_count)
+      self.row_multiple = row_multiple * local_batch_shards(sharding, process_count)
       self._orders: tuple[int, list[np.ndarray]] | None = None
       self._totals: list[np.ndarray] | None = None
     self.dropped_pairs = 0
@@ -371,8 +371,7 @@ class PairBatches:
       totals = self._totals[process][local]
       rows = packing.assign_rows(totals, self.row_len, self.pairs_per_row)
       needed = max(needed, int(rows.max(initial=-1)) + 1)
-    m = self.row_multiple
-    return m * bucket_length(-(-needed // m), 1, PACK_ROWS_PER_OCTAVE)
+    return round_packed_rows(needed, self.row_multiple)
 
   def _packed_host_batch(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
     rows = self.packed_rows(epoch, batch)
@@ -498,7 +497,16 @@ class PairBatches:
     self.close()
 
 
-def _local_batch_shards(sharding: jax.sharding.NamedSharding | None, process_count: int) -> int:
+def round_packed_rows(rows: int, row_multiple: int) -> int:
+  """`rows` rounded up to `row_multiple` x one of `PACK_ROWS_PER_OCTAVE` sizes per octave.
+
+  `round_packed_rows(pairs, m)` bounds the rows of any packed batch of `pairs` pairs per process
+  (at worst one pair a row): the shape to plan memory for.
+  """
+  return row_multiple * bucket_length(-(-max(rows, 1) // row_multiple), 1, PACK_ROWS_PER_OCTAVE)
+
+
+def local_batch_shards(sharding: jax.sharding.NamedSharding | None, process_count: int) -> int:
   """How many pieces `sharding` cuts the batch axis into, per process (at least 1)."""
   if sharding is None or not sharding.spec or sharding.spec[0] is None:
     return 1
