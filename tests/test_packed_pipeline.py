@@ -109,6 +109,7 @@ def test_a_pair_longer_than_a_row_is_an_error():
     next(_pipeline(cfg))
 
 
+@pytest.mark.slow
 def test_packed_training_on_prepared_data_equals_unpacked_and_evaluates(tmp_path, shared_data):
   """A packed run on real prepared GSM8K pairs trains on the same pairs as the padded run: its
   losses match step for step (same batches, same init), and its evaluation works."""
@@ -167,3 +168,27 @@ def test_plan_compiles_the_packed_steps_on_the_most_rows_a_batch_can_take():
   assert packed.params_bytes == padded.params_bytes
   assert 0.5 * padded.temp_bytes < packed.temp_bytes < 2 * padded.temp_bytes
   assert packed.eval_temp_bytes > 0
+
+
+def test_packed_eval_microbatches_and_chunked_lm_give_the_full_sums():
+  import flax.linen as nn
+  import jax
+  import ml_collections
+
+  from codepmp_jax import losses, step
+  from codepmp_jax.data import packing
+  from codepmp_jax.model import transformer
+  from codepmp_jax.model.config import get_preset
+
+  config = get_preset("tiny", attention="plain")
+  loss_cfg = ml_collections.ConfigDict(dict(rm_coef=1.0, lm_coef=1.0, center_coef=0.01,
+                                            loss_type="sigmoid", use_margin=True))
+  arrays = _pairs(12, max_len=12)
+  batch = packing.pack_batch(arrays, row_len=32, max_pairs_per_row=3, pad_id=0, row_multiple=4).batch
+  model = transformer.RewardModel(config)
+  params = jax.jit(lambda: nn.unbox(transformer.init_params(config, jax.random.key(0))))()
+  want = jax.jit(step.make_packed_eval_step(model, loss_cfg, lm_chunk=0))(params, batch)
+  got = jax.jit(step.make_packed_eval_step(model, loss_cfg, microbatches=2, lm_chunk=8))(params, batch)
+  assert float(want["lm_count"]) > 0
+  for key in losses.SUM_KEYS:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
