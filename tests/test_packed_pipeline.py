@@ -192,3 +192,11 @@ def test_packed_eval_microbatches_and_chunked_lm_give_the_full_sums():
   assert float(want["lm_count"]) > 0
   for key in losses.SUM_KEYS:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ("pmp_qwen2_1_5b", "pmp_qwen2_7b", "pmp_smollm2_135m"))
+def test_paper_pmp_configs_pack_their_pairs(name):
+  from codepmp_jax.config import load_config
+
+  config = load_config(name)
+  assert config.data.pack and config.data.pack_row_len == 0  # rows of 2 x seq_len
