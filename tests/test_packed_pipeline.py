@@ -151,6 +151,7 @@ def test_packed_training_on_prepared_data_equals_unpacked_and_evaluates(tmp_path
   assert packed_final["eval/accuracy"] == pytest.approx(padded_final["eval/accuracy"])
 
 
+@pytest.mark.slow
 def test_plan_compiles_the_packed_steps_on_the_most_rows_a_batch_can_take():
   from codepmp_jax import plan
   from codepmp_jax.config import load_config
