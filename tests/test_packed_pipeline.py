@@ -3,12 +3,19 @@ exact resume, and a packed training run on prepared data."""
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from codepmp_jax.data import pipeline
 from codepmp_jax.data.encode import EncodedPair, EncodedSequence, PairArrays
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _pairs(n: int, max_len: int = 12, seed: int = 0) -> PairArrays:
@@ -201,3 +208,43 @@ def test_paper_pmp_configs_pack_their_pairs(name):
 
   config = load_config(name)
   assert config.data.pack and config.data.pack_row_len == 0  # rows of 2 x seq_len
+
+
+def _two_process_run(workdir, *overrides) -> dict[int, dict]:
+  """A 3-step synthetic run as 2 processes x 4 CPU devices; its metrics by step."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for process_id in range(2):
+    env = os.environ.copy()
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "codepmp_jax.train", f"--workdir={workdir}", "--config=configs/tiny.py",
+         "--config.data.builtin.name=", "--config.data.source=synthetic", "--config.data.vocab_size=256",
+         "--config.data.synthetic_pairs=512", "--config.data.shuffle_buffer=0",
+         "--config.model.vocab_size=256", "--config.model.hidden_size=32",
+         "--config.model.intermediate_size=64", "--config.model.num_layers=2",
+         "--config.train.global_batch=8", "--config.train.seq_len=32", "--config.train.log_every=1",
+         "--config.train.eval_every=0", "--config.train.total_steps=3", "--config.mesh_shape=(-1,1,1)",
+         f"--config.distributed.coordinator_address=localhost:{port}",
+         "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}",
+         *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  for proc in procs:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {row["step"]: row for row in rows}
+
+
+@pytest.mark.slow
+def test_two_processes_packed_equal_two_processes_padded(tmp_path):
+  """Two real processes agree on the packed shapes and train on the pairs the padded run does."""
+  padded = _two_process_run(tmp_path / "padded")
+  packed = _two_process_run(tmp_path / "packed", "--config.data.pack=True",
+                            "--config.data.pack_row_len=96")
+  assert sorted(packed) == [1, 2, 3]
+  for step in padded:
+    for key in ("loss", "bt_loss", "lm_loss", "grad_norm"):
+      assert packed[step][key] == pytest.approx(padded[step][key], rel=1e-5), (step, key)
