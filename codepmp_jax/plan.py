@@ -4,7 +4,8 @@
   python -m codepmp_jax.plan --config=configs/pmp_qwen2_7b.py --hardware=v5p-64
 
 Lowers and compiles the real train step and eval step for N fake CPU devices with the config's
-mesh, from abstract shapes only (nothing the size of the model is allocated), and prints
+mesh (the packed steps with `data.pack`, on the most rows a batch can pack into: one pair a row),
+from abstract shapes only (nothing the size of the model is allocated), and prints
 per-device memory: parameters and optimizer state (from their shardings), and each compiled
 program's arguments, outputs and temporaries (XLA's memory analysis), plus FLOPs per step.
 `--hardware` names a machine (`HARDWARE`: chips and memory per chip). Try
@@ -48,6 +49,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from codepmp_jax import optim, sharding, step
+from codepmp_jax.data import pipeline
 from codepmp_jax.model import flops, transformer
 from codepmp_jax.model.config import ModelConfig
 
@@ -109,26 +111,40 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
   tc = config.train
   optimizer = optim.make_optimizer(config.optimizer, tc.total_steps or 1000)
   abstract, state_sharding = step.state_shardings(model_config, optimizer, mesh, rules)
-  batch_sharding = step.batch_shardings(mesh, rules)
+  packed = config.data.pack
+  batch_sharding = (step.packed_batch_shardings if packed else step.batch_shardings)(mesh, rules)
 
-  def batch_of(pairs):
-    shapes = {"input_ids": (pairs, 2, tc.seq_len), "attention_mask": (pairs, 2, tc.seq_len),
-              "lm_mask": (pairs, 2, tc.seq_len), "margin": (pairs,)}
-    return {k: jax.ShapeDtypeStruct(s, jnp.float32 if k == "margin" else jnp.int32,
+  def batch_of(pairs, microbatches):
+    if packed:
+      rows = pipeline.round_packed_rows(pairs, microbatches * pipeline.local_batch_shards(
+          batch_sharding["input_ids"], 1))
+      row_len, k = config.data.pack_row_len or 2 * tc.seq_len, config.data.pack_pairs_per_row
+      shapes = {"input_ids": (rows, row_len), "segment_ids": (rows, row_len),
+                "positions": (rows, row_len), "lm_mask": (rows, row_len),
+                "reward_index": (rows, 2 * k), "pair_valid": (rows, k), "margin": (rows, k)}
+    else:
+      shapes = {"input_ids": (pairs, 2, tc.seq_len), "attention_mask": (pairs, 2, tc.seq_len),
+                "lm_mask": (pairs, 2, tc.seq_len), "margin": (pairs,)}
+    floats = ("margin", "pair_valid")
+    return {k: jax.ShapeDtypeStruct(s, jnp.float32 if k in floats else jnp.int32,
                                     sharding=batch_sharding[k]) for k, s in shapes.items()}
 
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract, state_sharding)
   model = transformer.RewardModel(model_config)
+  eval_microbatches = tc.eval_microbatches or tc.microbatches
+  make_train = step.make_packed_train_step if packed else step.make_train_step
+  make_eval = step.make_packed_eval_step if packed else step.make_eval_step
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = step.jit_train_step(
-        step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk),
+        make_train(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk),
         state_sharding, batch_sharding, mesh)
-    compiled = train_step.lower(state, batch_of(tc.global_batch)).compile()
+    compiled = train_step.lower(state, batch_of(tc.global_batch, tc.microbatches)).compile()
     eval_step = step.jit_eval_step(
-        step.make_eval_step(model, config.loss, tc.eval_microbatches or tc.microbatches, tc.lm_chunk),
+        make_eval(model, config.loss, eval_microbatches, tc.lm_chunk),
         state_sharding.params, batch_sharding, mesh)
-    eval_memory = eval_step.lower(state.params, batch_of(tc.eval_batch or tc.global_batch)
+    eval_memory = eval_step.lower(state.params, batch_of(tc.eval_batch or tc.global_batch,
+                                                         eval_microbatches)
                                   ).compile().memory_analysis()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()

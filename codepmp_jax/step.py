@@ -192,21 +192,27 @@ def packed_batch_shardings(mesh: Mesh, rules: sharding.LogicalRules) -> dict[str
   return {key: sharding.batch_sharding(mesh, rules, 2) for key in PACKED_BATCH_KEYS}
 
 
-def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any
-                           ) -> dict[str, jax.Array]:
+def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any,
+                           lm_chunk: int = DEFAULT_LM_CHUNK) -> dict[str, jax.Array]:
   """`_microbatch_sums` of a packed (micro)batch: the same sums as the padded batch of its pairs.
 
   Rewards are read at `reward_index` (chosen, rejected, chosen, ... per row); empty pair slots
   (`pair_valid` 0) add nothing. The LM head runs over every row (rejected tokens included, their
-  weight 0), as chosen and rejected share rows.
+  weight 0), as chosen and rejected share rows; `lm_chunk` positions at a time as in
+  `_microbatch_sums` (0: full logits). No target crosses a segment boundary: a segment's first
+  token is never in `lm_mask`.
   """
   want_lm = loss_cfg.lm_coef != 0
+  chunked = want_lm and lm_chunk > 0
   ids = batch["input_ids"]
-  out = model.apply({"params": params}, ids, batch["segment_ids"] > 0, return_logits=want_lm,
-                    segment_ids=batch["segment_ids"], positions=batch["positions"],
-                    reward_index=batch["reward_index"])
+  out = model.apply({"params": params}, ids, batch["segment_ids"] > 0,
+                    return_logits=want_lm and not chunked, segment_ids=batch["segment_ids"],
+                    positions=batch["positions"], reward_index=batch["reward_index"])
   chosen, rejected = out.rewards[:, 0::2].reshape(-1), out.rewards[:, 1::2].reshape(-1)
-  if want_lm:
+  if chunked:
+    lm_sum, lm_count = losses.chunked_lm_cross_entropy(
+        out.hidden_states, lm_head_kernel(params, model.config), ids, batch["lm_mask"], lm_chunk)
+  elif want_lm:
     lm_sum, lm_count = losses.lm_cross_entropy(out.logits, ids, batch["lm_mask"])
   else:
     lm_sum = lm_count = jnp.zeros((), jnp.float32)
@@ -215,15 +221,17 @@ def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: B
 
 
 def make_packed_train_step(model: transformer.RewardModel, optimizer: optax.GradientTransformation,
-                           loss_cfg: Any, microbatches: int = 1) -> Callable[[TrainState, Batch], tuple]:
+                           loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK
+                           ) -> Callable[[TrainState, Batch], tuple]:
   """`make_train_step` for packed batches; microbatches split the rows (every M-th row).
 
   The loss divides by the whole batch's valid pairs and LM tokens, so loss and gradients equal
-  those of the padded step on the same pairs.
+  those of the padded step on the same pairs. Metrics as `make_train_step`'s, with
+  `packing_efficiency` (real tokens / row positions) instead of `pad_fraction`.
   """
 
   def loss_fn(params, microbatch, num_pairs, lm_count):
-    sums = packed_microbatch_sums(model, params, microbatch, loss_cfg)
+    sums = packed_microbatch_sums(model, params, microbatch, loss_cfg, lm_chunk)
     return losses.loss_from_sums(sums, loss_cfg, num_pairs, lm_count), sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -245,11 +253,24 @@ def make_packed_train_step(model: transformer.RewardModel, optimizer: optax.Grad
     params = optax.apply_updates(state.params, updates)
     metrics = losses.metrics_from_sums(sums, loss_cfg)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["packing_efficiency"] = jnp.mean((batch["segment_ids"] > 0).astype(jnp.float32))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 
 
-def make_packed_eval_step(model: transformer.RewardModel, loss_cfg: Any) -> Callable[[Any, Batch], dict]:
-  """(params, packed batch) -> additive sums, as `make_eval_step`."""
-  return lambda params, batch: packed_microbatch_sums(model, params, batch, loss_cfg)
+def make_packed_eval_step(model: transformer.RewardModel, loss_cfg: Any, microbatches: int = 1,
+                          lm_chunk: int = DEFAULT_LM_CHUNK) -> Callable[[Any, Batch], dict]:
+  """(params, packed batch) -> additive sums, as `make_eval_step` (microbatches split the rows)."""
+  def sums(params, batch):
+    return packed_microbatch_sums(model, params, batch, loss_cfg, lm_chunk)
+
+  def eval_step(params, batch):
+    if microbatches == 1:
+      return sums(params, batch)
+    split = _split_microbatches(batch, microbatches)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        sums, params, jax.tree.map(lambda x: x[0], split)))
+    return jax.lax.scan(lambda carry, mb: (jax.tree.map(jnp.add, carry, sums(params, mb)), None),
+                        zeros, split)[0]
+  return eval_step

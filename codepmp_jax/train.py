@@ -265,7 +265,8 @@ class Due:
 class Throughput:
   """Tokens/s and MFU over the steps since the last `read` (evaluation time left out).
 
-  Counts the positions of each batch as it was padded (bucketed batches are shorter).
+  Counts the positions of each batch as it was padded (bucketed batches are shorter; packed
+  `[R, L]` rows count all `R L` positions, the LM head running over every row).
   """
 
   def __init__(self, model_config: ModelConfig, lm_loss: bool, peak_flops: float):
@@ -277,12 +278,14 @@ class Throughput:
     self.start, self.tokens, self.flops = time.perf_counter(), 0, 0.0
 
   def add(self, batch: dict) -> None:
-    pairs, _, length = batch["input_ids"].shape
-    if (pairs, length) not in self._flops_by_shape:
-      self._flops_by_shape[pairs, length] = flops.pair_step_flops(
-          self.model_config, pairs, length, lm_loss=self.lm_loss)
-    self.tokens += pairs * 2 * length
-    self.flops += self._flops_by_shape[pairs, length]
+    shape = batch["input_ids"].shape
+    if shape not in self._flops_by_shape:
+      self._flops_by_shape[shape] = (
+          flops.pair_step_flops(self.model_config, shape[0], shape[2], lm_loss=self.lm_loss)
+          if len(shape) == 3 else math.prod(shape) * flops.flops_per_token(
+              self.model_config, shape[1], lm_head=self.lm_loss))
+    self.tokens += math.prod(shape)
+    self.flops += self._flops_by_shape[shape]
 
   def read(self) -> dict[str, float]:
     elapsed = time.perf_counter() - self.start
@@ -347,11 +350,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
 
   mesh = sharding.make_mesh(config.mesh_shape, dcn_shape=config.dcn_mesh_shape)
   rules = sharding.rules_from_config(config.logical_rules)
-  batch_sharding = step.batch_shardings(mesh, rules)
+  packed = config.data.pack  # packed rows (data.pack): the packed steps, shardings and batches
+  batch_sharding = (step.packed_batch_shardings if packed else step.batch_shardings)(mesh, rules)
   tc = config.train
   train_data = pipeline.build_pipeline(
       config.data, split="train", global_batch=tc.global_batch, seq_len=tc.seq_len,
-      sharding=batch_sharding["input_ids"], seed=config.seed, repeat=True)
+      sharding=batch_sharding["input_ids"], seed=config.seed, repeat=True,
+      row_multiple=tc.microbatches)
   # One epoch is exactly the full batches of one epoch (what the pipeline yields per epoch).
   total_steps = tc.total_steps or max(1, math.floor(tc.epochs * train_data.steps_per_epoch + 1e-9))
   restore_from = None  # (workdir, step) of the train state to continue
@@ -385,7 +390,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
                        f"train.eval_microbatches={eval_microbatches}")
     eval_data = pipeline.build_pipeline(
         config.data, split="eval", global_batch=eval_batch, seq_len=tc.seq_len,
-        sharding=batch_sharding["input_ids"], seed=config.seed, repeat=False)
+        sharding=batch_sharding["input_ids"], seed=config.seed, repeat=False,
+        row_multiple=eval_microbatches)
 
   # MFU's denominator: the device's bf16 peak, or on CPU a matmul measured now.
   peak = (metrics.device_peak_flops() or metrics.measure_cpu_peak_flops()) * jax.device_count()
@@ -406,14 +412,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
       state = jax.jit(lambda p: step.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
                       out_shardings=state_sharding)(params)
 
-    train_step = step.jit_train_step(
-        step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk),
-        state_sharding, batch_sharding, mesh)
+    if packed:
+      train_fn = step.make_packed_train_step(model, optimizer, config.loss, tc.microbatches,
+                                             tc.lm_chunk)
+      eval_fn = step.make_packed_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk)
+    else:
+      train_fn = step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk)
+      eval_fn = step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk)
+    train_step = step.jit_train_step(train_fn, state_sharding, batch_sharding, mesh)
     if tc.eval_every:
-      evaluator = Evaluator(
-          step.jit_eval_step(step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk),
-                             state_sharding.params, batch_sharding, mesh),
-          eval_data, tc.eval_batches, config.loss)
+      evaluator = Evaluator(step.jit_eval_step(eval_fn, state_sharding.params, batch_sharding, mesh),
+                            eval_data, tc.eval_batches, config.loss)
 
     schedule = optim.make_schedule(config.optimizer, total_steps)
     writer = metrics.MetricWriter(workdir, total_steps, start_step=start)

@@ -10,7 +10,9 @@ The published (Yu et al. 2024) and released (github.com/FAMOR-FY/CodePMP) hyperp
     last 10% decaying), ~1024 pairs per step of 1024 tokens, bf16, gradient checkpointing, one epoch.
   RM fine-tuning: BT only, cosine schedule, weight decay 0, gradient clipping 1.0, one epoch;
     Math-Shepherd lr 3e-7 with 3% warmup, ReClor / LogiQA 2.0 lr 3e-6 with 25% warmup.
-Both bucket the pairs by length (`data.bucket`), so short pairs are not padded to 1024 tokens.
+Both bucket the pairs by length (`data.bucket`), so short pairs are not padded to 1024 tokens;
+PMP packs them (`data.pack`: several pairs per row of 2 x 1024 tokens, the same pairs per step and
+the same loss as padded; `--config.data.pack=False` falls back to the buckets).
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ def paper_pmp(preset: str, microbatches: int) -> ml_collections.ConfigDict:
   config.model = model_fields(preset, **PAPER_NUMERICS)
   config.data.path = "prepared/codepmp"
   config.data.bucket = True
+  config.data.pack = True
   config.loss.update(rm_coef=1.0, lm_coef=1.0)
   config.optimizer.update(lr=1e-6, schedule="wsd", warmup_ratio=0.03, decay_ratio=0.1,
                           weight_decay=0.1)

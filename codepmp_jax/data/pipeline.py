@@ -26,6 +26,12 @@ Config fields read (`default_data_config()` has them all):
   pad_id          synthetic / in_memory: the padding id (prepared data take it from the manifest).
   bucket          pad each batch only up to the next multiple of 128 of its longest sequence
                   (capped at seq_len; all processes agree) instead of to seq_len.
+  pack            yield packed batches (`packing`: several pairs per row, a pair's two sequences
+                  in one row) instead of `[B, 2, L]` ones; `bucket` is then not used. Each batch
+                  still holds exactly the same pairs as unpacked, so the (epoch, batch) state and
+                  resumption are unchanged.
+  pack_row_len    tokens per packed row (0: 2 * seq_len, so the longest pair always fits).
+  pack_pairs_per_row  pair slots per packed row (`packing`'s `max_pairs_per_row`).
   shuffle_buffer  0 keeps the stored order (for evaluation); any other value shuffles the whole
                   split every epoch: random access makes a perfect shuffle free, so no buffer
                   size is needed.
@@ -46,10 +52,12 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from codepmp_jax.data import shards
-from codepmp_jax.data.encode import EncodedPair, PairArrays
+from codepmp_jax.data import packing, shards
+from codepmp_jax.data.encode import EncodedPair, PairArrays, bucket_length
 
 BUCKET = 128
+# Packed batches: row counts are rounded up to this many sizes per octave (few compiled shapes).
+PACK_ROWS_PER_OCTAVE = 4
 SOURCES = ("prepared", "synthetic", "in_memory")
 _END = object()
 
@@ -64,6 +72,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       "records": None,
       "pad_id": 0,
       "bucket": False,
+      "pack": False,
+      "pack_row_len": 0,
+      "pack_pairs_per_row": 8,
       "shuffle_buffer": 1,
       "prefetch": 2,
   })
@@ -85,11 +96,14 @@ def in_memory_config(records, pad_id: int, **overrides) -> ml_collections.Config
 
 class _Pairs(Protocol):
   """The pairs of one split by global index: `num_pairs`, `pad_id`, `lengths(start, stop)` (the
-  max(chosen, rejected) length of pairs `start..stop-1`) and `take(indices)` (`PairArrays`)."""
+  max(chosen, rejected) length of pairs `start..stop-1`), `totals(start, stop)` (chosen +
+  rejected, for packing) and `take(indices)` (`PairArrays`)."""
   num_pairs: int
   pad_id: int
 
   def lengths(self, start: int, stop: int) -> np.ndarray: ...
+
+  def totals(self, start: int, stop: int) -> np.ndarray: ...
 
   def take(self, indices: np.ndarray) -> PairArrays: ...
 
@@ -132,6 +146,9 @@ class _InMemory:
   def lengths(self, start: int, stop: int) -> np.ndarray:
     return self._lengths[start:stop]
 
+  def totals(self, start: int, stop: int) -> np.ndarray:
+    return self._arrays.lengths[start:stop].sum(axis=1)
+
   def take(self, indices: np.ndarray) -> PairArrays:
     return _take(self._arrays, indices)
 
@@ -143,6 +160,9 @@ class _Synthetic:
 
   def lengths(self, start: int, stop: int) -> np.ndarray:
     return np.full(stop - start, self._seq_len, np.int32)
+
+  def totals(self, start: int, stop: int) -> np.ndarray:
+    return np.full(stop - start, 2 * self._seq_len, np.int32)
 
   def take(self, indices: np.ndarray) -> PairArrays:
     return _synthetic_batch(self._cfg, indices, self._seed, self._seq_len)
@@ -167,6 +187,7 @@ class _Prepared:
     self._shards = [shards.Shard(directory / s["file"], s["pairs"]) for s in infos]
     self._starts = np.cumsum([0] + [s["pairs"] for s in infos])
     self._lengths: dict[int, np.ndarray] = {}
+    self._totals: dict[int, np.ndarray] = {}
     self.num_pairs, self.pad_id = int(self._starts[-1]), manifest["tokenizer"]["pad_id"]
 
   def _overlapping(self, start: int, stop: int) -> range:
@@ -175,12 +196,20 @@ class _Prepared:
     return range(max(first, 0), min(last, len(self._shards) - 1) + 1)
 
   def lengths(self, start: int, stop: int) -> np.ndarray:
+    return self._per_pair(self._lengths, lambda shard: shards.read_lengths([shard.base])[0],
+                          start, stop)
+
+  def totals(self, start: int, stop: int) -> np.ndarray:
+    return self._per_pair(self._totals, lambda shard: shard.lengths().sum(axis=1), start, stop)
+
+  def _per_pair(self, cache: dict[int, np.ndarray], read, start: int, stop: int) -> np.ndarray:
+    """A per-pair array of pairs `start..stop-1`, read (`read(shard)`) once per shard."""
     parts = []
     for k in self._overlapping(start, stop):
-      if k not in self._lengths:
-        self._lengths[k] = shards.read_lengths([self._shards[k].base])[0]
+      if k not in cache:
+        cache[k] = read(self._shards[k])
       lo, hi = max(start, self._starts[k]), min(stop, self._starts[k + 1])
-      parts.append(self._lengths[k][lo - self._starts[k]:hi - self._starts[k]])
+      parts.append(cache[k][lo - self._starts[k]:hi - self._starts[k]])
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
   def take(self, indices: np.ndarray) -> PairArrays:
@@ -229,11 +258,18 @@ class PairBatches:
   `num_pairs` is the number of pairs in the split (all processes); `steps_per_epoch` the
   batches every process yields per epoch; `dropped_pairs` counts pairs of this process that
   did not fill a batch so far.
+
+  Packed (`cfg.pack`): batch `k` holds the same pairs as unpacked, packed into `[R, row_len]` rows
+  (`packing.pack_pairs`, first-fit decreasing) where `R` is the same on every process: each
+  process packs every process's batch `k` from the pairs' lengths alone (cheap: no tokens are
+  read), takes the most rows any needs, and rounds that up to a multiple of `row_multiple` x its
+  devices of the batch axis, in `PACK_ROWS_PER_OCTAVE` sizes per octave. So no pair is ever left
+  out and every process's rows split evenly over its devices and the step's microbatches.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, split: str, global_batch: int, seq_len: int,
                sharding: jax.sharding.NamedSharding | None, seed: int, repeat: bool,
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, row_multiple: int = 1):
     if cfg.source not in SOURCES:
       raise ValueError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
     if global_batch % process_count:
@@ -256,6 +292,15 @@ class PairBatches:
       if repeat:
         raise ValueError(message)
       logging.warning("data[%s]: %s; it yields nothing", split, message)
+    self.pack = bool(cfg.get("pack", False))
+    if self.pack:
+      self.row_len = cfg.pack_row_len or 2 * seq_len
+      self.pairs_per_row = cfg.pack_pairs_per_row
+      if self.pairs_per_row < 1:
+        raise ValueError(f"data.pack_pairs_per_row must be at least 1, got {self.pairs_per_row}")
+      self.row_multiple = row_multiple * local_batch_shards(sharding, process_count)
+      self._orders: tuple[int, list[np.ndarray]] | None = None
+      self._totals: list[np.ndarray] | None = None
     self.dropped_pairs = 0
     self._position = (0, 0)
     self._epoch_plan: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -298,10 +343,46 @@ class PairBatches:
     return self._epoch_plan[1], self._epoch_plan[2]
 
   def _host_batch(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
+    if self.pack:
+      return self._packed_host_batch(epoch, batch)
     order, lengths = self._plan(epoch)
     local = order[batch * self.batch:(batch + 1) * self.batch]
     arrays = self._pairs.take(self._range(self.process_index)[0] + local)
     return collate(arrays, int(lengths[batch]), self._pairs.pad_id)
+
+  def _local_batch(self, epoch: int, batch: int, process: int) -> np.ndarray:
+    """Indices within `process`'s range of the pairs of its batch `batch` in epoch `epoch`.
+
+    Packed runs keep every process's order of the epoch and every pair's total length (8 bytes
+    a pair of the split), to pack any process's batch without reading its tokens."""
+    if self._orders is None or self._orders[0] != epoch:
+      if self._totals is None:
+        self._totals = [self._pairs.totals(*self._range(p)).astype(np.int32)
+                        for p in range(self.process_count)]
+      self._orders = (epoch, [self._order(epoch, p).astype(np.int32)
+                              for p in range(self.process_count)])
+    return self._orders[1][process][batch * self.batch:(batch + 1) * self.batch].astype(np.int64)
+
+  def packed_rows(self, epoch: int, batch: int) -> int:
+    """The rows of every process's packed batch `batch` of epoch `epoch` (all processes agree)."""
+    needed = 1
+    for process in range(self.process_count):
+      local = self._local_batch(epoch, batch, process)  # (reads the totals on first use)
+      totals = self._totals[process][local]
+      rows = packing.assign_rows(totals, self.row_len, self.pairs_per_row)
+      needed = max(needed, int(rows.max(initial=-1)) + 1)
+    return round_packed_rows(needed, self.row_multiple)
+
+  def _packed_host_batch(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
+    rows = self.packed_rows(epoch, batch)
+    arrays = self._pairs.take(self._range(self.process_index)[0]
+                              + self._local_batch(epoch, batch, self.process_index))
+    packed = packing.pack_pairs(arrays, row_len=self.row_len, max_pairs_per_row=self.pairs_per_row,
+                                pad_id=self._pairs.pad_id, num_rows=rows)
+    if packed.left_over.size:  # cannot happen: `rows` holds every process's first-fit packing
+      raise RuntimeError(f"data[{self.split}]: {packed.left_over.size} pairs of batch {batch} "
+                         f"(epoch {epoch}) did not fit {rows} packed rows")
+    return packed.batch
 
   def _produce(self, epoch: int, batch: int) -> None:
     try:
@@ -376,9 +457,11 @@ class PairBatches:
         pair_sharding.mesh, jax.sharding.PartitionSpec(*pair_sharding.spec[:1]))
     out = {}
     for name, value in data.items():
-      sharding = margin_sharding if value.ndim == 1 else pair_sharding
+      # Packed arrays are [rows, ...], split over their rows like margin over its pairs.
+      sharding = margin_sharding if value.ndim == 1 or self.pack else pair_sharding
+      leading = value.shape[0] * self.process_count if self.pack else self.global_batch
       out[name] = jax.make_array_from_process_local_data(
-          sharding, value, (self.global_batch, *value.shape[1:]))
+          sharding, value, (leading, *value.shape[1:]))
     return out
 
   def get_state(self) -> dict:
@@ -414,15 +497,35 @@ class PairBatches:
     self.close()
 
 
+def round_packed_rows(rows: int, row_multiple: int) -> int:
+  """`rows` rounded up to `row_multiple` x one of `PACK_ROWS_PER_OCTAVE` sizes per octave.
+
+  `round_packed_rows(pairs, m)` bounds the rows of any packed batch of `pairs` pairs per process
+  (at worst one pair a row): the shape to plan memory for.
+  """
+  return row_multiple * bucket_length(-(-max(rows, 1) // row_multiple), 1, PACK_ROWS_PER_OCTAVE)
+
+
+def local_batch_shards(sharding: jax.sharding.NamedSharding | None, process_count: int) -> int:
+  """How many pieces `sharding` cuts the batch axis into, per process (at least 1)."""
+  if sharding is None or not sharding.spec or sharding.spec[0] is None:
+    return 1
+  axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+  total = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+  return max(total // process_count, 1)
+
+
 def build_pipeline(cfg: ml_collections.ConfigDict, *, split: str, global_batch: int, seq_len: int,
-                   sharding: jax.sharding.NamedSharding | None, seed: int, repeat: bool) -> PairBatches:
+                   sharding: jax.sharding.NamedSharding | None, seed: int, repeat: bool,
+                   row_multiple: int = 1) -> PairBatches:
   """Batches of `split` for this process (`jax.process_index()` of `jax.process_count()`).
 
-  With a `sharding` (for the `[B, 2, L]` arrays; `margin` uses its first axis) the batches are
-  global jax Arrays of `global_batch` pairs; with None they are this process's numpy arrays.
-  `repeat=False` stops after one epoch.
+  With a `sharding` (for the `[B, 2, L]` arrays; `margin` and packed arrays use its first axis)
+  the batches are global jax Arrays of `global_batch` pairs; with None they are this process's
+  numpy arrays. `repeat=False` stops after one epoch. `row_multiple` (packed: the step's
+  microbatches) multiplies the devices a process's rows are split over.
   """
   return PairBatches(cfg, split=split, global_batch=global_batch, seq_len=seq_len, sharding=sharding,
                      seed=seed, repeat=repeat, process_index=jax.process_index(),
-                     process_count=jax.process_count())
+                     process_count=jax.process_count(), row_multiple=row_multiple)
 

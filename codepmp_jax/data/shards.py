@@ -76,6 +76,16 @@ class Shard:
     Shard.opened.append(str(tokens_path))
     self._index, self._tokens = index, tokens_path.open("rb")
 
+  def lengths(self) -> np.ndarray:
+    """[pairs, 2] chosen and rejected lengths from the index alone (the token file stays closed)."""
+    if self._index is not None:
+      return np.asarray(self._index["lengths"])
+    index_path = epath.Path(f"{self.base}{INDEX}")
+    if is_local(self.base):
+      return np.asarray(np.load(index_path, mmap_mode="r")["lengths"])
+    with index_path.open("rb") as f:
+      return np.load(f)["lengths"]
+
   def take(self, local: np.ndarray) -> PairArrays:
     """Pairs `local` (indices into this shard) as flat arrays."""
     self._open()
