@@ -78,20 +78,17 @@ def run(settings: SampleEfficiencySettings) -> dict[int, dict[str, dict]]:
   """Every fine-tune and evaluation of the experiment; returns {k: {arm: evaluation report}}."""
   if settings.preset not in PRESET_CONFIGS:
     raise ValueError(f"preset {settings.preset!r} is not one of {sorted(PRESET_CONFIGS)}")
+  if settings.preset != "tiny" and not (settings.base and settings.pmp):
+    raise ValueError(f"preset {settings.preset} needs base and pmp checkpoints")
   out = epath.Path(settings.out)
   gsm8k_train, gsm8k_test = (registry.path(f"gsm8k/{split}", data_dir=settings.data_dir or None)
                              for split in ("train", "test"))
   name = PRESET_CONFIGS[settings.preset]
   base_config = load_config(name)
-  if settings.preset == "tiny":
-    pmp = settings.pmp or str(out / "pmp")
-    if not settings.pmp:
-      base_config.data.path = str(out / "code_pairs")
-      recipes.train_once(base_config, out / "pmp")
-  else:
-    if not (settings.base and settings.pmp):
-      raise ValueError(f"preset {settings.preset} needs base and pmp checkpoints")
-    pmp = settings.pmp
+  pmp = settings.pmp or str(out / "pmp")
+  if settings.preset == "tiny" and not settings.pmp:
+    base_config.data.path = str(out / "code_pairs")
+    recipes.train_once(base_config, out / "pmp")
   lr = settings.lr or base_config.optimizer.lr
   candidates = recipes.bon_candidates(gsm8k_test, out / "bon_candidates.jsonl",
                                       settings.eval_questions, n=4)

@@ -69,8 +69,8 @@ def run_program(cls: type, run: Callable[[Any], Any]) -> None:
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from codepmp_jax import train
-    train.quiet_library_logs()
+    from codepmp_jax import cli
+    cli.quiet_logs(False)
     try:
       run(from_flags(cls))
     except ValueError as e:
