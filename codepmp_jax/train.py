@@ -195,7 +195,7 @@ def parse_decay_from(spec: str) -> tuple[epath.Path, int]:
     path, step_text = spec, ""
   workdir = checkpoint.as_path(path)
   found = int(step_text) if step_text else checkpoint.latest_train_step(workdir)
-  if found is None or not layout.path(workdir, layout.CHECKPOINTS) / str(found).is_dir():
+  if found is None or not (layout.path(workdir, layout.CHECKPOINTS) / str(found)).is_dir():
     raise FileNotFoundError(f"decay_from={spec!r}: no training checkpoint at step {found} in {workdir}")
   return workdir, found
 
