@@ -2,54 +2,137 @@
 size, and the shared report helpers."""
 from __future__ import annotations
 
+import functools
+import http.server
 import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
 from absl import flags
 
+from codepmp_jax.data import registry
 from launch.experiments import demo, report, sample_efficiency, settings_flags
 
-TINY_MODEL = {"model.num_layers": 1, "model.hidden_size": 32, "model.intermediate_size": 64,
-              "model.num_heads": 2, "model.num_kv_heads": 1}
-SMALL_TRAIN = {"train.global_batch": 8, "train.eval_batch": 8, "train.eval_batches": 1}
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+        "num_kv_heads": 1, "seq_len": 64, "batch": 8, "vocab_size": 300, "score_batch": 16,
+        "score_length": 64, "rm_min_steps": 2}
+
+
+def _code_pairs(path, n=64):
+  """Small code pairs: a function and a version with a wrong operator."""
+  with open(path, "w") as f:
+    for i in range(n):
+      good, bad = [("+", "-"), ("*", "+"), ("<", ">")][i % 3]
+      body = f"def f{i}(a, b):\n  return a {good} b + {i}\n"
+      f.write(json.dumps({"prompt": f"Write f{i}: combine a and b with {good}.\n",
+                          "chosen": body, "rejected": body.replace(f" {good} ", f" {bad} ")}) + "\n")
+  return path
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_at_a_tiny_size_and_reuses_its_stages(tmp_path, shared_data, capsys):
-  """Every stage of `make demo` at a tiny size; PMP on synthetic pairs with a small tokenizer
-  instead of the built-in stdlib synthesis (tested on its own), so the test stays short."""
-  from codepmp_jax.data.tokenizer import train_sentencepiece
-
-  train_sentencepiece(["def add(a, b):\n  return a + b\n", "Question: 2 + 3?\nAnswer: 5"] * 20, 300,
-                      tmp_path / "spm")
+  """Every stage of `make demo` at a tiny size, on small code pairs instead of the stdlib synthesis
+  (tested on its own), so the test stays short."""
   settings = demo.DemoSettings(
-      out=str(tmp_path / "demo"), rm_questions=40, rm_steps=2, eval_questions=6,
-      shared_data=str(shared_data),
-      pmp_overrides={**TINY_MODEL, **SMALL_TRAIN, "train.total_steps": 4, "train.log_every": 2,
-                     "train.eval_every": 4, "checkpoint.save_every": 4, "data.builtin.name": "",
-                     "data.source": "synthetic", "data.vocab_size": 256,
-                     "data.synthetic_pairs": 256, "model.vocab_size": 320,
-                     "tokenizer": str(tmp_path / "spm.model")},
-      rm_overrides={**TINY_MODEL, **SMALL_TRAIN})
+      out=str(tmp_path / "demo"), data_dir=str(shared_data),
+      code_pairs_file=str(_code_pairs(tmp_path / "code.jsonl")), base_steps=2, pmp_steps=2,
+      rm_questions=16, eval_questions=6, size_overrides=TINY)
   reports = demo.run(settings)
-  assert list(reports) == ["PMP-initialized", "scratch"]
+  assert list(reports) == ["base LM -> RM", "base + PMP -> RM"]
   out = tmp_path / "demo"
-  for arm, workdir in (("PMP-initialized", "rm_pmp"), ("scratch", "rm_scratch")):
-    r = reports[arm]
-    assert r["train"]["step"] == 2 and r["train"]["finished"]
-    assert r["pairwise"]["n"] == 6 and 0 <= r["pairwise"]["accuracy"] <= 1
-    assert r["mc"]["n"] == 6 and set(r["bon"]) == {"1", "2", "4"}
-    config = json.loads((out / workdir / "config.json").read_text())
-    assert config["init_from"] == (str(out / "pmp") if workdir == "rm_pmp" else "")
-    assert (config["train"]["total_steps"], config["loss"]["lm_coef"]) == (2, 0.0)
+  for column, arm in zip(reports, ("base", "pmp")):
+    r = reports[column]
+    assert r["train"]["step"] == 2 and r["train"]["finished"]  # 16 questions / batch 8, one epoch
+    for task in ("pairwise", "mc"):
+      low, high = r[task]["ci95"]
+      assert r[task]["n"] == 6 and low <= r[task]["accuracy"] <= high
+    assert set(r["bon"]) == {"1", "2", "4"}
+    config = json.loads((out / f"rm_{arm}" / "config.json").read_text())
+    assert config["init_from"] == str(out / arm)  # both arms start from a pretrained checkpoint
+    assert (config["loss"]["rm_coef"], config["loss"]["lm_coef"]) == (1.0, 0.0)
+  base = json.loads((out / "base" / "config.json").read_text())
+  pmp = json.loads((out / "pmp" / "config.json").read_text())
+  assert (base["init_from"], base["loss"]["rm_coef"]) == ("", 0.0)  # the base LM: LM loss only
+  assert (pmp["init_from"], pmp["loss"]["rm_coef"]) == (str(out / "base"), 1.0)
   table = (out / "results.md").read_text().splitlines()
-  assert table[0] == "| metric | PMP-initialized | scratch |" and len(table) == 6
+  assert table[0] == "| metric (points) | base LM -> RM | base + PMP -> RM |" and len(table[:5]) == 5
   assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-  assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(reports))
+  results = json.loads((out / "results.json").read_text())
+  assert results["arms"] == json.loads(json.dumps(reports))
+  assert results["data"]["gsm8k/test"] == str(shared_data / "gsm8k" / "test.jsonl")
   capsys.readouterr()
   assert demo.run(settings) == json.loads(json.dumps(reports))  # every stage reused
-  assert "| GSM8K Best-of-4 accuracy |" in capsys.readouterr().out
+  assert "| CHAMP Best-of-4 accuracy (real candidates) |" in capsys.readouterr().out
+
+
+def _free_port() -> int:
+  with socket.socket() as s:  # a port nobody listens on once closed
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_demo_without_data_or_network_prints_one_error_line_before_any_stage(tmp_path):
+  """A fresh clone offline: no ../shared/data, an empty cache, the downloads refused."""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  patch = ("import pathlib, runpy, sys; from codepmp_jax.data import registry; "
+           "registry.SHARED_DATA = pathlib.Path(sys.argv.pop(1)); "
+           "runpy.run_module('launch.experiments.demo', run_name='__main__')")
+  env = {k: v for k, v in os.environ.items() if k != registry.DATA_ENV}
+  env.update({registry.CACHE_ENV: str(empty / "cache"),
+              registry.MIRROR_ENV: f"http://127.0.0.1:{_free_port()}"})
+  start = time.time()
+  done = subprocess.run([sys.executable, "-c", patch, str(empty), f"--out={tmp_path / 'out'}"],
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+  assert done.returncode == 2, done.stderr
+  errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [done.stderr.strip().splitlines()[-1]] and len(errors) == 1, done.stderr
+  assert errors[0].startswith("error: data set gsm8k/train not found (looked in ")
+  assert "Traceback" not in done.stderr and "--data_dir=DIR" in errors[0]
+  assert not (tmp_path / "out").exists()  # stopped before any stage wrote anything
+  assert time.time() - start < 60
+
+
+@pytest.fixture
+def data_server(shared_data):
+  """The real data files served over HTTP in the layout of ../shared/data (a local mirror)."""
+  class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+  handler = functools.partial(Quiet, directory=str(shared_data))
+  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  yield f"http://127.0.0.1:{httpd.server_address[1]}"
+  httpd.shutdown()
+  httpd.server_close()
+
+
+def test_demo_data_resolution_downloads_and_verifies_every_data_set(tmp_path, monkeypatch,
+                                                                    data_server, shared_data):
+  monkeypatch.setattr(registry, "SHARED_DATA", tmp_path / "no_shared")
+  monkeypatch.delenv(registry.DATA_ENV, raising=False)
+  monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.setenv(registry.MIRROR_ENV, data_server)
+  got = demo.resolve_data()
+  assert list(got) == list(demo.DATASETS)
+  for name, file in got.items():
+    entry = registry.DATASETS[name]
+    assert file == tmp_path / "cache" / entry.file
+    assert (pathlib.Path(file).stat().st_size, registry.sha256_of(file)) == (entry.size, entry.sha256)
+  monkeypatch.setenv(registry.MIRROR_ENV, f"http://127.0.0.1:{_free_port()}")
+  assert demo.resolve_data() == got  # verified copies in the cache: no network needed again
+  assert demo.resolve_data(str(shared_data)) == {n: shared_data / registry.DATASETS[n].file
+                                                 for n in demo.DATASETS}  # --data_dir first
 
 
 def test_report_tables_and_figure(tmp_path):
@@ -74,22 +157,21 @@ def test_the_command_line_of_an_experiment_is_its_settings():
   assert settings_flags.from_flags(cls, values) == cls(ks=(4, 8), lr=0.5, preset="smollm2_135m")
   values = flags.FlagValues()
   settings_flags.define_flags(demo.DemoSettings, values)
-  values(["x", "--rm_steps=3"])
-  assert settings_flags.from_flags(demo.DemoSettings, values) == demo.DemoSettings(rm_steps=3)
+  values(["x", "--pmp_steps=3", "--data_dir=/d"])
+  assert settings_flags.from_flags(demo.DemoSettings, values) == demo.DemoSettings(pmp_steps=3, data_dir="/d")
   with pytest.raises(ValueError, match="needs base and pmp"):
     sample_efficiency.run(cls(preset="smollm2_135m", out="unused"))
 
 
 def test_demo_table_and_plot_of_two_arms(tmp_path):
-  arm = {"pairwise": {"accuracy": 0.7}, "mc": {"accuracy": 0.25}, "bon": {"4": {"rm": 0.5}},
-         "train": {"loss": 0.6931}}
-  table = demo.results_table({"PMP-initialized": arm, "scratch": {**arm, "mc": {"accuracy": 0.3}}})
+  arm = {"pairwise": {"accuracy": 0.7, "ci95": [0.62, 0.775]},
+         "mc": {"accuracy": 0.25, "ci95": [0.2, 0.3]}, "bon": {"4": {"rm": 0.5}}}
+  table = demo.results_table({"base": arm, "pmp": {**arm, "mc": {"accuracy": 0.3, "ci95": [0.2, 0.4]}}})
   assert table.splitlines() == [
-      "| metric | PMP-initialized | scratch |", "|---|---:|---:|",
-      "| GSM8K pairwise accuracy (held-out test) | 0.700 | 0.700 |",
-      "| LogiQA 2.0 multiple-choice accuracy | 0.250 | 0.300 |",
-      "| GSM8K Best-of-4 accuracy | 0.500 | 0.500 |",
-      "| RM fine-tune final train loss | 0.693 | 0.693 |"]
+      "| metric (points) | base | pmp |", "|---|---:|---:|",
+      "| GSM8K pairwise accuracy (held-out test) | 70.0 [62.0, 77.5] | 70.0 [62.0, 77.5] |",
+      "| LogiQA 2.0 multiple-choice accuracy (chance 0.25) | 25.0 [20.0, 30.0] | 30.0 [20.0, 40.0] |",
+      "| CHAMP Best-of-4 accuracy (real candidates) | 50.0 | 50.0 |"]
   path = demo.plot_results({"a": arm, "b": arm}, tmp_path / "r.png")
   assert path.read_bytes()[:4] == b"\x89PNG"
 

@@ -1,20 +1,32 @@
-"""The whole CodePMP method on one machine, on the built-in default (`make demo`).
+"""The CodePMP method on one machine, with the paper's control (`make demo`).
 
-  python -m launch.experiments.demo [--out=demo_out]
+  python -m launch.experiments.demo [--out=demo_out] [--data_dir=DIR]
 
-1. Synthesize code-preference pairs from the standard library (offline `mutate` strategy), train a
-   tokenizer on them, prepare them, and PMP-pretrain the tiny model (configs/tiny.py).
-2. Prepare GSM8K preference pairs (reference vs a consistently wrong solution) with that tokenizer.
-3. Fine-tune two reward models on them (configs/short_rm.py), one from the PMP checkpoint and one
-   from scratch, with the same data, seed and schedule.
-4. Evaluate both: pairwise accuracy on held-out GSM8K test pairs, LogiQA 2.0 multiple choice, and
-   Best-of-4 on GSM8K test questions; print a side-by-side table and write its plot.
-Each stage says what it wrote where; a rerun reuses finished stages.
+A smaller version of `pmp_control` (the full controlled experiment: three arms, several k and
+seeds), built from its stages:
+0. Find the data sets first (`codepmp_jax.data.registry`: `--data_dir` / `$CODEPMP_DATA`,
+   `../shared/data`, the user's cache, else a verified download): GSM8K train and test, LogiQA 2.0
+   test. Without them the demo stops here with one `error:` line, before any heavy stage.
+1. Code-preference pairs synthesized from the standard library (offline `mutate` strategy,
+   decontaminated against the resolved test sets) and a tokenizer trained on them; the pairs are
+   split in two halves.
+2. A small **base LM**: the tiny model pretrained with the LM loss only on the chosen sides of the
+   first half (standing in for the paper's pretrained backbone).
+3. **base + PMP**: continued from the base on the second half with the paper's BT + LM loss.
+4. Two reward models fine-tuned on the same GSM8K pairs, steps and seed (as released: BT only,
+   cosine, weight decay 0, clipping 1.0): one from the base, one from base + PMP.
+5. Both evaluated on held-out GSM8K test pairs and LogiQA 2.0 multiple choice (accuracy with a 95%
+   bootstrap interval over questions) and Best-of-4 on real model-written CHAMP candidates (with
+   the random-pick and majority-vote baselines); a table and its plot.
+The LM-only continuation arm (more LM without preferences) and intervals over seeds are in
+`python -m launch.experiments.pmp_control`. Each stage skips itself when its output is complete.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -25,107 +37,222 @@ from etils import epath
 if __name__ == "__main__" and not __package__:  # `python launch/experiments/demo.py`
   sys.path.insert(0, str(epath.Path(__file__).resolve().parents[2]))
 
-from absl import logging  # noqa: E402  (after the path set-up above)
-
-from codepmp_jax.config import load_config  # noqa: E402
-from codepmp_jax.data.builtin import SHARED_DATA  # noqa: E402
-from launch.experiments import recipes, report, settings_flags  # noqa: E402
+from codepmp_jax.data import registry  # noqa: E402  (after the path set-up above)
+from launch.experiments import pmp_control, recipes, report, settings_flags  # noqa: E402
 from launch.experiments.settings_flags import setting  # noqa: E402
 
-ROWS = (("GSM8K pairwise accuracy (held-out test)", ("pairwise", "accuracy")),
-        ("LogiQA 2.0 multiple-choice accuracy", ("mc", "accuracy")),
-        ("GSM8K Best-of-4 accuracy", ("bon", "4", "rm")),
-        ("RM fine-tune final train loss", ("train", "loss")))
+DATASETS = ("gsm8k/train", "gsm8k/test", "logiqa2/test")
+ARMS = (("base", "base LM -> RM"), ("pmp", "base + PMP -> RM"))
+BON_N = 4
+ROWS = (("GSM8K pairwise accuracy (held-out test)", ("pairwise",)),
+        ("LogiQA 2.0 multiple-choice accuracy (chance 0.25)", ("mc",)),
+        (f"CHAMP Best-of-{BON_N} accuracy (real candidates)", ("bon", str(BON_N), "rm")))
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-  """What the demo runs; the defaults are `make demo`."""
+  """What the demo runs; the defaults are `make demo` (about 12 minutes on 2 idle cores)."""
   out: str = setting("demo_out", "Directory for every stage's output.")
-  rm_questions: int = setting(1500, "GSM8K train questions used for RM fine-tuning.")
-  rm_steps: int = setting(80, "RM fine-tuning steps (both arms).")
-  rm_lr: float = setting(1e-3, "RM fine-tuning learning rate (both arms).")
-  eval_questions: int = setting(150, "Held-out GSM8K test / LogiQA 2.0 test questions scored.")
-  shared_data: str = setting(str(SHARED_DATA), "The reference data sets (gsm8k/, logiqa2/).")
-  pmp_overrides: Mapping[str, Any] = setting(
-      {}, "Dotted fields changed on the PMP run's config (configs/tiny.py), for a smaller run.")
-  rm_overrides: Mapping[str, Any] = setting(
-      {}, "Dotted fields changed on the RM fine-tunes' config (configs/short_rm.py).")
+  data_dir: str = setting("", "Directory holding gsm8k/ and logiqa2/ (default: $CODEPMP_DATA, "
+                          "../shared/data, the cache, else a verified download).")
+  code_pairs: int = setting(4000, "Code pairs synthesized from the standard library (both halves).")
+  code_pairs_file: str = setting("", "Code pairs JSONL[.gz] to use instead of synthesizing them.")
+  base_steps: int = setting(150, "Base LM pretraining steps (LM loss only).")
+  pmp_steps: int = setting(100, "PMP steps continuing from the base LM (BT + LM).")
+  rm_questions: int = setting(1280, "GSM8K train questions (the first ones) for RM fine-tuning.")
+  rm_epochs: float = setting(1.0, "Passes over the RM pairs (batch 16: 1280 questions = 80 steps).")
+  eval_questions: int = setting(150, "GSM8K test / LogiQA 2.0 test / CHAMP questions scored.")
+  seed: int = setting(0, "Seed of both RM fine-tunes (same data order for both arms).")
+  size_overrides: Mapping[str, Any] = setting(
+      {}, "pmp_control.ControlSettings fields changed for a smaller run (model size, batch, ...).")
+
+
+def resolve_data(data_dir: str = "") -> dict[str, epath.Path]:
+  """The local file of each data set the demo reads, fetched and verified where needed.
+
+  Raises `registry.DataNotFound` (one line: which data set, where it looked, how to provide it).
+  """
+  return {name: registry.path(name, data_dir=data_dir or None) for name in DATASETS}
+
+
+def synthesize_code_pairs(max_pairs: int, data: Mapping[str, epath.Path], out: epath.Path
+                          ) -> epath.Path:
+  """Stdlib code pairs (offline `mutate`, as the built-in default), decontaminated against the
+  resolved GSM8K and LogiQA 2.0 test sets, in one JSONL file (reused when complete)."""
+  import gzip
+
+  from codepmp_jax.synth import __main__ as synth
+  pairs_file = out / "code_pairs.jsonl"
+  if pairs_file.exists():
+    return pairs_file
+  eval_dir = out / "decontamination_sets"  # the layout `synth --eval_data_dir` reads
+  for name in ("gsm8k/test", "logiqa2/test"):
+    link = eval_dir / registry.DATASETS[name].file
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+      os.symlink(str(data[name]), str(link))
+  synth.run(synth.parse_flags([
+      "--source=stdlib", "--strategy=mutate", f"--out={out / 'code_pairs'}",
+      f"--max_pairs={max_pairs}", "--seed=0", f"--eval_data_dir={eval_dir}", "--log_level=WARNING"]))
+  lines = []
+  for shard in sorted((out / "code_pairs").glob("*.jsonl.gz")):
+    with gzip.open(shard, "rt", encoding="utf-8") as f:
+      lines.extend(line if line.endswith("\n") else line + "\n" for line in f if line.strip())
+  tmp = out / "code_pairs.jsonl.part"
+  tmp.write_text("".join(lines))
+  tmp.rename(pairs_file)
+  return pairs_file
+
+
+def control_settings(settings: DemoSettings) -> pmp_control.ControlSettings:
+  """The demo as a one-k, one-seed `pmp_control` design at the tiny model's sequence length."""
+  control = pmp_control.ControlSettings(
+      out=settings.out, seq_len=256, code_pairs=settings.code_pairs,
+      code_pairs_file=settings.code_pairs_file, base_steps=settings.base_steps,
+      continue_steps=settings.pmp_steps, ks=(settings.rm_questions,), seeds=(settings.seed,),
+      rm_epochs=settings.rm_epochs, eval_limit=settings.eval_questions,
+      champ_models=("GPT-3.5", "GPT-4", "GPT-4 Turbo", "PaLM 2 Medium"), champ_settings=("0-Shot",),
+      bon_ns=(1, 2, BON_N), score_batch=32, score_length=512)
+  return dataclasses.replace(control, **settings.size_overrides)
+
+
+def _metric(arm_report: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+  """An evaluation (a dict with `accuracy` and `ci95`) or a number, deep in an arm's report."""
+  for key in keys:
+    arm_report = arm_report[key]
+  return arm_report
+
+
+def _cell(value: Any) -> str:
+  """`acc [low, high]` in points for an evaluation with an interval, else the number in points."""
+  if isinstance(value, Mapping):
+    low, high = value["ci95"]
+    return f"{100 * value['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+  return f"{100 * value:.1f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
 
 
 def results_table(reports: dict[str, dict]) -> str:
-  """A Markdown table: one row per metric, one column per arm."""
-  rows = [[name, *[report.lookup(reports[arm], keys) for arm in reports]] for name, keys in ROWS]
-  return report.to_markdown(["metric", *reports], rows, cell=report.fixed3,
+  """A Markdown table: one row per metric, one column per arm, accuracy [95% interval] in points."""
+  rows = [[name, *[_cell(_metric(reports[arm], keys)) for arm in reports]]
+          for name, keys in ROWS]
+  return report.to_markdown(["metric (points)", *reports], rows,
                             align=["---", *["---:"] * len(reports)]).rstrip("\n")
 
 
 def plot_results(reports: dict[str, dict], path: epath.Path) -> epath.Path:
-  """Grouped bars of the accuracy rows, PMP-initialized against scratch."""
-  rows = [r for r in ROWS if "accuracy" in r[0]]
-  fig, ax = report.pyplot().subplots(figsize=(7, 3.6), dpi=120)
+  """Grouped bars per metric, one per arm, with the 95% bootstrap intervals as error bars."""
+  fig, ax = report.pyplot().subplots(figsize=(7.5, 3.8), dpi=120)
   width = 0.8 / len(reports)
   for i, (arm, arm_report) in enumerate(reports.items()):
-    values = [report.lookup(arm_report, keys) for _, keys in rows]
-    bars = ax.bar([j + i * width for j in range(len(rows))], values, width, label=arm)
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
-  ax.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(rows))],
-                [name.split(" (")[0] for name, _ in rows], fontsize=8)
+    values, errors = [], [[], []]
+    for _, keys in ROWS:
+      value = _metric(arm_report, keys)
+      mean = value["accuracy"] if isinstance(value, Mapping) else value
+      low, high = value["ci95"] if isinstance(value, Mapping) else (mean, mean)
+      values.append(mean)
+      errors[0].append(mean - low)
+      errors[1].append(high - mean)
+    bars = ax.bar([j + i * width for j in range(len(ROWS))], values, width, yerr=errors, capsize=3,
+                  label=arm)
+    ax.bar_label(bars, fmt="%.2f", fontsize=8, label_type="center")
+  ax.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(ROWS))],
+                [name.split(" (")[0] for name, _ in ROWS], fontsize=8)
   ax.set_ylabel("accuracy")
   ax.set_ylim(0, 1)
-  ax.set_title("Reward models fine-tuned on GSM8K pairs")
-  ax.legend()
+  ax.set_title("RMs from the base LM and from base + PMP (95% bootstrap intervals)")
+  ax.legend(fontsize=8)
   return report.save_figure(fig, path)
 
 
 def run(settings: DemoSettings) -> dict[str, dict]:
-  """Every stage of the demo; returns the evaluation report of each arm."""
+  """Every stage of the demo; returns the evaluation report of each arm (keyed by column name)."""
   start = time.time()
-  out = epath.Path(settings.out)
-  shared = epath.Path(settings.shared_data)
+  print("[0/5] data sets:", flush=True)
+  data = resolve_data(settings.data_dir)  # before anything heavy: a missing set stops the demo here
+  for name, file in data.items():
+    print(f"  {name}: {file}", flush=True)
+  s = control_settings(settings)
+  out = epath.Path(s.out)
+  out.mkdir(parents=True, exist_ok=True)
+  champ, champ_counts = pmp_control.champ_file(s, out)
+  if not champ_counts["questions"]:
+    raise ValueError(f"no CHAMP question has {BON_N} candidates from {s.champ_models} "
+                     f"({s.champ_settings}): {champ_counts['skipped']}")
+  timings = {}
 
-  logging.info("[1/4] PMP: code pairs from the standard library -> %s", out / "pmp")
-  pmp_config = load_config("tiny")
-  pmp_config.update_from_flattened_dict(dict(settings.pmp_overrides))
-  pmp_config.data.path = str(out / "code_pairs")
-  pmp_summary = recipes.train_once(pmp_config, out / "pmp")
-  logging.info("PMP done: held-out code-pair accuracy %.3f",
-               pmp_summary.get("eval/accuracy", float("nan")))
+  def stage(name: str, t: float) -> None:
+    timings[name] = round(time.time() - t, 1)
 
-  logging.info("[2/4] GSM8K pairs with the PMP tokenizer -> %s", out / "gsm8k_pairs")
-  gsm8k = shared / "gsm8k"
-  subset = recipes.first_lines(gsm8k / "train.jsonl", out / "gsm8k_train_subset.jsonl",
-                               settings.rm_questions)
-  pairs = recipes.prepare_once([subset], "gsm8k", out / "pmp", out / "gsm8k_pairs",
-                               seq_len=pmp_config.train.seq_len, split="train:0.95,eval:0.05")
+  t = time.time()
+  print(f"[1/5] code pairs and tokenizer -> {out}", flush=True)
+  if not s.code_pairs_file:
+    s = dataclasses.replace(s, code_pairs_file=str(synthesize_code_pairs(s.code_pairs, data, out)))
+  tokenizer, base_data, continue_data = pmp_control.code_data(s, out)
+  stage("code_data_s", t)
+  t = time.time()
+  print(f"[2/5] base LM ({s.base_steps} LM-only steps) -> {out / 'base'}", flush=True)
+  pretraining = {"base": recipes.train_once(
+      pmp_control.pretrain_config(s, base_data, tokenizer, "", 0.0, s.base_steps), out / "base")}
+  stage("base_lm_s", t)
+  t = time.time()
+  print(f"[3/5] base + PMP ({s.continue_steps} BT + LM steps) -> {out / 'pmp'}", flush=True)
+  pretraining["pmp"] = recipes.train_once(
+      pmp_control.pretrain_config(s, continue_data, tokenizer, str(out / "base"), 1.0,
+                                  s.continue_steps), out / "pmp")
+  stage("pmp_s", t)
 
+  k = settings.rm_questions
+  subset = recipes.first_lines(data["gsm8k/train"], out / f"gsm8k_train_first{k}.jsonl", k)
+  pairs = recipes.prepare_once([subset], "gsm8k", tokenizer, out / "gsm8k_pairs",
+                               seq_len=s.seq_len, split="train:1")
   reports = {}
-  for arm, init_from in (("PMP-initialized", str(out / "pmp")), ("scratch", "")):
-    workdir = out / ("rm_pmp" if init_from else "rm_scratch")
-    logging.info("[3/4] RM fine-tuning (%s) -> %s", arm, workdir)
-    config = load_config(f"short_rm:steps={settings.rm_steps},lr={settings.rm_lr!r}")
-    config.update_from_flattened_dict(dict(settings.rm_overrides))
-    config.update(init_from=init_from, tokenizer=str(out / "pmp"))
-    config.data.path = str(pairs)
-    train_summary = recipes.train_once(config, workdir)
-    logging.info("[4/4] evaluating %s -> %s", arm, workdir / "eval.json")
-    candidates = recipes.bon_candidates(gsm8k / "test.jsonl", out / "bon_candidates.jsonl",
-                                        settings.eval_questions, n=4)
+  for arm, column in ARMS:
+    workdir = out / f"rm_{arm}"
+    t = time.time()
+    print(f"[4/5] RM fine-tuning from {arm} ({pmp_control.rm_steps(s, k)} steps on {k} GSM8K "
+          f"questions) -> {workdir}", flush=True)
+    train_summary = recipes.train_once(
+        pmp_control.rm_config(s, pairs, str(out / arm), k, settings.seed), workdir)
+    stage(f"rm_{arm}_s", t)
+    t = time.time()
+    print(f"[5/5] evaluating {arm} -> {workdir / 'eval.json'}", flush=True)
     arm_report = recipes.evaluate_rm(
-        workdir, workdir / "eval.json", gsm8k_pairs=gsm8k / "test.jsonl",
-        logiqa=shared / "logiqa2" / "test.jsonl", candidates=candidates,
-        ns=(1, 2, 4), limit=settings.eval_questions)
-    reports[arm] = {**arm_report, "train": train_summary}
+        workdir, workdir / "eval.json", gsm8k_pairs=data["gsm8k/test"], logiqa=data["logiqa2/test"],
+        candidates=champ, bon_task="champ", ns=s.bon_ns, limit=settings.eval_questions,
+        batch_size=s.score_batch, max_length=s.score_length)
+    stage(f"eval_{arm}_s", t)
+    reports[column] = {**arm_report, "train": train_summary}
 
   table = results_table(reports)
-  (out / "results.md").write_text(table + "\n")
-  (out / "results.json").write_text(json.dumps(reports, indent=1))
+  baselines = reports[ARMS[0][1]]["bon"][str(BON_N)]
+  words = (f"CHAMP Best-of-{BON_N} without a reward model ({champ_counts['questions']} questions, "
+           f"same draws): random pick {100 * baselines['random']:.1f}, majority vote "
+           f"{100 * baselines['majority']:.1f}, oracle {100 * baselines['oracle']:.1f}.\n"
+           "Intervals overlapping means no difference is shown at this size; "
+           "`python -m launch.experiments.pmp_control` adds the LM-only control and seeds.")
+  timings["total_s"] = round(time.time() - start, 1)
+  results = {"settings": dataclasses.asdict(s), "data": {n: str(p) for n, p in data.items()},
+             "champ": champ_counts, "timings": timings,
+             "pretraining": {arm: summary for arm, summary in pretraining.items()},
+             "arms": reports}
+  (out / "results.md").write_text(table + "\n\n" + words + "\n")
+  (out / "results.json").write_text(json.dumps(results, indent=1))
   plot = plot_results(reports, out / "results.png")
-  print("\n" + table + "\n")
+  print("\n" + table + "\n\n" + words + "\n")
   print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {plot} "
-        f"({(time.time() - start) / 60:.1f} min this run)")
+        f"({timings['total_s'] / 60:.1f} min this run; stage seconds {timings})")
   return reports
 
 
+def main(argv: list[str]) -> None:
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from codepmp_jax import train
+  train.quiet_library_logs()
+  run(settings_flags.from_flags(DemoSettings, flags.FLAGS))
+
+
 if __name__ == "__main__":
-  settings_flags.run_program(DemoSettings, run)
+  from codepmp_jax import cli
+  cli.run(main, lambda: settings_flags.define_flags(DemoSettings))

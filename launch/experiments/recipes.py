@@ -82,19 +82,23 @@ def bon_candidates(source: epath.Path, out: epath.Path, limit: int, n: int, seed
 
 def evaluate_rm(ckpt: epath.Path, out: epath.Path, *, gsm8k_pairs: epath.Path | None = None,
                 logiqa: epath.Path | None = None, candidates: epath.Path | None = None,
-                ns: tuple[int, ...] = (1, 2, 4), limit: int | None = None) -> dict:
-  """Held-out pairwise accuracy, LogiQA 2.0 multiple choice and Best-of-N of one checkpoint."""
+                ns: tuple[int, ...] = (1, 2, 4), limit: int | None = None, bon_task: str = "gsm8k",
+                batch_size: int = 32, max_length: int = 512) -> dict:
+  """Held-out pairwise accuracy, LogiQA 2.0 multiple choice and Best-of-N of one checkpoint.
+
+  `bon_task` names the answer checker of the candidates (`gsm8k`, or `champ` for CHAMP's).
+  """
   if out.is_file():
     return json.loads(out.read_text())
   from codepmp_jax.eval import reward_tasks
   from codepmp_jax.score import RewardScorer
-  scorer = RewardScorer(ckpt, batch_size=32, max_length=512)
+  scorer = RewardScorer(ckpt, batch_size=batch_size, max_length=max_length, show_progress=False)
   report = {"checkpoint": str(ckpt), "step": checkpoint.latest_train_step(ckpt)}
   if gsm8k_pairs is not None:
     report["pairwise"] = reward_tasks.pairwise(scorer, str(gsm8k_pairs), "gsm8k", limit=limit)
   if logiqa is not None:
     report["mc"] = reward_tasks.multiple_choice(scorer, str(logiqa), "logiqa2", limit=limit)
   if candidates is not None:
-    report["bon"] = reward_tasks.best_of_n(str(candidates), "gsm8k", ns, scorer=scorer)["bon"]
+    report["bon"] = reward_tasks.best_of_n(str(candidates), bon_task, ns, scorer=scorer)["bon"]
   out.write_text(json.dumps(report, indent=1))
   return report
