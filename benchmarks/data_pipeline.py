@@ -1,6 +1,6 @@
 """Data throughput: `prepare` and the input pipeline against Hugging Face `datasets` on the same pairs.
 
-  python -m benchmarks.data_pipeline [--pairs=20000] [--batches=300] [--no-train_step]
+  python -m benchmarks.data_pipeline [--pairs=20000] [--batches=300] [--notrain_step]
 
 Records: code-preference pairs built from this Python's standard library (a function with a
 docstring: the docstring in the code template is the prompt, the function is chosen, the function
@@ -19,7 +19,6 @@ the same code. Both sides use every core.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -29,8 +28,10 @@ import tempfile
 import time
 
 import numpy as np
+from absl import app, flags
 
 from benchmarks import common
+from codepmp_jax import cli
 from codepmp_jax.data import pipeline, prepare
 from codepmp_jax.data.encode import EncodeStats, fit_pair
 from codepmp_jax.data.templates import render
@@ -152,50 +153,57 @@ def tiny_step_seconds(vocab_size: int, batch: int, seq_len: int, steps: int = 3)
   return float(np.median(times))
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--pairs", type=int, default=20000, help="pairs to prepare")
-  parser.add_argument("--batches", type=int, default=300, help="batches timed per pipeline")
-  parser.add_argument("--workers", type=int, default=1,
-                      help="our tokenizer processes (1: in-process, the tokenizer's threads use every core)")
-  parser.add_argument("--peer_workers", type=int, default=os.cpu_count(), help="the peer's num_proc")
-  parser.add_argument("--train_step", action=argparse.BooleanOptionalAction, default=True,
-                      help="also time the tiny config's train step")
-  args = parser.parse_args()
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The benchmark's sizes (defined only when run as a program)."""
+  flags.DEFINE_integer("pairs", 20000, "Pairs to prepare.")
+  flags.DEFINE_integer("batches", 300, "Batches timed per pipeline.")
+  flags.DEFINE_integer("workers", 1, "Our tokenizer processes (1: in-process, the tokenizer's "
+                       "threads use every core).")
+  flags.DEFINE_integer("peer_workers", os.cpu_count(), "The peer's num_proc.")
+  flags.DEFINE_bool("train_step", True, "Also time the tiny config's train step.")
+
+
+def main(argv: list[str]) -> None:
+  """Prepares the pairs both ways, times both pipelines (and the train step) and prints the table."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
 
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_data_"))
-  records = stdlib_pairs(args.pairs)
+  records = stdlib_pairs(FLAGS.pairs)
   path = tmp / "pairs.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
   tokenizer = train_sentencepiece([r["chosen"] for r in records], 8000, tmp / "spm")
   tokenizer_path = str(tmp / "spm.model")
   print(f"{len(records)} stdlib code pairs, {path.stat().st_size / 1e6:.1f} MB; "
-        f"tokenizer vocab {tokenizer.vocab_size}; ours: {args.workers} process(es), "
-        f"peer: num_proc={args.peer_workers}; {os.cpu_count()} cores")
+        f"tokenizer vocab {tokenizer.vocab_size}; ours: {FLAGS.workers} process(es), "
+        f"peer: num_proc={FLAGS.peer_workers}; {os.cpu_count()} cores")
 
   rows, notes = [], []
   prepared = {}
   for seq_len in (1024, 256):
     settings = prepare.PrepareSettings(inputs=(str(path),), format="pairs", tokenizer=tokenizer_path,
                                        seq_len=seq_len, out=str(tmp / f"ours_{seq_len}"),
-                                       num_shards=4, split="train:1", num_workers=args.workers)
+                                       num_shards=4, split="train:1", num_workers=FLAGS.workers)
     start = time.perf_counter()
     manifest = prepare.prepare(settings)
     prepared[seq_len] = (settings.out, time.perf_counter() - start, manifest)
   ours_seconds = prepared[1024][1]
   pairs = prepared[1024][2]["splits"]["train"]["pairs"]
   peer_ds, peer_seconds = peer_prepare(str(path), tokenizer_path, 1024, str(tmp / "hf_cache"),
-                                          args.peer_workers)
+                                          FLAGS.peer_workers)
   assert len(peer_ds) == pairs, (len(peer_ds), pairs)
   rows.append(("prepare pairs/s (seq 1024)", pairs / ours_seconds, pairs / peer_seconds,
                peer_seconds / ours_seconds))
-  peer_256, _ = peer_prepare(str(path), tokenizer_path, 256, str(tmp / "hf_cache_256"), args.peer_workers)
+  peer_256, _ = peer_prepare(str(path), tokenizer_path, 256, str(tmp / "hf_cache_256"), FLAGS.peer_workers)
 
   rates = {}
   for name, (batch, seq_len) in SHAPES.items():
-    built, ours = our_batches(prepared[seq_len][0], batch, seq_len, args.batches)
+    built, ours = our_batches(prepared[seq_len][0], batch, seq_len, FLAGS.batches)
     peer = peer_batches(peer_ds if seq_len == 1024 else peer_256, batch, seq_len,
-                        tokenizer.pad_id, args.batches)
+                        tokenizer.pad_id, FLAGS.batches)
     rates[name] = ours
     rows.append((f"pipeline batches/s, {name}", ours, peer, ours / peer))
     notes.append(f"pipeline {name}: loading the shards took {built:.2f} s")
@@ -206,7 +214,7 @@ def main() -> None:
   print(f"ratio: prepare ours/peer = {rows[0][3]:.2f}x (target >= 1)")
   for name, value in zip(SHAPES, rows[1:]):
     print(f"ratio: pipeline {name} ours/peer = {value[3]:.1f}x")
-  if args.train_step:
+  if FLAGS.train_step:
     batch, seq_len = SHAPES["tiny (32 x 256)"]
     seconds = tiny_step_seconds(tokenizer.vocab_size, batch, seq_len)
     consumed = 1 / seconds
@@ -216,4 +224,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

@@ -15,7 +15,6 @@ seq_len 1024, `model/flops.py`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -25,7 +24,9 @@ import sys
 import time
 
 import numpy as np
+from absl import app, flags
 
+from codepmp_jax import cli
 from codepmp_jax.model import flops
 from codepmp_jax.model.config import get_preset
 
@@ -87,14 +88,26 @@ def timed(cmd: list[str], cwd: pathlib.Path = ROOT) -> tuple[float, float, str]:
   return rss_kb / 1024, elapsed, result.stdout
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sizes", default="20000,400000", help="comma-separated numbers of pairs")
-  p.add_argument("--workdir", default="/tmp/data_scale")
-  p.add_argument("--batches", type=int, default=50, help="batches timed after the first")
-  p.add_argument("--skip_train", action="store_true")
-  args = p.parse_args()
-  work = pathlib.Path(args.workdir)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The benchmark's sizes (defined only when run as a program)."""
+  flags.DEFINE_list("sizes", ["20000", "400000"], "Comma-separated numbers of pairs.")
+  flags.DEFINE_string("workdir", "/tmp/data_scale", "Where the data, shards and runs are written.")
+  flags.DEFINE_integer("batches", 50, "Batches timed after the first.")
+  flags.DEFINE_bool("skip_train", False, "Skip the short training run.")
+
+
+def main(argv: list[str]) -> None:
+  """Runs prepare, the pipeline and training at every size and prints the table."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    sizes = [int(s) for s in FLAGS.sizes]
+  except ValueError:
+    raise app.UsageError(f"--sizes must be comma-separated integers, got {FLAGS.sizes}") from None
+  work = pathlib.Path(FLAGS.workdir)
   work.mkdir(parents=True, exist_ok=True)
   tokenizer = work / "spm.model"
   if not tokenizer.exists():
@@ -103,7 +116,7 @@ def main() -> None:
     texts = (" ".join(json.loads(line).values()) for line in open(work / "tok.jsonl"))
     train_sentencepiece(texts, 400, work / "spm")
   rows = []
-  for n in [int(s) for s in args.sizes.split(",")]:
+  for n in sizes:
     jsonl = work / f"pairs-{n}.jsonl"
     if not jsonl.exists():
       write_pairs(jsonl, n)
@@ -112,10 +125,10 @@ def main() -> None:
     prep_mb, prep_s, _ = timed([sys.executable, "-m", "codepmp_jax.data.prepare", f"--input={jsonl}",
                                 "--format=pairs", f"--tokenizer={tokenizer}", f"--seq_len={SEQ_LEN}",
                                 f"--out={out}", "--split=train:0.98,eval:0.02", "--num_workers=1"])
-    pipe_mb, _, stdout = timed([sys.executable, "-c", _PIPELINE, str(out), str(args.batches)])
+    pipe_mb, _, stdout = timed([sys.executable, "-c", _PIPELINE, str(out), str(FLAGS.batches)])
     pipe = json.loads(stdout.splitlines()[-1])
     train_mb = float("nan")
-    if not args.skip_train:
+    if not FLAGS.skip_train:
       train_mb, _, _ = timed([
           sys.executable, "-m", "codepmp_jax.train", "--config=configs/tiny.py",
           f"--workdir={work / f'run-{n}'}", "--config.data.builtin.name=", f"--config.data.path={out}",
@@ -143,4 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

@@ -12,7 +12,6 @@ machine OpenMP spinning can make more threads much slower) and the ratio uses it
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -21,11 +20,12 @@ import tempfile
 import time
 
 import numpy as np
+from absl import app, flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from codepmp_jax import convert  # noqa: E402
+from codepmp_jax import cli, convert  # noqa: E402
 from codepmp_jax.data import registry  # noqa: E402
 from codepmp_jax.model import generate  # noqa: E402
 from tests import hf_models  # noqa: E402
@@ -79,39 +79,46 @@ def time_transformers(model, tokenizer, prompts, max_new_tokens: int, repeats: i
   return min(times)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch_size", type=int, default=4)
-  parser.add_argument("--max_new_tokens", default="32,128",
-                      help="comma-separated generation lengths, one row each")
-  parser.add_argument("--repeats", type=int, default=1)
-  parser.add_argument("--scan_layers", action="store_true", help="decode with nn.scan over layers")
-  parser.add_argument("--torch_threads", default=f"1,{os.cpu_count()}",
-                      help="comma-separated thread counts to run transformers with")
-  args = parser.parse_args()
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The benchmark's sizes (defined only when run as a program)."""
+  flags.DEFINE_integer("batch_size", 4, "Prompts decoded together.")
+  flags.DEFINE_list("max_new_tokens", ["32", "128"], "Comma-separated generation lengths, one row each.")
+  flags.DEFINE_integer("repeats", 1, "Timed calls per side and length (the fastest is reported).")
+  flags.DEFINE_bool("scan_layers", False, "Decode with nn.scan over layers.")
+  flags.DEFINE_list("torch_threads", ["1", str(os.cpu_count())],
+                    "Comma-separated thread counts to run transformers with.")
+
+
+def main(argv: list[str]) -> None:
+  """Times both decoders at every length (transformers at every thread count) and prints the table."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import torch
   import transformers
 
   params, config, tokenizer = convert.load_gguf(hf_models.smollm2_gguf_path())
-  config = config.replace(scan_layers=args.scan_layers)
-  prompts = gsm8k_prompts(tokenizer, args.batch_size)
-  lengths = [int(n) for n in args.max_new_tokens.split(",")]
-  ours = {n: time_ours(params, config, prompts, n, args.repeats) for n in lengths}
+  config = config.replace(scan_layers=FLAGS.scan_layers)
+  prompts = gsm8k_prompts(tokenizer, FLAGS.batch_size)
+  lengths = [int(n) for n in FLAGS.max_new_tokens]
+  ours = {n: time_ours(params, config, prompts, n, FLAGS.repeats) for n in lengths}
   with tempfile.TemporaryDirectory() as tmp:
     model = transformers.LlamaForCausalLM.from_pretrained(
         convert.save_hf(tmp, params, config, tokenizer), dtype=torch.float32).eval()
   theirs = {}
-  for threads in (int(t) for t in args.torch_threads.split(",")):
+  for threads in (int(t) for t in FLAGS.torch_threads):
     torch.set_num_threads(threads)
     for n in lengths:
-      theirs[n, threads] = time_transformers(model, tokenizer, prompts, n, args.repeats)
+      theirs[n, threads] = time_transformers(model, tokenizer, prompts, n, FLAGS.repeats)
 
-  print(f"\nSmolLM2-135M fp32, greedy, batch {args.batch_size}, prompts "
+  print(f"\nSmolLM2-135M fp32, greedy, batch {FLAGS.batch_size}, prompts "
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; tokens/s (seconds)")
   header = "".join(f"{f'{n} new tokens':>22}" for n in lengths)
   print(f"{'implementation':<34}{header}")
   def row(name: str, seconds: dict) -> None:
-    cells = "".join(f"{args.batch_size * n / seconds[n]:>14.1f} ({seconds[n]:5.2f})" for n in lengths)
+    cells = "".join(f"{FLAGS.batch_size * n / seconds[n]:>14.1f} ({seconds[n]:5.2f})" for n in lengths)
     print(f"{name:<34}{cells}")
   row("codepmp_jax (KV cache, jit)", {n: ours[n][1] for n in lengths})
   for threads in sorted({t for _, t in theirs}):
@@ -125,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

@@ -23,7 +23,6 @@ efficiency. One side runs at a time (see benchmarks/train_step.py).
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -36,11 +35,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from benchmarks import common
 from benchmarks.train_step import LOSS, Peer, _optimizer_config
-from codepmp_jax import optim, sharding, step
-from codepmp_jax.data import builtin, loaders, packing, pipeline
+from codepmp_jax import cli, optim, sharding, step
+from codepmp_jax.data import loaders, packing, pipeline, registry
 from codepmp_jax.data.encode import PairArrays, encode_records
 from codepmp_jax.data.records import BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -66,7 +66,7 @@ def _stdlib_records(cache: pathlib.Path, num_pairs: int) -> list[PairRecord]:
 
 
 def _gsm8k_records(num_pairs: int) -> list[PairRecord]:
-  path = builtin.SHARED_DATA / "gsm8k" / "train.jsonl"
+  path = registry.path("gsm8k/train")
   records = []
   for record in loaders.load_gsm8k(str(path), BadRecords(), loaders.LoaderOptions()):
     records.append(record)
@@ -173,69 +173,72 @@ def run_mode(mode: str, config: ModelConfig, batches: list[dict], dtype: str) ->
   return measure(OursRunner(config, packed=mode == "packed").run, batches)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shape", default="tiny", help="model preset (vocab_size is set to the tokenizer's)")
-  parser.add_argument("--seq_len", type=int, default=256)
-  parser.add_argument("--pairs", type=int, default=8, help="pairs per step (every mode)")
-  parser.add_argument("--num_pairs", type=int, default=32, help="pairs per data set (all modes train on them)")
-  parser.add_argument("--max_pairs_per_row", type=int, default=8)
-  parser.add_argument("--row_len", type=int, default=0, help="packed row length (0: 2 * seq_len)")
-  parser.add_argument("--data", default="stdlib,gsm8k")
-  parser.add_argument("--modes", default=",".join(MODES))
-  parser.add_argument("--vocab_size", type=int, default=4000, help="sentencepiece pieces")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--cache", default="benchmarks_out/real_lengths",
-                      help="where synthesized pairs and the tokenizer are kept between runs")
-  parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE")
-  args = parser.parse_args(argv)
-  args.data = [d for d in args.data.split(",") if d]
-  args.modes = [m for m in args.modes.split(",") if m]
-  unknown = sorted(set(args.modes) - set(MODES)) + sorted(set(args.data) - {"stdlib", "gsm8k"})
-  if unknown:
-    parser.error(f"unknown modes or data sets: {unknown}")
-  if args.num_pairs < args.pairs:
-    parser.error("--num_pairs must be at least --pairs")
-  return args
+FLAGS = flags.FLAGS
+DATA_SETS = ("stdlib", "gsm8k")
+
+
+def define_flags() -> None:
+  """The benchmark's sizes (defined only when run as a program)."""
+  flags.DEFINE_string("shape", "tiny", "Model preset (vocab_size is set to the tokenizer's).")
+  flags.DEFINE_integer("seq_len", 256, "Sequence length of the padded and bucketed modes.")
+  flags.DEFINE_integer("pairs", 8, "Pairs per step (every mode).")
+  flags.DEFINE_integer("num_pairs", 32, "Pairs per data set (all modes train on them).")
+  flags.DEFINE_integer("max_pairs_per_row", 8, "Packed mode: most pairs in one row.")
+  flags.DEFINE_integer("row_len", 0, "Packed row length (0: 2 * seq_len).")
+  flags.DEFINE_list("data", list(DATA_SETS), f"Data sets, of {','.join(DATA_SETS)}.")
+  flags.DEFINE_list("modes", list(MODES), f"Modes, of {','.join(MODES)}.")
+  flags.DEFINE_integer("vocab_size", 4000, "Sentencepiece pieces.")
+  flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "Compute dtype.")
+  flags.DEFINE_string("cache", "benchmarks_out/real_lengths",
+                      "Where synthesized pairs and the tokenizer are kept between runs.")
+  flags.DEFINE_multi_string("model", [], "FIELD=VALUE: a ModelConfig override (repeatable).")
 
 
 def main(argv: list[str]) -> None:
-  args = parse_args(argv)
+  """Trains every mode on every data set's pairs and prints real tokens per second."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  data_sets = [d for d in FLAGS.data if d]
+  modes = [m for m in FLAGS.modes if m]
+  unknown = sorted(set(modes) - set(MODES)) + sorted(set(data_sets) - set(DATA_SETS))
+  if unknown:
+    raise app.UsageError(f"unknown modes or data sets: {unknown}")
+  if FLAGS.num_pairs < FLAGS.pairs:
+    raise app.UsageError("--num_pairs must be at least --pairs")
   import torch
   torch.set_num_threads(os.cpu_count())
-  data = load_data(pathlib.Path(args.cache), args.num_pairs, args.seq_len, args.vocab_size)
-  config = get_preset(args.shape, vocab_size=args.vocab_size, dtype=args.dtype, param_dtype="float32",
-                      pad_token_id=0, **dict(common.parse_overrides(args.model)))
-  lines = [f"real_lengths: {jax.default_backend()} ({jax.devices()[0].device_kind}), {args.shape}, "
-           f"{args.dtype}, seq_len {args.seq_len}, {args.pairs} pairs (rows) per step, "
-           f"{args.num_pairs} pairs per data set; jax {jax.__version__}, torch {torch.__version__}"]
+  data = load_data(pathlib.Path(FLAGS.cache), FLAGS.num_pairs, FLAGS.seq_len, FLAGS.vocab_size)
+  config = get_preset(FLAGS.shape, vocab_size=FLAGS.vocab_size, dtype=FLAGS.dtype, param_dtype="float32",
+                      pad_token_id=0, **dict(common.parse_overrides(FLAGS.model)))
+  lines = [f"real_lengths: {jax.default_backend()} ({jax.devices()[0].device_kind}), {FLAGS.shape}, "
+           f"{FLAGS.dtype}, seq_len {FLAGS.seq_len}, {FLAGS.pairs} pairs (rows) per step, "
+           f"{FLAGS.num_pairs} pairs per data set; jax {jax.__version__}, torch {torch.__version__}"]
   rows = []
-  for name in args.data:
+  for name in data_sets:
     arrays = data[name]
     lengths = arrays.lengths.reshape(-1)
     lines.append(f"{name}: {len(arrays)} pairs, sequence length median {int(np.median(lengths))}, "
                  f"p90 {int(np.percentile(lengths, 90))}, max {int(lengths.max())}")
-    usable = _take(arrays, range(len(arrays) // args.pairs * args.pairs))
-    for mode in args.modes:
+    usable = _take(arrays, range(len(arrays) // FLAGS.pairs * FLAGS.pairs))
+    for mode in modes:
       if mode == "packed":
-        batches = packed_batches(usable, args.pairs, args.row_len or 2 * args.seq_len,
-                                 args.max_pairs_per_row, 0)
+        batches = packed_batches(usable, FLAGS.pairs, FLAGS.row_len or 2 * FLAGS.seq_len,
+                                 FLAGS.max_pairs_per_row, 0)
       else:
-        batches = padded_batches(usable, args.pairs, args.seq_len, 0, mode)
+        batches = padded_batches(usable, FLAGS.pairs, FLAGS.seq_len, 0, mode)
       tokens = sum(real_tokens(b) for b in batches)
       row_tokens = sum(b["input_ids"].size for b in batches)
-      seconds = run_mode(mode, config, batches, args.dtype)
+      seconds = run_mode(mode, config, batches, FLAGS.dtype)
       rows.append((name, mode, len(batches), tokens, f"{tokens / row_tokens:.1%}", seconds, tokens / seconds))
   table = common.format_table(("data", "mode", "steps", "real tokens", "efficiency", "seconds",
                                "real tokens/s"), rows)
   speed = {(r[0], r[1]): r[-1] for r in rows}
   ratios = [f"{name}: {a} / {b} = {speed[name, a] / speed[name, b]:.2f}x"
-            for name in args.data for a, b in (("packed", "bucketed"), ("packed", "padded"),
+            for name in data_sets for a, b in (("packed", "bucketed"), ("packed", "padded"),
                                                ("packed", "peer"), ("bucketed", "peer"))
             if (name, a) in speed and (name, b) in speed]
   print("\n".join(lines + ["", table, ""] + ratios))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main, define_flags)

@@ -14,22 +14,21 @@ reported, with the largest reward difference between the sides as a correctness 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import app, flags
 
 from benchmarks import common
-from codepmp_jax import checkpoint, convert
-from codepmp_jax.data import builtin, templates
+from codepmp_jax import checkpoint, cli, convert
+from codepmp_jax.data import registry, templates
 from codepmp_jax.data.encode import encode_sequence
 from codepmp_jax.data.tokenizer import train_sentencepiece
 from codepmp_jax.model import transformer
@@ -38,7 +37,7 @@ from codepmp_jax.score import RewardScorer
 
 
 def gsm8k_texts(num_records: int) -> list[tuple[str, str]]:
-  path = builtin.SHARED_DATA / "gsm8k" / "test.jsonl"
+  path = registry.path("gsm8k/test")
   out = []
   with open(path, encoding="utf-8") as f:
     for line in f:
@@ -87,53 +86,60 @@ def _timed(fn, repeats: int) -> tuple[float, np.ndarray]:
   return statistics.median(times), out
 
 
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The benchmark's sizes (defined only when run as a program)."""
+  flags.DEFINE_string("shape", "tiny", "Model preset (vocab_size is set to the tokenizer's).")
+  flags.DEFINE_integer("num_records", 256, "GSM8K records scored.")
+  flags.DEFINE_integer("batch_size", 16, "Sequences per batch (both sides).")
+  flags.DEFINE_integer("max_length", 512, "Tokens per sequence.")
+  flags.DEFINE_integer("vocab_size", 2000, "Sentencepiece pieces.")
+  flags.DEFINE_integer("repeats", 3, "Timed scorings per side (the median is reported).")
+  flags.DEFINE_multi_string("model", [], "FIELD=VALUE: a ModelConfig override (repeatable).")
+
+
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shape", default="tiny")
-  parser.add_argument("--num_records", type=int, default=256)
-  parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--max_length", type=int, default=512)
-  parser.add_argument("--vocab_size", type=int, default=2000, help="sentencepiece pieces")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE")
-  args = parser.parse_args(argv)
+  """Scores the records with both sides and prints the table."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import torch
   torch.set_num_threads(os.cpu_count())
 
-  texts = gsm8k_texts(args.num_records)
+  texts = gsm8k_texts(FLAGS.num_records)
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
-    tokenizer = train_sentencepiece([p + r for p, r in texts], args.vocab_size, root / "spm")
-    sequences = [list(encode_sequence(tokenizer, p, r, args.max_length).ids) for p, r in texts]
-    config = get_preset(args.shape, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+    tokenizer = train_sentencepiece([p + r for p, r in texts], FLAGS.vocab_size, root / "spm")
+    sequences = [list(encode_sequence(tokenizer, p, r, FLAGS.max_length).ids) for p, r in texts]
+    config = get_preset(FLAGS.shape, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
                         pad_token_id=tokenizer.pad_id, param_dtype="float32", dtype="float32",
-                        **dict(common.parse_overrides(args.model)))
+                        **dict(common.parse_overrides(FLAGS.model)))
     params = nn.unbox(transformer.init_params(config, jax.random.key(0)))
     ckpt = checkpoint.save_model(root / "ckpt", params, config, tokenizer)
     hf_dir = convert.save_hf(root / "hf", jax.device_get(params), config, tokenizer)
     del params
 
-    peer = PeerScorer(hf_dir, args.batch_size, tokenizer.pad_id)
-    peer_seconds, peer_rewards = _timed(lambda: peer.score_ids(sequences), args.repeats)
-    del peer
-    ours = RewardScorer(ckpt, batch_size=args.batch_size, max_length=args.max_length,
+    peer = PeerScorer(hf_dir, FLAGS.batch_size, tokenizer.pad_id)
+    peer_seconds, peer_rewards = _timed(lambda: peer.score_ids(sequences), FLAGS.repeats)
+    peer = None  # frees the torch model before ours loads
+    ours = RewardScorer(ckpt, batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
                         mesh_shape=(1, 1, 1) if len(jax.devices()) == 1 else (-1, 1, 1),
                         show_progress=False)
-    ours_seconds, ours_rewards = _timed(lambda: ours.score_ids(sequences), args.repeats)
+    ours_seconds, ours_rewards = _timed(lambda: ours.score_ids(sequences), FLAGS.repeats)
 
   lengths = np.array([len(s) for s in sequences])
   tokens = int(lengths.sum())
   rows = [("ours", ours_seconds, len(sequences) / ours_seconds, tokens / ours_seconds),
           ("transformers", peer_seconds, len(sequences) / peer_seconds, tokens / peer_seconds)]
   print("\n".join([
-      f"score: {jax.default_backend()} ({jax.devices()[0].device_kind}), {args.shape}, "
+      f"score: {jax.default_backend()} ({jax.devices()[0].device_kind}), {FLAGS.shape}, "
       f"{len(sequences)} GSM8K records (length median {int(np.median(lengths))}, max {lengths.max()}), "
-      f"batch {args.batch_size}, median of {args.repeats}; jax {jax.__version__}, torch {torch.__version__}",
+      f"batch {FLAGS.batch_size}, median of {FLAGS.repeats}; jax {jax.__version__}, torch {torch.__version__}",
       "", common.format_table(("side", "seconds", "records/s", "tokens/s"), rows), "",
       f"ratio (ours / transformers): {peer_seconds / ours_seconds:.2f}x; "
       f"max |reward difference| {float(np.abs(ours_rewards - peer_rewards).max()):.2e}"]))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main, define_flags)

@@ -8,13 +8,15 @@ work any AST-based mutator does). Then the strategy alone in-process, and the wh
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import pathlib
 import sys
 import tempfile
 import time
 
+from absl import app, flags
+
+from codepmp_jax import cli
 from codepmp_jax.synth import corpus
 from codepmp_jax.synth import mutations
 from codepmp_jax.synth import mutate_strategy
@@ -46,14 +48,23 @@ def _cli(root: pathlib.Path, workers: int, k: int, data_dir: str) -> int:
   return manifest["counts"]["pairs_written"]
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--files", type=int, default=300, help="first N stdlib .py files (0: all)")
-  p.add_argument("--mutants_per_function", type=int, default=5)
-  p.add_argument("--eval_data_dir", default="")
-  args = p.parse_args()
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The benchmark's sizes (defined only when run as a program)."""
+  flags.DEFINE_integer("files", 300, "First N stdlib .py files (0: all).")
+  flags.DEFINE_integer("mutants_per_function", 5, "Mutants per function.")
+  flags.DEFINE_string("eval_data_dir", "", "Evaluation data to decontaminate against ('': the "
+                      "data registry's search order).")
+
+
+def main(argv: list[str]) -> None:
+  """Times the floor, the strategy and `synthesize` (1 and 2 workers) and prints the table."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   docs = [d for d in corpus.iter_documents("stdlib") if d.lang == "python" and d.error is None]
-  docs = docs[:args.files] if args.files else docs
+  docs = docs[:FLAGS.files] if FLAGS.files else docs
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp) / "stdlib_subset"
     for doc in docs:
@@ -63,13 +74,13 @@ def main() -> None:
     rows = []
     for name, fn, unit in [
         ("parse + unparse floor (peer)", lambda: _floor(docs), "functions"),
-        ("mutate strategy, in-process", lambda: _strategy(docs, args.mutants_per_function), "pairs"),
-        ("synthesize, workers=1", lambda: _cli(root, 1, args.mutants_per_function, args.eval_data_dir), "pairs"),
-        ("synthesize, workers=2", lambda: _cli(root, 2, args.mutants_per_function, args.eval_data_dir), "pairs")]:
+        ("mutate strategy, in-process", lambda: _strategy(docs, FLAGS.mutants_per_function), "pairs"),
+        ("synthesize, workers=1", lambda: _cli(root, 1, FLAGS.mutants_per_function, FLAGS.eval_data_dir), "pairs"),
+        ("synthesize, workers=2", lambda: _cli(root, 2, FLAGS.mutants_per_function, FLAGS.eval_data_dir), "pairs")]:
       start = time.perf_counter()
       n = fn()
       rows.append((name, n, unit, time.perf_counter() - start))
-  print(f"{len(docs)} stdlib files, {args.mutants_per_function} mutants per function, "
+  print(f"{len(docs)} stdlib files, {FLAGS.mutants_per_function} mutants per function, "
         f"python {sys.version.split()[0]}")
   print(f"| {'stage':32} | {'items':>8} | {'unit':9} | {'seconds':>8} | {'items/s':>8} |")
   print(f"|{'-' * 34}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 10}|")
@@ -81,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

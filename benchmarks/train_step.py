@@ -22,7 +22,6 @@ import os
 # JAX must not take the GPU's memory up front: the PyTorch peer runs in the same process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import argparse
 import statistics
 import sys
 import time
@@ -34,9 +33,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from absl import app, flags
 
 from benchmarks import common
-from codepmp_jax import metrics, optim, sharding, step
+from codepmp_jax import cli, metrics, optim, sharding, step
 from codepmp_jax.data import pipeline
 from codepmp_jax.model import flops as flops_lib
 from codepmp_jax.model import transformer
@@ -188,8 +188,9 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
   return (torch.OutOfMemoryError, jax.errors.JaxRuntimeError)
 
 
-def measure_shape(shape: str, args: argparse.Namespace, platform: str) -> dict[str, Any]:
-  """Step times (median) of ours and the peer at one shape, and the peak FLOP/s for MFU."""
+def measure_shape(shape: str, args: flags.FlagValues, platform: str) -> dict[str, Any]:
+  """Step times (median) of ours and the peer at one shape, and the peak FLOP/s for MFU (`args`:
+  the parsed flags)."""
   overrides = dict(common.parse_overrides(args.model))
   config = get_preset(shape, dtype=args.dtype, param_dtype="float32",
                       remat_policy="full" if args.remat else "none", **overrides)
@@ -234,52 +235,60 @@ def measure_shape(shape: str, args: argparse.Namespace, platform: str) -> dict[s
           "peak": peak, "config": config, "notes": notes}
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  platform = jax.default_backend()
-  on_cpu = platform == "cpu"
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shapes", default=",".join(CPU_SHAPES if on_cpu else GPU_SHAPES),
-                      help="comma-separated model presets (default: %(default)s on this platform)")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps per side (the median is reported)")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after compiling")
-  parser.add_argument("--pairs", type=int, default=4, help="pairs per step (2 sequences each)")
-  parser.add_argument("--seq_len", type=int, default=256 if on_cpu else 1024)
-  parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16",
-                      choices=("float32", "bfloat16"), help="compute dtype (parameters stay float32)")
-  parser.add_argument("--remat", action="store_true",
-                      help="recompute each layer in the backward pass (ours: remat_policy=full; "
-                           "peer: gradient checkpointing)")
-  parser.add_argument("--sides", default="ours,peer", help="which of ours,peer to run")
-  parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
-                      help="ModelConfig override applied to both sides, e.g. --model num_layers=4")
-  parser.add_argument("--profile", default="", metavar="DIR",
-                      help="also trace one step of ours into DIR and print its per-op breakdown")
-  parser.add_argument("--out", default="", help="also write the table to this file")
-  parser.add_argument("--dry_run", action="store_true",
-                      help="print what would be measured (shapes, FLOPs, parameters) and stop")
-  args = parser.parse_args(argv)
-  args.shapes = [s for s in args.shapes.split(",") if s]
-  args.sides = [s for s in args.sides.split(",") if s]
-  unknown = sorted(set(args.sides) - {"ours", "peer"})
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The benchmark's sizes, with this platform's defaults (defined only when run as a program)."""
+  on_cpu = jax.default_backend() == "cpu"
+  shapes = CPU_SHAPES if on_cpu else GPU_SHAPES
+  flags.DEFINE_list("shapes", list(shapes), "Comma-separated model presets (default: "
+                    f"{','.join(CPU_SHAPES)} on CPU, {','.join(GPU_SHAPES)} on accelerators).")
+  flags.DEFINE_integer("steps", 3, "Timed steps per side (the median is reported).")
+  flags.DEFINE_integer("warmup", 1, "Untimed steps per side after compiling.")
+  flags.DEFINE_integer("pairs", 4, "Pairs per step (2 sequences each).")
+  flags.DEFINE_integer("seq_len", 256 if on_cpu else 1024, "Tokens per sequence (default: 256 on "
+                       "CPU, 1024 on accelerators).")
+  flags.DEFINE_enum("dtype", "float32" if on_cpu else "bfloat16", ("float32", "bfloat16"),
+                    "Compute dtype; parameters stay float32 (default: float32 on CPU, bfloat16 on "
+                    "accelerators).")
+  flags.DEFINE_bool("remat", False, "Recompute each layer in the backward pass (ours: "
+                    "remat_policy=full; peer: gradient checkpointing).")
+  flags.DEFINE_list("sides", ["ours", "peer"], "Which of ours,peer to run.")
+  flags.DEFINE_multi_string("model", [], "FIELD=VALUE: a ModelConfig override applied to both "
+                            "sides, e.g. --model=num_layers=4 (repeatable).")
+  flags.DEFINE_string("profile", "", "DIR: also trace one step of ours into DIR and print its "
+                      "per-op breakdown.")
+  flags.DEFINE_string("out", "", "Also write the table to this file.")
+  flags.DEFINE_bool("dry_run", False, "Print what would be measured (shapes, FLOPs, parameters) "
+                    "and stop.")
+
+
+def check_flags(argv: list[str]) -> list[str]:
+  """The shapes to measure, after checking every flag (a bad one is a usage error)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  shapes = [s for s in FLAGS.shapes if s]
+  unknown = sorted(set(s for s in FLAGS.sides if s) - {"ours", "peer"})
   if unknown:
-    parser.error(f"--sides: unknown {unknown}; use ours and/or peer")
-  for shape in args.shapes:
+    raise app.UsageError(f"--sides: unknown {unknown}; use ours and/or peer")
+  for shape in shapes:
     try:
       get_preset(shape)
     except ValueError as e:
-      parser.error(f"--shapes: {e}")
+      raise app.UsageError(f"--shapes: {e}") from None
   try:
-    common.parse_overrides(args.model)
+    common.parse_overrides(FLAGS.model)
   except ValueError as e:
-    parser.error(f"--model: {e}")
-  if args.steps < 1 or args.pairs < 1 or args.seq_len < 2:
-    parser.error("--steps and --pairs must be at least 1, --seq_len at least 2")
-  return args
+    raise app.UsageError(f"--model: {e}") from None
+  if FLAGS.steps < 1 or FLAGS.pairs < 1 or FLAGS.seq_len < 2:
+    raise app.UsageError("--steps and --pairs must be at least 1, --seq_len at least 2")
+  return shapes
 
 
 def main(argv: list[str]) -> None:
-  args = parse_args(argv)
+  """Times both sides at every shape (or, with --dry_run, prints what would be) and the table."""
+  shapes = check_flags(argv)
   platform = jax.default_backend()
   import torch
 
@@ -287,28 +296,28 @@ def main(argv: list[str]) -> None:
   if platform == "cpu":
     torch.set_num_threads(threads)  # XLA's CPU client uses one thread per core as well
   device = jax.devices()[0].device_kind
-  lines = [f"train_step: {platform} ({device}), {args.dtype}, {args.pairs} pairs x {args.seq_len} "
-           f"tokens, median of {args.steps} steps after {args.warmup} warm-up; threads: torch "
+  lines = [f"train_step: {platform} ({device}), {FLAGS.dtype}, {FLAGS.pairs} pairs x {FLAGS.seq_len} "
+           f"tokens, median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up; threads: torch "
            f"{torch.get_num_threads()}, XLA {threads}; jax {jax.__version__}, torch {torch.__version__}"]
-  if args.dry_run:
-    for shape in args.shapes:
-      config = get_preset(shape, **dict(common.parse_overrides(args.model)))
+  if FLAGS.dry_run:
+    for shape in shapes:
+      config = get_preset(shape, **dict(common.parse_overrides(FLAGS.model)))
       lines.append(f"{shape}: {flops_lib.count_params(config) / 1e6:.1f}M parameters, "
-                   f"{common.pmp_step_flops(config, args.pairs, args.seq_len) / 1e9:.1f} model GFLOP per step")
+                   f"{common.pmp_step_flops(config, FLAGS.pairs, FLAGS.seq_len) / 1e9:.1f} model GFLOP per step")
     print("\n".join(lines))
     return
   rows, ratios = [], []
-  for shape in args.shapes:
-    result = measure_shape(shape, args, platform)
-    flops = common.pmp_step_flops(result["config"], args.pairs, args.seq_len)
-    tokens = 2 * args.pairs * args.seq_len
+  for shape in shapes:
+    result = measure_shape(shape, FLAGS, platform)
+    flops = common.pmp_step_flops(result["config"], FLAGS.pairs, FLAGS.seq_len)
+    tokens = 2 * FLAGS.pairs * FLAGS.seq_len
     for side in ("ours", "peer"):
       if side in result["failed"]:
         rows.append((shape, side, "failed", "", "", "", result["failed"][side]))
       elif side in result["times"]:
         seconds = result["times"][side]
         mfu = "n/a" if result["peak"] is None else f"{flops / seconds / result['peak']:.1%}"
-        rows.append((shape, side, seconds, args.pairs / seconds, tokens / seconds, mfu, ""))
+        rows.append((shape, side, seconds, FLAGS.pairs / seconds, tokens / seconds, mfu, ""))
     lines += result["notes"]
     if result["peak"] is None:
       peak = f"no bf16 peak known for {device!r}, so no MFU"
@@ -323,10 +332,10 @@ def main(argv: list[str]) -> None:
   table = common.format_table(("shape", "side", "step s", "pairs/s", "tokens/s", "MFU", "note"), rows)
   report = "\n".join(lines + ["", table, ""] + ratios)
   print(report)
-  if args.out:
-    with open(args.out, "w") as f:
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
       f.write(report + "\n")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main, define_flags)

@@ -14,16 +14,17 @@ What it does:
 - expected errors (`EXPECTED`: a bad path, an unreadable or corrupt file, a bad value, a bad flag or
   config override, a `--config` file that does not load) end the program with ONE line `error: <message>` on stderr and exit code 2; with
   `--verbose`, or for any other exception (a bug), the traceback is shown.
-Programs with their own parser (argparse) call `quiet_logs(verbose)` and `fail(error)` /
-`expected_errors(verbose)` directly.
+A program whose `main(argv, values=flags.FLAGS)` takes its flag values can also be called in this
+process (tests, other programs) with `call(main, define_flags, [...])`: fresh flag values, the same
+parsing and the same one-line errors, main's return value back.
 """
 from __future__ import annotations
 
 import contextlib
 import logging as logging_std
 import sys
-from collections.abc import Callable, Iterator
-from typing import NoReturn
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -114,17 +115,31 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def run(main: Callable[[list[str]], None], define_flags: Callable[[], None] | None = None) -> None:
-  """`app.run(main)` with `--verbose`, quiet logs and one-line errors (see the module docstring)."""
+def call(main: Callable[[list[str], flags.FlagValues], Any],
+         define_flags: Callable[[flags.FlagValues], None], argv: Sequence[str]) -> Any:
+  """`main(rest, values)` on `argv` (no program name) parsed into fresh flag values; see the docstring."""
+  values = flags.FlagValues()
+  define_flags(values)
+  try:
+    rest = values([main.__module__, *argv])
+  except flags.Error as e:
+    fail(e)
+  with expected_errors(verbose=False):
+    return main(rest, values)
+
+
+def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None] | None = None) -> None:
+  """`app.run(main)` with `--verbose`, quiet logs and one-line errors (see the module docstring); an
+  int that `main` returns is the exit code."""
   if define_flags is not None:
     define_flags()
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "Show library logs and full tracebacks.")
 
-  def wrapped(argv: list[str]) -> None:
+  def wrapped(argv: list[str]) -> int | None:
     verbose = flags.FLAGS.verbose
     quiet_logs(verbose)
     with expected_errors(verbose):
-      main(argv)
+      return main(argv)
 
   app.run(wrapped, flags_parser=_parse_flags)

@@ -560,6 +560,9 @@ def _save_hf_tokenizer(out: epath.Path, tokenizer: tokenizer_lib.Tokenizer, pad_
       "bos_token": token(tokenizer.bos_id), "eos_token": token(tokenizer.eos_id),
       "pad_token": token(pad_id), "padding_side": "right", "add_bos_token": False,
       "add_eos_token": False, "clean_up_tokenization_spaces": False,
+      # Without it transformers 4.x (RewardBench pins 4.51) adds token_type_ids, which the decoder
+      # models' forward() rejects.
+      "model_input_names": ["input_ids", "attention_mask"],
   }
   if template is not None:
     tokenizer_config["chat_template"] = templates.chat_template(template)

@@ -25,7 +25,6 @@ defines `get_hyper(hyper)` returning `{sweep name: runs}`, built with this modul
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import importlib.util
@@ -39,10 +38,13 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
+from absl import app, flags
+
 if not __package__:  # `python launch/sweep.py`: configs import codepmp_jax from the repository
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from codepmp_jax import workdir as workdir_lib  # noqa: E402  (after the path set-up above)
+from codepmp_jax import cli  # noqa: E402  (after the path set-up above)
+from codepmp_jax import workdir as workdir_lib  # noqa: E402
 from launch.experiments import report  # noqa: E402
 
 MANIFEST = "sweep.json"
@@ -314,58 +316,50 @@ def default_markdown_metrics(results: Sequence[Result]) -> list[str]:
 # Command line.
 
 
-def _sweep_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", required=True, help="config file[:arg]")
-  p.add_argument("--sweep", help="a named sweep of the config's get_hyper (see --list)")
-  p.add_argument("--list", action="store_true", help="list the config's named sweeps and exit")
-  p.add_argument("--root", help="directory holding one workdir per run (required but with --list)")
-  p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                 help="a grid axis (repeatable)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=V",
-                 help="an override for every run (repeatable)")
-  mode = p.add_mutually_exclusive_group()
-  mode.add_argument("--print", dest="mode", action="store_const", const="print",
-                    help="print the training commands (default)")
-  mode.add_argument("--run", dest="mode", action="store_const", const="run",
-                    help="run them here one after another, skipping finished workdirs")
-  mode.add_argument("--emit", choices=("slurm", "tpu"), help="print launcher commands")
-  p.add_argument("--launcher_args", default="",
-                 help="arguments for sbatch or tpu_vm.sh, e.g. '--type=v4-32 --zone=... --version=...'")
-  p.add_argument("--python", help="Python of the commands (default: python; with --run, this one)")
-  p.add_argument("--keep_going", action="store_true", help="with --run, go on after a failed run")
-  p.add_argument("--skip_check", action="store_true",
-                 help="do not check the overrides against the config")
-  return p
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags of a sweep and of `collect` (which share --root)."""
+  def string(name: str, help: str, default: str | None = None) -> None:
+    flags.DEFINE_string(name, default, help, flag_values=values)
+
+  def boolean(name: str, help: str) -> None:
+    flags.DEFINE_bool(name, False, help, flag_values=values)
+
+  string("config", "Config file[:arg] (required but with collect).")
+  string("sweep", "A named sweep of the config's get_hyper (see --list).")
+  boolean("list", "List the config's named sweeps and exit.")
+  string("root", "Directory holding one workdir per run (required but with --list).")
+  flags.DEFINE_multi_string("grid", [], "KEY=V1,V2: a grid axis (repeatable).", flag_values=values)
+  flags.DEFINE_multi_string("set", [], "KEY=V: an override for every run (repeatable).",
+                            flag_values=values)
+  boolean("print", "Print the training commands (the default mode).")
+  boolean("run", "Run them here one after another, skipping finished workdirs.")
+  flags.DEFINE_enum("emit", None, ("slurm", "tpu"), "Print launcher commands.", flag_values=values)
+  string("launcher_args", "Arguments for sbatch or tpu_vm.sh, e.g. '--type=v4-32 --zone=... "
+         "--version=...'.", default="")
+  string("python", "Python of the commands (default: python; with --run, this one).")
+  boolean("keep_going", "With --run, go on after a failed run.")
+  boolean("skip_check", "Do not check the overrides against the config.")
+  string("out", "collect: output path prefix (default: ROOT/results -> .csv and .md).")
+  string("metrics", "collect: comma-separated metrics for the Markdown table (default: "
+         f"{','.join(MARKDOWN_METRICS)}; the CSV always has all).")
 
 
-def _collect_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m launch.sweep collect",
-                              description="Gathers the final metrics of a sweep's workdirs.")
-  p.add_argument("--root", required=True, help="the sweep's root directory")
-  p.add_argument("--out", help="output path prefix (default: ROOT/results -> .csv and .md)")
-  p.add_argument("--metrics", help="comma-separated metrics for the Markdown table (default: "
-                 f"{','.join(MARKDOWN_METRICS)}; the CSV always has all)")
-  return p
-
-
-def sweep_from_args(args: argparse.Namespace) -> tuple[str, list[Run]]:
+def sweep_from_flags(values: flags.FlagValues) -> tuple[str, list[Run]]:
   """The config and runs given by --sweep (the config's `get_hyper`) and --grid/--set flags."""
   axes: list[list[Run]] = []
-  if args.sweep:
-    sweeps = config_sweeps(args.config)
-    if args.sweep not in sweeps:
-      raise SweepError(f"{args.config} has no sweep {args.sweep!r}; it has {sorted(sweeps)}")
-    axes.append(sweeps[args.sweep])
-  if args.set:
-    axes.append(fixed(dict(parse_override(s, "--set") for s in args.set)))
-  for text in args.grid:
-    key, values = parse_grid(text, "--grid")
-    axes.append(sweep(key, values))
+  if values.sweep:
+    sweeps = config_sweeps(values.config)
+    if values.sweep not in sweeps:
+      raise SweepError(f"{values.config} has no sweep {values.sweep!r}; it has {sorted(sweeps)}")
+    axes.append(sweeps[values.sweep])
+  if values.set:
+    axes.append(fixed(dict(parse_override(s, "--set") for s in values.set)))
+  for text in values.grid:
+    key, values_text = parse_grid(text, "--grid")
+    axes.append(sweep(key, values_text))
   if not axes:
     raise SweepError("nothing to sweep: pass --sweep=NAME, --grid or --set")
-  return args.config, product(*axes)
+  return values.config, product(*axes)
 
 
 def run_all(python: str, config: str, root: str, runs: Sequence[Run], extra: Sequence[str],
@@ -391,50 +385,53 @@ def run_all(python: str, config: str, root: str, runs: Sequence[Run], extra: Seq
   return len(failed)
 
 
-def main_sweep(argv: Sequence[str]) -> int:
-  """`python -m launch.sweep ...`: prints, runs or emits the sweep's commands."""
-  extra: list[str] = []
-  if "--" in argv:
-    cut = list(argv).index("--")
-    argv, extra = list(argv[:cut]), list(argv[cut + 1:])
-  args = _sweep_parser().parse_args(argv)
-  if args.list:
-    for name, runs in config_sweeps(args.config).items():
+def main_sweep(extra: Sequence[str], values: flags.FlagValues) -> int:
+  """`python -m launch.sweep ...`: prints, runs or emits the sweep's commands (`extra`: after `--`)."""
+  if values.config is None:
+    raise SweepError("--config is required")
+  if values.list:
+    for name, runs in config_sweeps(values.config).items():
       print(f"{name}: {', '.join(r.name for r in runs)}")
     return 0
-  if not args.root:
+  if not values.root:
     raise SweepError("--root is required: the directory holding one workdir per run")
-  config, runs = sweep_from_args(args)
-  if not args.skip_check:
+  modes = [m for m, on in (("print", values.print), ("run", values.run),
+                           ("emit", values.emit is not None)) if on]
+  if len(modes) > 1:
+    raise SweepError(f"--print, --run and --emit exclude each other; got {modes}")
+  config, runs = sweep_from_flags(values)
+  if not values.skip_check:
     check_overrides(config, runs, extra)
-  mode = "emit" if args.emit else (args.mode or "print")
+  mode = modes[0] if modes else "print"
   if mode == "run":
-    write_manifest(pathlib.Path(args.root), config, runs)
-    return 1 if run_all(args.python or sys.executable, config, args.root, runs, extra,
-                        args.keep_going) else 0
+    write_manifest(pathlib.Path(values.root), config, runs)
+    return 1 if run_all(values.python or sys.executable, config, values.root, runs, extra,
+                        values.keep_going) else 0
   if mode == "emit":
-    write_manifest(pathlib.Path(args.root), config, runs)
-    launcher_args = shlex.split(args.launcher_args)
-    commands = [launcher_command(args.emit, args.root, run, train_args(config, args.root, run, extra),
-                                 launcher_args) for run in runs]
+    write_manifest(pathlib.Path(values.root), config, runs)
+    launcher_args = shlex.split(values.launcher_args)
+    commands = [launcher_command(values.emit, values.root, run,
+                                 train_args(config, values.root, run, extra), launcher_args)
+                for run in runs]
   else:
-    commands = [[args.python or "python", "-m", "codepmp_jax.train",
-                 *train_args(config, args.root, run, extra)] for run in runs]
-  print(f"# {len(runs)} runs of {config} under {args.root}")
+    commands = [[values.python or "python", "-m", "codepmp_jax.train",
+                 *train_args(config, values.root, run, extra)] for run in runs]
+  print(f"# {len(runs)} runs of {config} under {values.root}")
   for command in commands:
     print(shlex.join(command))
   return 0
 
 
-def main_collect(argv: Sequence[str]) -> int:
+def main_collect(values: flags.FlagValues) -> int:
   """`python -m launch.sweep collect ...`: writes the CSV and Markdown tables and prints the latter."""
-  args = _collect_parser().parse_args(argv)
-  results, overrides = collect(args.root)
-  out = pathlib.Path(args.out) if args.out else pathlib.Path(args.root) / "results"
+  if not values.root:
+    raise SweepError("collect: --root is required: the sweep's root directory")
+  results, overrides = collect(values.root)
+  out = pathlib.Path(values.out) if values.out else pathlib.Path(values.root) / "results"
   out.parent.mkdir(parents=True, exist_ok=True)
   header, rows = results_table(results, overrides)
   out.with_suffix(".csv").write_text(report.to_csv(header, rows))
-  chosen = args.metrics.split(",") if args.metrics else default_markdown_metrics(results)
+  chosen = values.metrics.split(",") if values.metrics else default_markdown_metrics(results)
   markdown = report.to_markdown(*results_table(results, overrides, chosen))
   out.with_suffix(".md").write_text(markdown)
   print(markdown, end="")
@@ -444,17 +441,18 @@ def main_collect(argv: Sequence[str]) -> int:
   return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point: `collect` as the first argument gathers results, anything else is a sweep."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    if argv and argv[0] == "collect":
-      return main_collect(argv[1:])
-    return main_sweep(argv)
-  except SweepError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> int:
+  """`collect` as the first argument gathers results; else a sweep, with the arguments after `--`
+  (absl leaves them in `argv`) going to every training command."""
+  if argv[1:2] == ["collect"]:
+    if argv[2:]:
+      raise app.UsageError(f"collect: unexpected arguments {list(argv[2:])}")
+    return main_collect(values)
+  if argv[1:] and not argv[1].startswith("-"):
+    raise app.UsageError(f"unexpected argument {argv[1]!r}: the only command is collect; training "
+                         "arguments go after `--`")
+  return main_sweep(argv[1:], values)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, define_flags)

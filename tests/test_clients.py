@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from codepmp_jax import checkpoint, convert
+from codepmp_jax import checkpoint
 from codepmp_jax.data import loaders, templates
 from codepmp_jax.data.records import BadRecords
 from codepmp_jax.data.tokenizer import train_sentencepiece
@@ -64,6 +64,9 @@ def test_chat_template_renders_the_training_text(exported, shared_data):
   with pytest.raises(Exception, match="one user message"):
     hf_tok.apply_chat_template([{"role": "system", "content": "x"}] + _messages("q", "a"), tokenize=False)
   assert templates.load_prompt_format(out) == "math"
+  # transformers 4.x (RewardBench pins 4.51) would otherwise add token_type_ids, which Llama rejects
+  assert json.loads((out / "tokenizer_config.json").read_text())["model_input_names"] == ["input_ids", "attention_mask"]
+  assert set(hf_tok("x").keys()) == {"input_ids", "attention_mask"}
   card = (out / "README.md").read_text()
   assert "Instruction:QUESTION\n\nResponse:" in card and "apply_chat_template" in card
 
@@ -114,3 +117,17 @@ def test_trl_reward_trainer_fine_tunes_the_export(exported, tmp_path):
   result = trainer.train()
   assert result.global_step == 3 and np.isfinite(result.training_loss)
   assert not torch.equal(before, model.score.weight.detach())
+
+
+@pytest.mark.slow
+def test_trl_example_script_trains_and_saves(exported, tmp_path):
+  pytest.importorskip("trl")
+  _, out, _ = exported
+  run = subprocess.run([sys.executable, "launch/examples/trl_reward_trainer.py", f"--model={out}",
+                        f"--output_dir={tmp_path / 'trl'}", "--max_steps=2"],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "TRL's text of the first pair: 'Instruction:What is 0 + 0?\\n\\nResponse: 0</s>'" in run.stdout
+  trained = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "trl", dtype=torch.float32)
+  before = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
+  assert not torch.equal(trained.score.weight, before.score.weight)

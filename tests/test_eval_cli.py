@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from codepmp_jax.eval import __main__ as cli
+from codepmp_jax import cli
+from codepmp_jax.eval import __main__ as eval_main
 from codepmp_jax.eval import bon
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ def test_bon_from_scores_writes_report_table_and_plot(tmp_path, capsys):
       fc.write(json.dumps({"id": qid, "question": "?", "reference": ref, "candidates": cands}) + "\n")
       fs.write(json.dumps({"id": qid, "rewards": rewards}) + "\n")
   out = tmp_path / "report.json"
-  cli.main(["bon", f"--candidates={candidates}", f"--scores={scores}", "--task=math",
+  cli.call(eval_main.main, eval_main.define_flags, ["bon", f"--candidates={candidates}", f"--scores={scores}", "--task=math",
             "--n=1,2,3", "--draws=10", f"--out={out}"])
   report = json.loads(out.read_text())
   assert set(report["bon"]) == {"1", "2", "3"}
@@ -45,15 +46,23 @@ def test_bad_candidates_file_is_a_clear_error(tmp_path, capsys):
   candidates = tmp_path / "cand.jsonl"
   candidates.write_text('{"id": "a", "reference": "3"}\n')
   with pytest.raises(SystemExit) as exit_info:
-    cli.main(["bon", f"--candidates={candidates}", f"--scores={candidates}", "--task=gsm8k",
+    cli.call(eval_main.main, eval_main.define_flags, ["bon", f"--candidates={candidates}", f"--scores={candidates}", "--task=gsm8k",
               "--n=1", f"--out={tmp_path / 'r.json'}"])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "cand.jsonl:1: missing field 'candidates'" in err
   assert len(err.strip().splitlines()) == 1
   with pytest.raises(SystemExit) as exit_info:  # a bad flag: one line too
-    cli.main(["bon", "--task=gsm8k", "--n=x", f"--out={tmp_path / 'r.json'}"])
+    cli.call(eval_main.main, eval_main.define_flags, ["bon", "--task=gsm8k", "--n=x", f"--out={tmp_path / 'r.json'}"])
   assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+  for argv, message in ((["bon", "--task=gsm8k", "--scores=s"], "bon: --out is required"),
+                        (["--out=r.json"], "expected one mode, pairwise|bon|mc"),
+                        (["mc", "--out=r", "--checkpoint=c", "--data=d", "--format=gsm8k"],
+                         "mc: --format must be one of"),
+                        (["bon", "--out=r", "--candidates=c", "--task=math"], "one of --checkpoint")):
+    with pytest.raises(SystemExit):
+      cli.call(eval_main.main, eval_main.define_flags, argv)
+    assert message in capsys.readouterr().err
 
 
 def test_module_entry_point_runs_without_jax(tmp_path):
@@ -71,3 +80,12 @@ def test_module_entry_point_runs_without_jax(tmp_path):
   assert "oracle" in result.stdout
   report = json.loads((tmp_path / "r.json").read_text())
   assert report["bon"]["2"] == {"rm": 0.0, "random": 0.5, "majority": 0.5, "oracle": 1.0}  # 4 and 5 tie: 1/2
+
+
+def test_module_usage_error_is_one_line(tmp_path):
+  for args, message in ((["bon", "--task=gsm8k", "--scores=s.jsonl", f"--out={tmp_path / 'r.json'}"],
+                         "error: bon: --candidates is required"),
+                        (["pairwise", "--chekpoint=c"], "error: Unknown command line flag 'chekpoint'. Did you mean: checkpoint ?")):
+    result = subprocess.run([sys.executable, "-m", "codepmp_jax.eval", *args], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [message], result.stderr

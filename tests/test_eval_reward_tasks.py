@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from codepmp_jax import checkpoint
+from codepmp_jax import cli as codepmp_cli
 from codepmp_jax.data import loaders, templates
 from codepmp_jax.data.records import BadRecords
 from codepmp_jax.data.tokenizer import train_sentencepiece
@@ -91,12 +92,18 @@ def ckpt(tmp_path_factory):
   return checkpoint.save_model(root / "ckpt", params, config, tokenizer)
 
 
+def _eval(argv: list[str]) -> dict:
+  """The eval CLI run in this process; the report it wrote to --out."""
+  codepmp_cli.call(cli.main, cli.define_flags, argv)
+  out = next(a for a in argv if a.startswith("--out=")).removeprefix("--out=")
+  return json.loads(open(out).read())
+
+
 def test_cli_with_a_checkpoint(ckpt, shared_data, tmp_path, capsys):
   data = shared_data / "logiqa2" / "test.jsonl"
   out = tmp_path / "mc.json"
-  report = cli.main(["mc", f"--checkpoint={ckpt}", f"--data={data}", "--format=logiqa2",
+  report = _eval(["mc", f"--checkpoint={ckpt}", f"--data={data}", "--format=logiqa2",
                      "--limit=6", "--max_length=128", "--batch_size=8", f"--out={out}"])
-  assert json.loads(out.read_text()) == report
   assert report["n"] == 6 and report["checkpoint"] == str(ckpt)
   assert "Categorical Reasoning" in capsys.readouterr().out
   # The same picks from the scorer used directly on the raw rows.
@@ -119,14 +126,14 @@ def test_cli_with_a_checkpoint(ckpt, shared_data, tmp_path, capsys):
                                                      for k in range(4)]}) + "\n"
                           for i in range(3)))
   common = [f"--candidates={cand}", "--task=gsm8k", "--n=1,2,4", "--max_length=64"]
-  first = cli.main(["bon", f"--checkpoint={ckpt}", *common, f"--out={tmp_path / 'a.json'}",
+  first = _eval(["bon", f"--checkpoint={ckpt}", *common, f"--out={tmp_path / 'a.json'}",
                     f"--save_scores={tmp_path / 's.jsonl'}"])
-  again = cli.main(["bon", f"--scores={tmp_path / 's.jsonl'}", *common,
+  again = _eval(["bon", f"--scores={tmp_path / 's.jsonl'}", *common,
                     f"--out={tmp_path / 'b.json'}"])
   assert first["bon"] == again["bon"]
   assert first["bon"]["4"]["oracle"] == 1.0 and first["bon"]["1"]["random"] == 0.5
 
-  pairwise = cli.main(["pairwise", f"--checkpoint={ckpt}", f"--data={shared_data / 'gsm8k' / 'test.jsonl'}",
+  pairwise = _eval(["pairwise", f"--checkpoint={ckpt}", f"--data={shared_data / 'gsm8k' / 'test.jsonl'}",
                        "--format=gsm8k", "--limit=4", "--max_length=128",
                        f"--out={tmp_path / 'p.json'}"])
   records = list(loaders.load_records([shared_data / "gsm8k" / "test.jsonl"], "gsm8k",

@@ -19,12 +19,22 @@ import time
 
 import pytest
 
-from codepmp_jax import workdir
+from codepmp_jax import cli, workdir
 from launch import sweep
 from launch.experiments import scaling_curve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/tiny.py"
+
+
+def _sweep(argv: list[str]) -> int:
+  """`python -m launch.sweep ARGV` in this process."""
+  return cli.call(sweep.main, sweep.define_flags, argv)
+
+
+def _curve(argv: list[str]) -> int:
+  """`python -m launch.experiments.scaling_curve ARGV` in this process."""
+  return cli.call(scaling_curve.main, scaling_curve.define_flags, argv)
 
 
 def _bash(script: str, *args: str, env: dict | None = None, cwd: pathlib.Path = ROOT,
@@ -236,7 +246,7 @@ def test_multinode_stops_the_other_processes_when_one_fails(tmp_path):
 
 
 def test_grid_expands_into_one_command_per_combination(capsys):
-  code = sweep.main(["--config=configs/tiny.py", "--root=runs/s", "--grid", "optimizer.lr=1e-6,3e-6",
+  code = _sweep(["--config=configs/tiny.py", "--root=runs/s", "--grid", "optimizer.lr=1e-6,3e-6",
                      "--grid", "loss.lm_coef=0,1", "--set", "train.total_steps=4", "--skip_check"])
   assert code == 0
   lines = capsys.readouterr().out.splitlines()
@@ -281,11 +291,24 @@ def test_two_runs_sharing_a_workdir_is_an_error():
     sweep.product(sweep.named({"a": {"x": 1}}), sweep.fixed({"y": 2}) + sweep.fixed({"y": 3}))
 
 
-def test_unknown_named_sweep_lists_the_config_s_sweeps(capsys):
-  assert sweep.main(["--config=configs/pmp_smollm2_135m.py", "--sweep=nope", "--root=r"]) == 2
-  assert "has no sweep 'nope'; it has ['data_scale'" in capsys.readouterr().err
-  assert sweep.main(["--config=configs/tiny.py", "--root=r"]) == 2
-  assert "nothing to sweep" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,message", [
+    (["--config=configs/pmp_smollm2_135m.py", "--sweep=nope", "--root=r"],
+     "has no sweep 'nope'; it has ['data_scale'"),
+    (["--config=configs/tiny.py", "--root=r"], "nothing to sweep"),
+    (["--root=r", "--grid=seed=1,2"], "--config is required"),
+    (["--config=configs/tiny.py", "--grid=seed=1,2"], "--root is required"),
+    (["--config=configs/tiny.py", "--root=r", "--grid=seed=1,2", "--run", "--emit=tpu"],
+     "--print, --run and --emit exclude each other"),
+    (["--config=configs/tiny.py", "--root=r", "--emit=gcp"], "value should be one of <slurm|tpu>"),
+    (["colect", "--root=r"], "unexpected argument 'colect'"),
+    (["collect"], "collect: --root is required"),
+])
+def test_sweep_usage_errors_are_one_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    _sweep(argv)
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+  assert message in err
 
 
 def test_overrides_are_checked_the_way_the_trainer_parses_them(tmp_path):
@@ -318,12 +341,12 @@ def test_emit_commands_for_slurm_and_tpu(tmp_path, capsys):
   root = tmp_path / "sched"
   args = ["--config=configs/tiny.py", f"--root={root}", "--grid", "optimizer.schedule=cosine,wsd",
           "--skip_check"]
-  assert sweep.main([*args, "--emit=slurm", "--launcher_args=--nodes=4 --time=1:00:00"]) == 0
+  assert _sweep([*args, "--emit=slurm", "--launcher_args=--nodes=4 --time=1:00:00"]) == 0
   slurm = [shlex.split(x) for x in capsys.readouterr().out.splitlines()[1:]]
   assert slurm[0] == ["sbatch", "--job-name=sched-schedule-cosine", "--nodes=4", "--time=1:00:00",
                       "launch/gpu_slurm.sbatch", "--config=configs/tiny.py",
                       f"--workdir={root}/schedule=cosine", "--config.optimizer.schedule=cosine"]
-  assert sweep.main([*args, "--emit=tpu", "--launcher_args=--type=v4-8 --zone=z --version=v"]) == 0
+  assert _sweep([*args, "--emit=tpu", "--launcher_args=--type=v4-8 --zone=z --version=v"]) == 0
   tpu = [shlex.split(x) for x in capsys.readouterr().out.splitlines()[1:]]
   assert tpu[1] == ["launch/tpu_vm.sh", "--name=codepmp-sched-schedule-wsd", "--type=v4-8", "--zone=z",
                     "--version=v", "--", "--config=configs/tiny.py", f"--workdir={root}/schedule=wsd",
@@ -362,7 +385,7 @@ def test_collector_reads_finished_stopped_incomplete_and_missing_workdirs(tmp_pa
   running = _write_workdir(root / "lr=3", [2, 4], 4, finish=False, lr=3.0)
   with (root / "lr=3" / "metrics.jsonl").open("a") as f:
     f.write('{"step": 6, "loss"')                                         # torn by a kill
-  assert sweep.main(["collect", f"--root={root}"]) == 0
+  assert _sweep(["collect", f"--root={root}"]) == 0
   out = capsys.readouterr().out
   rows = list(csv.DictReader(io.StringIO((root / "results.csv").read_text())))
   assert [(r["run"], r["status"], r["step"], r["optimizer.lr"]) for r in rows] == [
@@ -432,10 +455,10 @@ def test_real_data_scale_sweep_then_scaling_curve_on_the_tiny_config(tmp_path, m
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
   root = tmp_path / "scale"
   args = [f"--config={TINY}", f"--root={root}", "--grid", "train.total_steps=2,4", "--run", "--", *small]
-  assert sweep.main(args) == 0
-  assert sweep.main(args) == 0  # everything finished: both runs are skipped
+  assert _sweep(args) == 0
+  assert _sweep(args) == 0  # everything finished: both runs are skipped
   assert capsys.readouterr().out.count("finished before, skipped") == 2
-  assert sweep.main(["collect", f"--root={root}"]) == 0
+  assert _sweep(["collect", f"--root={root}"]) == 0
   rows = list(csv.DictReader(io.StringIO((root / "results.csv").read_text())))
   assert [(r["run"], r["status"], r["step"], r["train.total_steps"]) for r in rows] == [
       ("total_steps=2", "finished", "2", "2"), ("total_steps=4", "finished", "4", "4")]
@@ -446,7 +469,7 @@ def test_real_data_scale_sweep_then_scaling_curve_on_the_tiny_config(tmp_path, m
       "| run | status | step | train.total_steps | loss | accuracy |")
 
   curve = tmp_path / "curve"
-  assert scaling_curve.main([
+  assert _curve([
       "finetune", f"--checkpoints={root}/total_steps=4", f"--config={TINY}", f"--root={curve}",
       "--set", "train.total_steps=2", "--set", "loss.lm_coef=0", "--run", "--", *small,
       "--config.train.eval_every=2", "--config.train.eval_batch=8", "--config.train.eval_batches=1"]) == 0
@@ -498,7 +521,7 @@ def test_finetune_commands_for_decayed_checkpoints(tmp_path, capsys):
     _decayed(tmp_path, f"decay_{step}", step + 10, 32)
   other = tmp_path / "ckpt"
   other.mkdir()
-  code = scaling_curve.main([
+  code = _curve([
       "finetune", f"--checkpoints={tmp_path}/decays/*,{other}@999", "--config=configs/tiny.py",
       f"--root={tmp_path}/ft", "--baseline=scratch", "--eval=pairwise", "--eval_data=d.jsonl",
       "--eval_format=gsm8k", "--set", "train.total_steps=3", "--skip_check", "--", "--config.seed=1"])
@@ -528,7 +551,7 @@ def test_plot_reads_reports_and_summaries_into_table_and_png(tmp_path, capsys):
     (root / point.name).mkdir()
     (root / point.name / "eval.json").write_text(json.dumps(
         {"mode": "pairwise", "accuracy": acc, "ci95": [acc - 0.05, acc + 0.05]}))
-  assert scaling_curve.main(["plot", f"--root={root}"]) == 0
+  assert _curve(["plot", f"--root={root}"]) == 0
   rows = list(csv.DictReader(io.StringIO((root / "curve.csv").read_text())))
   assert [(r["run"], int(r["pairs"]), float(r["accuracy"])) for r in rows] == [
       ("baseline", 0, 0.55), ("d1", 1000, 0.6), ("d2", 2000, 0.7)]
@@ -544,8 +567,23 @@ def test_plot_reads_reports_and_summaries_into_table_and_png(tmp_path, capsys):
   assert math.isclose(rows[1]["ci95_high"], 0.65)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["step", "--first=1", "--last=2"],
+     "expected a command, steps|finetune|plot, as the first argument; got ['step'] (--help for usage)"),
+    (["steps", "--first=1"], "steps: --last is required"),
+    (["plot", "--root=r", "--", "--x"], "plot: unexpected arguments ['--x']"),
+    (["finetune", "--checkpoints=c", "--root=r"], "finetune: --config is required"),
+])
+def test_scaling_curve_usage_errors_are_one_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    _curve(argv)
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and err == f"error: {message}\n"
+
+
 def test_cli_entry_points_run_as_modules_and_scripts():
-  for command in (["-m", "launch.sweep", "--help"], ["launch/sweep.py", "--help"],
+  sweeps = ["--config=configs/pmp_smollm2_135m.py", "--list"]
+  for command in (["-m", "launch.sweep", *sweeps], ["launch/sweep.py", *sweeps],
                   ["-m", "launch.experiments.scaling_curve", "steps", "--first=4", "--last=8"],
                   ["launch/experiments/scaling_curve.py", "steps", "--first=4", "--last=8"]):
     result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,

@@ -5,7 +5,6 @@ import gzip
 import http.server
 import json
 import pathlib
-import shutil
 import sysconfig
 import threading
 

@@ -8,81 +8,82 @@ Every mode prints a table and writes its report as JSON (accuracies are fraction
 """
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Sequence
 
+from absl import app, flags
 from etils import epath
 
 from codepmp_jax import cli
 from codepmp_jax.data import loaders, registry
 from codepmp_jax.eval import answers, bon, reward_tasks
 
+MODES = ("pairwise", "bon", "mc")
+# The flags each mode needs (bon needs one of --checkpoint and --scores too).
+REQUIRED = {"pairwise": ("out", "checkpoint", "data", "format"),
+            "mc": ("out", "checkpoint", "data", "format"), "bon": ("out", "candidates", "task")}
+MC_FORMATS = ("logiqa2", "reclor")
+DEFAULT_BY = {"pairwise": "source", "mc": "type"}
 
-def _ns(text: str) -> list[int]:
+
+def _ns(text: Sequence[str]) -> list[int]:
   try:
-    ns = [int(x) for x in text.split(",") if x.strip()]
+    ns = [int(x) for x in text if x.strip()]
   except ValueError:
-    raise argparse.ArgumentTypeError(f"--n must be comma-separated integers, got {text!r}") from None
+    raise ValueError(f"--n must be comma-separated integers, got {','.join(text)!r}") from None
   if not ns or min(ns) < 1:
-    raise argparse.ArgumentTypeError(f"--n needs positive integers, got {text!r}")
+    raise ValueError(f"--n needs positive integers, got {','.join(text)!r}")
   return sorted(set(ns))
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse whose usage errors are one `error: ...` line (exit 2), like every other CLI."""
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """Every mode's flags (which ones a mode requires is checked in `main`)."""
+  def string(name: str, help: str, default: str | None = None) -> None:
+    flags.DEFINE_string(name, default, help, flag_values=values)
 
-  def error(self, message: str):
-    cli.fail(f"{self.prog}: {message} (--help for usage)")
+  string("out", "Where to write the JSON report (every mode).")
+  flags.DEFINE_integer("limit", None, "Use only the first LIMIT records.", flag_values=values)
+  flags.DEFINE_integer("seed", 0, "Seed of draws and bootstrap.", flag_values=values)
+  string("checkpoint", "Model checkpoint or training workdir (pairwise, mc; bon unless --scores).")
+  flags.DEFINE_integer("batch_size", 8, "Sequences scored per batch.", flag_values=values)
+  flags.DEFINE_integer("max_length", 1024, "Tokens per sequence.", flag_values=values)
+  string("data_dir", "Where registered data sets (--data=gsm8k/test) live (default: $CODEPMP_DATA, "
+         "../shared/data, the cache, else downloaded).")
+  # pairwise and mc.
+  string("data", "pairwise, mc: a file, or a registered data set (gsm8k/test, logiqa2/test).")
+  string("format", "pairwise: a data loader format (pairs, gsm8k, logiqa2, ...); mc: logiqa2|reclor.")
+  string("by", "Meta field (pairwise, default source) or row field (mc, default type) to break "
+         "accuracy down by.")
+  flags.DEFINE_bool("strict", False, "pairwise, mc: malformed records are an error.", flag_values=values)
+  # bon.
+  string("candidates", 'bon: JSONL {"id", "question", "reference", "candidates": [...]}.')
+  flags.DEFINE_enum("task", None, answers.TASKS, "bon: how answers are checked.", flag_values=values)
+  string("scores", 'bon: JSONL {"id", "rewards": [...]} used instead of a checkpoint.')
+  flags.DEFINE_list("n", ["1", "2", "4", "8", "16", "32", "64", "128", "256"],
+                    "bon: comma-separated N values.", flag_values=values)
+  flags.DEFINE_integer("draws", 100, "bon: random draws per question and N (all subsets when there "
+                       "are fewer).", flag_values=values)
+  string("plot", "bon: PNG of accuracy against N (default: beside --out).")
+  string("save_scores", "bon: write the rewards used, in the --scores format.")
+  flags.DEFINE_float("sympy_timeout", 5.0, "bon: seconds per MATH comparison.", flag_values=values)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The command line: one subcommand per mode."""
-  parser = _Parser(prog="python -m codepmp_jax.eval", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="mode", required=True, parser_class=_Parser)
-
-  def common(p: argparse.ArgumentParser, checkpoint_required: bool) -> None:
-    p.add_argument("--out", required=True, help="where to write the JSON report")
-    p.add_argument("--verbose", action="store_true", help="library logs and full tracebacks")
-    p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT records")
-    p.add_argument("--seed", type=int, default=0, help="seed of draws and bootstrap")
-    p.add_argument("--checkpoint", required=checkpoint_required,
-                   help="model checkpoint or training workdir")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences scored per batch")
-    p.add_argument("--max_length", type=int, default=1024, help="tokens per sequence")
-    p.add_argument("--data_dir", default=None,
-                   help="where registered data sets (--data=gsm8k/test) live (default: $CODEPMP_DATA, "
-                        "../shared/data, the cache, else downloaded)")
-
-  p = sub.add_parser("pairwise", help="accuracy on held-out preference pairs")
-  common(p, checkpoint_required=True)
-  p.add_argument("--data", required=True, help="a file, or a registered data set (gsm8k/test, logiqa2/test)")
-  p.add_argument("--format", required=True, help="a data loader format (pairs, gsm8k, logiqa2, ...)")
-  p.add_argument("--by", default="source", help="meta field to break accuracy down by")
-  p.add_argument("--strict", action="store_true", help="malformed records are an error")
-
-  p = sub.add_parser("bon", help="Best-of-N selection with answer checking")
-  common(p, checkpoint_required=False)
-  p.add_argument("--candidates", required=True,
-                 help='JSONL: {"id", "question", "reference", "candidates": [...]}')
-  p.add_argument("--task", required=True, choices=answers.TASKS)
-  p.add_argument("--scores", help='JSONL {"id", "rewards": [...]} used instead of a checkpoint')
-  p.add_argument("--n", type=_ns, default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
-                 help="comma-separated N values")
-  p.add_argument("--draws", type=int, default=100,
-                 help="random draws per question and N (all subsets when there are fewer)")
-  p.add_argument("--plot", help="PNG of accuracy against N (default: beside --out)")
-  p.add_argument("--save_scores", help="write the rewards used, in the --scores format")
-  p.add_argument("--sympy_timeout", type=float, default=5.0, help="seconds per MATH comparison")
-
-  p = sub.add_parser("mc", help="multiple choice: score every option, pick the highest")
-  common(p, checkpoint_required=True)
-  p.add_argument("--data", required=True, help="a file, or a registered data set (logiqa2/test)")
-  p.add_argument("--format", required=True, choices=("logiqa2", "reclor"))
-  p.add_argument("--by", default="type", help="row field to break accuracy down by")
-  p.add_argument("--strict", action="store_true", help="malformed records are an error")
-  return parser
+def mode_of(argv: Sequence[str], values: flags.FlagValues) -> str:
+  """The mode (the one positional argument), after checking that its required flags are given."""
+  if len(argv) != 2 or argv[1] not in MODES:
+    raise app.UsageError(f"expected one mode, {'|'.join(MODES)}, as the first argument; got "
+                         f"{list(argv[1:])} (--help for usage)")
+  mode = argv[1]
+  for name in REQUIRED[mode]:
+    if values[name].value is None:
+      raise app.UsageError(f"{mode}: --{name} is required")
+  if mode == "mc" and values.format not in MC_FORMATS:
+    raise app.UsageError(f"mc: --format must be one of {MC_FORMATS}, got {values.format!r}")
+  if mode == "bon":
+    if (values.checkpoint is None) == (values.scores is None):
+      raise app.UsageError("bon: give one of --checkpoint and --scores")
+    _ns(values.n)
+  return mode
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -119,47 +120,45 @@ def render(report: dict) -> str:
   return head + "\n" + format_table(["group", "n", "accuracy", "95% CI"], rows)
 
 
-def run(args: argparse.Namespace) -> dict:
-  """Runs one mode from parsed arguments and returns its report."""
-  if getattr(args, "data", None) is not None:
-    args.data = str(registry.resolve(args.data, args.data_dir))
+def run(mode: str, values: flags.FlagValues) -> dict:
+  """Runs one mode from parsed flags and returns its report."""
+  data = None if values.data is None else str(registry.resolve(values.data, values.data_dir))
+  by = values.by or DEFAULT_BY.get(mode)
   scorer = None
-  if args.checkpoint is not None:
+  if values.checkpoint is not None:
     from codepmp_jax.score import RewardScorer  # JAX and the model load only when scoring.
-    scorer = RewardScorer(args.checkpoint, args.batch_size, args.max_length)
-    data_format = {"pairwise": getattr(args, "format", None), "mc": "logiqa2", "bon": "gsm8k"}[args.mode]
+    scorer = RewardScorer(values.checkpoint, values.batch_size, values.max_length)
+    data_format = {"pairwise": values.format, "mc": "logiqa2", "bon": "gsm8k"}[mode]
     expected = loaders.FORMAT_TEMPLATES.get(data_format)
     if scorer.prompt_format not in (None, expected):
-      print(f"note: {args.checkpoint} was trained with prompt format {scorer.prompt_format!r}; this "
+      print(f"note: {values.checkpoint} was trained with prompt format {scorer.prompt_format!r}; this "
             f"evaluation renders prompts as {expected!r}")
-  if args.mode == "pairwise":
-    report = reward_tasks.pairwise(scorer, args.data, args.format, args.by, args.limit, args.strict,
-                            args.seed)
-  elif args.mode == "mc":
-    report = reward_tasks.multiple_choice(scorer, args.data, args.format, args.by, args.limit,
-                                   args.strict, args.seed)
+  if mode == "pairwise":
+    report = reward_tasks.pairwise(scorer, data, values.format, by, values.limit, values.strict,
+                                   values.seed)
+  elif mode == "mc":
+    report = reward_tasks.multiple_choice(scorer, data, values.format, by, values.limit,
+                                          values.strict, values.seed)
   else:
-    plot = args.plot or epath.Path(args.out).with_suffix(".png")
-    report = reward_tasks.best_of_n(args.candidates, args.task, args.n, scorer, args.scores, args.draws,
-                             args.seed, args.limit, args.sympy_timeout, plot, args.save_scores)
-  if args.checkpoint is not None:
-    report["checkpoint"] = str(args.checkpoint)
+    plot = values.plot or epath.Path(values.out).with_suffix(".png")
+    report = reward_tasks.best_of_n(values.candidates, values.task, _ns(values.n), scorer,
+                                    values.scores, values.draws, values.seed, values.limit,
+                                    values.sympy_timeout, plot, values.save_scores)
+  if values.checkpoint is not None:
+    report["checkpoint"] = str(values.checkpoint)
   return report
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  """Parses `argv`, runs the mode, prints its table and writes the JSON report."""
-  args = build_parser().parse_args(argv)
-  cli.quiet_logs(args.verbose)
-  with cli.expected_errors(args.verbose):
-    report = run(args)
+def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
+  """Runs the mode (`argv[1]`), prints its table and writes the JSON report to --out."""
+  mode = mode_of(argv, values)
+  report = run(mode, values)
   print(render(report))
-  out = epath.Path(args.out)
+  out = epath.Path(values.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2) + "\n")
   print(f"report: {out}")
-  return report
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 import math
 import pathlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 

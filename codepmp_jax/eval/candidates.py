@@ -26,8 +26,10 @@ import os
 import re
 from typing import Sequence
 
+from absl import app, flags
 from etils import epath
 
+from codepmp_jax import cli
 from codepmp_jax.eval import answers
 
 MODELS = ("GPT-3.5", "GPT-4", "GPT-4 Turbo", "PaLM 2 Medium")
@@ -177,26 +179,27 @@ def write_jsonl(records: Sequence[dict], path: str | os.PathLike) -> None:
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string("out", None, "Candidates JSONL to write.", required=True)
+  flags.DEFINE_string("data", None, "CHAMP JSON (default: the installed package's).")
+  flags.DEFINE_list("models", list(MODELS), "Comma-separated models.")
+  flags.DEFINE_list("settings", list(FULL_SOLUTION_SETTINGS), "Comma-separated prompt settings.")
+
+
+def main(argv: Sequence[str]) -> None:
   """Writes the CHAMP candidates file and prints the counts and the label agreement."""
-  import argparse
-  parser = argparse.ArgumentParser(prog="python -m codepmp_jax.eval.candidates",
-                                   description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True, help="candidates JSONL to write")
-  parser.add_argument("--data", default=None, help="CHAMP JSON (default: the installed package's)")
-  parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models")
-  parser.add_argument("--settings", default=",".join(FULL_SOLUTION_SETTINGS),
-                      help="comma-separated prompt settings")
-  args = parser.parse_args(argv)
-  problems = load_problems(args.data)
-  records, stats = champ_questions(problems, args.models.split(","), args.settings.split(","))
-  write_jsonl(records, args.out)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {list(argv[1:])}")
+  values = flags.FLAGS
+  problems = load_problems(values.data)
+  records, stats = champ_questions(problems, values.models, values.settings)
+  write_jsonl(records, values.out)
   agreement = label_agreement(problems, answers.AnswerChecker("champ"))
   report = {"problems": stats.problems, "kept": stats.kept, "candidates": stats.candidates,
             "skipped": dict(stats.skipped), "label_agreement": agreement}
   print(json.dumps(report, indent=2))
-  return report
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

@@ -22,7 +22,6 @@ number of PMP pairs of a checkpoint is its training workdir's final step times i
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -33,10 +32,13 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from absl import app, flags
+
 if not __package__:  # `python launch/experiments/scaling_curve.py`: import from the repository
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from codepmp_jax import workdir as workdir_lib  # noqa: E402  (after the path set-up above)
+from codepmp_jax import cli  # noqa: E402  (after the path set-up above)
+from codepmp_jax import workdir as workdir_lib  # noqa: E402
 from launch import sweep  # noqa: E402
 from launch.experiments import report  # noqa: E402
 
@@ -278,69 +280,66 @@ def plot(root: str, title: str | None = None) -> list[dict]:
   return rows
 
 
-def _steps(args: argparse.Namespace) -> int:
-  steps = geometric_steps(args.first, args.last, args.factor)
-  print(" ".join(str(s) for s in steps))
-  print(keep_steps_override(steps))
+COMMANDS = ("steps", "finetune", "plot")
+REQUIRED = {"steps": ("first", "last"), "finetune": ("checkpoints", "config", "root"), "plot": ("root",)}
+
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """Every command's flags (which ones a command requires is checked in `main`)."""
+  def string(name: str, help: str, default: str | None = None) -> None:
+    flags.DEFINE_string(name, default, help, flag_values=values)
+
+  flags.DEFINE_integer("first", None, "steps: first kept step.", flag_values=values)
+  flags.DEFINE_integer("last", None, "steps: no step beyond this (the stable phase's end).",
+                       flag_values=values)
+  flags.DEFINE_float("factor", math.sqrt(2), "steps: ratio of consecutive steps.", flag_values=values)
+  string("checkpoints", "finetune: comma-separated globs of checkpoints or workdirs, each "
+         "optionally PATH@PAIRS.")
+  string("config", "finetune: the RM fine-tune config[:arg].")
+  string("root", "finetune: directory holding one fine-tune workdir per point; plot: the finetune "
+         "--root.")
+  string("baseline", "finetune: a checkpoint without PMP (or 'scratch') fine-tuned the same way.")
+  flags.DEFINE_multi_string("set", [], "finetune: KEY=V, an override for every fine-tune "
+                            "(repeatable).", flag_values=values)
+  flags.DEFINE_enum("eval", None, ("pairwise", "mc"), "finetune: evaluate with codepmp_jax.eval "
+                    "(default: the fine-tune's eval/accuracy).", flag_values=values)
+  string("eval_data", "finetune: held-out data for --eval.")
+  string("eval_format", "finetune: its loader format (gsm8k, logiqa2, pairs, ...).")
+  string("eval_args", "finetune: more codepmp_jax.eval arguments, e.g. '--limit=500'.", default="")
+  flags.DEFINE_bool("run", False, "finetune: run here (skipping finished steps) and plot, instead "
+                    "of printing the commands.", flag_values=values)
+  string("python", "finetune: Python of the commands (default: python; with --run, this one).")
+  flags.DEFINE_bool("skip_check", False, "finetune: do not check overrides against the config.",
+                    flag_values=values)
+  string("title", "plot: plot title.")
+
+
+def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> int:
+  """The command is `argv[1]`; arguments after `--` (left in `argv` by absl) go to every fine-tune."""
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"expected a command, {'|'.join(COMMANDS)}, as the first argument; got "
+                         f"{list(argv[1:])} (--help for usage)")
+  command, extra = argv[1], list(argv[2:])
+  if extra and command != "finetune":
+    raise app.UsageError(f"{command}: unexpected arguments {extra}")
+  for name in REQUIRED[command]:
+    if values[name].value is None:
+      raise app.UsageError(f"{command}: --{name} is required")
+  if command == "steps":
+    steps = geometric_steps(values.first, values.last, values.factor)
+    print(" ".join(str(s) for s in steps))
+    print(keep_steps_override(steps))
+    return 0
+  if command == "finetune":
+    return run(CurveSettings(
+        checkpoints=tuple(values.checkpoints.split(",")), config=values.config, root=values.root,
+        baseline=values.baseline or "", overrides=tuple(values.set), extra=tuple(extra),
+        evaluation=values.eval or "", eval_data=values.eval_data or "",
+        eval_format=values.eval_format or "", eval_args=values.eval_args, execute=values.run,
+        python=values.python or "", skip_check=values.skip_check))
+  plot(values.root, values.title)
   return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The command line: steps, finetune and plot."""
-  parser = argparse.ArgumentParser(prog="python -m launch.experiments.scaling_curve", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("steps", help="stable-phase steps to keep (geometric) and their trainer flag")
-  p.add_argument("--first", type=int, required=True, help="first kept step")
-  p.add_argument("--last", type=int, required=True, help="no step beyond this (the stable phase's end)")
-  p.add_argument("--factor", type=float, default=math.sqrt(2), help="ratio of consecutive steps")
-  p = sub.add_parser("finetune", help="fine-tune (and evaluate) an RM from every checkpoint")
-  p.add_argument("--checkpoints", required=True,
-                 help="comma-separated globs of checkpoints or workdirs, each optionally PATH@PAIRS")
-  p.add_argument("--config", required=True, help="the RM fine-tune config[:arg]")
-  p.add_argument("--root", required=True, help="directory holding one fine-tune workdir per point")
-  p.add_argument("--baseline", help="a checkpoint without PMP (or 'scratch') fine-tuned the same way")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=V",
-                 help="an override for every fine-tune (repeatable)")
-  p.add_argument("--eval", choices=("pairwise", "mc"),
-                 help="evaluate with codepmp_jax.eval (default: the fine-tune's eval/accuracy)")
-  p.add_argument("--eval_data", help="held-out data for --eval")
-  p.add_argument("--eval_format", help="its loader format (gsm8k, logiqa2, pairs, ...)")
-  p.add_argument("--eval_args", default="", help="more codepmp_jax.eval arguments, e.g. '--limit=500'")
-  p.add_argument("--run", action="store_true",
-                 help="run here (skipping finished steps) and plot, instead of printing the commands")
-  p.add_argument("--python", help="Python of the commands (default: python; with --run, this one)")
-  p.add_argument("--skip_check", action="store_true", help="do not check overrides against the config")
-  p = sub.add_parser("plot", help="plot and tabulate a fine-tuned curve")
-  p.add_argument("--root", required=True, help="the finetune --root")
-  p.add_argument("--title", help="plot title")
-  return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point; arguments after `--` go to every fine-tune command."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  extra: list[str] = []
-  if "--" in argv:
-    cut = argv.index("--")
-    argv, extra = argv[:cut], argv[cut + 1:]
-  args = build_parser().parse_args(argv)
-  try:
-    if args.command == "steps":
-      return _steps(args)
-    if args.command == "finetune":
-      return run(CurveSettings(
-          checkpoints=tuple(args.checkpoints.split(",")), config=args.config, root=args.root,
-          baseline=args.baseline or "", overrides=tuple(args.set), extra=tuple(extra),
-          evaluation=args.eval or "", eval_data=args.eval_data or "",
-          eval_format=args.eval_format or "", eval_args=args.eval_args, execute=args.run,
-          python=args.python or "", skip_check=args.skip_check))
-    plot(args.root, args.title)
-    return 0
-  except sweep.SweepError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, define_flags)

@@ -18,6 +18,8 @@ from typing import Any
 
 from absl import app, flags
 
+from codepmp_jax import cli
+
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string}
 
@@ -57,23 +59,21 @@ def from_flags(cls: type, values: flags.FlagValues = flags.FLAGS) -> Any:
     default, value = _default(field), values[field.name].value
     if isinstance(default, tuple):
       kind = type(default[0]) if default else str
-      value = tuple(kind(v) for v in value)
+      try:
+        value = tuple(kind(v) for v in value)
+      except ValueError:
+        raise ValueError(f"--{field.name}: expected comma-separated {kind.__name__} values, got "
+                         f"{','.join(value)!r}") from None
     kwargs[field.name] = value
   return cls(**kwargs)
 
 
 def run_program(cls: type, run: Callable[[Any], Any]) -> None:
-  """The program: flags from `cls`, then `run(settings)`; a ValueError is a one-line usage error."""
-  define_flags(cls)
-
+  """The program: flags from `cls`, then `run(settings)`, through `cli.run` (a bad value is one
+  `error:` line, exit code 2; `--verbose` for library logs and tracebacks)."""
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from codepmp_jax import cli
-    cli.quiet_logs(False)
-    try:
-      run(from_flags(cls))
-    except ValueError as e:
-      raise app.UsageError(str(e)) from e
+    run(from_flags(cls))
 
-  app.run(main)
+  cli.run(main, lambda: define_flags(cls))
