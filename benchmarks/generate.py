@@ -26,13 +26,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from codepmp_jax import cli, convert  # noqa: E402
+from codepmp_jax.data import registry  # noqa: E402
 from codepmp_jax.model import generate  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 
 def gsm8k_prompts(tokenizer, count: int) -> list[list[int]]:
   """Chat-formatted GSM8K test questions (different lengths), as token ids."""
-  lines = (ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl").read_text().splitlines()
+  lines = registry.path("gsm8k/test").read_text().splitlines()
   texts = [f"<|im_start|>user\n{json.loads(line)['question']}<|im_end|>\n<|im_start|>assistant\n"
            for line in lines[:count]]
   return tokenizer.encode_batch(texts)

@@ -2,10 +2,10 @@
 
 Two kinds share one layout for the model part:
 - a model checkpoint (`save_model`), written by `convert`: `params/` (canonical, unscanned
-  layout), `model_config.json`, `tokenizer/`;
-- a training workdir, whose `checkpoints/<step>/` (orbax CheckpointManager) hold the whole train
-  state (in the run's layout, scanned or not) plus the data position, next to
-  `model_config.json` and `tokenizer/` in the workdir.
+  layout), `model_config.json`, `tokenizer/`, `prompt_format.json` (the template it was trained on);
+- a training workdir (layout in `codepmp_jax.workdir`), whose `checkpoints/<step>/` (orbax
+  CheckpointManager) hold the whole train state (in the run's layout, scanned or not) plus the data
+  position, next to `model_config.json`, `tokenizer/` and `prompt_format.json` in the workdir.
 `load_model` and `restore_params` read either, so `init_from`, `score` and `eval` take both.
 
 Every path goes through `etils.epath`: `gs://...` reaches orbax unchanged, a local path is made
@@ -23,13 +23,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from codepmp_jax.data import templates
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig
+from codepmp_jax.workdir import CHECKPOINTS, MODEL_CONFIG, TOKENIZER
 
-MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_DIR = "tokenizer"
-PARAMS_DIR = "params"
-TRAIN_CHECKPOINTS_DIR = "checkpoints"
+PARAMS_DIR = "params"  # a model checkpoint's params (a workdir keeps them in CHECKPOINTS/<step>/)
 
 PathLike = str | os.PathLike
 
@@ -49,8 +48,9 @@ def save_model_config(path: PathLike, model_config: ModelConfig) -> None:
 
 
 def save_model(path: PathLike, params: Any, model_config: ModelConfig,
-               tokenizer: Any = None) -> epath.Path:
-  """Writes params (canonical unscanned layout), model config and tokenizer under `path`."""
+               tokenizer: Any = None, prompt_format: str | None = None) -> epath.Path:
+  """Writes params (canonical unscanned layout), model config, tokenizer and (when known) the
+  prompt format the model was trained on (`templates.FORMATS`) under `path`."""
   path = as_path(path)
   path.mkdir(parents=True, exist_ok=True)
   if "layers" in params:
@@ -59,15 +59,17 @@ def save_model(path: PathLike, params: Any, model_config: ModelConfig,
   checkpointer.save(path / PARAMS_DIR, params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    save_model_config(path / MODEL_CONFIG_FILE, model_config)
+    save_model_config(path / MODEL_CONFIG, model_config)
     if tokenizer is not None:
-      tokenizer.save(path / TOKENIZER_DIR)
+      tokenizer.save(path / TOKENIZER)
+    if prompt_format is not None:
+      templates.save_prompt_format(path, prompt_format)
   return path
 
 
 def latest_train_step(workdir: PathLike) -> int | None:
   """The newest finished step under `workdir/checkpoints`, or None."""
-  root = as_path(workdir) / TRAIN_CHECKPOINTS_DIR
+  root = as_path(workdir) / CHECKPOINTS
   if not root.is_dir():
     return None
   steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
@@ -76,7 +78,7 @@ def latest_train_step(workdir: PathLike) -> int | None:
 
 def load_model_config(path: PathLike) -> ModelConfig:
   """The model config stored beside a model checkpoint or in a training workdir."""
-  file = as_path(path) / MODEL_CONFIG_FILE
+  file = as_path(path) / MODEL_CONFIG
   if not file.is_file():
     raise FileNotFoundError(f"{file}: no model config; is {path} a checkpoint or training workdir?")
   return ModelConfig.from_dict(json.loads(file.read_text()))
@@ -118,7 +120,7 @@ def _stored_target(path: epath.Path, config: ModelConfig, layer_shardings: Any,
   step = latest_train_step(path)
   if step is None:
     raise FileNotFoundError(f"{path}: neither {PARAMS_DIR}/ nor a training checkpoint under "
-                            f"{TRAIN_CHECKPOINTS_DIR}/")
+                            f"{CHECKPOINTS}/")
   target = {name: place(name, a) for name, a in canonical.items() if name not in layers}
   if config.scan_layers:  # a scanned run stores one `layers` subtree with a leading layer axis
     first = place(layers[0], canonical[layers[0]])
@@ -127,7 +129,7 @@ def _stored_target(path: epath.Path, config: ModelConfig, layer_shardings: Any,
                             (config.num_layers,) + a.shape), first)
   else:
     target.update({name: place(name, canonical[name]) for name in layers})
-  return f"checkpoints/{step}", target
+  return f"{CHECKPOINTS}/{step}", target
 
 
 def _restore_stored(path: epath.Path, where: str, target: Any) -> Any:
@@ -204,7 +206,7 @@ class TrainCheckpoints:
     if keep_steps:
       policies.append(ocp.checkpoint_managers.CustomSteps(list(keep_steps)))
     self.manager = ocp.CheckpointManager(
-        as_path(workdir) / TRAIN_CHECKPOINTS_DIR,
+        as_path(workdir) / CHECKPOINTS,
         options=ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies)),

@@ -12,7 +12,7 @@ What it does:
   `codepmp_jax/__init__.py` before anything heavy is imported), oneDNN notices, and absl INFO
   chatter (orbax checkpointing); `--verbose` keeps all of it;
 - expected errors (`EXPECTED`: a bad path, an unreadable or corrupt file, a bad value, a bad flag or
-  config override) end the program with ONE line `error: <message>` on stderr and exit code 2; with
+  config override, a `--config` file that does not load) end the program with ONE line `error: <message>` on stderr and exit code 2; with
   `--verbose`, or for any other exception (a bug), the traceback is shown.
 A program whose `main(argv, values=flags.FLAGS)` takes its flag values can also be called in this
 process (tests, other programs) with `call(main, define_flags, [...])`: fresh flag values, the same
@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 EXIT_USAGE = 2
 # What a user can cause: wrong paths, unreadable/corrupt inputs, bad values (ConversionError,
@@ -68,13 +69,50 @@ def expected_errors(verbose: bool) -> Iterator[None]:
     fail(e)
 
 
+def _override_error(error: KeyError | AttributeError, argv: list[str]) -> str | None:
+  """A `--config.a.b=v` override naming a field the config lacks, as one line naming the flag
+  (ml_collections raises a bare KeyError / AttributeError); None if no override matches."""
+  detail = error.args[0] if error.args else error
+  key, _, hint = str(detail.args[0] if isinstance(detail, KeyError) else detail).partition("\n")
+  key = key.strip("'\"")
+  for arg in argv[1:]:
+    name = arg.split("=", 1)[0]
+    if arg.startswith("--") and key in name.split(".")[1:]:
+      return f"{arg}: the config has no field {key!r}" + (f" ({hint.strip()})" if hint else "")
+  return None
+
+
+def _check_config_flags() -> None:
+  """A config file that failed to load (missing, unreadable) ends here, not at its first use."""
+  for name in list(flags.FLAGS):
+    flag = flags.FLAGS[name]
+    try:
+      filename = config_flags.get_config_filename(flag)
+    except TypeError:  # not a config flag
+      continue
+    try:
+      getattr(flag.value, "_cli_probe", None)  # a config that failed to load raises OSError on any access
+    except OSError as e:
+      cause = str(e.__cause__ or e).strip().splitlines()
+      fail(f"--{name}={filename}: cannot load the config file ({cause[-1].strip() if cause else e})")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
+    rest = flags.FLAGS(argv)
+  except (flags.Error, ValueError) as e:  # ValueError: a config file's get_config(arg) refused arg
     if "--verbose" in argv:
       raise
-    fail(e)
+    lines = str(e).strip().splitlines()  # a config file's error comes with its traceback as text
+    fail(f"{lines[0]} {lines[-1]}" if len(lines) > 1 else e)
+  except (KeyError, AttributeError) as e:
+    message = _override_error(e, argv)
+    if message is None or "--verbose" in argv:
+      raise
+    fail(message)
+  if "--verbose" not in argv:
+    _check_config_flags()
+  return rest
 
 
 def call(main: Callable[[list[str], flags.FlagValues], Any],

@@ -39,7 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
   tokenizer: a tokenizer file or directory; empty = init_from's, else the prepared data's
     (synthetic / in-memory data may run without one when model.vocab_size is set).
   data: the input pipeline (`data.pipeline`), plus `data.builtin` (`data.builtin`): data that
-    builds itself on first use.
+    builds itself on first use, and `data.prompt_format`: the template the data's prompts are
+    rendered in, recorded with the model (`templates.FORMATS`; "" = from the data,
+    `train.resolve_prompt_format`).
   loss: `rm_coef * BT + lm_coef * LM + center_coef * centering`; loss_type sigmoid | logexp.
   train: global_batch pairs per step, split into `microbatches`; total_steps 0 = `epochs` over the
     data (the full batches of each epoch); eval_microbatches 0 = microbatches; lm_chunk: the LM
@@ -60,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.tokenizer = ""
   config.data = pipeline.default_data_config()
   config.data.builtin = builtin.default_builtin_config()
+  config.data.prompt_format = ""
   config.loss = losses.default_loss_config()
   config.optimizer = default_optimizer_config()
   config.train = ml_collections.ConfigDict(dict(

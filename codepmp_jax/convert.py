@@ -599,7 +599,7 @@ def main(argv: list[str]) -> None:
       raise app.UsageError("--to_hf needs --checkpoint")
     source = epath.Path(FLAGS.checkpoint)
     params, config = checkpoint.load_model(source)
-    tokenizer_dir = source / checkpoint.TOKENIZER_DIR
+    tokenizer_dir = source / checkpoint.TOKENIZER
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
     if tokenizer is None:
       print(f"note: {source} has no tokenizer; writing the model without tokenizer files")
@@ -622,9 +622,7 @@ def main(argv: list[str]) -> None:
   else:
     params, config, tokenizer = load_gguf(FLAGS.from_gguf, FLAGS.seed, FLAGS.param_dtype)
     template = FLAGS.template
-  out = checkpoint.save_model(FLAGS.output, params, config, tokenizer)
-  if template is not None:
-    templates.save_prompt_format(out, template)
+  out = checkpoint.save_model(FLAGS.output, params, config, tokenizer, prompt_format=template)
   print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, "
         f"{sum(x.size for x in _leaves(params)) / 1e6:.1f}M parameters)")
 

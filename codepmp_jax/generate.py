@@ -112,7 +112,7 @@ def main(argv: list[str]) -> None:
 
   params, config = checkpoint.load_model(source)
   config = config.replace(scan_layers=FLAGS.scan_layers)
-  tokenizer = load_tokenizer(source / checkpoint.TOKENIZER_DIR)
+  tokenizer = load_tokenizer(source / checkpoint.TOKENIZER)
   mesh = sharding.make_mesh([int(s) for s in FLAGS.mesh])
   generator = Generator(params, config, tokenizer=tokenizer, mesh=mesh)
   sampling = SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,

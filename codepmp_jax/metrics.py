@@ -16,7 +16,8 @@ import tqdm
 from absl import logging
 from etils import epath
 
-METRICS_FILE = "metrics.jsonl"
+from codepmp_jax.workdir import METRICS as METRICS_FILE
+
 PROGRESS_KEYS = ("loss", "accuracy", "eval/accuracy")
 
 # Dense bf16 peak FLOP/s per chip, matched as lowercase substrings of `device_kind`, first match

@@ -45,10 +45,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from codepmp_jax import optim, sharding, step
+from codepmp_jax import cli, optim, sharding, step
 from codepmp_jax.data import pipeline
 from codepmp_jax.model import flops, transformer
 from codepmp_jax.model.config import ModelConfig
@@ -196,6 +196,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("hardware", "", [""] + list(HARDWARE),
                     "A machine from HARDWARE: sets --devices and --device_memory.")
   flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size when the config takes it from the tokenizer.")
+  flags.mark_flags_as_required(["config"])
 
 
 def main(argv: list[str]) -> None:
@@ -212,5 +213,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -29,7 +29,7 @@ from absl import app, flags
 from etils import epath
 from tqdm import tqdm
 
-from codepmp_jax import checkpoint, cli, sharding
+from codepmp_jax import checkpoint, cli, sharding, workdir
 from codepmp_jax.data import templates
 from codepmp_jax.data.encode import bucket_length, encode_sequence
 from codepmp_jax.data.tokenizer import load_tokenizer
@@ -62,7 +62,7 @@ class RewardScorer:
     param_shardings = shardings_of(self.config)
     self.params = jax.jit(lambda p: transformer.stack_layers(p, canonical.num_layers),
                           out_shardings=param_shardings)(params)
-    tokenizer_dir = path / checkpoint.TOKENIZER_DIR
+    tokenizer_dir = path / workdir.TOKENIZER
     self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
     self.prompt_format = templates.load_prompt_format(path)  # None if the checkpoint records none
     data_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]

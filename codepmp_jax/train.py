@@ -7,13 +7,14 @@ model config, data, optimizer), the config resolved and written once, the train 
 from a checkpoint -- this workdir's newest, or `decay_from`'s --, initialised from `init_from`, or
 fresh), then the loop, whose cadence (log, eval, save, preemption, throughput) is decided by `Due`.
 A preemption saves the step every process agreed on and exits 0; a non-finite loss stops without
-saving.
+saving. The workdir's layout is `codepmp_jax.workdir`'s; beside the model it records the prompt
+format the model learned (`prompt_format.json`, see `resolve_prompt_format`), which `score`,
+`eval`, `generate` and `convert --to_hf` then use by default.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging as logging_std
 import math
 import signal
 import time
@@ -24,13 +25,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from codepmp_jax import checkpoint, losses, metrics, optim, sharding, step
-from codepmp_jax.data import builtin, pipeline, prepare
+from codepmp_jax import checkpoint, cli, losses, metrics, optim, sharding, step
+from codepmp_jax import workdir as layout
+from codepmp_jax.data import builtin, loaders, pipeline, prepare, templates
 from codepmp_jax.data.tokenizer import Tokenizer, load_tokenizer
 from codepmp_jax.model import flops, transformer
 from codepmp_jax.model.config import ModelConfig
@@ -40,8 +42,6 @@ from codepmp_jax.model.config import ModelConfig
 NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention")
 # `init_from` values that mean "no checkpoint": fresh random parameters.
 SCRATCH = ("", "scratch")
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 COMPILE_CACHE_DIR = "compile_cache"
 _SHARED_CHECK_FILE = ".shared_workdir_check"
 
@@ -119,7 +119,7 @@ def resolve_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | None:
   """The run's tokenizer; prepared data must have been made with it."""
   prepared = config.data.source == "prepared"
   source = init_source(config)
-  init_tokenizer = checkpoint.as_path(source) / checkpoint.TOKENIZER_DIR if source else None
+  init_tokenizer = checkpoint.as_path(source) / layout.TOKENIZER if source else None
   path = (config.tokenizer or (str(init_tokenizer) if init_tokenizer and init_tokenizer.is_dir() else "")
           or (config.data.path if prepared else ""))
   if not path:
@@ -153,6 +153,40 @@ def resolve_model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer
   return ModelConfig.from_dict(fields)
 
 
+def resolve_prompt_format(config: ml_collections.ConfigDict) -> str | None:
+  """The prompt format (`templates.FORMATS`) the run's data is rendered in, or None if unknown.
+
+  `data.prompt_format` when set; else from the data: the built-in data and prepared `pairs` that
+  `synth` made (its manifest beside the pair files records the `code` template) are `code`, other
+  prepared data the loader's format (`loaders.FORMAT_TEMPLATES`: gsm8k -> math, trl -> chat, ...;
+  TRL standard string data needs `data.prompt_format=none`); synthetic and in-memory data none.
+  """
+  if config.data.prompt_format:
+    if config.data.prompt_format not in templates.FORMATS:
+      raise ValueError(f"config.data.prompt_format={config.data.prompt_format!r} is not one of "
+                       f"{list(templates.FORMATS)}")
+    return config.data.prompt_format
+  if config.data.builtin.name:
+    return "code"
+  if config.data.source != "prepared":
+    return None
+  manifest = prepare.read_manifest(config.data.path)
+  if manifest["format"] == "pairs" and manifest["sources"] and all(
+      _made_by_synth(source["path"]) for source in manifest["sources"]):
+    return "code"
+  return loaders.FORMAT_TEMPLATES[manifest["format"]]
+
+
+def _made_by_synth(pair_file: str) -> bool:
+  """Whether `pair_file` lies beside a synth manifest that records the PMP code template."""
+  manifest = epath.Path(pair_file).parent / "manifest.json"
+  try:
+    prompts = json.loads(manifest.read_text()).get("prompts") or {}
+  except (OSError, json.JSONDecodeError, AttributeError):
+    return False
+  return prompts.get("code") == templates.TEMPLATES["code"]
+
+
 def parse_decay_from(spec: str) -> tuple[epath.Path, int]:
   """`WORKDIR:STEP` (or `WORKDIR`, its newest step) -> the stable-phase checkpoint to decay from.
   WORKDIR may be a URI (`gs://b/run:700`)."""
@@ -161,7 +195,7 @@ def parse_decay_from(spec: str) -> tuple[epath.Path, int]:
     path, step_text = spec, ""
   workdir = checkpoint.as_path(path)
   found = int(step_text) if step_text else checkpoint.latest_train_step(workdir)
-  if found is None or not (workdir / checkpoint.TRAIN_CHECKPOINTS_DIR / str(found)).is_dir():
+  if found is None or not (layout.path(workdir, layout.CHECKPOINTS) / str(found)).is_dir():
     raise FileNotFoundError(f"decay_from={spec!r}: no training checkpoint at step {found} in {workdir}")
   return workdir, found
 
@@ -333,7 +367,8 @@ def _abstract_with(abstract: Any, shardings: Any) -> Any:
 def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> dict[str, float]:
   """Runs (or resumes) training in `workdir` (local or `gs://`); returns the last logged metrics."""
   maybe_initialize_distributed(config.distributed)
-  init_source(config)  # a config that needs init_from fails before anything is built
+  if init_source(config):  # a config that needs init_from, or a wrong one, fails before anything is built
+    checkpoint.load_model_config(init_source(config))
   workdir = checkpoint.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   check_shared_workdir(workdir)
@@ -344,6 +379,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
   builtin.ensure(config.data)
   tokenizer = resolve_tokenizer(config)
   model_config = resolve_model_config(config, tokenizer)
+  prompt_format = resolve_prompt_format(config)
   if config.data.source == "synthetic" and config.data.vocab_size > model_config.vocab_size:
     raise ValueError(f"config.data.vocab_size={config.data.vocab_size} exceeds the model's "
                      f"vocab_size={model_config.vocab_size}")
@@ -371,10 +407,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
 
   # The resolved config, written once: nothing below changes it.
   if lead:
-    (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    checkpoint.save_model_config(workdir / checkpoint.MODEL_CONFIG_FILE, model_config)
+    layout.path(workdir, layout.CONFIG).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    checkpoint.save_model_config(layout.path(workdir, layout.MODEL_CONFIG), model_config)
     if tokenizer is not None:
-      tokenizer.save(workdir / checkpoint.TOKENIZER_DIR)
+      tokenizer.save(layout.path(workdir, layout.TOKENIZER))
+    if prompt_format is not None:
+      templates.save_prompt_format(workdir, prompt_format)
 
   optimizer = optim.make_optimizer(config.optimizer, total_steps)
   model = transformer.RewardModel(model_config)
@@ -478,24 +516,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
   if lead:
     final_step = int(jax.device_get(state.step))
     summary = {"step": final_step, "finished": final_step == total_steps, **last}
-    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+    layout.path(workdir, layout.SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True))
     logging.info("finished: %s", summary)
   return last
 
 
 FLAGS = flags.FLAGS
-
-
-class _QuietLibraries(logging_std.Filter):
-  """Drops the INFO chatter of orbax (several lines per checkpoint); warnings still show."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
-
-
-def quiet_library_logs() -> None:
-  """Keeps a program's log readable: our progress, and only warnings from orbax."""
-  logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 def define_flags() -> None:
@@ -507,10 +533,8 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  quiet_library_logs()
   train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -4,6 +4,7 @@
     config.json          the run's resolved training config (ml_collections JSON)
     model_config.json    the model's ModelConfig (so a workdir is a model checkpoint too)
     tokenizer/           the tokenizer the run trained with
+    prompt_format.json   the template the data's prompts were rendered in (`data.templates`), when known
     metrics.jsonl        one JSON record a logged step: {"step": N, "loss": ..., "eval/...": ...}
     checkpoints/N/       orbax train-state checkpoints (params, optimizer state, data position)
     summary.json         written once at the end: {"step", "finished", **last logged metrics}
@@ -19,13 +20,16 @@ from typing import Any
 
 from etils import epath
 
+from codepmp_jax.data import templates
+
 CONFIG = "config.json"
 MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
-NAMES = (CONFIG, MODEL_CONFIG, TOKENIZER, METRICS, CHECKPOINTS, SUMMARY)
+PROMPT_FORMAT = templates.PROMPT_FORMAT_FILE  # written and read by templates.save/load_prompt_format
+NAMES = (CONFIG, MODEL_CONFIG, TOKENIZER, PROMPT_FORMAT, METRICS, CHECKPOINTS, SUMMARY)
 
 PathLike = str | epath.PathLike
 

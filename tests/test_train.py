@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from codepmp_jax import checkpoint, train
+from codepmp_jax import checkpoint, score, train
 from codepmp_jax.config import default_config
-from codepmp_jax.data import prepare
+from codepmp_jax.data import prepare, templates
 from codepmp_jax.data.tokenizer import train_sentencepiece
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -152,6 +152,18 @@ def test_trains_on_real_gsm8k_pairs(tmp_path, shared_data):
   assert rows[60]["loss"] < rows[10]["loss"]
   assert final["lm_loss"] < np.log(tokenizer.vocab_size) - 1.0  # it learned the language of GSM8K
   assert "eval/accuracy" in final
+  # The run records the prompt format of its data (GSM8K: math), and scoring uses it by default.
+  assert json.loads((tmp_path / "run" / "prompt_format.json").read_text())["template"] == "math"
+  scorer = score.RewardScorer(tmp_path / "run", batch_size=2, max_length=256, show_progress=False)
+  assert scorer.prompt_format == "math"
+  records = tmp_path / "score_in.jsonl"
+  records.write_text("".join(json.dumps({"prompt": q["question"], "response": q["answer"]}) + "\n"
+                             for q in questions[:2]))
+  score.score_file(scorer, records, tmp_path / "score_out.jsonl", scorer.prompt_format)
+  scored = [json.loads(line)["reward"] for line in (tmp_path / "score_out.jsonl").read_text().splitlines()]
+  expected = scorer.score_texts([templates.render("math", question=q["question"]) for q in questions[:2]],
+                                [q["answer"] for q in questions[:2]])
+  np.testing.assert_allclose(scored, expected, rtol=1e-6)
 
 
 @pytest.mark.slow

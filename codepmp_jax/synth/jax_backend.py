@@ -38,7 +38,7 @@ class JaxBackend:
                       **kwargs) -> "JaxBackend":
     """A backend on a model checkpoint (or training workdir) and the tokenizer stored with it."""
     params, config = checkpoint.load_model(path)
-    tokenizer = load_tokenizer(pathlib.Path(path) / checkpoint.TOKENIZER_DIR)
+    tokenizer = load_tokenizer(pathlib.Path(path) / checkpoint.TOKENIZER)
     generator = Generator(params, config, tokenizer=tokenizer, mesh=sharding.make_mesh(mesh_shape))
     return cls(generator, f"jax:{pathlib.Path(path).name}", **kwargs)
 

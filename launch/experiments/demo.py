@@ -248,8 +248,6 @@ def main(argv: list[str]) -> None:
   from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from codepmp_jax import train
-  train.quiet_library_logs()
   run(settings_flags.from_flags(DemoSettings, flags.FLAGS))
 
 

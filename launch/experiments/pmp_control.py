@@ -36,11 +36,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from codepmp_jax.data import builtin
+from codepmp_jax.data import registry
 
 ARMS = ("base", "lm", "pmp")
 COMPARISONS = (("pmp", "base"), ("pmp", "lm"), ("lm", "base"))
-SHARED_DATA = epath.Path(builtin.SHARED_DATA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +210,7 @@ def gsm8k_subset(out: epath.Path, k: int, seed: int) -> epath.Path:
   """k GSM8K training questions drawn at random (seeded), shared by the three arms."""
   path = out / "gsm8k" / f"train_k{k}_seed{seed}.jsonl"
   if not path.exists():
-    lines = (SHARED_DATA / "gsm8k" / "train.jsonl").read_text().splitlines(keepends=True)
+    lines = registry.path("gsm8k/train").read_text().splitlines(keepends=True)
     if k > len(lines):
       raise ValueError(f"k={k} exceeds the {len(lines)} GSM8K training questions")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,9 +241,9 @@ def evaluate(s: ControlSettings, workdir: epath.Path, champ: epath.Path) -> dict
   scorer = RewardScorer(str(workdir), batch_size=s.score_batch, max_length=s.score_length,
                         show_progress=False)
   report = {
-      "pairwise": reward_tasks.pairwise(scorer, str(SHARED_DATA / "gsm8k" / "test.jsonl"), "gsm8k",
+      "pairwise": reward_tasks.pairwise(scorer, str(registry.path("gsm8k/test")), "gsm8k",
                                  limit=s.eval_limit),
-      "mc": reward_tasks.multiple_choice(scorer, str(SHARED_DATA / "logiqa2" / "test.jsonl"), "logiqa2",
+      "mc": reward_tasks.multiple_choice(scorer, str(registry.path("logiqa2/test")), "logiqa2",
                                   limit=s.eval_limit),
       "bon": reward_tasks.best_of_n(str(champ), "champ", s.bon_ns, scorer=scorer),
   }
@@ -356,9 +355,7 @@ def plot(summary: dict, path: epath.Path) -> epath.Path:
 def run(s: ControlSettings) -> dict:
   """Every stage; returns `{"settings", "champ", "runs", "summary"}` (also written to results.json)."""
   import jax
-  from codepmp_jax import train
   start = time.time()
-  train.quiet_library_logs()
   out = epath.Path(s.out)
   out.mkdir(parents=True, exist_ok=True)
   # Runs of one shape (the arms and seeds at one k) compile the same programs: compile them once.
@@ -451,6 +448,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-  define_flags()
-  app.run(main)
+  from codepmp_jax import cli
+  cli.run(main, define_flags)

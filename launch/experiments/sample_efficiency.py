@@ -26,7 +26,7 @@ if __name__ == "__main__" and not __package__:  # `python launch/experiments/sam
 from absl import logging  # noqa: E402  (after the path set-up above)
 
 from codepmp_jax.config import load_config  # noqa: E402
-from codepmp_jax.data.builtin import SHARED_DATA  # noqa: E402
+from codepmp_jax.data import registry  # noqa: E402
 from launch.experiments import recipes, report, settings_flags  # noqa: E402
 from launch.experiments.settings_flags import setting  # noqa: E402
 
@@ -48,7 +48,7 @@ class SampleEfficiencySettings:
   min_steps: int = setting(20, "Fewest fine-tuning steps of any run.")
   lr: float = setting(0.0, "Fine-tuning lr (0: the preset config's, 1e-3 tiny, 3e-6 smollm2).")
   eval_questions: int = setting(300, "GSM8K test questions for pairwise and Best-of-N.")
-  shared_data: str = setting(str(SHARED_DATA), "The reference data sets (gsm8k/).")
+  data_dir: str = setting("", "A directory holding gsm8k/ (empty: where `data.registry` finds it).")
 
 
 def write_results(results: dict[int, dict[str, dict]], out: epath.Path) -> str:
@@ -78,25 +78,23 @@ def run(settings: SampleEfficiencySettings) -> dict[int, dict[str, dict]]:
   """Every fine-tune and evaluation of the experiment; returns {k: {arm: evaluation report}}."""
   if settings.preset not in PRESET_CONFIGS:
     raise ValueError(f"preset {settings.preset!r} is not one of {sorted(PRESET_CONFIGS)}")
+  if settings.preset != "tiny" and not (settings.base and settings.pmp):
+    raise ValueError(f"preset {settings.preset} needs base and pmp checkpoints")
   out = epath.Path(settings.out)
-  gsm8k = epath.Path(settings.shared_data) / "gsm8k"
+  gsm8k_train, gsm8k_test = (registry.path(f"gsm8k/{split}", data_dir=settings.data_dir or None)
+                             for split in ("train", "test"))
   name = PRESET_CONFIGS[settings.preset]
   base_config = load_config(name)
-  if settings.preset == "tiny":
-    pmp = settings.pmp or str(out / "pmp")
-    if not settings.pmp:
-      base_config.data.path = str(out / "code_pairs")
-      recipes.train_once(base_config, out / "pmp")
-  else:
-    if not (settings.base and settings.pmp):
-      raise ValueError(f"preset {settings.preset} needs base and pmp checkpoints")
-    pmp = settings.pmp
+  pmp = settings.pmp or str(out / "pmp")
+  if settings.preset == "tiny" and not settings.pmp:
+    base_config.data.path = str(out / "code_pairs")
+    recipes.train_once(base_config, out / "pmp")
   lr = settings.lr or base_config.optimizer.lr
-  candidates = recipes.bon_candidates(gsm8k / "test.jsonl", out / "bon_candidates.jsonl",
+  candidates = recipes.bon_candidates(gsm8k_test, out / "bon_candidates.jsonl",
                                       settings.eval_questions, n=4)
   results: dict[int, dict[str, dict]] = {}
   for k in sorted(settings.ks):
-    subset = recipes.first_lines(gsm8k / "train.jsonl", out / f"gsm8k_{k}.jsonl", k)
+    subset = recipes.first_lines(gsm8k_train, out / f"gsm8k_{k}.jsonl", k)
     data = recipes.prepare_once([subset], "gsm8k", pmp, out / f"pairs_{k}",
                                 seq_len=base_config.train.seq_len, split="train:0.95,eval:0.05")
     steps = max(settings.min_steps, math.ceil(settings.epochs * k / base_config.train.global_batch))
@@ -109,7 +107,7 @@ def run(settings: SampleEfficiencySettings) -> dict[int, dict[str, dict]]:
       config.data.path = str(data)
       recipes.train_once(config, workdir)
       results[k][arm] = recipes.evaluate_rm(
-          workdir, workdir / "eval.json", gsm8k_pairs=gsm8k / "test.jsonl", candidates=candidates,
+          workdir, workdir / "eval.json", gsm8k_pairs=gsm8k_test, candidates=candidates,
           limit=settings.eval_questions)
   print("\n" + write_results(results, out) + f"\n\nwrote {out}/results.md, results.json, results.png")
   return results

@@ -74,8 +74,6 @@ def run_program(cls: type, run: Callable[[Any], Any]) -> None:
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from codepmp_jax import train
-    train.quiet_library_logs()
     run(from_flags(cls))
 
   cli.run(main, lambda: define_flags(cls))

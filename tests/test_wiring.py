@@ -1,0 +1,125 @@
+"""The trainer records the prompt format its data is rendered in, model checkpoints carry it, and
+train / plan end a user's mistake in one `error:` line (exit 2)."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import pytest
+
+from codepmp_jax import checkpoint, train
+from codepmp_jax.config import default_config
+from codepmp_jax.data import templates
+from codepmp_jax.model import transformer
+from codepmp_jax.model.config import get_preset
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# A tiny synthetic run (as tests/test_train.py), so an error is the only thing that can stop it early.
+SMALL = [
+    "--config=configs/tiny.py", "--config.data.builtin.name=", "--config.data.source=synthetic",
+    "--config.data.vocab_size=256", "--config.model.vocab_size=256", "--config.model.hidden_size=32",
+    "--config.model.intermediate_size=64", "--config.model.num_layers=2", "--config.train.global_batch=8",
+    "--config.train.seq_len=32", "--config.train.eval_every=0", "--config.mesh_shape=(-1,1,1)",
+]
+
+
+def _prepared(root: pathlib.Path, format: str, sources: list[str]) -> str:
+  """A prepared directory's manifest (all `resolve_prompt_format` reads of it)."""
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "manifest.json").write_text(json.dumps(
+      {"format": format, "sources": [{"path": s} for s in sources]}))
+  return str(root)
+
+
+def test_prompt_format_follows_the_data(tmp_path):
+  config = default_config()
+  assert config.data.builtin.name == "" and config.data.source == "prepared"
+  config.data.source = "synthetic"
+  assert train.resolve_prompt_format(config) is None  # token ids: no template to record
+  config.data.prompt_format = "logic"
+  assert train.resolve_prompt_format(config) == "logic"
+  config.data.prompt_format = "maths"
+  with pytest.raises(ValueError, match=r"data.prompt_format='maths' is not one of"):
+    train.resolve_prompt_format(config)
+
+  config = default_config()
+  config.data.builtin.name = "stdlib_mutate"
+  assert train.resolve_prompt_format(config) == "code"  # synth renders its prompts with the code template
+  config = default_config()
+  for format, expected in (("gsm8k", "math"), ("logiqa2", "logic"), ("reclor", "logic"),
+                           ("codepmp", "code"), ("trl", "chat")):
+    config.data.path = _prepared(tmp_path / format, format, ["x.jsonl"])
+    assert train.resolve_prompt_format(config) == expected, format
+  config.data.prompt_format = "none"  # TRL standard (string) data: the texts as given
+  assert train.resolve_prompt_format(config) == "none"
+
+  # `pairs`: code when synth made them (its manifest beside the shards names the code template).
+  config = default_config()
+  synth_out = tmp_path / "synth"
+  synth_out.mkdir()
+  shard = str(synth_out / "train-00000.jsonl.gz")
+  config.data.path = _prepared(tmp_path / "pairs_plain", "pairs", [shard])
+  assert train.resolve_prompt_format(config) == "none"
+  (synth_out / "manifest.json").write_text(json.dumps({"prompts": {"code": templates.TEMPLATES["code"]}}))
+  config.data.path = _prepared(tmp_path / "pairs_synth", "pairs", [shard])
+  assert train.resolve_prompt_format(config) == "code"
+  config.data.path = _prepared(tmp_path / "pairs_mixed", "pairs", [shard, str(tmp_path / "other.jsonl")])
+  assert train.resolve_prompt_format(config) == "none"
+
+
+def test_save_model_carries_the_prompt_format(tmp_path):
+  config = get_preset("tiny", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1)
+  params = nn.unbox(transformer.init_params(config, jax.random.key(0)))
+  plain = checkpoint.save_model(tmp_path / "plain", params, config)
+  assert templates.load_prompt_format(plain) is None
+  logic = checkpoint.save_model(tmp_path / "logic", params, config, prompt_format="logic")
+  assert templates.load_prompt_format(logic) == "logic"
+  assert json.loads((logic / templates.PROMPT_FORMAT_FILE).read_text())["chat_template"] == (
+      templates.chat_template("logic"))
+  with pytest.raises(ValueError, match="unknown prompt format 'maths'"):
+    checkpoint.save_model(tmp_path / "bad", params, config, prompt_format="maths")
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", f"codepmp_jax.{module}", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_train_errors_are_one_line(tmp_path):
+  workdir = f"--workdir={tmp_path / 'run'}"
+  _one_error_line(_run("train", workdir, *SMALL, "--config.trian.total_steps=1"),
+                  "--config.trian.total_steps=1", "no field 'trian'", 'Did you mean "train"')
+  _one_error_line(_run("train", workdir, *SMALL, "--config.train.totl_steps=1"), "no field 'totl_steps'")
+  missing = tmp_path / "no_such_checkpoint"
+  _one_error_line(_run("train", workdir, *SMALL, f"--config.init_from={missing}"),
+                  f"{missing}/model_config.json")
+  assert not (tmp_path / "run").exists()  # stopped before anything was written
+  _one_error_line(_run("train", workdir, "--config=configs/rm_gsm8k_smollm2_135m.py"),
+                  "needs --config.init_from=CKPT")
+  _one_error_line(_run("train", workdir, "--config=configs/no_such.py"),
+                  "--config=configs/no_such.py: cannot load the config file", "No such file")
+  _one_error_line(_run("train", *SMALL), "--workdir")
+  verbose = _run("train", workdir, *SMALL, f"--config.init_from={missing}", "--verbose")
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+@pytest.mark.slow
+def test_plan_errors_are_one_line():
+  _one_error_line(_run("plan", "--config=configs/tiny.py", "--config.model.hiden_size=8"),
+                  "no field 'hiden_size'")
+  _one_error_line(_run("plan", "--config=configs/tiny.py:bogus"), "takes no argument")
+  _one_error_line(_run("plan"), "--config")
