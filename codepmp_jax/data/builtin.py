@@ -22,7 +22,6 @@ from etils import epath
 
 BUILTINS = ("stdlib_mutate",)
 # The reference data sets beside the checkout (GSM8K, LogiQA 2.0): decontamination and evaluation.
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def default_builtin_config() -> ml_collections.ConfigDict:

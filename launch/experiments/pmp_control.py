@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from codepmp_jax.data import registry
+from codepmp_jax.data import builtin, registry
 
 ARMS = ("base", "lm", "pmp")
 COMPARISONS = (("pmp", "base"), ("pmp", "lm"), ("lm", "base"))
