@@ -15,13 +15,11 @@ import gzip
 import json
 import logging
 import os
-import pathlib
 
 import ml_collections
 from etils import epath
 
 BUILTINS = ("stdlib_mutate",)
-# The reference data sets beside the checkout (GSM8K, LogiQA 2.0): decontamination and evaluation.
 
 
 def default_builtin_config() -> ml_collections.ConfigDict:
