@@ -213,3 +213,21 @@ def test_synthetic_and_in_memory_do_not_import_tensorflow():
   result = subprocess.run([sys.executable, "-c", _NO_TF], capture_output=True, text=True, env=env,
                           timeout=120)
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_read_groups_make_batches_independent_of_the_process_count():
+  """With data.read_groups fixed, 1, 2 or 4 processes together yield the same shuffled global
+  batches (so a pod run equals a one-process run and may resume on another topology)."""
+  cfg = pipeline.in_memory_config(_pairs(70), pad_id=0, read_groups=4, bucket=True)
+  per_count = {}
+  for count in (1, 2, 4):
+    parts = [_batches(cfg, 12, index=p, count=count)[1] for p in range(count)]
+    per_count[count] = [sum((_ids(part[k]) for part in parts), []) for k in range(12)]
+  assert per_count[1] == per_count[2] == per_count[4]
+  it, _ = _batches(cfg, 1)
+  assert it.steps_per_epoch == (70 // 4) // 2  # each group gives global_batch / 4 pairs a batch
+  epoch = sum(per_count[1][:it.steps_per_epoch], [])
+  assert len(set(epoch)) == len(epoch)  # no pair twice within an epoch
+  assert per_count[1][0] != sorted(per_count[1][0])  # shuffled
+  with pytest.raises(ValueError, match="read_groups"):
+    _batches(cfg, 1, count=3, global_batch=12)

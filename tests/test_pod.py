@@ -245,7 +245,7 @@ def test_pod_rehearsal_preempt_one_host_resume_equals_one_process(tmp_path):
   total = 30
   flags = [
       "--config=configs/tiny.py", "--config.data.builtin.name=", "--config.data.source=prepared",
-      f"--config.data.path={data}", "--config.data.shuffle_buffer=0", "--config.data.bucket=True",
+      f"--config.data.path={data}", "--config.data.read_groups=4", "--config.data.bucket=True",
       f"--config.init_from={ckpt}", "--config.model.scan_layers=True",
       "--config.model.remat_policy=full", "--config.model.param_dtype=float32",
       "--config.train.global_batch=8", "--config.train.microbatches=2", "--config.train.seq_len=256",

@@ -3,9 +3,13 @@
 `build_pipeline(cfg, split=..., global_batch=..., seq_len=..., sharding=..., seed=..., repeat=...)`
 returns a `PairBatches` iterator of the batch layout in docs/CONTRACTS.md.
 
-How it stays exact and cheap: process `p` of `P` owns the contiguous range
-`[p*N//P, (p+1)*N//P)` of the split's `N` pairs (the shards concatenated in manifest order), and
-batch `k` of epoch `e` is a slice of a permutation of that range drawn from `(seed, e, p)`. Prepared
+How it stays exact and cheap: the split's `N` pairs (the shards concatenated in manifest order)
+are cut into `G` contiguous read groups (`data.read_groups`; 0 = one per process), group `g` owning
+`[g*N//G, (g+1)*N//G)`; batch `k` of epoch `e` takes `global_batch / G` pairs from each group, a
+slice of a permutation of the group drawn from `(seed, e, g)`, in group order. Process `p` of `P`
+reads the `G/P` consecutive groups `[p*G/P, (p+1)*G/P)`, so its part of the split is one contiguous
+range. With the same `G`, batches are the same for every process count that divides `G` (a run
+can resume on another topology, and a pod run equals a one-process run). Prepared
 shards are random-access files (`shards.py`): a process opens only the shards its range overlaps and
 reads only the pairs of its batches, so start-up time and resident memory do not grow with the data set
 (beyond the permutation, 8 bytes per own pair, and with buckets the 4-byte lengths of every pair).
@@ -32,6 +36,8 @@ Config fields read (`default_data_config()` has them all):
                   resumption are unchanged.
   pack_row_len    tokens per packed row (0: 2 * seq_len, so the longest pair always fits).
   pack_pairs_per_row  pair slots per packed row (`packing`'s `max_pairs_per_row`).
+  read_groups     contiguous groups of the split read in parallel (see above); 0: one per process.
+                  Must be a multiple of the process count and divide global_batch.
   shuffle_buffer  0 keeps the stored order (for evaluation); any other value shuffles the whole
                   split every epoch: random access makes a perfect shuffle free, so no buffer
                   size is needed.
@@ -75,6 +81,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "pack": False,
       "pack_row_len": 0,
       "pack_pairs_per_row": 8,
+      "read_groups": 0,
       "shuffle_buffer": 1,
       "prefetch": 2,
   })
@@ -286,7 +293,12 @@ class PairBatches:
     else:
       self._pairs = _Prepared(cfg, split, seq_len)
     self.num_pairs = self._pairs.num_pairs
-    self.steps_per_epoch = (self.num_pairs // process_count) // self.batch
+    self.groups = cfg.get("read_groups", 0) or process_count
+    if self.groups % process_count or global_batch % self.groups:
+      raise ValueError(f"data.read_groups={self.groups} must be a multiple of the {process_count} "
+                       f"processes and divide global_batch {global_batch}")
+    self.group_batch = global_batch // self.groups
+    self.steps_per_epoch = (self.num_pairs // self.groups) // self.group_batch
     if not self.steps_per_epoch:
       message = f"split {split!r} has {self.num_pairs} pairs: not one batch of {global_batch}"
       if repeat:
@@ -309,20 +321,36 @@ class PairBatches:
     self._thread: threading.Thread | None = None
     self._finished = False
 
+  def _group_start(self, group: int) -> int:
+    return group * self.num_pairs // self.groups
+
+  def _groups_of(self, process: int) -> range:
+    per_process = self.groups // self.process_count
+    return range(process * per_process, (process + 1) * per_process)
+
   def _range(self, process: int) -> tuple[int, int]:
-    """The contiguous part of the split's pairs that `process` owns."""
-    return (process * self.num_pairs // self.process_count,
-            (process + 1) * self.num_pairs // self.process_count)
+    """The contiguous part of the split's pairs that `process` reads (its read groups)."""
+    groups = self._groups_of(process)
+    return self._group_start(groups.start), self._group_start(groups.stop)
 
   def _local_count(self, process: int) -> int:
     start, stop = self._range(process)
     return stop - start
 
   def _order(self, epoch: int, process: int) -> np.ndarray:
-    n = self._local_count(process)
-    if not self._cfg.shuffle_buffer:
-      return np.arange(n)
-    return np.random.default_rng([self.seed, epoch, process]).permutation(n)
+    """`process`'s pairs of epoch `epoch` in batch order, as indices within its range: batch `k`
+    is `order[k*batch:(k+1)*batch]`, `group_batch` pairs of each of its groups in group order."""
+    start = self._range(process)[0]
+    parts = []
+    for group in self._groups_of(process):
+      n = self._group_start(group + 1) - self._group_start(group)
+      order = (np.random.default_rng([self.seed, epoch, group]).permutation(n)
+               if self._cfg.shuffle_buffer else np.arange(n))
+      used = order[:self.steps_per_epoch * self.group_batch] + (self._group_start(group) - start)
+      parts.append(used.reshape(self.steps_per_epoch, self.group_batch))
+    if not parts or not self.steps_per_epoch:
+      return np.zeros(0, np.int64)
+    return np.concatenate(parts, axis=1).reshape(-1)
 
   def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """This process's permutation of its pairs in epoch `epoch`, and each batch's padded length
