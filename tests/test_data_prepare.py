@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from codepmp_jax import cli
 from codepmp_jax.data import pipeline, prepare
 from codepmp_jax.data.encode import encode_pair
 from codepmp_jax.data.records import BadRecordError, PairRecord
@@ -158,5 +159,13 @@ def test_cli_with_worker_processes_and_strict_failure(tmp_path, tokenizer_path):
   cmd[3:5] = [f"--input={tmp_path / 'bad.jsonl'}", "--format=pairs"]
   result = subprocess.run(cmd + ["--strict", f"--out={tmp_path / 'strict'}"], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=300)
-  assert result.returncode == 1
-  assert f"{tmp_path / 'bad.jsonl'}:3: invalid_json" in result.stderr
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr  # after the progress bars, one error line
+  assert result.stderr.splitlines()[-1].startswith(f"error: {tmp_path / 'bad.jsonl'}:3: invalid_json")
+
+
+def test_cli_missing_flag_is_one_error_line(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    cli.call(prepare.main, prepare.define_flags, ["--format=pairs", "--seq_len=8"])
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err == "error: --input is required\n"

@@ -5,7 +5,9 @@ import json
 import math
 
 import pytest
+from absl import flags
 
+from codepmp_jax import cli
 from launch.experiments import pmp_control
 
 
@@ -37,6 +39,20 @@ def _code_pairs(path, n=96):
       f.write(json.dumps({"prompt": f"Write f{i}: combine a and b with {good}.\n",
                           "chosen": body, "rejected": body.replace(f" {good} ", f" {bad} ")}) + "\n")
   return path
+
+
+def test_flags_give_the_settings(tmp_path, capsys):
+  values = flags.FlagValues()
+  pmp_control.define_flags(values)
+  values(["pmp_control", f"--out={tmp_path}", "--ks=8,16", "--seeds=3", "--eval_limit=5"])
+  assert pmp_control.settings_from_flags(values) == pmp_control.ControlSettings(
+      out=str(tmp_path), ks=(8, 16), seeds=(3,), eval_limit=5)
+  values(["pmp_control", "--smoke", "--eval_limit=0"])
+  assert pmp_control.settings_from_flags(values) == pmp_control.smoke_settings(str(tmp_path))
+  with pytest.raises(SystemExit) as exit_:
+    cli.call(pmp_control.main, pmp_control.define_flags, ["--ks=8,x"])
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err == "error: --ks: expected comma-separated integers, got '8,x'\n"
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from codepmp_jax import cli
 from codepmp_jax.synth import __main__ as synth_main
 from codepmp_jax.synth import backends, classify
 from codepmp_jax.synth.corpus import Document
@@ -127,10 +128,10 @@ def test_synth_run_with_the_stage_counts_it_in_the_manifest(server, tmp_path):
   for name, marker in (("bisect", "ENG_HIGH"), ("colorsys", "GARBAGE"), ("textwrap", "ENG_LOW")):
     (corpus / f"{name}.py").write_text(f"# {marker}\n" + (stdlib / f"{name}.py").read_text())
   out = tmp_path / "out"
-  assert synth_main.main([
+  cli.call(synth_main.main, synth_main.define_flags, [
       f"--source={corpus}", f"--out={out}", "--workers=1", "--decontam_sets=",
       "--mutants_per_function=1", f"--base_url={server.url}", "--classify_model=classifier",
-      "--classify_min_confidence=0.5"]) == 0
+      "--classify_min_confidence=0.5"])
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["counts"]["classify"] == {
       "classified": 3, "kept": 1, "below_min_confidence": 1, "unparsable_label": 1,

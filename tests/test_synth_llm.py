@@ -29,6 +29,7 @@ import textwrap
 
 import pytest
 
+from codepmp_jax import cli
 from codepmp_jax.synth import __main__ as synth_main
 from codepmp_jax.synth import backends
 from codepmp_jax.synth.synthesize import SynthSettings, synthesize
@@ -237,13 +238,16 @@ def test_chat_api_and_human_vs_weak(server, tmp_path, monkeypatch):
     assert r["rejected"] == weak.split("```python\n")[1].split("```")[0].rstrip("\n")
 
 
-def test_unreachable_server_is_a_clear_error(tmp_path, caplog):
+def test_unreachable_server_is_a_clear_error(tmp_path, capsys):
   corpus = _corpus(tmp_path)
   with pytest.raises(backends.BackendError, match="cannot reach the generation server at http://127.0.0.1:9/v1"):
     synthesize(_settings(corpus, tmp_path / "o", "http://127.0.0.1:9"))
-  with caplog.at_level(logging.ERROR):  # the CLI turns it into exit status 1 and a log line
-    rc = synth_main.main(_flags(corpus, tmp_path / "o", "http://127.0.0.1:9"))
-  assert rc == 1 and "cannot reach the generation server at http://127.0.0.1:9/v1" in caplog.text
+  with pytest.raises(SystemExit) as exit_:  # the CLI: one error line, exit status 2
+    cli.call(synth_main.main, synth_main.define_flags, _flags(corpus, tmp_path / "o", "http://127.0.0.1:9"))
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.splitlines()
+  assert err[-1].startswith("error: cannot reach the generation server at http://127.0.0.1:9/v1")
+  assert "Traceback" not in "\n".join(err)
 
 
 def test_kill_and_rerun_gives_the_uninterrupted_records(tmp_path, monkeypatch):

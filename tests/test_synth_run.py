@@ -14,6 +14,7 @@ import sysconfig
 import numpy as np
 import pytest
 
+from codepmp_jax import cli
 from codepmp_jax.synth import __main__ as synth_main
 from codepmp_jax.synth import corpus as corpus_lib
 from codepmp_jax.synth import dedup
@@ -41,6 +42,11 @@ def _settings(corpus: pathlib.Path, out: pathlib.Path, **overrides) -> SynthSett
 
 def _run(corpus: pathlib.Path, out: pathlib.Path, **overrides) -> dict:
   return synthesize(_settings(corpus, out, **overrides))
+
+
+def synth_cli(argv: list[str]) -> None:
+  """`python -m codepmp_jax.synth ARGV` in this process."""
+  cli.call(synth_main.main, synth_main.define_flags, argv)
 
 
 def _records(out: pathlib.Path) -> list[dict]:
@@ -75,11 +81,24 @@ def test_full_run(full):
 
 
 def test_help_documents_flags():
-  out = subprocess.run([sys.executable, "-m", "codepmp_jax.synth", "--help"], capture_output=True,
-                       text=True, cwd=pathlib.Path(__file__).resolve().parents[1], check=True).stdout
-  for flag in ("--source", "--strategy", "--max_pairs", "--shard_index", "--num_shards", "--merge", "--stage",
-               "--check", "--base_url", "--api_key_env", "--near_dup_threshold", "--decontam_sets"):
-    assert flag in out
+  proc = subprocess.run([sys.executable, "-m", "codepmp_jax.synth", "--help"], capture_output=True,
+                        text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert proc.returncode == 1, proc.stderr  # absl's --help exit status
+  for flag in ("--source", "--strategy", "--max_pairs", "--shard_index", "--num_shards", "--[no]merge", "--stage",
+               "--[no]check", "--base_url", "--api_key_env", "--near_dup_threshold", "--decontam_sets",
+               "--classify_model", "--[no]cross_worker_dedup", "--[no]execution_check"):
+    assert flag in proc.stdout
+  assert "--strategy=llm \\\n      --base_url=http://localhost:8000" in proc.stdout  # the examples as written
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+  for argv, message in (([], "error: flag --out=None: Flag --out must have a value other than None.\n"),
+                        ([f"--out={tmp_path}", "--strategy=nope"], "error: flag --strategy=nope: value should be"),
+                        ([f"--out={tmp_path}", "--classify_ratios=engineering"], "error: --classify_ratios must be")):
+    with pytest.raises(SystemExit) as exit_:
+      synth_cli(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(message)
 
 
 def test_resume_after_crash_equals_uninterrupted(corpus, full, tmp_path):
@@ -128,13 +147,13 @@ def test_worker_split_and_merge(corpus, full, tmp_path):
   assert merged["counts"]["pairs_written"] == len(ids)
   assert merged["counts"]["corpus"]["documents"] == 9
   assert merge.check_run(out)["merged_parts"] == 2
-  assert synth_main.main([f"--out={out}", "--merge"]) == 0
+  synth_cli([f"--out={out}", "--merge"])
   shutil.rmtree(out / "part-00001-of-00002")
   with pytest.raises(merge.CheckError, match=r"parts \[0\] present, expected 0..1"):
     merge.merge(out)
 
 
-def test_check_finds_tampering_and_settings_change(corpus, full, tmp_path):
+def test_check_finds_tampering_and_settings_change(corpus, full, tmp_path, capsys):
   out = tmp_path / "tampered"
   shutil.copytree(full, out)
   shard = out / "pairs-00002-of-00004.jsonl.gz"
@@ -142,7 +161,12 @@ def test_check_finds_tampering_and_settings_change(corpus, full, tmp_path):
   shard.write_bytes(gzip.compress(("\n".join(lines[:-1]) + "\n").encode()))
   with pytest.raises(merge.CheckError, match="pairs-00002-of-00004.jsonl.gz: sha256 differs"):
     merge.check_run(out)
-  assert synth_main.main([f"--out={out}", "--check"]) == 1
+  with pytest.raises(SystemExit) as exit_:
+    synth_cli([f"--out={out}", "--check"])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err  # one problem a line, no traceback
+  assert err.startswith(f"error: {out / 'pairs-00002-of-00004.jsonl.gz'}: sha256 differs from the manifest\n")
+  assert "Traceback" not in err
   with pytest.raises(ValueError, match="different settings"):  # a different run in the same out
     _run(corpus, out, mutants_per_function=3)
 

@@ -33,7 +33,6 @@ import os
 import pathlib
 import pickle
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,9 +42,10 @@ import tqdm
 from absl import app, flags, logging
 from etils import epath
 
+from codepmp_jax import cli
 from codepmp_jax.data import loaders, shards
 from codepmp_jax.data.encode import OVERLONG, EncodeStats, PairArrays, encode_records
-from codepmp_jax.data.records import BadRecordError, BadRecords, PairRecord
+from codepmp_jax.data.records import BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -450,43 +450,40 @@ def check_tokenizer(directory: str | os.PathLike, fingerprint: str) -> None:
                      f"{fingerprint[:12]}; prepare the data again with the run's tokenizer")
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   """The CLI flags (defined only when run as a program, so importing this module adds none)."""
-  flags.DEFINE_list("input", None, "Glob(s) of input files (comma-separated).")
-  flags.DEFINE_enum("format", None, sorted(loaders.FORMATS), "Input format.")
-  flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory, or a checkpoint holding one.")
-  flags.DEFINE_integer("seq_len", None, "Maximum tokens per sequence (prompt + response + eos).")
-  flags.DEFINE_string("out", None, "Output directory.")
-  flags.DEFINE_integer("num_shards", None, "Shards per split (default: one per 100k pairs).")
-  flags.DEFINE_string("split", "train:0.98,eval:0.02", "Splits as name:fraction, comma-separated.")
-  flags.DEFINE_integer("seed", 0, "Seed of the split and of generated rejected responses (gsm8k).")
-  flags.DEFINE_bool("strict", False, "Fail on the first malformed record instead of counting it.")
-  flags.DEFINE_enum("overlong", "truncate", list(OVERLONG), "Overlong sequences: truncate or drop.")
-  flags.DEFINE_integer("num_rejected", 1, "gsm8k: wrong solutions per question.")
-  flags.DEFINE_integer("num_workers", 1, "Tokenizer processes: 1 tokenizes in this process (the "
-                       "tokenizer's batch encoding already uses every core), 0 starts one per core.")
-  flags.DEFINE_string("spill_dir", "", "Local scratch directory for the record texts between the "
-                      "passes (about the size of the inputs, uncompressed; default: --out, or the "
-                      "temp dir when --out is remote); a subdirectory is made and removed in it.")
+  def define(kind: str, name: str, default: object, help: str, *args: object) -> None:
+    getattr(flags, f"DEFINE_{kind}")(name, default, *args, help, flag_values=values)
 
+  define("list", "input", None, "Glob(s) of input files (comma-separated).")
+  define("enum", "format", None, "Input format.", sorted(loaders.FORMATS))
+  define("string", "tokenizer", None, "Tokenizer file or directory, or a checkpoint holding one.")
+  define("integer", "seq_len", None, "Maximum tokens per sequence (prompt + response + eos).")
+  define("string", "out", None, "Output directory.")
+  define("integer", "num_shards", None, "Shards per split (default: one per 100k pairs).")
+  define("string", "split", "train:0.98,eval:0.02", "Splits as name:fraction, comma-separated.")
+  define("integer", "seed", 0, "Seed of the split and of generated rejected responses (gsm8k).")
+  define("bool", "strict", False, "Fail on the first malformed record instead of counting it.")
+  define("enum", "overlong", "truncate", "Overlong sequences: truncate or drop.", list(OVERLONG))
+  define("integer", "num_rejected", 1, "gsm8k: wrong solutions per question.")
+  define("integer", "num_workers", 1, "Tokenizer processes: 1 tokenizes in this process (the "
+         "tokenizer's batch encoding already uses every core), 0 starts one per core.")
+  define("string", "spill_dir", "", "Local scratch directory for the record texts between the "
+         "passes (about the size of the inputs, uncompressed; default: --out, or the temp dir "
+         "when --out is remote); a subdirectory is made and removed in it.")
 
-def main(argv: Sequence[str]) -> None:
-  del argv
+def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
+  """Prepares the data the flags describe and prints the manifest's counts."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {list(argv[1:])} (flags are --name=value)")
   for name in ("input", "format", "tokenizer", "seq_len", "out"):
-    if FLAGS[name].value is None:
+    if values[name].value is None:
       raise app.UsageError(f"--{name} is required")
-  settings = PrepareSettings(
-      inputs=tuple(FLAGS.input), format=FLAGS.format, tokenizer=FLAGS.tokenizer,
-      seq_len=FLAGS.seq_len, out=FLAGS.out, num_shards=FLAGS.num_shards, split=FLAGS.split,
-      seed=FLAGS.seed, strict=FLAGS.strict, overlong=FLAGS.overlong,
-      num_rejected=FLAGS.num_rejected, num_workers=FLAGS.num_workers, spill_dir=FLAGS.spill_dir)
-  try:
-    manifest = prepare(settings)
-  except (BadRecordError, FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  manifest = prepare(PrepareSettings(
+      inputs=tuple(values.input), format=values.format, tokenizer=values.tokenizer,
+      seq_len=values.seq_len, out=values.out, num_shards=values.num_shards, split=values.split,
+      seed=values.seed, strict=values.strict, overlong=values.overlong,
+      num_rejected=values.num_rejected, num_workers=values.num_workers, spill_dir=values.spill_dir))
   summary = {k: manifest[k] for k in ("splits", "bad_records", "truncated", "dropped")}
   for split in summary["splits"].values():
     split.pop("shards")
@@ -494,5 +491,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -14,7 +14,6 @@ outcome is counted (`classify_counts`, written to the manifest); nothing is drop
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import hashlib
@@ -160,18 +159,3 @@ def parse_ratios(text: str) -> tuple[tuple[str, float], ...]:
     raise ValueError(
         f"--classify_ratios must be type:ratio pairs like engineering:1,non-engineering:0.3, "
         f"got {text!r}") from None
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-  """The stage's flags in the synth command line (off unless --classify_model is set)."""
-  d = ClassifySettings()
-  g = parser.add_argument_group("type classification (optional stage, before the strategy)")
-  g.add_argument("--classify_model", default="",
-                 help="classifier model (released: Qwen2-1.5B); '' skips the stage")
-  g.add_argument("--classify_base_url", default="", help="its server ('': --base_url)")
-  g.add_argument("--classify_types", default=",".join(d.types), help=f"types kept, from {TYPES}")
-  g.add_argument("--classify_min_confidence", type=float, default=d.min_confidence,
-                 help="drop files labelled with a lower confidence")
-  g.add_argument("--classify_ratios",
-                 default=",".join(f"{t}:{r:g}" for t, r in d.ratios),
-                 help="fraction of each type kept, e.g. engineering:1,non-engineering:0.3")

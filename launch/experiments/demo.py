@@ -81,7 +81,7 @@ def synthesize_code_pairs(max_pairs: int, data: Mapping[str, epath.Path], out: e
   resolved GSM8K and LogiQA 2.0 test sets, in one JSONL file (reused when complete)."""
   import gzip
 
-  from codepmp_jax.synth import __main__ as synth
+  from codepmp_jax.synth.synthesize import SynthSettings, synthesize
   pairs_file = out / "code_pairs.jsonl"
   if pairs_file.exists():
     return pairs_file
@@ -91,9 +91,9 @@ def synthesize_code_pairs(max_pairs: int, data: Mapping[str, epath.Path], out: e
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
       os.symlink(str(data[name]), str(link))
-  synth.run(synth.parse_flags([
-      "--source=stdlib", "--strategy=mutate", f"--out={out / 'code_pairs'}",
-      f"--max_pairs={max_pairs}", "--seed=0", f"--eval_data_dir={eval_dir}", "--log_level=WARNING"]))
+  synthesize(SynthSettings(out=str(out / "code_pairs"), source=("stdlib",), strategy="mutate",
+                           max_pairs=max_pairs, seed=0, workers=min(2, os.cpu_count() or 1),
+                           eval_data_dir=str(eval_dir)))
   lines = []
   for shard in sorted((out / "code_pairs").glob("*.jsonl.gz")):
     with gzip.open(shard, "rt", encoding="utf-8") as f:

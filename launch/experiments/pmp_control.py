@@ -34,6 +34,7 @@ from typing import Sequence
 
 import ml_collections
 import numpy as np
+from absl import flags
 from etils import epath
 
 from codepmp_jax.data import builtin, registry
@@ -418,33 +419,47 @@ def run(s: ControlSettings) -> dict:
 # --- Command line.
 
 
-def define_flags() -> None:
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   """The command-line flags (defined only when run as a program, so importing adds none)."""
-  from absl import flags
   defaults = ControlSettings()
-  flags.DEFINE_string("out", defaults.out, "Output directory (every stage's files).")
-  flags.DEFINE_bool("smoke", False, "The tiny wiring check instead of the full run.")
-  flags.DEFINE_string("code_pairs_file", "", "Code pairs JSONL[.gz] to use instead of synthesizing.")
-  flags.DEFINE_list("ks", [str(k) for k in defaults.ks], "GSM8K training questions per RM.")
-  flags.DEFINE_list("seeds", [str(x) for x in defaults.seeds], "Seeds per point (>= 2 for CIs).")
-  flags.DEFINE_integer("code_pairs", defaults.code_pairs, "Code pairs to synthesize (both halves).")
-  flags.DEFINE_integer("base_steps", defaults.base_steps, "Base LM pretraining steps.")
-  flags.DEFINE_integer("continue_steps", defaults.continue_steps, "LM / PMP continuation steps.")
-  flags.DEFINE_integer("eval_limit", 0, "Test questions per evaluation (0: the whole test sets).")
+
+  def define(kind: str, name: str, default: object, help: str) -> None:
+    getattr(flags, f"DEFINE_{kind}")(name, default, help, flag_values=values)
+
+  define("string", "out", defaults.out, "Output directory (every stage's files).")
+  define("bool", "smoke", False, "The tiny wiring check instead of the full run.")
+  define("string", "code_pairs_file", "", "Code pairs JSONL[.gz] to use instead of synthesizing.")
+  define("list", "ks", [str(k) for k in defaults.ks], "GSM8K training questions per RM.")
+  define("list", "seeds", [str(x) for x in defaults.seeds], "Seeds per point (>= 2 for CIs).")
+  define("integer", "code_pairs", defaults.code_pairs, "Code pairs to synthesize (both halves).")
+  define("integer", "base_steps", defaults.base_steps, "Base LM pretraining steps.")
+  define("integer", "continue_steps", defaults.continue_steps, "LM / PMP continuation steps.")
+  define("integer", "eval_limit", 0, "Test questions per evaluation (0: the whole test sets).")
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  from absl import flags
-  f = flags.FLAGS
-  if f.smoke:
-    settings = smoke_settings(f.out, f.code_pairs_file)
-  else:
-    settings = ControlSettings(
-        out=f.out, code_pairs=f.code_pairs, ks=tuple(int(k) for k in f.ks), seeds=tuple(int(x) for x in f.seeds),
-        base_steps=f.base_steps, continue_steps=f.continue_steps, code_pairs_file=f.code_pairs_file,
-        eval_limit=f.eval_limit or None)
-  run(settings)
+def _ints(name: str, text: list[str]) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in text)
+  except ValueError:
+    raise ValueError(f"--{name}: expected comma-separated integers, got {','.join(text)!r}") from None
+
+
+def settings_from_flags(values: flags.FlagValues = flags.FLAGS) -> ControlSettings:
+  """The settings the parsed flags describe (`--smoke`: `smoke_settings`)."""
+  if values.smoke:
+    return smoke_settings(values.out, values.code_pairs_file)
+  return ControlSettings(
+      out=values.out, code_pairs=values.code_pairs, ks=_ints("ks", values.ks),
+      seeds=_ints("seeds", values.seeds), base_steps=values.base_steps,
+      continue_steps=values.continue_steps, code_pairs_file=values.code_pairs_file,
+      eval_limit=values.eval_limit or None)
+
+
+def main(argv: list[str], values: flags.FlagValues = flags.FLAGS) -> None:
+  """Runs the experiment the flags describe."""
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
+  run(settings_from_flags(values))
 
 
 if __name__ == "__main__":
