@@ -1,0 +1,94 @@
+"""The GPU run rehearsed on CPU: launch/gpu_run.sh's stages at a tiny size, with the modules the
+GPU machine lacks hidden, so that the device calls can fail on nothing but the GPU."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from launch.experiments import gpu_reproduction as g
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_gguf(path: pathlib.Path) -> pathlib.Path:
+  """A tiny random Llama as a GGUF whose byte-level vocabulary covers every byte (for code)."""
+  import torch
+  import transformers
+  from tests import hf_models
+  config = transformers.LlamaConfig(
+      vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+      tie_word_embeddings=False)
+  torch.manual_seed(0)
+  hf_models.write_tiny_gguf(transformers.LlamaForCausalLM(config).eval(), path, ["F32"])
+  return path
+
+
+def _rehearse(out: pathlib.Path, files: pathlib.Path, stages: str) -> str:
+  """One device call's stages as gpu_run.sh runs them, here, at the rehearsal's size."""
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  done = subprocess.run(
+      [sys.executable, "-m", "launch.experiments.gpu_reproduction", "--cpu_rehearsal",
+       f"--out={out}", f"--files={files}", f"--stages={stages}",
+       f"--rehearsal_source={ROOT / 'codepmp_jax' / 'synth'}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+  return done.stdout
+
+
+def test_absent_modules_are_those_the_gpu_lacks():
+  absent = g.absent_modules()
+  assert {"tensorflow", "champ_dataset", "natsort"} <= absent  # installed here, not there
+  assert not {"ml_collections", "tensorboardX", "gguf", "jax", "flax", "torch", "numpy"} & absent
+  assert "ml_collections" in g.absent_modules(carried=())
+
+
+def test_hidden_module_fails_to_import_in_the_child():
+  code = ("from launch.experiments import gpu_reproduction as g; g.hide_absent_modules()\n"
+          "try:\n  import tensorflow\nexcept ModuleNotFoundError as e:\n  print('hidden', e.name)\n"
+          "import numpy, etils")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == "hidden tensorflow"
+
+
+def test_gguf_parts_join_and_check(tmp_path):
+  files = tmp_path / "files"
+  blob = os.urandom(1001)
+  for i in range(g.GGUF_PARTS):
+    part = pathlib.Path(g.gguf_part(files, i))
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(blob[i * 501:(i + 1) * 501])
+  import hashlib
+  (files / "gguf.json").write_text(json.dumps(
+      {"name": "m.gguf", "bytes": 1001, "sha256": hashlib.sha256(blob).hexdigest()}))
+  assert pathlib.Path(g.join_gguf(files, tmp_path / "joined")).read_bytes() == blob
+  pathlib.Path(g.gguf_part(files, 1)).write_bytes(b"x")
+  (tmp_path / "joined" / "m.gguf").unlink()
+  with pytest.raises(ValueError, match="sha256"):
+    g.join_gguf(files, tmp_path / "joined")
+
+
+@pytest.mark.slow
+def test_cpu_rehearsal_of_both_device_calls(tmp_path):
+  files, out = tmp_path / ".gpu", tmp_path / "run"
+  settings = g.rehearsal_settings(str(out), str(files), "")
+  sizes = g.stage_files(settings, str(files), str(tiny_gguf(tmp_path / "tiny.gguf")))
+  assert {f"{files}/data/gsm8k/train.jsonl", f"{files}/tokenizer/tokenizer.json",
+          f"{files}/gguf.part1", f"{files}.part2/gguf.part2"} <= set(sizes)
+  _rehearse(out, files, "pairs,prepare")  # call 1
+  printed = _rehearse(out, files, "backbone,pretrain,rm")  # call 2
+  results = json.loads((out / "results.json").read_text())
+  assert results["pretraining"]["step"] >= 1
+  for metric in ("gsm8k_pairwise", "logiqa2_mc", "champ_bon2"):
+    for arm in g.ARMS + ("pmp-base",):
+      cell = results["summary"][metric]["8"][arm]
+      assert cell["n"] == 2 and 0 <= cell["mean"] <= 1 or arm == "pmp-base"
+  assert "| gsm8k_pairwise | 8 |" in (out / "results.md").read_text()
+  assert (out / "results.png").stat().st_size > 0
+  assert "pmp vs base" in printed
