@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.abc
 import importlib.metadata
 import importlib.util
 import json
@@ -75,7 +74,7 @@ tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torch
 transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig
 werkzeug wheel wrapt xarray xxhash yarl zipp
 """.split())
-WHEELS = ("ml-collections==1.1.0", "tensorboardX==2.6.5", "gguf==0.19.0")
+WHEELS = ("ml-collections==1.1.0", "tensorboardX==2.6.5", "gguf==0.19.0", "datasketch==2.0.0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,18 +125,6 @@ def rehearsal_settings(out: str, files: str, source: str) -> GpuSettings:
 # --- What the GPU machine has.
 
 
-class _AbsentFinder(importlib.abc.MetaPathFinder):
-  """Refuses top-level modules whose distribution the GPU machine lacks (as it would)."""
-
-  def __init__(self, absent: frozenset[str]):
-    self.absent = absent
-
-  def find_spec(self, name, path=None, target=None):
-    if name.partition(".")[0] in self.absent:
-      raise ModuleNotFoundError(f"No module named {name!r} (absent on the GPU machine)", name=name)
-    return None
-
-
 def _normalize(dist: str) -> str:
   return dist.lower().replace("_", "-").replace(".", "-")
 
@@ -150,10 +137,11 @@ def absent_modules(carried: Sequence[str] = WHEELS) -> frozenset[str]:
 
 
 def hide_absent_modules() -> None:
-  """From now on, importing a module the GPU machine lacks fails here too (children inherit it
-  through forked workers and `_python_module`)."""
-  if not any(isinstance(f, _AbsentFinder) for f in sys.meta_path):
-    sys.meta_path.insert(0, _AbsentFinder(absent_modules()))
+  """From now on, importing a module the GPU machine lacks fails here too, and
+  `importlib.util.find_spec` finds none (a None entry in sys.modules; forked workers and
+  `_python_module` children inherit it)."""
+  for module in absent_modules():
+    sys.modules.setdefault(module, None)
 
 
 def _python_module(module: str, args: Sequence[str], hide_absent: bool) -> None:
