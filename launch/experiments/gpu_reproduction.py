@@ -85,8 +85,8 @@ class GpuSettings:
   stages: tuple[str, ...] = STAGES
   # Code pairs: synthesized from these sources ('stdlib' and directories; '' adds site-packages).
   sources: tuple[str, ...] = ("stdlib", "")
-  code_pairs: int = 120_000
-  synth_workers: int = 0  # 0: every core
+  code_pairs: int = 80_000
+  synth_workers: int = 0  # 0: all cores but two (the benchmark runs beside it in call 1)
   seq_len: int = 512
   pretrain_batch: int = 64
   pretrain_epochs: float = 1.0
@@ -263,7 +263,7 @@ def code_pairs(s: GpuSettings, out: epath.Path) -> epath.Path:
   sources = [x or sysconfig.get_paths()["purelib"] for x in s.sources]
   _python_module("codepmp_jax.synth", [
       f"--source={','.join(sources)}", "--strategy=mutate", f"--max_pairs={s.code_pairs}",
-      f"--workers={s.synth_workers or os.cpu_count()}", f"--out={pairs}",
+      f"--workers={s.synth_workers or max(1, (os.cpu_count() or 1) - 2)}", f"--out={pairs}",
       f"--eval_data_dir={epath.Path(s.files) / 'data'}", "--log_level=WARNING"], s.hide_absent)
   return pairs
 
