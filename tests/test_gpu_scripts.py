@@ -92,3 +92,12 @@ def test_cpu_rehearsal_of_both_device_calls(tmp_path):
   assert "| gsm8k_pairwise | 8 |" in (out / "results.md").read_text()
   assert (out / "results.png").stat().st_size > 0
   assert "pmp vs base" in printed
+
+
+def test_sources_name_site_packages_directories(tmp_path, capsys):
+  paths = g.source_paths(["stdlib", str(tmp_path), "etils", "no_such_package_here"])
+  assert paths[:2] == ["stdlib", str(tmp_path)]
+  assert paths[2].endswith(os.path.join("site-packages", "etils"))
+  assert "skipped: no_such_package_here" in capsys.readouterr().out
+  with pytest.raises(FileNotFoundError, match="none of the code sources"):
+    g.source_paths(["no_such_package_here"])

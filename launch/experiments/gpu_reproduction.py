@@ -83,8 +83,14 @@ class GpuSettings:
   out: str = "runs/gpu_reproduction"
   files: str = ".gpu"  # what --stage_files wrote (data/, champ_candidates.jsonl, tokenizer/, gguf)
   stages: tuple[str, ...] = STAGES
-  # Code pairs: synthesized from these sources ('stdlib' and directories; '' adds site-packages).
-  sources: tuple[str, ...] = ("stdlib", "")
+  # Code pairs: synthesized from these sources: 'stdlib', directories, and names of packages in
+  # the running interpreter's site-packages (those absent there are skipped, and said so). The
+  # packages are big ones of the GPU machine's image; a bounded list keeps the corpus scan short.
+  sources: tuple[str, ...] = (
+      "stdlib", "transformers", "torch", "sympy", "scipy", "sklearn", "pandas", "jax", "flax",
+      "optax", "numpy", "networkx", "matplotlib", "statsmodels", "skimage", "numba", "lightning",
+      "pytorch_lightning", "botorch", "gpytorch", "torchvision", "timm", "peft", "accelerate",
+      "onnx", "triton", "sentence_transformers", "huggingface_hub", "orbax", "chex", "equinox")
   code_pairs: int = 80_000
   synth_workers: int = 0  # 0: all cores but two (the benchmark runs beside it in call 1)
   seq_len: int = 512
@@ -117,7 +123,7 @@ def rehearsal_settings(out: str, files: str, source: str) -> GpuSettings:
   """The same stages at a size a loaded CPU runs in a few minutes (the tiny GGUF in `files`)."""
   return GpuSettings(
       out=out, files=files, sources=(source,), code_pairs=48, synth_workers=2, seq_len=64,
-      pretrain_batch=4, pretrain_epochs=1.0, ks=(8,), seeds=(0, 1), rm_batch=4, rm_min_steps=2,
+      pretrain_batch=8, pretrain_epochs=1.0, ks=(8,), seeds=(0, 1), rm_batch=8, rm_min_steps=2,
       param_dtype="float32", dtype="float32", eval_limit=8, bon_ns=(1, 2), score_batch=8,
       score_length=64, hide_absent=True)
 
@@ -255,12 +261,30 @@ def _real_backbone(s: GpuSettings, config):
   return config
 
 
+def source_paths(sources: Sequence[str]) -> list[str]:
+  """'stdlib' and existing paths as given; other names as directories of site-packages."""
+  site = epath.Path(sysconfig.get_paths()["purelib"])
+  paths, skipped = [], []
+  for name in sources:
+    if name == "stdlib" or os.path.exists(name):
+      paths.append(name)
+    elif (site / name).is_dir():
+      paths.append(str(site / name))
+    else:
+      skipped.append(name)
+  if skipped:
+    print(f"[gpu_reproduction] sources not in {site}, skipped: {', '.join(skipped)}", flush=True)
+  if not paths:
+    raise FileNotFoundError(f"none of the code sources {list(sources)} exists")
+  return paths
+
+
 def code_pairs(s: GpuSettings, out: epath.Path) -> epath.Path:
   """Synthesizes the code pairs (mutate strategy) with every core; returns the pairs directory."""
   pairs = out / "pairs"
   if (pairs / "manifest.json").exists():
     return pairs
-  sources = [x or sysconfig.get_paths()["purelib"] for x in s.sources]
+  sources = source_paths(s.sources)
   _python_module("codepmp_jax.synth", [
       f"--source={','.join(sources)}", "--strategy=mutate", f"--max_pairs={s.code_pairs}",
       f"--workers={s.synth_workers or max(1, (os.cpu_count() or 1) - 2)}", f"--out={pairs}",
