@@ -1,20 +1,27 @@
 """Self-describing checkpoints: parameters (orbax), the model config and the tokenizer together.
 
 Two kinds share one layout for the model part:
-- a model checkpoint (`save_model`), written by `convert` and at the end of training:
-  `params/`, `model_config.json`, `tokenizer/`;
+- a model checkpoint (`save_model`), written by `convert`: `params/` (canonical, unscanned
+  layout), `model_config.json`, `tokenizer/`;
 - a training workdir, whose `checkpoints/<step>/` (orbax CheckpointManager) hold the whole train
-  state plus the data position, next to `model_config.json` and `tokenizer/` in the workdir.
-`load_model` reads either, so `init_from`, `score` and `eval` take both.
+  state (in the run's layout, scanned or not) plus the data position, next to
+  `model_config.json` and `tokenizer/` in the workdir.
+`load_model` and `restore_params` read either, so `init_from`, `score` and `eval` take both.
+
+Every path goes through `etils.epath`: `gs://...` reaches orbax unchanged, a local path is made
+absolute (orbax needs that), never the other way round.
 """
 from __future__ import annotations
 
-import pathlib
+import json
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig
@@ -24,11 +31,27 @@ TOKENIZER_DIR = "tokenizer"
 PARAMS_DIR = "params"
 TRAIN_CHECKPOINTS_DIR = "checkpoints"
 
+PathLike = str | os.PathLike
 
-def save_model(path: str | pathlib.Path, params: Any, model_config: ModelConfig,
-               tokenizer: Any = None) -> pathlib.Path:
+
+def as_path(path: PathLike) -> epath.Path:
+  """`path` as an epath: a URI (`gs://b/x`) unchanged, a local path made absolute."""
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def is_remote(path: PathLike) -> bool:
+  return "://" in os.fspath(path)
+
+
+def save_model_config(path: PathLike, model_config: ModelConfig) -> None:
+  as_path(path).write_text(json.dumps(model_config.to_dict(), indent=2, sort_keys=True))
+
+
+def save_model(path: PathLike, params: Any, model_config: ModelConfig,
+               tokenizer: Any = None) -> epath.Path:
   """Writes params (canonical unscanned layout), model config and tokenizer under `path`."""
-  path = pathlib.Path(path).absolute()
+  path = as_path(path)
   path.mkdir(parents=True, exist_ok=True)
   if "layers" in params:
     params = transformer.unstack_layers(params)
@@ -36,65 +59,135 @@ def save_model(path: str | pathlib.Path, params: Any, model_config: ModelConfig,
   checkpointer.save(path / PARAMS_DIR, params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    model_config.save(path / MODEL_CONFIG_FILE)
+    save_model_config(path / MODEL_CONFIG_FILE, model_config)
     if tokenizer is not None:
       tokenizer.save(path / TOKENIZER_DIR)
   return path
 
 
-def latest_train_step(workdir: str | pathlib.Path) -> int | None:
+def latest_train_step(workdir: PathLike) -> int | None:
   """The newest finished step under `workdir/checkpoints`, or None."""
-  root = pathlib.Path(workdir) / TRAIN_CHECKPOINTS_DIR
-  steps = [int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / "state").is_dir()]
+  root = as_path(workdir) / TRAIN_CHECKPOINTS_DIR
+  if not root.is_dir():
+    return None
+  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
   return max(steps) if steps else None
 
 
-def load_model_config(path: str | pathlib.Path) -> ModelConfig:
+def load_model_config(path: PathLike) -> ModelConfig:
   """The model config stored beside a model checkpoint or in a training workdir."""
-  file = pathlib.Path(path) / MODEL_CONFIG_FILE
+  file = as_path(path) / MODEL_CONFIG_FILE
   if not file.is_file():
     raise FileNotFoundError(f"{file}: no model config; is {path} a checkpoint or training workdir?")
-  return ModelConfig.load(file)
-
-
-def load_model(path: str | pathlib.Path, shardings: Any = None) -> tuple[Any, ModelConfig]:
-  """Params (canonical layout) and model config from a model checkpoint or a training workdir.
-
-  `shardings`, a tree of NamedShardings matching the canonical params, places the restored arrays
-  directly on devices (no host copy of the whole model).
-  """
-  path = pathlib.Path(path).absolute()
-  config = load_model_config(path)
-  abstract = abstract_params(config)
-  if shardings is not None:
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  if (path / PARAMS_DIR).is_dir():
-    params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, abstract)
-    return params, config
-  step = latest_train_step(path)
-  if step is None:
-    raise FileNotFoundError(f"{path}: neither {PARAMS_DIR}/ nor a training checkpoint under "
-                            f"{TRAIN_CHECKPOINTS_DIR}/")
-  return restore_train_params(path, step, config, abstract), config
-
-
-def restore_train_params(workdir: pathlib.Path, step: int, config: ModelConfig, abstract: Any) -> Any:
-  """Only the params of a training checkpoint (optimizer state is not read)."""
-  state_dir = workdir / TRAIN_CHECKPOINTS_DIR / str(step) / "state"
-  target = transformer.stack_layers(abstract, config.num_layers) if config.scan_layers else abstract
-  restored = ocp.PyTreeCheckpointer().restore(
-      state_dir, args=ocp.args.PyTreeRestore(
-          item={"params": target}, partial_restore=True,
-          restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)}))
-  params = restored["params"]
-  return transformer.unstack_layers(params) if config.scan_layers else params
+  return ModelConfig.from_dict(json.loads(file.read_text()))
 
 
 def abstract_params(config: ModelConfig) -> Any:
   """Shapes and dtypes of the canonical (unscanned) params of `config`, without allocating them."""
   canonical = config.replace(scan_layers=False)
   return jax.eval_shape(lambda: nn.unbox(transformer.init_params(canonical, jax.random.key(0))))
+
+
+def _stacked_sharding(s: NamedSharding) -> NamedSharding:
+  return NamedSharding(s.mesh, PartitionSpec(None, *s.spec))
+
+
+def _unstacked_sharding(s: NamedSharding) -> NamedSharding:
+  return NamedSharding(s.mesh, PartitionSpec(*tuple(s.spec)[1:]))
+
+
+def _abstract(a: Any, sharding: Any = None, shape: tuple[int, ...] | None = None) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(a.shape if shape is None else shape, a.dtype, sharding=sharding)
+
+
+def _stored_target(path: epath.Path, config: ModelConfig, layer_shardings: Any,
+                   other_shardings: dict) -> tuple[str, Any]:
+  """Where `path`'s params are stored (`params` dir or a train step) and their abstract tree,
+  in the stored layout, each leaf with the sharding of its canonical counterpart (or none)."""
+  canonical = abstract_params(config)
+  layers = [f"layers_{i}" for i in range(config.num_layers)]
+
+  def place(name, abstract):
+    shard = layer_shardings if name in layers else other_shardings.get(name)
+    if shard is None:
+      return jax.tree.map(_abstract, abstract)
+    return jax.tree.map(_abstract, abstract, shard)
+
+  if (path / PARAMS_DIR).is_dir():
+    return "params", {name: place(name, a) for name, a in canonical.items()}
+  step = latest_train_step(path)
+  if step is None:
+    raise FileNotFoundError(f"{path}: neither {PARAMS_DIR}/ nor a training checkpoint under "
+                            f"{TRAIN_CHECKPOINTS_DIR}/")
+  target = {name: place(name, a) for name, a in canonical.items() if name not in layers}
+  if config.scan_layers:  # a scanned run stores one `layers` subtree with a leading layer axis
+    first = place(layers[0], canonical[layers[0]])
+    target["layers"] = jax.tree.map(
+        lambda a: _abstract(a, None if a.sharding is None else _stacked_sharding(a.sharding),
+                            (config.num_layers,) + a.shape), first)
+  else:
+    target.update({name: place(name, canonical[name]) for name in layers})
+  return f"checkpoints/{step}", target
+
+
+def _restore_stored(path: epath.Path, where: str, target: Any) -> Any:
+  if where == "params":
+    return ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+  state_dir = path / where / "state"
+  restored = ocp.PyTreeCheckpointer().restore(
+      state_dir, args=ocp.args.PyTreeRestore(
+          item={"params": target}, partial_restore=True,
+          restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)}))
+  return restored["params"]
+
+
+def load_model(path: PathLike, shardings: Any = None) -> tuple[Any, ModelConfig]:
+  """Params (canonical layout, as stored dtype) and model config from a model checkpoint or a
+  training workdir (its newest step).
+
+  `shardings`, a tree of NamedShardings matching the canonical params, places the restored arrays
+  directly on devices (no host copy of the whole model).
+  """
+  path = as_path(path)
+  config = load_model_config(path)
+  layer = others = None
+  if shardings is not None:
+    layer, others = shardings["layers_0"], shardings
+  where, target = _stored_target(path, config, layer, others or {})
+  params = _restore_stored(path, where, target)
+  return (transformer.unstack_layers(params) if "layers" in params else params), config
+
+
+def restore_params(path: PathLike, target: Any) -> tuple[Any, ModelConfig]:
+  """`path`'s params straight into a run's layout, dtypes and shardings; and their model config.
+
+  `target` is the run's abstract params (ShapeDtypeStructs with NamedShardings), scanned
+  (`layers`) or not. Each stored array is read onto the devices with the sharding of its place in
+  the run (a scanned run's layer shardings minus the layer axis), then one jit stacks or unstacks
+  the layers and casts to the run's dtypes with the run's out_shardings: no device ever holds a
+  whole copy of the model, and a bf16 checkpoint becomes the run's float32 master weights.
+  Returns only the subtrees the checkpoint has (`params` keys of `target` it lacks are left out).
+  """
+  path = as_path(path)
+  config = load_model_config(path)
+  shardings = jax.tree.map(lambda a: a.sharding, target)
+  scanned = "layers" in target
+  layer = (jax.tree.map(_unstacked_sharding, shardings["layers"]) if scanned
+           else shardings.get("layers_0"))
+  where, stored = _stored_target(path, config, layer, shardings)
+  params = _restore_stored(path, where, stored)
+  layer_keys = {"layers"} if scanned else {f"layers_{i}" for i in range(config.num_layers)}
+  keys = [k for k in target if k in layer_keys or k in params]
+
+  def relayout(p):
+    if scanned and "layers" not in p:
+      p = transformer.stack_layers(p, config.num_layers)
+    elif not scanned and "layers" in p:
+      p = transformer.unstack_layers(p)
+    return {k: jax.tree.map(lambda x, t: x.astype(t.dtype), p[k], target[k]) for k in keys}
+
+  out = jax.jit(relayout, out_shardings={k: shardings[k] for k in keys})(params)
+  return out, config
 
 
 class TrainCheckpoints:
@@ -105,13 +198,13 @@ class TrainCheckpoints:
   whose loss was finite, so the newest checkpoint is always a good one.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, keep: int, keep_steps: tuple[int, ...] = (),
+  def __init__(self, workdir: PathLike, keep: int, keep_steps: tuple[int, ...] = (),
                async_save: bool = True):
     policies = [ocp.checkpoint_managers.LatestN(keep)]
     if keep_steps:
       policies.append(ocp.checkpoint_managers.CustomSteps(list(keep_steps)))
     self.manager = ocp.CheckpointManager(
-        pathlib.Path(workdir).absolute() / TRAIN_CHECKPOINTS_DIR,
+        as_path(workdir) / TRAIN_CHECKPOINTS_DIR,
         options=ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies)),
@@ -131,7 +224,8 @@ class TrainCheckpoints:
     return restored["state"], restored["data"]
 
   def reached_preemption(self, step: int) -> bool:
-    """True on every process once any of them was told to stop (multi-host preemption sync)."""
+    """True on every process at the same step once any of them got a preemption notice (JAX's
+    preemption sync point; False in a single process). Call it at every step on every process."""
     return self.manager.reached_preemption(step)
 
   def close(self) -> None:

@@ -25,8 +25,11 @@ def default_config() -> ml_collections.ConfigDict:
   """The full set of training fields.
 
   model: ModelConfig fields (vocab_size 0 = the tokenizer's). With `init_from` only the numerics
-    (dtype, param_dtype, remat_policy, scan_layers) are taken from here, the rest from the checkpoint.
-  init_from: a model checkpoint or training workdir to take params from (not the optimizer state).
+    (`train.NUMERICS_FIELDS`: dtype, param_dtype, remat_policy, scan_layers, attention) are taken
+    from here, the rest from the checkpoint.
+  init_from: a model checkpoint or training workdir to take params from (not the optimizer state),
+    cast to model.param_dtype; "" or "scratch" = fresh params. A recipe that must start from a
+    checkpoint sets it to `config_dict.placeholder(str)` (None): the run then refuses to start.
   decay_from: `WORKDIR[:STEP]` of a warmup-stable-decay run: continue its full train state and
     data position from that stable-phase step through a decay of `train.decay_steps` steps (the
     scaling-curve recipe; keep those steps with `checkpoint.keep_steps`).
@@ -35,8 +38,14 @@ def default_config() -> ml_collections.ConfigDict:
   data: the input pipeline (`data.pipeline`), plus `data.builtin` (`data.builtin`): data that
     builds itself on first use.
   loss: `rm_coef * BT + lm_coef * LM + center_coef * centering`; loss_type sigmoid | logexp.
-  train: global_batch pairs per step, split into `microbatches`; total_steps 0 = `epochs` over the data.
+  train: global_batch pairs per step, split into `microbatches`; total_steps 0 = `epochs` over the
+    data (the full batches of each epoch); eval_microbatches 0 = microbatches; lm_chunk: the LM
+    loss runs the head this many positions at a time (0 = full logits).
   mesh_shape: (data, fsdp, tensor) sizes, one may be -1; logical_rules: None = sharding.DEFAULT_RULES.
+  dcn_mesh_shape: slices along each mesh axis for a multi-slice pod (product = number of slices,
+    e.g. (2, 1, 1): data parallel across 2 slices, FSDP inside each); (1, 1, 1) = one slice.
+  compilation_cache_dir: JAX's persistent compilation cache; "auto" = <workdir>/compile_cache on
+    accelerators and multi-process runs (off on one CPU process), "" = off.
   checkpoint.keep_steps: steps kept beyond the newest `keep` (stable-phase checkpoints).
   distributed: `initialize` = jax.distributed.initialize() with auto-detection (TPU, Slurm, ...).
   """
@@ -52,8 +61,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.optimizer = default_optimizer_config()
   config.train = ml_collections.ConfigDict(dict(
       global_batch=1024, microbatches=1, seq_len=1024, total_steps=0, epochs=1.0,
-      log_every=10, eval_every=100, eval_batch=0, eval_batches=0, decay_steps=0))
+      log_every=10, eval_every=100, eval_batch=0, eval_batches=0, eval_microbatches=0,
+      decay_steps=0, lm_chunk=256))
   config.mesh_shape = (1, -1, 1)
+  config.dcn_mesh_shape = (1, 1, 1)
+  config.compilation_cache_dir = "auto"
   config.logical_rules = ml_collections.FieldReference(None, field_type=list)
   config.checkpoint = ml_collections.ConfigDict(dict(save_every=500, keep=3, keep_steps=()))
   config.distributed = ml_collections.ConfigDict(dict(

@@ -98,7 +98,8 @@ def lm_cross_entropy(
   Returns sums rather than a mean so microbatches and devices combine exactly. Logits may be bf16:
   the log-softmax normaliser is a float32 logsumexp and the target logit is gathered before the
   upcast. Whether XLA still keeps a float32 copy of the `[B, L, V]` logits depends on the backend
-  (the CPU one does); `chunked_lm_cross_entropy` avoids materialising the logits at all.
+  (the CPU one does); `chunked_lm_cross_entropy` (what the train step uses) avoids materialising
+  the logits at all; this is its reference.
   """
   if logits.shape[:2] != input_ids.shape or input_ids.shape != lm_mask.shape:
     raise ValueError(
@@ -223,25 +224,6 @@ def metrics_from_sums(sums: dict[str, jax.Array], cfg: Any) -> dict[str, jax.Arr
       "rejected_reward_mean": sums["rejected_sum"] / pairs,
       "rejected_reward_std": std(sums["rejected_sum"], sums["rejected_sq_sum"]),
   }
-
-
-def pmp_loss(
-    chosen_rewards: jax.Array,
-    rejected_rewards: jax.Array,
-    lm_sum: jax.Array,
-    lm_count: jax.Array,
-    margin: jax.Array | None,
-    cfg: Any,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The PMP / RM objective of one full batch and its metrics.
-
-  `loss = rm_coef * mean(bt) + lm_coef * lm_sum / max(lm_count, 1) + center_coef * mean((r_c + r_r)^2)`;
-  metrics: loss, bt_loss, lm_loss, accuracy (strict `>`, ties count as wrong), margin (mean
-  r_c - r_r), chosen/rejected reward mean and std. For gradient accumulation use `pair_sums` and
-  `loss_from_sums` with global counts instead.
-  """
-  sums = pair_sums(chosen_rewards, rejected_rewards, lm_sum, lm_count, margin, cfg)
-  return loss_from_sums(sums, cfg), metrics_from_sums(sums, cfg)
 
 
 def masked_pair_sums(

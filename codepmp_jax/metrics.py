@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import time
 from typing import Any, Mapping
 
@@ -15,6 +14,7 @@ import numpy as np
 import tensorboardX
 import tqdm
 from absl import logging
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_KEYS = ("loss", "accuracy", "eval/accuracy")
@@ -73,7 +73,7 @@ def _as_float(key: str, value: Any) -> float:
   return float(array)
 
 
-def _keep_through_step(path: pathlib.Path, last_step: int) -> None:
+def _keep_through_step(path: epath.Path, last_step: int) -> None:
   """Rewrites `path` without the lines of steps after `last_step` (they are redone on resume).
 
   A torn last line (a kill during a write) is dropped with a warning; a broken line elsewhere is
@@ -96,9 +96,9 @@ def _keep_through_step(path: pathlib.Path, last_step: int) -> None:
   if dropped:
     logging.info("%s: dropped %d lines after step %d, which the resumed run redoes",
                  path, dropped, last_step)
-  tmp = path.with_suffix(".jsonl.tmp")
+  tmp = path.parent / (path.name + ".tmp")
   tmp.write_text("".join(line + "\n" for line in kept))
-  os.replace(tmp, path)
+  tmp.replace(path)
 
 
 class MetricWriter:
@@ -110,7 +110,8 @@ class MetricWriter:
   TensorBoard event files in the workdir, and advances a tqdm bar showing loss and accuracy.
   Resuming at `start_step` first removes lines of steps after `start_step`, and tells
   TensorBoard to purge those steps, so a run resumed from an earlier checkpoint has no duplicate
-  or stale steps.
+  or stale steps. The workdir may be remote (`gs://`): object stores cannot append, so there the
+  file is rewritten whole at each write (a few KB per thousand steps).
   """
 
   def __init__(self, workdir: str | os.PathLike, total_steps: int, start_step: int = 0,
@@ -118,12 +119,17 @@ class MetricWriter:
     self.active = jax.process_index() == 0
     if not self.active:
       return
-    workdir = pathlib.Path(workdir)
+    text = os.fspath(workdir)
+    workdir = epath.Path(text if "://" in text else os.path.abspath(text))
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / METRICS_FILE
-    if path.exists():
-      _keep_through_step(path, start_step)
-    self._jsonl = path.open("a")
+    self._path = workdir / METRICS_FILE
+    if self._path.exists():
+      _keep_through_step(self._path, start_step)
+    self._remote = "://" in text
+    if self._remote:
+      self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+    else:
+      self._jsonl = self._path.open("a")
     # tensorboardX names event files by the second they were opened: without a unique suffix a
     # writer restarted within the same second would overwrite the previous file.
     self._tensorboard = tensorboardX.SummaryWriter(
@@ -141,8 +147,12 @@ class MetricWriter:
       raise ValueError("'step' is reserved for the step number")
     record = {"step": int(step)}
     record.update({k: v if math.isfinite(v) else None for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    if self._remote:
+      self._lines.append(json.dumps(record) + "\n")
+      self._path.write_text("".join(self._lines))
+    else:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
     for key, value in scalars.items():
       self._tensorboard.add_scalar(key, value, global_step=int(step))
     self._tensorboard.flush()
@@ -160,7 +170,8 @@ class MetricWriter:
     """Flushes and closes the files and the progress bar."""
     if not self.active:
       return
-    self._jsonl.close()
+    if not self._remote:
+      self._jsonl.close()
     self._tensorboard.close()
     self._bar.close()
 

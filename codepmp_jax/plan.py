@@ -1,20 +1,36 @@
 """Memory and FLOPs of a training config on N devices, before renting them.
 
   python -m codepmp_jax.plan --config=configs/pmp_qwen2_7b.py --devices=64 --device_memory=80GiB
+  python -m codepmp_jax.plan --config=configs/pmp_qwen2_7b.py --hardware=v5p-64
 
-Lowers and compiles the real train step for N fake CPU devices with the config's mesh, from
-abstract shapes only (nothing the size of the model is allocated), and prints per-device memory:
-parameters and optimizer state (from their shardings), and the compiled program's arguments,
-outputs and temporaries (XLA's memory analysis), plus FLOPs per step. Try `--config.model.remat_policy`,
-`--config.mesh_shape` and `--config.train.microbatches` to see what each does to the numbers.
+Lowers and compiles the real train step and eval step for N fake CPU devices with the config's
+mesh, from abstract shapes only (nothing the size of the model is allocated), and prints
+per-device memory: parameters and optimizer state (from their shardings), and each compiled
+program's arguments, outputs and temporaries (XLA's memory analysis), plus FLOPs per step.
+`--hardware` names a machine (`HARDWARE`: chips and memory per chip). Try
+`--config.model.remat_policy`, `--config.mesh_shape`, `--config.train.microbatches` and
+`--config.train.lm_chunk=0` (full LM logits) to see what each does to the numbers. XLA's CPU
+memory analysis stands in for the accelerator's: the sizes of arguments are exact, temporaries
+are what the CPU compiler schedules (a guide, not a promise).
 """
 from __future__ import annotations
 
 import os
 import sys
 
+# Machines to plan for: name -> (chips, memory per chip). A TPU slice's suffix counts
+# TensorCores (v4 and v5p chips have two), so v4-32 is 16 chips and v5p-64 32 chips.
+HARDWARE = {
+    "v4-32": (16, "32GiB"),
+    "v5p-64": (32, "95GiB"),
+    "v5p-128": (64, "95GiB"),
+    "8xh100": (8, "80GB"),
+}
+
 if __name__ == "__main__":  # fake devices must be requested before jax is imported
-  _n = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
+  _hw = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--hardware=")), "")
+  _n = str(HARDWARE[_hw][0]) if _hw in HARDWARE else next(
+      (a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_n}"
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -48,6 +64,8 @@ class Plan:
   argument_bytes: float  # per device, from the compiled program
   output_bytes: float
   temp_bytes: float
+  eval_argument_bytes: float  # the eval step's (params + one eval batch)
+  eval_temp_bytes: float
   flops_per_step: float  # model FLOPs (6N + attention), whole step, all devices
   compiled_flops: float | None  # XLA's count for one device's program
 
@@ -55,6 +73,11 @@ class Plan:
   def peak_bytes(self) -> float:
     """State lives across steps; the donated outputs alias it, temporaries come on top."""
     return self.argument_bytes + self.temp_bytes
+
+  @property
+  def eval_peak_bytes(self) -> float:
+    """Evaluation runs beside the train state (optimizer state included), which stays resident."""
+    return self.argument_bytes + self.eval_temp_bytes + (self.eval_argument_bytes - self.params_bytes)
 
 
 def parse_bytes(text: str) -> float:
@@ -87,17 +110,26 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
   optimizer = optim.make_optimizer(config.optimizer, tc.total_steps or 1000)
   abstract, state_sharding = step.state_shardings(model_config, optimizer, mesh, rules)
   batch_sharding = step.batch_shardings(mesh, rules)
-  shapes = {"input_ids": (tc.global_batch, 2, tc.seq_len), "attention_mask": (tc.global_batch, 2, tc.seq_len),
-            "lm_mask": (tc.global_batch, 2, tc.seq_len), "margin": (tc.global_batch,)}
-  batch = {k: jax.ShapeDtypeStruct(s, jnp.float32 if k == "margin" else jnp.int32, sharding=batch_sharding[k])
-           for k, s in shapes.items()}
+
+  def batch_of(pairs):
+    shapes = {"input_ids": (pairs, 2, tc.seq_len), "attention_mask": (pairs, 2, tc.seq_len),
+              "lm_mask": (pairs, 2, tc.seq_len), "margin": (pairs,)}
+    return {k: jax.ShapeDtypeStruct(s, jnp.float32 if k == "margin" else jnp.int32,
+                                    sharding=batch_sharding[k]) for k, s in shapes.items()}
+
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract, state_sharding)
   model = transformer.RewardModel(model_config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    train_step = step.jit_train_step(step.make_train_step(model, optimizer, config.loss, tc.microbatches),
-                                     state_sharding, batch_sharding, mesh)
-    compiled = train_step.lower(state, batch).compile()
+    train_step = step.jit_train_step(
+        step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk),
+        state_sharding, batch_sharding, mesh)
+    compiled = train_step.lower(state, batch_of(tc.global_batch)).compile()
+    eval_step = step.jit_eval_step(
+        step.make_eval_step(model, config.loss, tc.eval_microbatches or tc.microbatches, tc.lm_chunk),
+        state_sharding.params, batch_sharding, mesh)
+    eval_memory = eval_step.lower(state.params, batch_of(tc.eval_batch or tc.global_batch)
+                                  ).compile().memory_analysis()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -108,6 +140,8 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
       argument_bytes=float(memory.argument_size_in_bytes),
       output_bytes=float(memory.output_size_in_bytes),
       temp_bytes=float(memory.temp_size_in_bytes),
+      eval_argument_bytes=float(eval_memory.argument_size_in_bytes),
+      eval_temp_bytes=float(eval_memory.temp_size_in_bytes),
       flops_per_step=flops.pair_step_flops(model_config, tc.global_batch, tc.seq_len,
                                            lm_loss=config.loss.lm_coef != 0),
       compiled_flops=(cost or {}).get("flops"))
@@ -122,12 +156,15 @@ def format_plan(p: Plan, device_memory: float | None) -> str:
       ("program outputs per device (donated)", _format_bytes(p.output_bytes)),
       ("temporaries per device", _format_bytes(p.temp_bytes)),
       ("peak per device (arguments + temporaries)", _format_bytes(p.peak_bytes)),
+      ("eval step temporaries per device", _format_bytes(p.eval_temp_bytes)),
+      ("eval peak per device (train state + eval batch + temporaries)", _format_bytes(p.eval_peak_bytes)),
       ("model FLOPs per step", f"{p.flops_per_step:.3e}"),
       ("compiled FLOPs per device (XLA counts a loop body once)", "n/a" if p.compiled_flops is None else f"{p.compiled_flops:.3e}"),
   ]
   if device_memory:
-    verdict = "fits" if p.peak_bytes <= device_memory else "does NOT fit"
-    rows.append((f"device memory {_format_bytes(device_memory)}", verdict))
+    for name, peak in (("train", p.peak_bytes), ("eval", p.eval_peak_bytes)):
+      verdict = "fits" if peak <= device_memory else "does NOT fit"
+      rows.append((f"{name} step in device memory {_format_bytes(device_memory)}", verdict))
   width = max(len(r[0]) for r in rows)
   return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -140,6 +177,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_integer("devices", 8, "Number of (fake) devices to plan for.")
   flags.DEFINE_string("device_memory", "", "Memory of one device, e.g. 16GiB or 80GB.")
+  flags.DEFINE_enum("hardware", "", [""] + list(HARDWARE),
+                    "A machine from HARDWARE: sets --devices and --device_memory.")
   flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size when the config takes it from the tokenizer.")
 
 
@@ -148,11 +187,12 @@ def main(argv: list[str]) -> None:
   config = FLAGS.config
   fields = config.model.to_dict()
   fields["vocab_size"] = fields["vocab_size"] or FLAGS.vocab_size
-  if jax.device_count() != FLAGS.devices:
-    raise SystemExit(f"--devices={FLAGS.devices} but jax sees {jax.device_count()} devices; "
+  devices, device_memory = HARDWARE.get(FLAGS.hardware, (FLAGS.devices, FLAGS.device_memory))
+  if jax.device_count() != devices:
+    raise SystemExit(f"planning for {devices} devices but jax sees {jax.device_count()}; "
                      "run as `python -m codepmp_jax.plan` so the fake devices are set up first")
   result = plan(config, ModelConfig.from_dict(fields))
-  print(format_plan(result, parse_bytes(FLAGS.device_memory) if FLAGS.device_memory else None))
+  print(format_plan(result, parse_bytes(device_memory) if device_memory else None))
 
 
 if __name__ == "__main__":

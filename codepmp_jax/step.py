@@ -4,7 +4,8 @@ The step takes a batch of pairs `[B, 2, L]`, runs the model on `[2B, L]` (chosen
 chosen, ...), and optimises `rm_coef * BT + lm_coef * LM (+ centering)`. With `microbatches > 1`
 the batch is split inside the step and gradients are accumulated by `lax.scan`; the loss of each
 microbatch is divided by the whole batch's pair and LM-token counts, so the accumulated gradient is
-exactly the full-batch gradient (see `losses`).
+exactly the full-batch gradient (see `losses`). The LM loss is computed in chunks over the
+sequence from the chosen rows' hidden states (no `[2B, L, V]` logits).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from codepmp_jax.model.config import ModelConfig
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("input_ids", "attention_mask", "lm_mask", "margin")
+# Positions per block of the chunked LM loss (`train.lm_chunk`; 0 = full logits).
+DEFAULT_LM_CHUNK = 256
 
 
 @flax.struct.dataclass
@@ -58,16 +61,34 @@ def batch_shardings(mesh: Mesh, rules: sharding.LogicalRules) -> dict[str, Named
   }
 
 
-def _microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any
-                     ) -> dict[str, jax.Array]:
-  """Additive loss statistics of one (micro)batch of pairs."""
+def lm_head_kernel(params: Any, model_config: ModelConfig) -> jax.Array:
+  """The `[D, V]` LM head: `lm_head/kernel`, or the transposed embedding when tied."""
+  if model_config.tie_word_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def _microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any,
+                     lm_chunk: int) -> dict[str, jax.Array]:
+  """Additive loss statistics of one (micro)batch of pairs.
+
+  With `lm_chunk > 0` the LM loss runs the head over the chosen rows' final hidden states
+  `lm_chunk` positions at a time (`losses.chunked_lm_cross_entropy`), so the `[B, L, V]` logits
+  and their gradient never exist at once; 0 computes the full logits (the reference).
+  """
   pairs, _, length = batch["input_ids"].shape
   ids = batch["input_ids"].reshape(2 * pairs, length)
   mask = batch["attention_mask"].reshape(2 * pairs, length)
   want_lm = loss_cfg.lm_coef != 0
-  out = model.apply({"params": params}, ids, mask, return_logits=want_lm, logits_every=2)
+  chunked = want_lm and lm_chunk > 0
+  out = model.apply({"params": params}, ids, mask, return_logits=want_lm and not chunked,
+                    logits_every=2)
   chosen, rejected = losses.split_pairs(out.rewards)
-  if want_lm:
+  if chunked:
+    lm_sum, lm_count = losses.chunked_lm_cross_entropy(
+        out.hidden_states[0::2], lm_head_kernel(params, model.config), ids[0::2],
+        batch["lm_mask"][:, 0], lm_chunk)
+  elif want_lm:
     lm_sum, lm_count = losses.lm_cross_entropy(out.logits, ids[0::2], batch["lm_mask"][:, 0])
   else:
     lm_sum = lm_count = jnp.zeros((), jnp.float32)
@@ -84,11 +105,16 @@ def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
 
 
 def make_train_step(model: transformer.RewardModel, optimizer: optax.GradientTransformation,
-                    loss_cfg: Any, microbatches: int = 1) -> Callable[[TrainState, Batch], tuple]:
-  """(state, batch) -> (new state, metrics); jit it with `jit_train_step`."""
+                    loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK
+                    ) -> Callable[[TrainState, Batch], tuple]:
+  """(state, batch) -> (new state, metrics); jit it with `jit_train_step`.
+
+  Metrics: those of `losses.metrics_from_sums`, `grad_norm`, and `pad_fraction` (padding tokens
+  over all positions of the batch's `[B, 2, L]` arrays: the compute spent on padding).
+  """
 
   def loss_fn(params, microbatch, num_pairs, lm_count):
-    sums = _microbatch_sums(model, params, microbatch, loss_cfg)
+    sums = _microbatch_sums(model, params, microbatch, loss_cfg, lm_chunk)
     return losses.loss_from_sums(sums, loss_cfg, num_pairs, lm_count), sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -110,14 +136,37 @@ def make_train_step(model: transformer.RewardModel, optimizer: optax.GradientTra
     params = optax.apply_updates(state.params, updates)
     metrics = losses.metrics_from_sums(sums, loss_cfg)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["pad_fraction"] = pad_fraction(batch)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 
 
-def make_eval_step(model: transformer.RewardModel, loss_cfg: Any) -> Callable[[Any, Batch], dict]:
-  """(params, batch) -> additive sums; add them over the eval set, then `losses.metrics_from_sums`."""
-  return lambda params, batch: _microbatch_sums(model, params, batch, loss_cfg)
+def pad_fraction(batch: Batch) -> jax.Array:
+  """Padding positions / all positions of the batch's sequences."""
+  mask = batch["attention_mask"]
+  return 1.0 - jnp.sum(mask.astype(jnp.float32)) / mask.size
+
+
+def make_eval_step(model: transformer.RewardModel, loss_cfg: Any, microbatches: int = 1,
+                   lm_chunk: int = DEFAULT_LM_CHUNK) -> Callable[[Any, Batch], dict]:
+  """(params, batch) -> additive sums; add them over the eval set, then `losses.metrics_from_sums`.
+
+  With `microbatches > 1` the batch is split as in training and the sums are added by `lax.scan`,
+  so evaluation needs no more activation memory than a training microbatch.
+  """
+  def eval_step(params, batch):
+    if microbatches == 1:
+      return _microbatch_sums(model, params, batch, loss_cfg, lm_chunk)
+    def accumulate(carry, microbatch):
+      sums = _microbatch_sums(model, params, microbatch, loss_cfg, lm_chunk)
+      return jax.tree.map(jnp.add, carry, sums), None
+    split = _split_microbatches(batch, microbatches)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda mb: _microbatch_sums(model, params, mb, loss_cfg, lm_chunk),
+        jax.tree.map(lambda x: x[0], split)))
+    return jax.lax.scan(accumulate, zeros, split)[0]
+  return eval_step
 
 
 def jit_train_step(train_step: Callable, state_sharding: TrainState,

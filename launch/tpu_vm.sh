@@ -11,7 +11,8 @@ the VM at the end, also after a failure or Ctrl-C (unless --keep).
 Usage (from anywhere; the checkout is the one holding this script):
   launch/tpu_vm.sh --type=v4-32 --zone=us-central2-b --version=tpu-ubuntu2204-base
       [--name=NAME] [--project=P] [--spot] [--keep] [--fetch=LOCAL_DIR] [--python=python3]
-      [--jax='jax[tpu]==0.10.2'] [--setup=CMD] [--dry-run] -- --config=configs/x.py --workdir=DIR [--config.a.b=v ...]
+      [--jax='jax[tpu]==0.10.2'] [--setup=CMD] [--bucket=gs://BUCKET] [--dry-run]
+      -- --config=configs/x.py [--workdir=DIR] [--config.a.b=v ...]
 
   --type       accelerator type (v4-8, v4-32, v5litepod-16, v6e-8, ...)
   --zone       zone that has that type
@@ -27,7 +28,13 @@ Usage (from anywhere; the checkout is the one holding this script):
   --setup      a command run on every worker in the checkout before the install, e.g. to copy the
                prepared data (--setup='gcloud storage cp -r gs://BUCKET/prepared .') or to install
                a newer Python (then pass --python=python3.11)
+  --bucket     a GCS bucket (or $CODEPMP_BUCKET): without --workdir the run writes to
+               gs://BUCKET/runs/NAME, which every worker shares and a restarted VM resumes from
   --dry-run    print the commands instead of running them
+
+A pod (more than one host: v4-16 and up, v5litepod-16 and up, ...) needs a workdir that every
+worker sees: gs://... (the default with --bucket) or a shared filesystem. The trainer checks
+this at start and stops, naming the workdir, if a worker cannot see it.
 EOF
 }
 
@@ -48,6 +55,7 @@ main() {
   local type="" zone="" version="" project=""
   NAME="codepmp-${USER:-user}-$(date +%m%d-%H%M%S)"
   local spot=0 keep=0 fetch="" python=python3 jax_spec='jax[tpu]==0.10.2' setup=
+  local bucket=${CODEPMP_BUCKET:-}
   DRY_RUN=0
   while (($#)); do
     case $1 in
@@ -62,6 +70,7 @@ main() {
       --python=*) python=${1#*=} ;;
       --jax=*) jax_spec=${1#*=} ;;
       --setup=*) setup=${1#*=} ;;
+      --bucket=*) bucket=${1#*=} ;;
       --dry-run) DRY_RUN=1 ;;
       -h | --help) usage; exit 0 ;;
       --) shift; break ;;
@@ -82,9 +91,18 @@ main() {
   for arg in "$@"; do
     [[ "$arg" != --workdir=* ]] || workdir=${arg#--workdir=}
   done
+  if [[ -z "$workdir" && -n "$bucket" ]]; then
+    workdir="gs://${bucket#gs://}/runs/$NAME"
+    set -- "$@" "--workdir=$workdir"
+  fi
   if [[ -z "$workdir" ]]; then
-    echo "tpu_vm.sh: the train arguments need --workdir=DIR" >&2
+    echo "tpu_vm.sh: the train arguments need --workdir=DIR (or give --bucket=gs://BUCKET)" >&2
     exit 2
+  fi
+  local size=${type##*-}
+  if [[ "$size" =~ ^[0-9]+$ ]] && ((size > 8)) && [[ "$workdir" != gs://* ]]; then
+    echo "tpu_vm.sh: warning: $type has several hosts; --workdir=$workdir must be shared by all of" \
+         "them (use gs://... or a shared filesystem), or the trainer stops at start" >&2
   fi
 
   SCOPE=("--zone=$zone")

@@ -549,3 +549,9 @@ def test_cli_entry_points_run_as_modules_and_scripts():
                             timeout=60, check=True)
     assert result.stdout
   assert "4 6 8" in result.stdout
+
+
+def test_tpu_vm_defaults_to_a_gs_workdir_with_a_bucket():
+  out = _bash("launch/tpu_vm.sh", *TPU_ARGS, "--bucket=gs://bkt", "--name=pod1", "--",
+              "--config=configs/tiny.py").stdout
+  assert "--workdir=gs://bkt/runs/pod1" in out

@@ -114,10 +114,15 @@ def test_lm_cross_entropy_bf16_logits_in_float32():
     losses.lm_cross_entropy(logits, ids[:, :4], mask[:, :4])
 
 
+def _pmp_loss(chosen, rejected, lm_sum, lm_count, margin, cfg):
+  sums = losses.pair_sums(chosen, rejected, lm_sum, lm_count, margin, cfg)
+  return losses.loss_from_sums(sums, cfg), losses.metrics_from_sums(sums, cfg)
+
+
 def test_pmp_loss_combines_terms_and_metrics():
   cfg = _cfg(rm_coef=1.0, lm_coef=0.5, center_coef=0.01)
   rc, rr, m = (jnp.asarray(a) for a in (REWARDS_C, REWARDS_R, MARGIN))
-  loss, metrics = losses.pmp_loss(rc, rr, jnp.float32(12.0), jnp.float32(4.0), m, cfg)
+  loss, metrics = _pmp_loss(rc, rr, jnp.float32(12.0), jnp.float32(4.0), m, cfg)
   tc, tr, tm = (torch.from_numpy(a) for a in (REWARDS_C, REWARDS_R, MARGIN))
   bt = -F.logsigmoid(tc - tr - tm).mean()
   expected = bt + 0.5 * 12.0 / 4.0 + 0.01 * torch.mean((tc + tr) ** 2)
@@ -136,11 +141,11 @@ def test_pmp_loss_combines_terms_and_metrics():
 
 def test_accuracy_ties_are_wrong_and_margin_switch():
   z = jnp.zeros(4)
-  _, metrics = losses.pmp_loss(z, z, 0.0, 0.0, jnp.ones(4), _cfg(use_margin=False))
+  _, metrics = _pmp_loss(z, z, 0.0, 0.0, jnp.ones(4), _cfg(use_margin=False))
   assert metrics["accuracy"] == 0.0
   np.testing.assert_allclose(metrics["bt_loss"], math.log(2), rtol=1e-6)  # margin ignored
   np.testing.assert_allclose(metrics["lm_loss"], 0.0)  # no LM tokens: no division by zero
-  _, metrics = losses.pmp_loss(z, z, 0.0, 0.0, jnp.ones(4), _cfg(use_margin=True))
+  _, metrics = _pmp_loss(z, z, 0.0, 0.0, jnp.ones(4), _cfg(use_margin=True))
   np.testing.assert_allclose(metrics["bt_loss"], math.log(1 + math.e), rtol=1e-6)
 
 

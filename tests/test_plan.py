@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from codepmp_jax import optim, plan, sharding, step
 from codepmp_jax.config import load_config
@@ -56,6 +57,19 @@ def test_tiny_plan_matches_a_real_run_on_8_devices():
   assert planned.params_bytes < 0.3 * total
 
 
+def test_eval_step_memory_shrinks_with_eval_microbatches():
+  config = load_config("tiny")
+  config.mesh_shape = (8, 1, 1)
+  config.train.update(global_batch=16, eval_batch=64, seq_len=128, microbatches=1)
+  model_config = ModelConfig.from_dict({**config.model.to_dict(), "vocab_size": 1000})
+  whole = plan.plan(config, model_config)
+  config.train.eval_microbatches = 4
+  split = plan.plan(config, model_config)
+  assert whole.eval_temp_bytes > 0 and split.eval_temp_bytes < 0.6 * whole.eval_temp_bytes
+  assert split.eval_peak_bytes > split.argument_bytes  # it sits on top of the resident train state
+
+
+@pytest.mark.slow
 def test_plan_of_qwen2_7b_on_64_devices():
   out = subprocess.run(
       [sys.executable, "-m", "codepmp_jax.plan", "--config=configs/pmp_qwen2_7b.py", "--devices=64",

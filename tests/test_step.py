@@ -81,3 +81,40 @@ def test_gradient_accumulation_equals_full_batch(reference):
   for key in ("loss", "lm_loss", "grad_norm", "chosen_reward_std"):
     np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-6, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_lm_loss_equals_full_logits(tied):
+  """The step's chunked LM head (no [B, L, V] logits) gives the full-logits loss and gradients."""
+  from codepmp_jax import losses
+  model_config = MODEL.replace(tie_word_embeddings=tied)
+  model = transformer.RewardModel(model_config)
+  params = nn.unbox(transformer.init_params(model_config, jax.random.key(2)))
+  batch = jax.tree.map(jnp.asarray, _batch(length=16))
+
+  def loss(p, chunk):
+    sums = step._microbatch_sums(model, p, batch, LOSS, chunk)
+    return losses.loss_from_sums(sums, LOSS), sums["lm_sum"]
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (full, full_lm), full_grads = grad(params, 0)
+  (chunked, chunked_lm), chunked_grads = grad(params, 5)  # 16 positions: 4 chunks, the last padded
+  np.testing.assert_allclose(chunked_lm, full_lm, rtol=1e-5)
+  np.testing.assert_allclose(chunked, full, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               chunked_grads, full_grads)
+
+
+def test_microbatched_eval_equals_one_batch():
+  model = transformer.RewardModel(MODEL)
+  params = nn.unbox(transformer.init_params(MODEL, jax.random.key(3)))
+  batch = jax.tree.map(jnp.asarray, _batch())
+  whole = jax.jit(step.make_eval_step(model, LOSS))(params, batch)
+  split = jax.jit(step.make_eval_step(model, LOSS, microbatches=4))(params, batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), split, whole)
+
+
+def test_pad_fraction():
+  batch = _batch()
+  want = 1 - batch["attention_mask"].sum() / batch["attention_mask"].size
+  np.testing.assert_allclose(step.pad_fraction(jax.tree.map(jnp.asarray, batch)), want, rtol=1e-6)
