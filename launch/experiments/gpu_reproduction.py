@@ -258,6 +258,8 @@ def _real_backbone(s: GpuSettings, config):
   """The backbone's numerics on top of a pmp_control config (the rest comes from init_from)."""
   config.model.update(param_dtype=s.param_dtype, dtype=s.dtype, remat_policy=s.remat_policy)
   config.tokenizer = ""  # the init_from checkpoint's
+  # One compilation cache for every run: the RMs at one k compile the same programs.
+  config.compilation_cache_dir = str(epath.Path(s.out) / "jax_cache")
   return config
 
 
