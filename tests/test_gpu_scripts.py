@@ -29,18 +29,6 @@ def tiny_gguf(path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _rehearse(out: pathlib.Path, files: pathlib.Path, stages: str) -> str:
-  """One device call's stages as gpu_run.sh runs them, here, at the rehearsal's size."""
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  done = subprocess.run(
-      [sys.executable, "-m", "launch.experiments.gpu_reproduction", "--cpu_rehearsal",
-       f"--out={out}", f"--files={files}", f"--stages={stages}",
-       f"--rehearsal_source={ROOT / 'codepmp_jax' / 'synth'}"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-  return done.stdout
-
-
 def test_absent_modules_are_those_the_gpu_lacks():
   absent = g.absent_modules()
   assert {"tensorflow", "champ_dataset", "natsort"} <= absent  # installed here, not there
@@ -75,23 +63,25 @@ def test_gguf_parts_join_and_check(tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_rehearsal_of_both_device_calls(tmp_path):
-  files, out = tmp_path / ".gpu", tmp_path / "run"
-  settings = g.rehearsal_settings(str(out), str(files), "")
-  sizes = g.stage_files(settings, str(files), str(tiny_gguf(tmp_path / "tiny.gguf")))
-  assert {f"{files}/data/gsm8k/train.jsonl", f"{files}/tokenizer/tokenizer.json",
-          f"{files}/gguf.part1", f"{files}.part2/gguf.part2"} <= set(sizes)
-  _rehearse(out, files, "pairs,prepare")  # call 1
-  printed = _rehearse(out, files, "backbone,pretrain,rm")  # call 2
-  results = json.loads((out / "results.json").read_text())
+def test_gpu_run_rehearses_both_device_calls(tmp_path):
+  """`launch/gpu_run.sh rehearse`: call1 and call2 themselves, tiny, the GPU-absent modules hidden."""
+  env = {**os.environ, "PYTHON": sys.executable, "REHEARSAL_DIR": str(tmp_path)}
+  done = subprocess.run([str(ROOT / "launch" / "gpu_run.sh"), "rehearse"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=1200)
+  assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
+  files = tmp_path / "files"
+  assert (files / "data" / "gsm8k" / "train.jsonl").exists()
+  assert (pathlib.Path(f"{files}.part2") / "gguf.part2").exists()
+  results = json.loads((tmp_path / "results" / "results.json").read_text())
   assert results["pretraining"]["step"] >= 1
   for metric in ("gsm8k_pairwise", "logiqa2_mc", "champ_bon2"):
-    for arm in g.ARMS + ("pmp-base",):
-      cell = results["summary"][metric]["8"][arm]
-      assert cell["n"] == 2 and 0 <= cell["mean"] <= 1 or arm == "pmp-base"
-  assert "| gsm8k_pairwise | 8 |" in (out / "results.md").read_text()
-  assert (out / "results.png").stat().st_size > 0
-  assert "pmp vs base" in printed
+    row = results["summary"][metric]["8"]
+    for arm in g.ARMS:
+      assert row[arm]["n"] == 2 and 0 <= row[arm]["mean"] <= 1
+    assert set(row) == {"base", "pmp", "pmp-base"}
+  assert "| gsm8k_pairwise | 8 |" in (tmp_path / "results" / "results.md").read_text()
+  assert (tmp_path / "results" / "results.png").stat().st_size > 0
+  assert "pmp vs base" in (tmp_path / "results" / "call2.log").read_text()
 
 
 def test_sources_name_site_packages_directories(tmp_path, capsys):
