@@ -22,7 +22,7 @@ def tiny_gguf(path: pathlib.Path) -> pathlib.Path:
   from tests import hf_models
   config = transformers.LlamaConfig(
       vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
       tie_word_embeddings=False)
   torch.manual_seed(0)
   hf_models.write_tiny_gguf(transformers.LlamaForCausalLM(config).eval(), path, ["F32"])

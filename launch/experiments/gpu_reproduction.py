@@ -125,7 +125,7 @@ def rehearsal_settings(out: str, files: str, source: str) -> GpuSettings:
       out=out, files=files, sources=(source,), code_pairs=48, synth_workers=2, seq_len=64,
       pretrain_batch=8, pretrain_epochs=1.0, ks=(8,), seeds=(0, 1), rm_batch=8, rm_min_steps=2,
       param_dtype="float32", dtype="float32", eval_limit=8, bon_ns=(1, 2), score_batch=8,
-      score_length=64, hide_absent=True)
+      score_length=512, hide_absent=True)
 
 
 # --- What the GPU machine has.
@@ -282,7 +282,7 @@ def source_paths(sources: Sequence[str]) -> list[str]:
 
 
 def code_pairs(s: GpuSettings, out: epath.Path) -> epath.Path:
-  """Synthesizes the code pairs (mutate strategy) with every core; returns the pairs directory."""
+  """Synthesizes the code pairs (mutate strategy, all cores but two); returns their directory."""
   pairs = out / "pairs"
   if (pairs / "manifest.json").exists():
     return pairs
