@@ -3,26 +3,31 @@
 # (launch/experiments/gpu_reproduction.py) and the performance table (launch/gpu_benchmark.sh), in
 # two device calls on one H200, made back to back so the machine stays warm (30 s) between them.
 #
-#   launch/gpu_run.sh stage      # HERE (network, pip): wheels into .whl/, the travelling files
-#                                # into .gpu/ (~55 MiB) and .gpu.part2/ (~47 MiB); prints sizes
+#   launch/gpu_run.sh stage      # HERE (network, pip): wheels into .whl/ (0.4 MiB), the
+#                                # travelling files into .gpu/ (57 MiB) and .gpu.part2/ (47 MiB)
 #   launch/gpu_run.sh rehearse   # HERE: call1 and call2 themselves at a tiny size on CPU (a tiny
 #                                # GGUF, the GPU-absent modules hidden, the benchmark's DRY_RUN)
-#   launch/gpu_run.sh call1      # THERE, device call 1: run(carry=[".whl", ".gpu"], timeout_s=420)
-#   launch/gpu_run.sh call2      # THERE, device call 2 AT ONCE: run(carry=[".gpu.part2"], timeout_s=540)
+#   launch/gpu_run.sh call1      # THERE, device call 1: run(carry=[".whl", ".gpu"], timeout_s=330)
+#   launch/gpu_run.sh call2      # THERE, device call 2 AT ONCE: run(carry=[".gpu.part2"], timeout_s=480)
 #
-# Device time, 15 min in all (start and transfers included):
-#   call 1  ~1.5 min start + ~6 min: wheels (5 s); code pairs synthesized from the stdlib and the
-#           machine's site-packages (mutate, 14 cores) and tokenized, IN THE BACKGROUND while the
-#           benchmark runs on the GPU (2 shapes x plain/fused attention, ours and the PyTorch peer,
-#           then generation; each process time-limited). Returns the benchmark table and a log.
-#   call 2  ~7.5 min: the GGUF joined from its parts (sha256 checked) and converted (float32
-#           masters), PMP on the code pairs (~3.5 min at the default 80k pairs x 512 tokens,
-#           batch 64), RM fine-tuning of base and PMP at k=256 and 2048, 2 seeds each (8 RMs),
-#           every RM evaluated on all 1,319 GSM8K pairs, all 1,572 LogiQA 2.0 questions and CHAMP
-#           Best-of-8. Returns results.md/.json/.png and a log (never checkpoints).
+# Device time, 15 min (900 s) in all, starts and transfers included; planned ~810 s, at most 900:
+#   start   ~90 s (a cold machine).
+#   call 1  ~290 s (limit 330): wheels (5 s); code pairs synthesized from the stdlib and big
+#           packages of the machine's site-packages (mutate, 14 cores) and tokenized, IN THE
+#           BACKGROUND while the train-step benchmark runs on the GPU (2 shapes x plain/fused
+#           attention, the PyTorch peer once per shape; 4 processes of at most RUN_SECONDS=75 s).
+#           Returns gpu_benchmark.txt and two logs.
+#   call 2  ~430 s (limit 480), within 30 s of call 1's end: the GGUF joined from its parts
+#           (sha256 checked) and converted (float32 masters, 20 s); PMP, one epoch over up to 60k
+#           pairs x 512 tokens at batch 64 (~940 steps, ~200 s: an estimate at ~40% MFU, not a
+#           reading); RM fine-tuning of base and PMP at k=256 and 2048, 2 seeds each (8 RMs), each
+#           evaluated on all 1,319 GSM8K pairs, all 1,572 LogiQA 2.0 questions and CHAMP Best-of-8
+#           (~180 s); the generation benchmark (~40 s). Returns results.md/.json/.png,
+#           gpu_benchmark_generate.txt and a log (never checkpoints).
 # If call 2 finds the machine cold (call 1's files gone) it stops at once, saying so: then run
 # call1 again with REPRO_ONLY=1 (no benchmark), and call2 right after it.
-# Sizes: GPU_REPRO_FLAGS (e.g. "--code_pairs=60000 --seeds=0,1,2"), BENCH_SECONDS (per process).
+# Sizes: GPU_REPRO_FLAGS (e.g. "--code_pairs=40000 --seeds=0,1,2 --pretrain_epochs=0.5"), and
+# gpu_benchmark.sh's RUN_SECONDS, SHAPES, ATTENTIONS.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -114,7 +119,7 @@ from launch.experiments.gpu_reproduction import WHEELS; print('\n'.join(WHEELS))
     fi
     ;;
   *)
-    sed -n '2,26p' "$0"
+    sed -n '2,30p' "$0"
     exit 2
     ;;
 esac

@@ -79,7 +79,7 @@ WHEELS = ("ml-collections==1.1.0", "tensorboardX==2.6.5", "gguf==0.19.0", "datas
 
 @dataclasses.dataclass(frozen=True)
 class GpuSettings:
-  """Sizes of the GPU run; the defaults fill ~4 min of PMP steps on an H200 (see gpu_run.sh)."""
+  """Sizes of the GPU run; the defaults plan ~3.5 min of PMP steps on an H200 (gpu_run.sh)."""
   out: str = "runs/gpu_reproduction"
   files: str = ".gpu"  # what --stage_files wrote (data/, champ_candidates.jsonl, tokenizer/, gguf)
   stages: tuple[str, ...] = STAGES
@@ -91,7 +91,7 @@ class GpuSettings:
       "optax", "numpy", "networkx", "matplotlib", "statsmodels", "skimage", "numba", "lightning",
       "pytorch_lightning", "botorch", "gpytorch", "torchvision", "timm", "peft", "accelerate",
       "onnx", "triton", "sentence_transformers", "huggingface_hub", "orbax", "chex", "equinox")
-  code_pairs: int = 80_000
+  code_pairs: int = 60_000
   synth_workers: int = 0  # 0: all cores but two (the benchmark runs beside it in call 1)
   seq_len: int = 512
   pretrain_batch: int = 64
