@@ -1,10 +1,11 @@
 # `make test` and `make demo` are all a fresh machine needs: each creates .venv and installs first.
+# `make test-fast` leaves out the tests marked slow (pytest.ini): every module, in minutes.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: test demo clean
+.PHONY: test test-fast demo clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +21,11 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
 
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -q -m "not slow" tests
+
 demo: $(VENV)/.runtime
-	$(PY) -m codepmp_jax.demo
+	$(PY) -m launch.experiments.demo
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -1,5 +1,8 @@
 """Every training setting with its default; config files under configs/ change only what differs.
 
+The paper's recipes live in configs/common.py (library code never imports configs/; programs load
+a config by name with `load_config`).
+
 Configs are ml_collections ConfigDicts, locked by the command line (an unknown key is an error):
   python -m codepmp_jax.train --config=configs/x.py[:arg] --workdir=DIR --config.optimizer.lr=3e-6
 """
@@ -88,34 +91,3 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec_)
   spec_.loader.exec_module(module)
   return module.get_config(arg or None)
-
-
-def paper_pmp_config(preset: str, microbatches: int) -> ml_collections.ConfigDict:
-  """CodePMP pretraining as published (DESIGN.md step 4): BT + LM (1.0 each), AdamW lr 1e-6,
-  weight decay 0.1, 3% warmup, warmup-stable-decay with the last 10% decaying, ~1024 pairs per
-  step, 1024 tokens, bf16, gradient checkpointing, one epoch."""
-  config = default_config()
-  config.model = model_fields(preset, dtype="bfloat16", remat_policy="full", scan_layers=True)
-  config.data.path = "prepared/codepmp"
-  config.loss.update(rm_coef=1.0, lm_coef=1.0)
-  config.optimizer.update(lr=1e-6, schedule="wsd", warmup_ratio=0.03, decay_ratio=0.1,
-                          weight_decay=0.1)
-  config.train.update(global_batch=1024, microbatches=microbatches, seq_len=1024, epochs=1.0,
-                      log_every=10, eval_every=500, eval_batches=20)
-  config.mesh_shape = (1, -1, 1)
-  config.checkpoint.save_every = 1000
-  return config
-
-
-def paper_logic_rm_config(dataset: str, preset: str) -> ml_collections.ConfigDict:
-  """RM fine-tuning on logical-reasoning pairs as published (DESIGN.md step 5): BT only, lr 3e-6,
-  warmup 25%, from a PMP checkpoint (`init_from`)."""
-  config = default_config()
-  config.model = model_fields(preset, dtype="bfloat16", remat_policy="full", scan_layers=True)
-  config.data.path = f"prepared/{dataset}"
-  config.loss.update(rm_coef=1.0, lm_coef=0.0)
-  config.optimizer.update(lr=3e-6, schedule="wsd", warmup_ratio=0.25, decay_ratio=0.1,
-                          weight_decay=0.1)
-  config.train.update(global_batch=128, microbatches=4, seq_len=1024, epochs=1.0,
-                      log_every=10, eval_every=50, eval_batches=20)
-  return config

@@ -1,4 +1,4 @@
-"""CodePMP pretraining of Qwen2-1.5B (the paper's setup; see `paper_pmp_config`).
+"""CodePMP pretraining of Qwen2-1.5B (the paper's setup; see `common.paper_pmp`).
 
 Needs a converted checkpoint and prepared code pairs:
   python -m codepmp_jax.convert --from_hf=Qwen2-1.5B --output=ckpt/qwen2_1_5b
@@ -7,9 +7,9 @@ Needs a converted checkpoint and prepared code pairs:
   python -m codepmp_jax.train --config=configs/pmp_qwen2_1_5b.py --workdir=runs/pmp_1_5b \
       --config.init_from=ckpt/qwen2_1_5b --config.data.path=prepared/codepmp
 """
-from codepmp_jax.config import paper_pmp_config
+from configs import common
 
 
 def get_config(arg=None):
-  del arg
-  return paper_pmp_config("qwen2_1_5b", microbatches=8)
+  common.parse_arg(arg)
+  return common.paper_pmp("qwen2_1_5b", microbatches=8)

@@ -7,10 +7,11 @@ on the same code (see codepmp_jax/data/builtin.py).
   python -m codepmp_jax.train --config=configs/tiny.py --workdir=runs/tiny
 """
 from codepmp_jax.config import default_config, model_fields
+from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg)
   config = default_config()
   config.model = model_fields("tiny", vocab_size=0, hidden_size=128, intermediate_size=384,
                               num_layers=4, num_heads=4, num_kv_heads=2)

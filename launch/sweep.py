@@ -1,10 +1,11 @@
-"""Sweeps: a grid or list of config overrides -> one training command per run, each in its own workdir.
+"""Sweeps: a list of config overrides -> one training command per run, each in its own workdir.
 
   python -m launch.sweep --config=configs/tiny.py --root=runs/lr \
       --grid 'optimizer.lr=1e-4,1e-3' --grid 'loss.lm_coef=0,1' [--set train.total_steps=100]
-  python -m launch.sweep launch/sweeps/loss_components.sweep --root=runs/loss --run
-  python -m launch.sweep launch/sweeps/schedule.sweep --root=runs/sched --emit=slurm \
-      --launcher_args='--nodes=4' > submit.sh
+  python -m launch.sweep --config=configs/pmp_smollm2_135m.py --sweep=loss_components \
+      --root=runs/loss --run
+  python -m launch.sweep --config=configs/pmp_smollm2_135m.py --sweep=schedule --root=runs/sched \
+      --emit=slurm --launcher_args='--nodes=4' > submit.sh
   python -m launch.sweep collect --root=runs/lr      # -> runs/lr/results.csv and results.md
 
 Modes: --print (default) prints the commands; --run runs them here one after another and skips
@@ -12,34 +13,39 @@ workdirs that already finished (an unfinished one resumes from its checkpoint); 
 prints commands for launch/gpu_slurm.sbatch or launch/tpu_vm.sh. Arguments after `--` go to every
 training command unchanged. Overrides are checked against the config before anything runs.
 
-A sweep file holds one statement a line (`#` starts a comment):
-  config: configs/pmp_smollm2_135m.py       the config (--config overrides it)
-  set: loss.rm_coef=1 train.epochs=1        overrides for every run
-  grid: optimizer.lr=1e-6,3e-6              a grid axis (every combination of the axes runs)
-  run NAME: loss.lm_coef=0                  a named run; with several, each is crossed with the grid
-Values that hold commas or spaces are written in brackets or quotes: `mesh_shape=(1,-1,1)`.
+Named sweeps live in Python beside their config (as big_vision's `get_hyper`): the config file
+defines `get_hyper(hyper)` returning `{sweep name: runs}`, built with this module's `sweep`,
+`named`, `fixed` and `product` (passed in as `hyper`, so the config file imports nothing):
+
+  def get_hyper(hyper):
+    return {"schedule": hyper.product(hyper.fixed({"optimizer.warmup_ratio": 0.03}),
+                                      hyper.sweep("optimizer.schedule", ["cosine", "wsd"]))}
+
+`--grid KEY=V1,V2` and `--set KEY=V` add axes and shared overrides on the command line.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
-import io
+import importlib.util
 import itertools
 import json
-import math
 import pathlib
 import re
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+
+if not __package__:  # `python launch/sweep.py`: configs import codepmp_jax from the repository
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from codepmp_jax import workdir as workdir_lib  # noqa: E402  (after the path set-up above)
+from launch.experiments import report  # noqa: E402
 
 MANIFEST = "sweep.json"
-SUMMARY = "summary.json"
-METRICS = "metrics.jsonl"
 SLURM_SCRIPT = "launch/gpu_slurm.sbatch"
 TPU_SCRIPT = "launch/tpu_vm.sh"
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
@@ -54,15 +60,6 @@ class Run:
   """One training run of a sweep: its workdir name and its `--config.*` overrides (key, value)."""
   name: str
   overrides: tuple[tuple[str, str], ...]
-
-
-@dataclasses.dataclass
-class Sweep:
-  """A parsed sweep: config, overrides shared by all runs, grid axes and named runs."""
-  config: str | None = None
-  fixed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-  grid: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
-  named: list[tuple[str, list[tuple[str, str]]]] = dataclasses.field(default_factory=list)
 
 
 def split_top_level(text: str, separator: str = ",") -> list[str]:
@@ -87,7 +84,7 @@ def split_top_level(text: str, separator: str = ",") -> list[str]:
 def parse_override(text: str, where: str) -> tuple[str, str]:
   """`key=value` (an optional `--config.` prefix is dropped) -> (key, value)."""
   key, sep, value = text.strip().removeprefix("--config.").partition("=")
-  if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+  if not sep or not _KEY.fullmatch(key):
     raise SweepError(f"{where}: expected key=value with a dotted config key, got {text!r}")
   return key, value
 
@@ -103,73 +100,76 @@ def parse_grid(text: str, where: str) -> tuple[str, list[str]]:
   return key, parts
 
 
-def read_sweep_file(path: str | pathlib.Path) -> Sweep:
-  """Parses a sweep file (format in the module docstring); errors name the file and line."""
-  sweep = Sweep()
-  for number, raw in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
-    where = f"{path}:{number}"
-    line = raw.split("#", 1)[0].strip()
-    if not line:
-      continue
-    head, sep, body = line.partition(":")
-    if not sep:
-      raise SweepError(f"{where}: expected 'config:', 'set:', 'grid:' or 'run NAME:', got {raw!r}")
-    words = shlex.split(body)
-    head = head.strip()
-    if head == "config":
-      if len(words) != 1:
-        raise SweepError(f"{where}: 'config:' takes one path, got {body.strip()!r}")
-      sweep.config = words[0]
-    elif head == "set":
-      sweep.fixed += [parse_override(w, where) for w in words]
-    elif head == "grid":
-      if len(words) != 1:
-        raise SweepError(f"{where}: 'grid:' takes one key=v1,v2,... (no spaces), got {body.strip()!r}")
-      sweep.grid.append(parse_grid(words[0], where))
-    elif head.startswith("run "):
-      name = head[4:].strip()
-      if not name or _NAME_CHARS.search(name):
-        raise SweepError(f"{where}: run name {name!r} may use only letters, digits and ._=+-")
-      sweep.named.append((name, [parse_override(w, where) for w in words]))
-    else:
-      raise SweepError(f"{where}: unknown statement {head!r}")
-  return sweep
+# ---------------------------------------------------------------------------------------------
+# Building sweeps in Python (`get_hyper(hyper)` of a config file receives this module).
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
-def _short_keys(keys: Sequence[str]) -> dict[str, str]:
-  """The last component of each key, or the whole key where two keys share it."""
-  last = [k.rsplit(".", 1)[-1] for k in keys]
-  return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+def _value(value: object) -> str:
+  """A Python value as the trainer flag takes it: `(1, -1, 1)` -> `(1,-1,1)`, `True` -> `True`."""
+  return str(value).replace(" ", "") if isinstance(value, (tuple, list)) else str(value)
+
+
+def _overrides(overrides: Mapping[str, object], where: str) -> tuple[tuple[str, str], ...]:
+  for key in overrides:
+    if not _KEY.fullmatch(key):
+      raise SweepError(f"{where}: {key!r} is not a dotted config key")
+  return tuple((k, _value(v)) for k, v in overrides.items())
+
+
+def fixed(overrides: Mapping[str, object]) -> list[Run]:
+  """One unnamed run with these overrides (cross it with `product` to share them)."""
+  return [Run("", _overrides(overrides, "fixed"))]
+
+
+def sweep(key: str, values: Sequence[object]) -> list[Run]:
+  """One run per value of `key`, named `last_key_component=value` (`lr=1e-6`)."""
+  strings = [_value(v) for v in values]
+  if not strings or len(set(strings)) != len(strings):
+    raise SweepError(f"sweep {key}: needs distinct values, got {list(values)}")
+  short = key.rsplit(".", 1)[-1]
+  return [Run(safe_name(f"{short}={v}"), _overrides({key: v}, f"sweep {key}")) for v in strings]
+
+
+def named(runs: Mapping[str, Mapping[str, object]]) -> list[Run]:
+  """One run per name, with its own overrides (`{"rm_only": {"loss.lm_coef": 0}, ...}`)."""
+  for name in runs:
+    if not name or _NAME_CHARS.search(name):
+      raise SweepError(f"run name {name!r} may use only letters, digits and ._=+-")
+  return [Run(name, _overrides(o, f"run {name}")) for name, o in runs.items()]
+
+
+def product(*axes: Sequence[Run]) -> list[Run]:
+  """Every combination of one run from each axis: names joined by `_`, later overrides win."""
+  runs, seen = [], {}
+  for combo in itertools.product(*axes):
+    merged: dict[str, str] = {}
+    for run in combo:
+      merged.update(run.overrides)
+    name = "_".join(r.name for r in combo if r.name) or "run"
+    if name in seen:
+      raise SweepError(f"two runs would share the workdir {name!r}: {seen[name]} and {merged}")
+    seen[name] = merged
+    runs.append(Run(name, tuple(merged.items())))
+  return runs
+
+
+def config_sweeps(config: str) -> dict[str, list[Run]]:
+  """The named sweeps of a config file (`get_hyper(hyper)`); {} when it defines none."""
+  path = pathlib.Path(config.partition(":")[0])
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  if spec is None or not path.is_file():
+    raise SweepError(f"no config file {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  get_hyper = getattr(module, "get_hyper", None)
+  return dict(get_hyper(sys.modules[__name__])) if get_hyper else {}
 
 
 def safe_name(text: str) -> str:
   """`text` as a workdir name: runs of other characters than letters, digits and ._=+- become '-'."""
   return _NAME_CHARS.sub("-", text).strip("-")
-
-
-def expand(sweep: Sweep) -> list[Run]:
-  """Every run of the sweep: named runs (or one unnamed) crossed with every grid combination.
-
-  Later overrides of the same key win: shared `set`, then the named run's, then the grid's.
-  Workdir names are the run name plus `key=value` of each grid axis, e.g. `rm_only_lr=1e-6`.
-  """
-  keys = [k for k, _ in sweep.grid]
-  if len(set(keys)) != len(keys):
-    raise SweepError(f"a grid axis appears twice: {keys}")
-  short = _short_keys(keys)
-  named = sweep.named or [("", [])]
-  runs, seen = [], {}
-  for (name, own), combo in itertools.product(named, itertools.product(*[v for _, v in sweep.grid])):
-    merged = dict(sweep.fixed)
-    merged.update(own)
-    merged.update(zip(keys, combo))
-    parts = ([name] if name else []) + [safe_name(f"{short[k]}={v}") for k, v in zip(keys, combo)]
-    run_name = "_".join(parts) or "run"
-    if run_name in seen:
-      raise SweepError(f"two runs would share the workdir {run_name!r}: {seen[run_name]} and {merged}")
-    seen[run_name] = merged
-    runs.append(Run(run_name, tuple(merged.items())))
-  return runs
 
 
 def override_args(run: Run) -> list[str]:
@@ -237,63 +237,30 @@ class Result:
   metrics: dict[str, float]
 
 
-def _last_metrics_line(path: pathlib.Path) -> dict | None:
-  """The last record of a metrics.jsonl; a torn last line (a kill mid-write) is skipped."""
-  lines = path.read_text().splitlines()
-  last = None
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      last = json.loads(line)
-    except json.JSONDecodeError as e:
-      if number == len(lines):
-        print(f"warning: {path}:{number}: torn last line skipped", file=sys.stderr)
-        break
-      raise SweepError(f"{path}:{number}: not JSON ({e})") from e
-  return last
-
-
-def _total_steps(workdir: pathlib.Path) -> int:
-  path = workdir / "config.json"
-  if not path.exists():
-    return 0
-  return int(json.loads(path.read_text()).get("train", {}).get("total_steps") or 0)
-
-
 def read_result(workdir: str | pathlib.Path, name: str | None = None) -> Result:
   """Final metrics of one training workdir: `summary.json`, else the last `metrics.jsonl` line.
 
-  `finished` needs summary.json at the configured `train.total_steps` (a preempted run writes
-  one earlier: `stopped`); a run with metrics but no summary is `incomplete`.
+  `finished` as `workdir.is_finished` says (a preempted run's summary is `stopped`); a run with
+  metrics but no summary is `incomplete`.
   """
-  workdir = pathlib.Path(workdir)
-  name = name or workdir.name
-  summary, metrics = workdir / SUMMARY, workdir / METRICS
-  if summary.exists():
-    try:
-      record = json.loads(summary.read_text())
-    except json.JSONDecodeError as e:
-      raise SweepError(f"{summary}: not JSON ({e})") from e
-    status = "finished"
-  elif metrics.exists() and (record := _last_metrics_line(metrics)) is not None:
-    status = "incomplete"
-  else:
+  name = name or pathlib.PurePath(workdir).name
+  try:
+    record = workdir_lib.read_summary(workdir)
+    status = "finished" if record is not None else "incomplete"
+    if record is None:
+      record = workdir_lib.last_metrics(workdir)
+  except workdir_lib.WorkdirError as e:
+    raise SweepError(str(e)) from e
+  if record is None:
     return Result(name, "not started", None, {})
   step = record.pop("step", None)
   if not isinstance(step, int):
     raise SweepError(f"{workdir}: the final record has no integer 'step': {step!r}")
-  total = _total_steps(workdir)
-  if status == "finished" and total and step < total:
+  if status == "finished" and not workdir_lib.is_finished(workdir):
     status = "stopped"
   values = {k: float("nan") if v is None else float(v) for k, v in record.items()
-            if v is None or isinstance(v, (int, float))}
+            if not isinstance(v, bool) and (v is None or isinstance(v, (int, float)))}
   return Result(name, status, step, values)
-
-
-def is_finished(workdir: str | pathlib.Path) -> bool:
-  """Whether a run's workdir holds a finished run (see `read_result`)."""
-  return read_result(workdir).status == "finished"
 
 
 def collect(root: str | pathlib.Path) -> tuple[list[Result], dict[str, dict[str, str]]]:
@@ -308,16 +275,12 @@ def collect(root: str | pathlib.Path) -> tuple[list[Result], dict[str, dict[str,
             for r in json.loads(manifest.read_text())["runs"]}
   else:
     runs = {d.name: {} for d in sorted(root.iterdir())
-            if d.is_dir() and ((d / SUMMARY).exists() or (d / METRICS).exists())}
+            if d.is_dir() and (workdir_lib.path(d, workdir_lib.SUMMARY).exists()
+                               or workdir_lib.path(d, workdir_lib.METRICS).exists())}
   if not runs:
-    raise SweepError(f"{root}: no {MANIFEST} and no workdir with {SUMMARY} or {METRICS}")
+    raise SweepError(f"{root}: no {MANIFEST} and no workdir with {workdir_lib.SUMMARY} or "
+                     f"{workdir_lib.METRICS}")
   return [read_result(root / name, name) for name in runs], runs
-
-
-def _format(value: object) -> str:
-  if isinstance(value, float):
-    return "nan" if math.isnan(value) else f"{value:.4g}"
-  return "" if value is None else str(value)
 
 
 def results_table(results: Sequence[Result], overrides: dict[str, dict[str, str]],
@@ -347,22 +310,6 @@ def default_markdown_metrics(results: Sequence[Result]) -> list[str]:
   return [k for k in MARKDOWN_METRICS if k in present]
 
 
-def to_markdown(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-  """A GitHub Markdown table (floats to 4 significant digits)."""
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(_format(v) for v in row) + " |" for row in rows]
-  return "\n".join(lines) + "\n"
-
-
-def to_csv(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-  """CSV with full-precision numbers and empty cells for missing values."""
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(header)
-  writer.writerows([["" if v is None else v for v in row] for row in rows])
-  return out.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
@@ -370,9 +317,10 @@ def to_csv(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def _sweep_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("sweep_file", nargs="?", help="a sweep file (launch/sweeps/*.sweep)")
-  p.add_argument("--config", help="config file[:arg] (default: the sweep file's)")
-  p.add_argument("--root", required=True, help="directory holding one workdir per run")
+  p.add_argument("--config", required=True, help="config file[:arg]")
+  p.add_argument("--sweep", help="a named sweep of the config's get_hyper (see --list)")
+  p.add_argument("--list", action="store_true", help="list the config's named sweeps and exit")
+  p.add_argument("--root", help="directory holding one workdir per run (required but with --list)")
   p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                  help="a grid axis (repeatable)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=V",
@@ -403,14 +351,21 @@ def _collect_parser() -> argparse.ArgumentParser:
 
 
 def sweep_from_args(args: argparse.Namespace) -> tuple[str, list[Run]]:
-  """The config and runs given by a sweep file and/or --grid/--set flags."""
-  sweep = read_sweep_file(args.sweep_file) if args.sweep_file else Sweep()
-  sweep.fixed += [parse_override(s, "--set") for s in args.set]
-  sweep.grid += [parse_grid(g, "--grid") for g in args.grid]
-  config = args.config or sweep.config
-  if not config:
-    raise SweepError("no config: pass --config or put 'config: PATH' in the sweep file")
-  return config, expand(sweep)
+  """The config and runs given by --sweep (the config's `get_hyper`) and --grid/--set flags."""
+  axes: list[list[Run]] = []
+  if args.sweep:
+    sweeps = config_sweeps(args.config)
+    if args.sweep not in sweeps:
+      raise SweepError(f"{args.config} has no sweep {args.sweep!r}; it has {sorted(sweeps)}")
+    axes.append(sweeps[args.sweep])
+  if args.set:
+    axes.append(fixed(dict(parse_override(s, "--set") for s in args.set)))
+  for text in args.grid:
+    key, values = parse_grid(text, "--grid")
+    axes.append(sweep(key, values))
+  if not axes:
+    raise SweepError("nothing to sweep: pass --sweep=NAME, --grid or --set")
+  return args.config, product(*axes)
 
 
 def run_all(python: str, config: str, root: str, runs: Sequence[Run], extra: Sequence[str],
@@ -419,7 +374,7 @@ def run_all(python: str, config: str, root: str, runs: Sequence[Run], extra: Seq
   failed, skipped, start = [], 0, time.time()
   for i, run in enumerate(runs, 1):
     workdir = pathlib.Path(root) / run.name
-    if is_finished(workdir):
+    if workdir_lib.is_finished(workdir):
       skipped += 1
       print(f"sweep: [{i}/{len(runs)}] {run.name}: finished before, skipped", flush=True)
       continue
@@ -443,6 +398,12 @@ def main_sweep(argv: Sequence[str]) -> int:
     cut = list(argv).index("--")
     argv, extra = list(argv[:cut]), list(argv[cut + 1:])
   args = _sweep_parser().parse_args(argv)
+  if args.list:
+    for name, runs in config_sweeps(args.config).items():
+      print(f"{name}: {', '.join(r.name for r in runs)}")
+    return 0
+  if not args.root:
+    raise SweepError("--root is required: the directory holding one workdir per run")
   config, runs = sweep_from_args(args)
   if not args.skip_check:
     check_overrides(config, runs, extra)
@@ -472,9 +433,9 @@ def main_collect(argv: Sequence[str]) -> int:
   out = pathlib.Path(args.out) if args.out else pathlib.Path(args.root) / "results"
   out.parent.mkdir(parents=True, exist_ok=True)
   header, rows = results_table(results, overrides)
-  out.with_suffix(".csv").write_text(to_csv(header, rows))
+  out.with_suffix(".csv").write_text(report.to_csv(header, rows))
   chosen = args.metrics.split(",") if args.metrics else default_markdown_metrics(results)
-  markdown = to_markdown(*results_table(results, overrides, chosen))
+  markdown = report.to_markdown(*results_table(results, overrides, chosen))
   out.with_suffix(".md").write_text(markdown)
   print(markdown, end="")
   counts = {s: sum(r.status == s for r in results) for s in dict.fromkeys(r.status for r in results)}
@@ -496,6 +457,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  if not __package__:  # `python launch/sweep.py`: configs import codepmp_jax from the repository
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
   sys.exit(main())

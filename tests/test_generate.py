@@ -87,6 +87,7 @@ def test_greedy_equals_transformers_generate(name, tmp_path):
     assert completions[0].finish_reason == ("length" if len(want) == NEW_TOKENS else "eos")
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_batch_equals_transformers(shared_data, tmp_path):
   """The real SmolLM2-135M: two GSM8K prompts of different lengths in one batch.
 
@@ -208,6 +209,7 @@ def tiny_checkpoint(tmp_path_factory, shared_data):
   return checkpoint.save_model(tmp_path / "ckpt", _tiny_params(config), config, tokenizer), questions
 
 
+@pytest.mark.slow
 def test_synthesis_backend_completes_prompts_in_order(tiny_checkpoint):
   from codepmp_jax.synth.jax_backend import JaxBackend
   ckpt, questions = tiny_checkpoint
@@ -222,6 +224,7 @@ def test_synthesis_backend_completes_prompts_in_order(tiny_checkpoint):
   assert sampled() == sampled()  # seeded by the prompt text
 
 
+@pytest.mark.slow
 def test_cli_writes_candidates_and_resumes(tmp_path, tiny_checkpoint):
   """End to end on a tiny checkpoint: candidates per record, then a rerun after a lost tail
   completes the file with exactly the lines an uninterrupted run wrote."""

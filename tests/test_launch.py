@@ -19,10 +19,11 @@ import time
 
 import pytest
 
-from launch import scaling_curve, sweep
+from codepmp_jax import workdir
+from launch import sweep
+from launch.experiments import scaling_curve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LAUNCH = ROOT / "launch"
 TINY = "configs/tiny.py"
 
 
@@ -249,39 +250,42 @@ def test_grid_expands_into_one_command_per_combination(capsys):
   ]
 
 
-def test_sweep_file_named_runs_cross_the_grid_and_later_overrides_win(tmp_path):
-  path = tmp_path / "x.sweep"
-  path.write_text("# comment\nconfig: configs/tiny.py\nset: loss.lm_coef=1 mesh_shape=(1,-1,1)\n"
-                  "grid: optimizer.schedule=cosine,wsd   # trailing comment\n"
-                  "run rm_only: loss.lm_coef=0\nrun both:\n")
-  parsed = sweep.read_sweep_file(path)
-  assert parsed.config == "configs/tiny.py"
-  runs = sweep.expand(parsed)
+def test_python_sweeps_cross_their_axes_and_later_overrides_win():
+  runs = sweep.product(sweep.fixed({"loss.lm_coef": 1, "mesh_shape": (1, -1, 1)}),
+                       sweep.named({"rm_only": {"loss.lm_coef": 0}, "both": {}}),
+                       sweep.sweep("optimizer.schedule", ["cosine", "wsd"]))
   assert [r.name for r in runs] == ["rm_only_schedule=cosine", "rm_only_schedule=wsd",
                                     "both_schedule=cosine", "both_schedule=wsd"]
   assert dict(runs[0].overrides) == {"loss.lm_coef": "0", "mesh_shape": "(1,-1,1)",
                                      "optimizer.schedule": "cosine"}
   assert dict(runs[3].overrides)["loss.lm_coef"] == "1"
   assert sweep.split_top_level("(1,-1,1),'a,b',[2,3]") == ["(1,-1,1)", "'a,b'", "[2,3]"]
+  assert sweep.product(sweep.fixed({"seed": 1})) == [sweep.Run("run", (("seed", "1"),))]
 
 
-@pytest.mark.parametrize("text,message", [
-    ("grid: lr\n", "x.sweep:1: expected key=value"),
-    ("config: a.py\n\nbogus: x=1\n", "x.sweep:3: unknown statement 'bogus'"),
-    ("grid: a.b=1,,2\n", "x.sweep:1: grid a.b has an empty value"),
-    ("run a/b: x=1\n", "x.sweep:1: run name 'a/b'"),
-    ("oops\n", "x.sweep:1: expected 'config:'"),
+@pytest.mark.parametrize("build,message", [
+    (lambda: sweep.parse_grid("lr", "--grid"), "--grid: expected key=value"),
+    (lambda: sweep.parse_grid("a.b=1,,2", "--grid"), "grid a.b has an empty value"),
+    (lambda: sweep.named({"a/b": {"x": 1}}), "run name 'a/b'"),
+    (lambda: sweep.fixed({"not a key": 1}), "'not a key' is not a dotted config key"),
+    (lambda: sweep.sweep("x", [1, 1]), "sweep x: needs distinct values"),
+    (lambda: sweep.product(sweep.named({"a": {"x": 1}}), sweep.named({"": {}})), "run name ''"),
 ])
-def test_sweep_file_errors_name_file_and_line(tmp_path, text, message):
-  path = tmp_path / "x.sweep"
-  path.write_text(text)
-  with pytest.raises(sweep.SweepError, match=message.replace("(", r"\(")):
-    sweep.read_sweep_file(path)
+def test_sweep_building_errors_name_what_is_wrong(build, message):
+  with pytest.raises(sweep.SweepError, match=message):
+    build()
 
 
 def test_two_runs_sharing_a_workdir_is_an_error():
   with pytest.raises(sweep.SweepError, match="share the workdir"):
-    sweep.expand(sweep.Sweep(named=[("a", [("x", "1")]), ("a", [("x", "2")])]))
+    sweep.product(sweep.named({"a": {"x": 1}}), sweep.fixed({"y": 2}) + sweep.fixed({"y": 3}))
+
+
+def test_unknown_named_sweep_lists_the_config_s_sweeps(capsys):
+  assert sweep.main(["--config=configs/pmp_smollm2_135m.py", "--sweep=nope", "--root=r"]) == 2
+  assert "has no sweep 'nope'; it has ['data_scale'" in capsys.readouterr().err
+  assert sweep.main(["--config=configs/tiny.py", "--root=r"]) == 2
+  assert "nothing to sweep" in capsys.readouterr().err
 
 
 def test_overrides_are_checked_the_way_the_trainer_parses_them(tmp_path):
@@ -299,19 +303,15 @@ def test_overrides_are_checked_the_way_the_trainer_parses_them(tmp_path):
 def test_shipped_ablation_sweeps_are_valid_for_their_configs():
   expected = {"loss_components": 3, "loss_coefficients": 4, "pair_sources": 3, "schedule": 2,
               "data_scale": 5}
-  files = sorted((LAUNCH / "sweeps").glob("*.sweep"))
-  assert {f.stem for f in files} == set(expected)
-  for path in files:
-    parsed = sweep.read_sweep_file(path)
-    runs = sweep.expand(parsed)
-    assert len(runs) == expected[path.stem], path
-    sweep.check_overrides(str(ROOT / parsed.config), runs)
-  loss = {r.name: dict(r.overrides) for r in sweep.expand(sweep.read_sweep_file(
-      LAUNCH / "sweeps/loss_components.sweep"))}
+  config = str(ROOT / "configs/pmp_smollm2_135m.py")
+  sweeps = sweep.config_sweeps(config)
+  assert {name: len(runs) for name, runs in sweeps.items()} == expected
+  for runs in sweeps.values():
+    sweep.check_overrides(config, runs)
+  loss = {r.name: dict(r.overrides) for r in sweeps["loss_components"]}
   assert loss["rm_only"]["loss.lm_coef"] == "0" and loss["lm_only"]["loss.rm_coef"] == "0"
-  schedules = [dict(r.overrides)["optimizer.schedule"] for r in sweep.expand(
-      sweep.read_sweep_file(LAUNCH / "sweeps/schedule.sweep"))]
-  assert schedules == ["cosine", "wsd"]
+  assert [dict(r.overrides)["optimizer.schedule"] for r in sweeps["schedule"]] == ["cosine", "wsd"]
+  assert sweep.config_sweeps(str(ROOT / TINY)) == {}
 
 
 def test_emit_commands_for_slurm_and_tpu(tmp_path, capsys):
@@ -375,7 +375,9 @@ def test_collector_reads_finished_stopped_incomplete_and_missing_workdirs(tmp_pa
   assert md[0] == "| run | status | step | optimizer.lr | eval/accuracy | loss | accuracy |"
   assert md[2] == "| lr=1 | finished | 4 | 1 | 0.64 | 1.25 | 0.54 |"
   assert out.startswith(md[0]) and "4 runs (1 finished, 1 stopped, 1 incomplete, 1 not started)" in out
-  assert not sweep.is_finished(root / "lr=2") and sweep.is_finished(root / "lr=1")
+  assert not workdir.is_finished(root / "lr=2") and workdir.is_finished(root / "lr=1")
+  (root / "lr=2" / "summary.json").write_text(json.dumps({"step": 2, "finished": True}))
+  assert workdir.is_finished(root / "lr=2")  # the trainer's own word wins
 
 
 def test_collector_without_manifest_and_broken_lines(tmp_path):
@@ -398,7 +400,7 @@ def test_run_locally_skips_finished_workdirs_and_stops_on_failure(tmp_path):
       'mkdir -p "$w" && echo \'{"step": 4, "loss": 0.5}\' > "$w/summary.json"\n')) / "python"
   root = tmp_path / "r"
   root.mkdir()
-  runs = sweep.expand(sweep.Sweep(grid=[("loss.lm_coef", ["0", "1", "fail", "3"])]))
+  runs = sweep.sweep("loss.lm_coef", ["0", "1", "fail", "3"])
   assert sweep.run_all(str(fake), TINY, str(root), runs, [], keep_going=False) == 1
   assert [(root / f"lm_coef={v}.log").exists() for v in ("0", "1", "fail", "3")] == [True, True, True, False]
   assert sweep.run_all(str(fake), TINY, str(root), runs, [], keep_going=True) == 1
@@ -416,6 +418,7 @@ REAL_SMALL = [
 ]
 
 
+@pytest.mark.slow
 def test_real_data_scale_sweep_then_scaling_curve_on_the_tiny_config(tmp_path, monkeypatch, capsys):
   """A two-point PMP sweep (2 and 4 steps) runs, resumes and is collected; an RM is fine-tuned from
   its larger point and put on the curve (three real trainer runs, one CPU device each)."""
@@ -543,8 +546,8 @@ def test_plot_reads_reports_and_summaries_into_table_and_png(tmp_path, capsys):
 
 def test_cli_entry_points_run_as_modules_and_scripts():
   for command in (["-m", "launch.sweep", "--help"], ["launch/sweep.py", "--help"],
-                  ["-m", "launch.scaling_curve", "steps", "--first=4", "--last=8"],
-                  ["launch/scaling_curve.py", "steps", "--first=4", "--last=8"]):
+                  ["-m", "launch.experiments.scaling_curve", "steps", "--first=4", "--last=8"],
+                  ["launch/experiments/scaling_curve.py", "steps", "--first=4", "--last=8"]):
     result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
                             timeout=60, check=True)
     assert result.stdout

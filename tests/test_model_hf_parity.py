@@ -84,6 +84,7 @@ def _prompt_ids(tokenizer, shared_data) -> list[int]:
   return tokenizer.encode(text)
 
 
+@pytest.mark.slow
 def test_smollm2_config(smollm2):
   _, config, tokenizer, _ = smollm2
   assert (config.architecture, config.num_layers, config.hidden_size, config.num_heads,
@@ -93,6 +94,7 @@ def test_smollm2_config(smollm2):
   assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, 2)
 
 
+@pytest.mark.slow
 def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2, shared_data):
   params, config, tokenizer, hf = smollm2
   prompt = _prompt_ids(tokenizer, shared_data)
@@ -123,6 +125,7 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2, shared_dat
                                         tokenizer.decode(theirs_tokens[len(prompt):]))
 
 
+@pytest.mark.slow
 def test_smollm2_export_scores_like_ours_in_transformers(smollm2, shared_data, tmp_path):
   import transformers
   params, config, tokenizer, _ = smollm2

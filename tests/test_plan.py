@@ -23,6 +23,7 @@ def _device0_bytes(tree) -> int:
              if s.device == device)
 
 
+@pytest.mark.slow
 def test_tiny_plan_matches_a_real_run_on_8_devices():
   config = load_config("tiny")
   config.mesh_shape = (2, 4, 1)  # FSDP and data parallelism together

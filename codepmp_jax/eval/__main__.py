@@ -16,7 +16,7 @@ from etils import epath
 
 from codepmp_jax import cli
 from codepmp_jax.data import loaders, registry
-from codepmp_jax.eval import answers, bon, modes
+from codepmp_jax.eval import answers, bon, reward_tasks
 
 
 def _ns(text: str) -> list[int]:
@@ -133,14 +133,14 @@ def run(args: argparse.Namespace) -> dict:
       print(f"note: {args.checkpoint} was trained with prompt format {scorer.prompt_format!r}; this "
             f"evaluation renders prompts as {expected!r}")
   if args.mode == "pairwise":
-    report = modes.pairwise(scorer, args.data, args.format, args.by, args.limit, args.strict,
+    report = reward_tasks.pairwise(scorer, args.data, args.format, args.by, args.limit, args.strict,
                             args.seed)
   elif args.mode == "mc":
-    report = modes.multiple_choice(scorer, args.data, args.format, args.by, args.limit,
+    report = reward_tasks.multiple_choice(scorer, args.data, args.format, args.by, args.limit,
                                    args.strict, args.seed)
   else:
     plot = args.plot or epath.Path(args.out).with_suffix(".png")
-    report = modes.best_of_n(args.candidates, args.task, args.n, scorer, args.scores, args.draws,
+    report = reward_tasks.best_of_n(args.candidates, args.task, args.n, scorer, args.scores, args.draws,
                              args.seed, args.limit, args.sympy_timeout, plot, args.save_scores)
   if args.checkpoint is not None:
     report["checkpoint"] = str(args.checkpoint)

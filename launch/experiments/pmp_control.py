@@ -237,16 +237,16 @@ def evaluate(s: ControlSettings, workdir: epath.Path, champ: epath.Path) -> dict
   out = workdir / "eval.json"
   if out.exists():
     return json.loads(out.read_text())
-  from codepmp_jax.eval import modes
+  from codepmp_jax.eval import reward_tasks
   from codepmp_jax.score import RewardScorer
   scorer = RewardScorer(str(workdir), batch_size=s.score_batch, max_length=s.score_length,
                         show_progress=False)
   report = {
-      "pairwise": modes.pairwise(scorer, str(SHARED_DATA / "gsm8k" / "test.jsonl"), "gsm8k",
+      "pairwise": reward_tasks.pairwise(scorer, str(SHARED_DATA / "gsm8k" / "test.jsonl"), "gsm8k",
                                  limit=s.eval_limit),
-      "mc": modes.multiple_choice(scorer, str(SHARED_DATA / "logiqa2" / "test.jsonl"), "logiqa2",
+      "mc": reward_tasks.multiple_choice(scorer, str(SHARED_DATA / "logiqa2" / "test.jsonl"), "logiqa2",
                                   limit=s.eval_limit),
-      "bon": modes.best_of_n(str(champ), "champ", s.bon_ns, scorer=scorer),
+      "bon": reward_tasks.best_of_n(str(champ), "champ", s.bon_ns, scorer=scorer),
   }
   out.write_text(json.dumps(report, indent=1))
   return report

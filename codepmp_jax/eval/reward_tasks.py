@@ -1,4 +1,5 @@
-"""The three evaluation modes as functions returning JSON-ready reports.
+"""The reward-model evaluations (pairwise, multiple choice, Best-of-N) as functions returning
+JSON-ready reports; `python -m codepmp_jax.eval MODE` is their command line.
 
 Each takes a `scorer`: anything with `score_texts(prompts, responses) -> np.ndarray` (normally a
 `codepmp_jax.score.RewardScorer` on a checkpoint), so one loaded model serves every mode.

@@ -4,13 +4,13 @@ The paper keeps checkpoints from the stable phase of one warmup-stable-decay PMP
 spaced by a factor of sqrt(2), runs a short decay from each, fine-tunes an RM from every decayed
 checkpoint and evaluates it. This module gives the steps, then fine-tunes, evaluates and plots:
 
-  python -m launch.scaling_curve steps --first=250 --last=4000
+  python -m launch.experiments.scaling_curve steps --first=250 --last=4000
       # -> the steps and --config.checkpoint.keep_steps=(250,354,500,...) for the PMP run
   # (PMP run with those keep_steps; then one decay run per kept step, see codepmp_jax/train.py)
-  python -m launch.scaling_curve finetune --checkpoints='runs/decay_*' \
+  python -m launch.experiments.scaling_curve finetune --checkpoints='runs/decay_*' \
       --config=configs/rm_gsm8k_smollm2_135m.py --root=runs/curve --baseline=ckpt/smollm2 \
       [--eval=pairwise --eval_data=../shared/data/gsm8k/test.jsonl --eval_format=gsm8k] [--run]
-  python -m launch.scaling_curve plot --root=runs/curve
+  python -m launch.experiments.scaling_curve plot --root=runs/curve
       # -> runs/curve/curve.png, curve.csv, curve.md
 
 `finetune` prints the commands (or runs them with --run, skipping finished ones): one RM
@@ -33,10 +33,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-if not __package__:  # `python launch/scaling_curve.py`: import launch.sweep from the repository
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+if not __package__:  # `python launch/experiments/scaling_curve.py`: import from the repository
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from launch import sweep  # noqa: E402  (after the path set-up above)
+from codepmp_jax import workdir as workdir_lib  # noqa: E402  (after the path set-up above)
+from launch import sweep  # noqa: E402
+from launch.experiments import report  # noqa: E402
 
 MANIFEST = "curve.json"
 EVAL_REPORT = "eval.json"
@@ -77,14 +79,13 @@ class Point:
 
 def pairs_of_workdir(path: str | pathlib.Path) -> int:
   """PMP pairs a training workdir has seen: final step (summary.json) x train.global_batch."""
-  path = pathlib.Path(path)
-  summary, config = path / sweep.SUMMARY, path / "config.json"
-  missing = [p.name for p in (summary, config) if not p.exists()]
+  summary, config = workdir_lib.read_summary(path), workdir_lib.read_config(path)
+  missing = [name for name, data in ((workdir_lib.SUMMARY, summary), (workdir_lib.CONFIG, config))
+             if data is None]
   if missing:
     raise sweep.SweepError(f"{path}: no {' or '.join(missing)} to count its PMP pairs from; "
                            f"is it a finished training workdir? Else write {path}@PAIRS")
-  step = json.loads(summary.read_text())["step"]
-  return int(step) * int(json.loads(config.read_text())["train"]["global_batch"])
+  return int(summary["step"]) * int(config["train"]["global_batch"])
 
 
 def resolve_points(patterns: Sequence[str], baseline: str | None = None) -> list[Point]:
@@ -126,11 +127,36 @@ def finetune_runs(points: Sequence[Point], fixed: Sequence[tuple[str, str]] = ()
   return [sweep.Run(p.name, (*fixed, ("init_from", p.checkpoint))) for p in points]
 
 
-def eval_command(python: str, args: argparse.Namespace, workdir: pathlib.Path) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class CurveSettings:
+  """One scaling curve: an RM fine-tune (`config`) from each checkpoint, evaluated, plotted.
+
+  checkpoints: globs of checkpoints or workdirs, each optionally `PATH@PAIRS`; baseline: a
+  checkpoint without PMP (or `scratch`) fine-tuned the same way; overrides: `KEY=V` for every
+  fine-tune; extra: trainer flags passed unchanged; evaluation: `pairwise` | `mc` with
+  `eval_data` / `eval_format` (empty: the fine-tune's own eval/accuracy); execute: run here
+  (skipping finished steps) and plot, else print the commands.
+  """
+  checkpoints: tuple[str, ...]
+  config: str
+  root: str
+  baseline: str = ""
+  overrides: tuple[str, ...] = ()
+  extra: tuple[str, ...] = ()
+  evaluation: str = ""
+  eval_data: str = ""
+  eval_format: str = ""
+  eval_args: str = ""
+  execute: bool = False
+  python: str = ""
+  skip_check: bool = False
+
+
+def eval_command(python: str, settings: CurveSettings, workdir: pathlib.Path) -> list[str]:
   """`python -m codepmp_jax.eval MODE` on a fine-tuned workdir, writing `workdir/eval.json`."""
-  return [python, "-m", "codepmp_jax.eval", args.eval, f"--checkpoint={workdir}",
-          f"--data={args.eval_data}", f"--format={args.eval_format}",
-          f"--out={workdir / EVAL_REPORT}", *shlex.split(args.eval_args)]
+  return [python, "-m", "codepmp_jax.eval", settings.evaluation, f"--checkpoint={workdir}",
+          f"--data={settings.eval_data}", f"--format={settings.eval_format}",
+          f"--out={workdir / EVAL_REPORT}", *shlex.split(settings.eval_args)]
 
 
 def point_accuracy(workdir: pathlib.Path) -> tuple[float, float | None, float | None, str]:
@@ -144,8 +170,9 @@ def point_accuracy(workdir: pathlib.Path) -> tuple[float, float | None, float | 
   if result.status != "finished":
     raise sweep.SweepError(f"{workdir}: fine-tune is {result.status} and has no {EVAL_REPORT}")
   if "eval/accuracy" not in result.metrics:
-    raise sweep.SweepError(f"{workdir}: no {EVAL_REPORT} and no eval/accuracy in {sweep.SUMMARY}")
-  return result.metrics["eval/accuracy"], None, None, f"{sweep.SUMMARY} eval/accuracy"
+    raise sweep.SweepError(f"{workdir}: no {EVAL_REPORT} and no eval/accuracy in "
+                           f"{workdir_lib.SUMMARY}")
+  return result.metrics["eval/accuracy"], None, None, f"{workdir_lib.SUMMARY} eval/accuracy"
 
 
 def curve_rows(root: str | pathlib.Path) -> list[dict]:
@@ -153,7 +180,7 @@ def curve_rows(root: str | pathlib.Path) -> list[dict]:
   root = pathlib.Path(root)
   manifest = root / MANIFEST
   if not manifest.exists():
-    raise sweep.SweepError(f"{manifest}: missing; run `python -m launch.scaling_curve finetune` first")
+    raise sweep.SweepError(f"{manifest}: missing; run `python -m launch.experiments.scaling_curve finetune` first")
   rows = []
   for point in json.loads(manifest.read_text())["points"]:
     accuracy, low, high, source = point_accuracy(root / point["name"])
@@ -165,12 +192,7 @@ def curve_rows(root: str | pathlib.Path) -> list[dict]:
 
 def plot_curve(rows: Sequence[dict], path: str | pathlib.Path, title: str) -> pathlib.Path:
   """Accuracy against PMP pairs (log scale), 95% CIs where known, the baseline as a dashed line."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = report.pyplot().subplots(figsize=(6, 4))
   points = [r for r in rows if r["pairs"] > 0]
   xs = [r["pairs"] for r in points]
   ys = [100 * r["accuracy"] for r in points]
@@ -191,64 +213,69 @@ def plot_curve(rows: Sequence[dict], path: str | pathlib.Path, title: str) -> pa
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return report.save_figure(fig, path)
 
 
-def _finetune(args: argparse.Namespace, extra: Sequence[str]) -> int:
-  points = resolve_points(args.checkpoints.split(","), args.baseline)
-  fixed = [sweep.parse_override(s, "--set") for s in args.set]
+def run(settings: CurveSettings) -> int:
+  """Fine-tunes (and evaluates) an RM from every checkpoint, or prints the commands; 0 if all ran.
+
+  With `execute` it then tabulates and plots the curve (`plot`).
+  """
+  points = resolve_points(settings.checkpoints, settings.baseline)
+  fixed = [sweep.parse_override(s, "--set") for s in settings.overrides]
   runs = finetune_runs(points, fixed)
-  if not args.skip_check:
-    sweep.check_overrides(args.config, runs, extra)
-  if args.eval and not (args.eval_data and args.eval_format):
+  extra = list(settings.extra)
+  if not settings.skip_check:
+    sweep.check_overrides(settings.config, runs, extra)
+  if settings.evaluation and not (settings.eval_data and settings.eval_format):
     raise sweep.SweepError("--eval needs --eval_data and --eval_format")
-  root = pathlib.Path(args.root)
-  python = args.python or (sys.executable if args.run else "python")
-  if not args.run:
-    print(f"# {len(runs)} fine-tunes of {args.config} under {root} (pairs: "
+  root = pathlib.Path(settings.root)
+  python = settings.python or (sys.executable if settings.execute else "python")
+  if not settings.execute:
+    print(f"# {len(runs)} fine-tunes of {settings.config} under {root} (pairs: "
           f"{', '.join(f'{p.name}={p.pairs}' for p in points)})")
-    for run in runs:
+    for point_run in runs:
       print(shlex.join([python, "-m", "codepmp_jax.train",
-                        *sweep.train_args(args.config, str(root), run, extra)]))
-      if args.eval:
-        print(shlex.join(eval_command(python, args, root / run.name)))
+                        *sweep.train_args(settings.config, str(root), point_run, extra)]))
+      if settings.evaluation:
+        print(shlex.join(eval_command(python, settings, root / point_run.name)))
     return 0
-  sweep.write_manifest(root, args.config, runs)
+  sweep.write_manifest(root, settings.config, runs)
   (root / MANIFEST).write_text(json.dumps(
-      {"config": args.config, "eval": args.eval, "eval_data": args.eval_data,
+      {"config": settings.config, "eval": settings.evaluation, "eval_data": settings.eval_data,
        "points": [dataclasses.asdict(p) for p in points]}, indent=2) + "\n")
-  if sweep.run_all(python, args.config, str(root), runs, extra, keep_going=False):
+  if sweep.run_all(python, settings.config, str(root), runs, extra, keep_going=False):
     return 1
-  if args.eval:
-    for i, run in enumerate(runs, 1):
-      workdir = root / run.name
+  if settings.evaluation:
+    for i, point_run in enumerate(runs, 1):
+      workdir = root / point_run.name
       if (workdir / EVAL_REPORT).exists():
-        print(f"scaling_curve: [{i}/{len(runs)}] {run.name}: evaluated before, skipped", flush=True)
+        print(f"scaling_curve: [{i}/{len(runs)}] {point_run.name}: evaluated before, skipped",
+              flush=True)
         continue
-      command = eval_command(python, args, workdir)
+      command = eval_command(python, settings, workdir)
       print(f"scaling_curve: [{i}/{len(runs)}] {shlex.join(command)}", flush=True)
       if subprocess.run(command, check=False).returncode != 0:
-        print(f"scaling_curve: evaluating {run.name} failed", file=sys.stderr)
+        print(f"scaling_curve: evaluating {point_run.name} failed", file=sys.stderr)
         return 1
-  return _plot(argparse.Namespace(root=str(root), title=None))
+  plot(str(root))
+  return 0
 
 
-def _plot(args: argparse.Namespace) -> int:
-  root = pathlib.Path(args.root)
-  rows = curve_rows(root)
+def plot(root: str, title: str | None = None) -> list[dict]:
+  """Writes ROOT/curve.csv, curve.md and curve.png of a fine-tuned curve; returns its rows."""
+  root_path = pathlib.Path(root)
+  rows = curve_rows(root_path)
   header = ["run", "pairs", "accuracy", "ci95_low", "ci95_high", "checkpoint", "source"]
   table = [[r[h] for h in header] for r in rows]
-  (root / "curve.csv").write_text(sweep.to_csv(header, table))
-  markdown = sweep.to_markdown(header, table)
-  (root / "curve.md").write_text(markdown)
-  png = plot_curve(rows, root / "curve.png", args.title or f"RM accuracy against PMP pairs ({root.name})")
+  (root_path / "curve.csv").write_text(report.to_csv(header, table))
+  markdown = report.to_markdown(header, table)
+  (root_path / "curve.md").write_text(markdown)
+  png = plot_curve(rows, root_path / "curve.png",
+                   title or f"RM accuracy against PMP pairs ({root_path.name})")
   print(markdown, end="")
-  print(f"wrote {png}, {root / 'curve.csv'} and {root / 'curve.md'}")
-  return 0
+  print(f"wrote {png}, {root_path / 'curve.csv'} and {root_path / 'curve.md'}")
+  return rows
 
 
 def _steps(args: argparse.Namespace) -> int:
@@ -260,7 +287,7 @@ def _steps(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
   """The command line: steps, finetune and plot."""
-  parser = argparse.ArgumentParser(prog="python -m launch.scaling_curve", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m launch.experiments.scaling_curve", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("steps", help="stable-phase steps to keep (geometric) and their trainer flag")
@@ -302,8 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "steps":
       return _steps(args)
     if args.command == "finetune":
-      return _finetune(args, extra)
-    return _plot(args)
+      return run(CurveSettings(
+          checkpoints=tuple(args.checkpoints.split(",")), config=args.config, root=args.root,
+          baseline=args.baseline or "", overrides=tuple(args.set), extra=tuple(extra),
+          evaluation=args.eval or "", eval_data=args.eval_data or "",
+          eval_format=args.eval_format or "", eval_args=args.eval_args, execute=args.run,
+          python=args.python or "", skip_check=args.skip_check))
+    plot(args.root, args.title)
+    return 0
   except sweep.SweepError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,5 +1,5 @@
-"""The pairwise, mc and bon modes on real LogiQA 2.0 / GSM8K data: a rule-based scorer whose
-picks are recomputed by hand, and a tiny checkpoint through the command line."""
+"""eval/reward_tasks.py (pairwise, mc, bon) on real LogiQA 2.0 / GSM8K data: a rule-based scorer
+whose picks are recomputed by hand, and a tiny checkpoint through the command line."""
 from __future__ import annotations
 
 import collections
@@ -17,7 +17,7 @@ from codepmp_jax.data import loaders, templates
 from codepmp_jax.data.records import BadRecords
 from codepmp_jax.data.tokenizer import train_sentencepiece
 from codepmp_jax.eval import __main__ as cli
-from codepmp_jax.eval import modes
+from codepmp_jax.eval import reward_tasks
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
 from codepmp_jax.score import RewardScorer
@@ -38,7 +38,7 @@ class LengthScorer:
 def test_mc_picks_the_highest_reward_and_reports_every_type(shared_data):
   path = shared_data / "logiqa2" / "dev.jsonl"
   scorer = LengthScorer()
-  report = modes.multiple_choice(scorer, str(path), "logiqa2", limit=60)
+  report = reward_tasks.multiple_choice(scorer, str(path), "logiqa2", limit=60)
   rows = [json.loads(line) for line in open(path)][:60]
   # Independent recomputation from the raw rows: the longest option (first among equals) wins.
   right = [int(np.argmax([len(o) for o in r["options"]])) == r["answer"] for r in rows]
@@ -62,18 +62,18 @@ def test_mc_picks_the_highest_reward_and_reports_every_type(shared_data):
 
 def test_pairwise_accuracy_and_margin_on_gsm8k_pairs(shared_data):
   scorer = LengthScorer()
-  report = modes.pairwise(scorer, str(shared_data / "gsm8k" / "test.jsonl"), "gsm8k", limit=40)
+  report = reward_tasks.pairwise(scorer, str(shared_data / "gsm8k" / "test.jsonl"), "gsm8k", limit=40)
   chosen, rejected = zip(*[(len(c), len(r)) for (_, c), (_, r) in zip(*scorer.calls)])
   chosen, rejected = np.array(chosen), np.array(rejected)
   assert report["n"] == 40
   assert report["accuracy"] == pytest.approx(np.mean(chosen > rejected))  # ties count wrong
   assert report["mean_margin"] == pytest.approx(np.mean(chosen - rejected))
   assert report["ci95"][0] <= report["accuracy"] <= report["ci95"][1]
-  assert list(report["breakdown"]) == [modes.NO_GROUP]  # GSM8K pairs carry no meta.source
+  assert list(report["breakdown"]) == [reward_tasks.NO_GROUP]  # GSM8K pairs carry no meta.source
 
 
 def test_render_prints_the_per_type_table(shared_data):
-  report = modes.multiple_choice(LengthScorer(), str(shared_data / "logiqa2" / "dev.jsonl"),
+  report = reward_tasks.multiple_choice(LengthScorer(), str(shared_data / "logiqa2" / "dev.jsonl"),
                                  "logiqa2", limit=20)
   table = cli.render(report)
   assert "Categorical Reasoning" in table and "95% CI" in table

@@ -1,35 +1,34 @@
-"""Multi-stage runs made of the stage commands: PMP, RM fine-tuning, evaluation.
+"""The stages the experiments are made of: train, prepare, Best-of-N candidates, evaluate.
 
-The demo (`python -m codepmp_jax.demo`) and the sample-efficiency experiment
-(`launch/experiments/sample_efficiency.py`) are built from these. Every stage skips itself when its
-output is complete, so rerunning a recipe reuses finished work.
+The demo (`launch/experiments/demo.py`), the sample-efficiency experiment and the others under
+launch/experiments/ are built from these. Every stage skips itself when its output is complete
+(a finished workdir: `codepmp_jax.workdir.is_finished`), so rerunning an experiment reuses
+finished work. The training configs come from configs/ through `codepmp_jax.config.load_config`.
 """
 from __future__ import annotations
 
 import json
 import logging
-import pathlib
 import random
 
 import ml_collections
+from etils import epath
 
 from codepmp_jax import checkpoint, train
+from codepmp_jax import workdir as workdir_lib
 from codepmp_jax.data import gsm8k, prepare
-from codepmp_jax.data.builtin import SHARED_DATA
 
 
-
-def train_once(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-  """Trains in `workdir` unless a finished run is there; returns its final metrics."""
-  summary = workdir / "summary.json"
-  if summary.is_file() and json.loads(summary.read_text()).get("finished"):
+def train_once(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
+  """Trains in `workdir` unless a finished run is there; returns its summary (final metrics)."""
+  if workdir_lib.is_finished(workdir):
     logging.info("reusing the finished run in %s", workdir)
-    return json.loads(summary.read_text())
-  train.train(config, workdir)
-  return json.loads(summary.read_text())
+  else:
+    train.train(config, workdir)
+  return workdir_lib.read_summary(workdir)
 
 
-def first_lines(source: pathlib.Path, out: pathlib.Path, limit: int) -> pathlib.Path:
+def first_lines(source: epath.Path, out: epath.Path, limit: int) -> epath.Path:
   """The first `limit` lines of a JSONL file (a deterministic subset of a data set)."""
   if not out.is_file():
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -39,8 +38,8 @@ def first_lines(source: pathlib.Path, out: pathlib.Path, limit: int) -> pathlib.
   return out
 
 
-def prepare_once(inputs: list[pathlib.Path], fmt: str, tokenizer: str | pathlib.Path,
-                 out: pathlib.Path, seq_len: int, split: str, num_rejected: int = 1) -> pathlib.Path:
+def prepare_once(inputs: list[epath.Path], fmt: str, tokenizer: str | epath.Path,
+                 out: epath.Path, seq_len: int, split: str, num_rejected: int = 1) -> epath.Path:
   """Prepared shards of `inputs` in `out` (skipped when its manifest exists)."""
   if not (out / prepare.MANIFEST).is_file():
     prepare.prepare(prepare.PrepareSettings(
@@ -49,28 +48,8 @@ def prepare_once(inputs: list[pathlib.Path], fmt: str, tokenizer: str | pathlib.
   return out
 
 
-def rm_config(pmp_config: ml_collections.ConfigDict, data: pathlib.Path, init_from: str,
-              tokenizer: str, steps: int, lr: float) -> ml_collections.ConfigDict:
-  """RM fine-tuning (BT loss only) of the PMP run's model shape, from `init_from` or from scratch.
-
-  Both arms of a comparison get the same data, seed, schedule and shape; only the initial params
-  differ.
-  """
-  config = ml_collections.ConfigDict(pmp_config.to_dict())
-  config.init_from = init_from
-  config.tokenizer = tokenizer
-  config.data.builtin.name = ""
-  config.data.path = str(data)
-  config.loss.update(rm_coef=1.0, lm_coef=0.0)
-  config.optimizer.update(lr=lr, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.2)
-  config.train.update(total_steps=steps, log_every=max(1, steps // 10), eval_every=steps,
-                      eval_batches=4)
-  config.checkpoint.update(save_every=steps, keep=1)
-  return config
-
-
-def bon_candidates(source: pathlib.Path, out: pathlib.Path, limit: int, n: int, seed: int = 0
-                   ) -> pathlib.Path:
+def bon_candidates(source: epath.Path, out: epath.Path, limit: int, n: int, seed: int = 0
+                   ) -> epath.Path:
   """A Best-of-N candidates file from GSM8K without a generator: per question, the reference
   solution and up to n-1 consistently wrong variants of it (`data.gsm8k`), in a seeded order.
 
@@ -101,21 +80,21 @@ def bon_candidates(source: pathlib.Path, out: pathlib.Path, limit: int, n: int, 
   return out
 
 
-def evaluate_rm(ckpt: pathlib.Path, out: pathlib.Path, *, gsm8k_pairs: pathlib.Path | None = None,
-                logiqa: pathlib.Path | None = None, candidates: pathlib.Path | None = None,
+def evaluate_rm(ckpt: epath.Path, out: epath.Path, *, gsm8k_pairs: epath.Path | None = None,
+                logiqa: epath.Path | None = None, candidates: epath.Path | None = None,
                 ns: tuple[int, ...] = (1, 2, 4), limit: int | None = None) -> dict:
   """Held-out pairwise accuracy, LogiQA 2.0 multiple choice and Best-of-N of one checkpoint."""
   if out.is_file():
     return json.loads(out.read_text())
-  from codepmp_jax.eval import modes
+  from codepmp_jax.eval import reward_tasks
   from codepmp_jax.score import RewardScorer
   scorer = RewardScorer(ckpt, batch_size=32, max_length=512)
   report = {"checkpoint": str(ckpt), "step": checkpoint.latest_train_step(ckpt)}
   if gsm8k_pairs is not None:
-    report["pairwise"] = modes.pairwise(scorer, str(gsm8k_pairs), "gsm8k", limit=limit)
+    report["pairwise"] = reward_tasks.pairwise(scorer, str(gsm8k_pairs), "gsm8k", limit=limit)
   if logiqa is not None:
-    report["mc"] = modes.multiple_choice(scorer, str(logiqa), "logiqa2", limit=limit)
+    report["mc"] = reward_tasks.multiple_choice(scorer, str(logiqa), "logiqa2", limit=limit)
   if candidates is not None:
-    report["bon"] = modes.best_of_n(str(candidates), "gsm8k", ns, scorer=scorer)["bon"]
+    report["bon"] = reward_tasks.best_of_n(str(candidates), "gsm8k", ns, scorer=scorer)["bon"]
   out.write_text(json.dumps(report, indent=1))
   return report
