@@ -375,18 +375,18 @@ def evaluate(s: GpuSettings, workdir: epath.Path) -> dict:
   out = workdir / "eval.json"
   if out.exists():
     return json.loads(out.read_text())
-  from codepmp_jax.eval import modes
+  from codepmp_jax.eval import reward_tasks
   from codepmp_jax.score import RewardScorer
   files = epath.Path(s.files)
   scorer = RewardScorer(str(workdir), batch_size=s.score_batch, max_length=s.score_length,
                         show_progress=False)
   report = {
-      "pairwise": modes.pairwise(scorer, str(files / "data" / "gsm8k" / "test.jsonl"), "gsm8k",
-                                 limit=s.eval_limit),
-      "mc": modes.multiple_choice(scorer, str(files / "data" / "logiqa2" / "test.jsonl"),
-                                  "logiqa2", limit=s.eval_limit),
-      "bon": modes.best_of_n(str(files / "champ_candidates.jsonl"), "champ", s.bon_ns,
-                             scorer=scorer),
+      "pairwise": reward_tasks.pairwise(scorer, str(files / "data" / "gsm8k" / "test.jsonl"),
+                                        "gsm8k", limit=s.eval_limit),
+      "mc": reward_tasks.multiple_choice(scorer, str(files / "data" / "logiqa2" / "test.jsonl"),
+                                         "logiqa2", limit=s.eval_limit),
+      "bon": reward_tasks.best_of_n(str(files / "champ_candidates.jsonl"), "champ", s.bon_ns,
+                                    scorer=scorer),
   }
   out.write_text(json.dumps(report, indent=1))
   return report
