@@ -351,7 +351,9 @@ def plot(summary: dict, path: epath.Path, arms: Sequence[str] = ARMS) -> epath.P
     ax.set_title(name)
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.suptitle("RM fine-tuning from base, base + LM, base + PMP (mean, 95% t-interval over seeds)")
+  names = {"base": "base", "lm": "base + LM", "pmp": "base + PMP"}
+  fig.suptitle(f"RM fine-tuning from {', '.join(names[a] for a in arms)} "
+               "(mean, 95% t-interval over seeds)")
   fig.tight_layout()
   with path.open("wb") as f:
     fig.savefig(f, format="png")
