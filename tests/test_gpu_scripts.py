@@ -98,3 +98,18 @@ def test_child_past_its_time_limit_is_stopped():
   assert g._python_module("timeit", ["-n1", "-r1", "pass"], False, 60)
   with pytest.raises(subprocess.CalledProcessError):
     g._python_module("timeit", ["-n1", "-r1", "1/0"], False, 60)
+
+
+def test_two_arm_summary_is_the_paired_t_interval():
+  from launch.experiments import pmp_control
+  s = pmp_control.ControlSettings(ks=(8,), seeds=(0, 1))
+  per_run = {("base", 8, 0): {"acc": 0.5}, ("base", 8, 1): {"acc": 0.7},
+             ("pmp", 8, 0): {"acc": 0.6}, ("pmp", 8, 1): {"acc": 0.9}}
+  row = pmp_control.summarize(s, per_run, g.ARMS)["acc"]["8"]
+  assert set(row) == {"base", "pmp", "pmp-base"}
+  # differences 0.1 and 0.2: mean 0.15, sd 0.1/sqrt(2), t(0.975, 1 dof) = 12.7062
+  half = 12.7062 * (0.1 / 2 ** 0.5) / 2 ** 0.5
+  assert row["pmp-base"]["mean"] == pytest.approx(0.15)
+  assert row["pmp-base"]["ci95"] == pytest.approx([0.15 - half, 0.15 + half], abs=1e-4)
+  table = pmp_control.markdown_table({"acc": {"8": row}}, g.ARMS)
+  assert table.splitlines()[0] == "| metric | k | base | pmp | pmp-base |"
