@@ -6,8 +6,8 @@ Records: code-preference pairs built from this Python's standard library (a func
 docstring: the docstring in the code template is the prompt, the function is chosen, the function
 with its body lines in another order is rejected), tokenized by a sentencepiece model trained on
 the same code. Both sides use every core.
-- prepare: ours = `codepmp_jax.data.prepare` (load, split, tokenize in worker processes, write
-  TFRecord shards; TensorFlow imported before timing); peer = `datasets.Dataset.from_json` +
+- prepare: ours = `codepmp_jax.data.prepare` (load, split, spill, tokenize in worker processes,
+  write memory-mapped token shards); peer = `datasets.Dataset.from_json` +
   `.map(num_proc=cores)` running the same tokenizer and the same truncation (`encode.fit_pair`),
   writing its Arrow cache.
 - pipeline: batches/s of shuffled, padded `[B, 2, L]` host batches; ours = `pipeline.build_pipeline`
@@ -19,14 +19,10 @@ the same code. Both sides use every core.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
 import argparse
 import ast
 import json
+import os
 import pathlib
 import sysconfig
 import tempfile
@@ -166,8 +162,6 @@ def main() -> None:
   parser.add_argument("--train_step", action=argparse.BooleanOptionalAction, default=True,
                       help="also time the tiny config's train step")
   args = parser.parse_args()
-
-  import tensorflow  # noqa: F401  (imported once up front: not part of prepare's timed work)
 
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_data_"))
   records = stdlib_pairs(args.pairs)

@@ -1,8 +1,8 @@
 """Throughput of the `mutate` strategy on the standard library, against the parse/unparse floor.
 
 Peer: parsing every file and printing every documented function with `ast.unparse` (the least
-work any AST-based mutator does). Then the strategy alone in-process, and the whole CLI pipeline
-(filters, MinHash dedup, decontamination, shards) with 1 and 2 worker processes.
+work any AST-based mutator does). Then the strategy alone in-process, and the whole pipeline
+(`synthesize`: filters, MinHash dedup, decontamination, shards) with 1 and 2 worker processes.
 
   python -m benchmarks.synth [--files=300] [--mutants_per_function=5]   (from the repo root)
 """
@@ -15,17 +15,17 @@ import sys
 import tempfile
 import time
 
-from codepmp_jax.synth import __main__ as synth_main
 from codepmp_jax.synth import corpus
-from codepmp_jax.synth import mutate
+from codepmp_jax.synth import mutations
 from codepmp_jax.synth import mutate_strategy
+from codepmp_jax.synth.synthesize import SynthSettings, synthesize
 
 
 def _floor(docs: list[corpus.Document]) -> int:
   functions = 0
   for doc in docs:
     try:
-      fns, _ = mutate.extract_functions(doc.content)
+      fns, _ = mutations.extract_functions(doc.content)
     except (SyntaxError, ValueError, RecursionError):
       continue
     for fn in fns:
@@ -41,9 +41,8 @@ def _strategy(docs: list[corpus.Document], k: int) -> int:
 
 def _cli(root: pathlib.Path, workers: int, k: int, data_dir: str) -> int:
   with tempfile.TemporaryDirectory() as out:
-    manifest = synth_main.run(synth_main.parse_flags([
-        f"--source={root}", f"--out={out}", f"--workers={workers}",
-        f"--mutants_per_function={k}", f"--eval_data_dir={data_dir}", "--log_level=WARNING"]))
+    manifest = synthesize(SynthSettings(out=out, source=(str(root),), workers=workers,
+                                        mutants_per_function=k, eval_data_dir=data_dir))
   return manifest["counts"]["pairs_written"]
 
 
@@ -51,7 +50,7 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--files", type=int, default=300, help="first N stdlib .py files (0: all)")
   p.add_argument("--mutants_per_function", type=int, default=5)
-  p.add_argument("--eval_data_dir", default="../shared/data")
+  p.add_argument("--eval_data_dir", default="")
   args = p.parse_args()
   docs = [d for d in corpus.iter_documents("stdlib") if d.lang == "python" and d.error is None]
   docs = docs[:args.files] if args.files else docs
@@ -65,8 +64,8 @@ def main() -> None:
     for name, fn, unit in [
         ("parse + unparse floor (peer)", lambda: _floor(docs), "functions"),
         ("mutate strategy, in-process", lambda: _strategy(docs, args.mutants_per_function), "pairs"),
-        ("CLI pipeline, --workers=1", lambda: _cli(root, 1, args.mutants_per_function, args.eval_data_dir), "pairs"),
-        ("CLI pipeline, --workers=2", lambda: _cli(root, 2, args.mutants_per_function, args.eval_data_dir), "pairs")]:
+        ("synthesize, workers=1", lambda: _cli(root, 1, args.mutants_per_function, args.eval_data_dir), "pairs"),
+        ("synthesize, workers=2", lambda: _cli(root, 2, args.mutants_per_function, args.eval_data_dir), "pairs")]:
       start = time.perf_counter()
       n = fn()
       rows.append((name, n, unit, time.perf_counter() - start))
@@ -78,7 +77,7 @@ def main() -> None:
     print(f"| {name:32} | {n:8d} | {unit:9} | {s:8.2f} | {n / s:8.1f} |")
   rate = [n / sec for _, n, _, sec in rows]
   print(f"ratio: mutate strategy {rate[1] / rate[0]:.2f}x the floor's rate (pairs/s vs functions/s); "
-        f"CLI with 2 workers {rate[3] / rate[2]:.2f}x the pairs/s of 1 worker")
+        f"synthesize with 2 workers {rate[3] / rate[2]:.2f}x the pairs/s of 1 worker")
 
 
 if __name__ == "__main__":

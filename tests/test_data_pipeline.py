@@ -89,7 +89,7 @@ def test_buckets_are_multiples_of_128_shared_by_all_processes():
   assert set(lengths[0]) <= {128, 256, 384} and len(set(lengths[0])) > 1
 
 
-def test_two_processes_read_disjoint_interleaved_parts():
+def test_two_processes_read_disjoint_contiguous_parts():
   cfg = pipeline.in_memory_config(_pairs(41), pad_id=0)
   parts = []
   for index in range(2):
@@ -98,8 +98,8 @@ def test_two_processes_read_disjoint_interleaved_parts():
       next(it)
     parts.append([_ids(b) for b in batches])
     assert all(len(ids) == 4 for ids in parts[-1]) and it.steps_per_epoch == 5
-    assert {i % 2 for ids in parts[-1] for i in ids} == {index}
-  assert it.dropped_pairs == 0  # process 1 holds 20 pairs: 5 full batches; process 0 holds 21
+    assert {min(i // 20, 1) for ids in parts[-1] for i in ids} == {index}  # pairs [0, 20), [20, 41)
+  assert it.dropped_pairs == 1  # process 0 holds 20 pairs: 5 full batches; process 1 holds 21
   all_ids = [i for part in parts for ids in part for i in ids]
   assert len(all_ids) == len(set(all_ids)) == 40
 

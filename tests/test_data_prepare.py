@@ -1,6 +1,7 @@
 """`python -m codepmp_jax.data.prepare`: exact bad-record counts, shard contents, crash-safe reruns."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -47,6 +48,12 @@ def _settings(tmp_path, tokenizer_path, inputs, **kw) -> prepare.PrepareSettings
   return prepare.PrepareSettings(**{**defaults, **kw})
 
 
+def _cfg(path):
+  cfg = pipeline.default_data_config()
+  cfg.path = str(path)
+  return cfg
+
+
 def test_every_kind_of_bad_line_is_counted_exactly_in_the_manifest(tmp_path, tokenizer_path):
   _bad_file(tmp_path / "bad.jsonl")
   (tmp_path / "empty.jsonl").write_text("")
@@ -84,15 +91,16 @@ def test_shards_hold_exactly_the_encoded_pairs(tmp_path, tokenizer_path):
   assert manifest["truncated"] == {"prompt": truncated, "response": 0} and truncated > 0
   out = pathlib.Path(settings.out)
   for split, pairs in expected.items():
-    files = [out / s["file"] for s in manifest["splits"][split]["shards"]]
-    assert len(files) == 3
-    arrays = pipeline._read_tfrecords(files, 0, 1)
+    assert len(manifest["splits"][split]["shards"]) == 3
+    source = pipeline._Prepared(_cfg(out), split, 20)
+    arrays = source.take(np.arange(source.num_pairs))
     assert len(arrays) == len(pairs) == manifest["splits"][split]["pairs"]
-    for i, pair in enumerate(pairs):
-      assert tuple(arrays.sequence(i, 0)) == pair.chosen.ids
-      assert tuple(arrays.sequence(i, 1)) == pair.rejected.ids
-      assert tuple(arrays.response_start[i]) == (pair.chosen.response_start, pair.rejected.response_start)
-      assert arrays.margin[i] == pair.margin
+    stored = {(tuple(arrays.sequence(i, 0)), tuple(arrays.sequence(i, 1)),
+               tuple(arrays.response_start[i]), float(arrays.margin[i])) for i in range(len(arrays))}
+    assert stored == {(p.chosen.ids, p.rejected.ids, (p.chosen.response_start, p.rejected.response_start),
+                       p.margin) for p in pairs}
+    assert [tuple(arrays.sequence(i, 0)) for i in range(len(arrays))] != [p.chosen.ids for p in pairs]
+    np.testing.assert_array_equal(source.lengths(0, source.num_pairs), arrays.lengths.max(axis=1))
   histogram = manifest["length_histogram"]
   assert sum(histogram["counts"]) == 2 * len(GOOD) and histogram["bin_edges"][-1] == 20
   prepare.check_tokenizer(out, tokenizer.fingerprint)
@@ -106,12 +114,17 @@ def test_rerun_after_a_crash_redoes_only_the_missing_shard(tmp_path, tokenizer_p
   settings = _settings(tmp_path, tokenizer_path, [str(path)])
   first = prepare.prepare(settings)
   out = pathlib.Path(settings.out)
-  lost = out / first["splits"]["train"]["shards"][1]["file"]
-  lost.rename(out / f".{lost.name}.tmp")  # as if the run died while writing it
-  kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord")}
-  second = prepare.prepare(settings)
+  lost = out / (first["splits"]["train"]["shards"][1]["file"] + ".stats.json")
+  lost.unlink()  # as if the run died before publishing the shard's last file
+  kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tokens")}
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  (scratch / "keep.txt").write_text("not prepare's")
+  second = prepare.prepare(dataclasses.replace(settings, spill_dir=str(scratch)))
+  assert [p.name for p in scratch.iterdir()] == ["keep.txt"]
   assert second["throughput"]["pairs_encoded"] == first["splits"]["train"]["shards"][1]["pairs"]
-  assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord") if p.name in kept} == kept
+  changed = {p.name for p in out.glob("*.tokens") if p.stat().st_mtime_ns != kept[p.name]}
+  assert changed == {first["splits"]["train"]["shards"][1]["file"] + ".tokens"}
   assert {k: v for k, v in second.items() if k != "throughput"} == {
       k: v for k, v in first.items() if k != "throughput"}
   with pytest.raises(ValueError, match="other settings"):
@@ -133,8 +146,9 @@ def test_cli_with_worker_processes_and_strict_failure(tmp_path, tokenizer_path):
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["splits"]["train"]["pairs"] == 30 and manifest["throughput"]["workers"] == 2
   assert load_tokenizer(out / "tokenizer").fingerprint == manifest["tokenizer"]["fingerprint"]
-  assert sorted(p.name for p in out.glob("*.tfrecord")) == ["train-00000-of-00002.tfrecord",
-                                                            "train-00001-of-00002.tfrecord"]
+  assert sorted(p.name for p in out.glob("train-*")) == [
+      f"train-0000{i}-of-00002{suffix}" for i in range(2)
+      for suffix in (".index.npy", ".lengths.npy", ".stats.json", ".tokens")]
   assert not list(out.glob(".*"))
   lengths = np.concatenate([np.load(f"{out / s['file']}.lengths.npy")
                             for s in manifest["splits"]["train"]["shards"]])

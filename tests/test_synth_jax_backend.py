@@ -6,7 +6,7 @@ from codepmp_jax import checkpoint
 from codepmp_jax.data.tokenizer import train_sentencepiece
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
-from codepmp_jax.synth import __main__ as synth
+from codepmp_jax.synth.synthesize import SynthSettings, synthesize
 
 CODE = '''def add_all(values):
     """Return the sum of the values, skipping None."""
@@ -29,11 +29,10 @@ def test_llm_strategy_runs_on_local_checkpoints(tmp_path):
   ckpt = checkpoint.save_model(
       tmp_path / "ckpt", nn.unbox(transformer.init_params(config, jax.random.key(0))), config, tokenizer)
   out = tmp_path / "pairs"
-  manifest = synth.run(synth.parse_flags([
-      f"--source={corpus}", "--strategy=llm", "--backend=jax", f"--out={out}",
-      f"--describe_model={ckpt}", f"--strong_model={ckpt}", f"--weak_model={ckpt}",
-      "--describe_max_tokens=8", "--respond_max_tokens=8", "--min_bytes=10", "--near_dup_threshold=1.0",
-      "--decontam_sets=", "--workers=1"]))
+  manifest = synthesize(SynthSettings(
+      source=(str(corpus),), strategy="llm", backend="jax", out=str(out), describe_model=str(ckpt),
+      strong_model=str(ckpt), weak_model=str(ckpt), describe_max_tokens=8, respond_max_tokens=8,
+      min_bytes=10, near_dup_threshold=1.0, decontam_sets=(), workers=1))
   assert manifest["complete"]
   # One checkpoint plays all three roles, so its requests are counted under one name: at least a
   # description per kept file, then answers for every description that was not empty.

@@ -30,6 +30,8 @@ import textwrap
 import pytest
 
 from codepmp_jax.synth import __main__ as synth_main
+from codepmp_jax.synth import backends
+from codepmp_jax.synth.synthesize import SynthSettings, synthesize
 
 # The paper's prompts, written out here independently of the package.
 DESCRIBE = ("Please generate a corresponding instruction based on this code snippet. In the "
@@ -162,6 +164,15 @@ def _flags(corpus: pathlib.Path, out: pathlib.Path, url: str, *extra: str) -> li
           "--docs_per_shard=3", "--decontam_sets=", "--workers=1", "--min_bytes=50", *extra]
 
 
+def _settings(corpus: pathlib.Path, out: pathlib.Path, url: str, **overrides) -> SynthSettings:
+  """The settings `_flags` describes, for calling `synthesize` directly."""
+  return SynthSettings(**{
+      "source": (str(corpus),), "strategy": "llm", "out": str(out), "base_url": url,
+      "strong_model": STRONG, "weak_model": WEAK, "describe_model": DESCRIBER,
+      "api_key_env": "SYNTH_TEST_KEY", "backoff_s": 0.01, "max_retries": 3, "concurrency": 4,
+      "docs_per_shard": 3, "decontam_sets": (), "workers": 1, "min_bytes": 50, **overrides})
+
+
 def _records(out: pathlib.Path) -> list[dict]:
   return [json.loads(line) for p in sorted(out.glob("pairs-*.jsonl.gz"))
           for line in gzip.open(p, "rt")]
@@ -172,7 +183,7 @@ def test_llm_strategy_end_to_end(server, tmp_path, monkeypatch, caplog, capsys):
   corpus = _corpus(tmp_path)
   out = tmp_path / "out"
   with caplog.at_level(logging.DEBUG):
-    assert synth_main.main(_flags(corpus, out, server.url)) == 0
+    synthesize(_settings(corpus, out, server.url))
   manifest = json.loads((out / "manifest.json").read_text())
   assert KEY not in (out / "manifest.json").read_text()
   assert KEY not in caplog.text and KEY not in "".join(capsys.readouterr())
@@ -211,8 +222,8 @@ def test_chat_api_and_human_vs_weak(server, tmp_path, monkeypatch):
   monkeypatch.setenv("SYNTH_TEST_KEY", KEY)
   corpus = _corpus(tmp_path)
   out = tmp_path / "hvw"
-  assert synth_main.main(_flags(corpus, out, server.url + "/v1/", "--api=chat",
-                                "--strategy=human_vs_weak", "--max_pairs=4")) == 0
+  synthesize(_settings(corpus, out, server.url + "/v1/", api="chat", strategy="human_vs_weak",
+                       max_pairs=4))
   paths = {p for p, _ in server.requests}
   assert paths == {"/v1/chat/completions"}
   assert all(len(b["messages"]) == 1 and b["messages"][0]["role"] == "user" for _, b in server.requests)
@@ -227,8 +238,11 @@ def test_chat_api_and_human_vs_weak(server, tmp_path, monkeypatch):
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path, caplog):
-  with caplog.at_level(logging.ERROR):
-    rc = synth_main.main(_flags(_corpus(tmp_path), tmp_path / "o", "http://127.0.0.1:9"))
+  corpus = _corpus(tmp_path)
+  with pytest.raises(backends.BackendError, match="cannot reach the generation server at http://127.0.0.1:9/v1"):
+    synthesize(_settings(corpus, tmp_path / "o", "http://127.0.0.1:9"))
+  with caplog.at_level(logging.ERROR):  # the CLI turns it into exit status 1 and a log line
+    rc = synth_main.main(_flags(corpus, tmp_path / "o", "http://127.0.0.1:9"))
   assert rc == 1 and "cannot reach the generation server at http://127.0.0.1:9/v1" in caplog.text
 
 
@@ -251,9 +265,9 @@ def test_kill_and_rerun_gives_the_uninterrupted_records(tmp_path, monkeypatch):
     assert 3 <= written < 11
     assert not json.loads((killed / "manifest.json").read_text())["complete"]
     slow.delay_s = 0.0
-    assert synth_main.main(flags) == 0
+    synthesize(_settings(corpus, killed, slow.url, docs_per_shard=1))  # resumes the killed CLI run
     whole = tmp_path / "whole"
-    assert synth_main.main(_flags(corpus, whole, slow.url, "--docs_per_shard=1")) == 0
+    synthesize(_settings(corpus, whole, slow.url, docs_per_shard=1))
   finally:
     slow.close()
   a, b = _records(killed), _records(whole)

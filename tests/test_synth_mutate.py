@@ -13,19 +13,19 @@ import random
 import pytest
 
 from codepmp_jax.synth import decontaminate
-from codepmp_jax.synth import mutate
+from codepmp_jax.synth import mutations
 from codepmp_jax.synth import mutate_strategy
 from codepmp_jax.synth import prompts
 from codepmp_jax.synth.corpus import Document
 
 
-def _function(module: str, qualname: str) -> mutate.Function:
-  functions, _ = mutate.extract_functions(inspect.getsource(importlib.import_module(module)))
+def _function(module: str, qualname: str) -> mutations.Function:
+  functions, _ = mutations.extract_functions(inspect.getsource(importlib.import_module(module)))
   return next(f for f in functions if f.qualname == qualname)
 
 
-def _mutants(fn: mutate.Function, op: str) -> set[str]:
-  return {ast.unparse(mutate.apply(fn, s)) for s in mutate.find_sites(fn.node) if s.op == op}
+def _mutants(fn: mutations.Function, op: str) -> set[str]:
+  return {ast.unparse(mutations.apply(fn, s)) for s in mutations.find_sites(fn.node) if s.op == op}
 
 
 def _compile(module: str, code: str):
@@ -67,7 +67,7 @@ CASES = [
 
 
 def test_every_operator_is_covered():
-  assert {c[2] for c in CASES} == set(mutate.OPERATORS)
+  assert {c[2] for c in CASES} == set(mutations.OPERATORS)
 
 
 @pytest.mark.parametrize("module,name,op,original,expected", CASES, ids=[f"{c[1]}-{c[2]}" for c in CASES])
@@ -131,7 +131,7 @@ def test_stdlib_module_pairs_are_valid():
 def test_max_length_diff_bounds_rejected_length():
   fn = _function("heapq", "heappush")
   counts = collections.Counter()
-  kept, _ = mutate.mutants(fn, 10, random.Random(0), 0.05, counts)
+  kept, _ = mutations.mutants(fn, 10, random.Random(0), 0.05, counts)
   assert kept and counts["mutant_length_cue"] >= 2  # both drops (~30% shorter) are rejected
   assert all(m.site.op != "drop_statement" for m in kept)
 

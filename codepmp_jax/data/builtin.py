@@ -1,7 +1,7 @@
 """Data that builds itself on first use, so the default config runs with no input from the user.
 
 `stdlib_mutate`: code-preference pairs synthesized from this Python's standard library by the
-offline `mutate` strategy (`python -m codepmp_jax.synth`), a sentencepiece tokenizer trained on the
+offline `mutate` strategy (`synth.synthesize`), a sentencepiece tokenizer trained on the
 same code, and the pairs prepared into shards (`python -m codepmp_jax.data.prepare`), all under
 `data.path`:
   <path>/pairs/       synthesized pair shards + manifest.json
@@ -14,9 +14,11 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import pathlib
 
 import ml_collections
+from etils import epath
 
 BUILTINS = ("stdlib_mutate",)
 # The reference data sets beside the checkout (GSM8K, LogiQA 2.0): decontamination and evaluation.
@@ -29,9 +31,9 @@ def default_builtin_config() -> ml_collections.ConfigDict:
                                         eval_fraction=0.05, seed=0))
 
 
-def _pair_texts(pairs_dir: pathlib.Path):
+def _pair_texts(pairs_dir: epath.Path):
   for shard in sorted(pairs_dir.glob("*.jsonl.gz")):
-    with gzip.open(shard, "rt", encoding="utf-8") as f:
+    with shard.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
       for line in f:
         record = json.loads(line)
         yield record["prompt"] + record["chosen"]
@@ -46,18 +48,19 @@ def ensure(data_cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.builtin.name={spec.name!r} is not one of {BUILTINS}")
   from codepmp_jax.data import prepare
   from codepmp_jax.data.tokenizer import train_sentencepiece
-  from codepmp_jax.synth import __main__ as synth
+  from codepmp_jax.synth.synthesize import SynthSettings, synthesize
 
-  root = pathlib.Path(data_cfg.path)
-  if (root / prepare.MANIFEST).is_file():
-    return
+  root = epath.Path(data_cfg.path)
+  manifest = root / prepare.MANIFEST
+  if manifest.is_file() and json.loads(manifest.read_text()).get("version") == prepare.MANIFEST_VERSION:
+    return  # (an older version's shards are prepared again, from the kept pairs and tokenizer)
   pairs_dir = root / "pairs"
   synth_manifest = pairs_dir / "manifest.json"
   if not (synth_manifest.is_file() and json.loads(synth_manifest.read_text()).get("complete")):
     logging.info("building %s: synthesizing %d code pairs into %s", spec.name, spec.max_pairs, pairs_dir)
-    synth.run(synth.parse_flags([
-        "--source=stdlib", "--strategy=mutate", f"--out={pairs_dir}",
-        f"--max_pairs={spec.max_pairs}", f"--seed={spec.seed}", f"--eval_data_dir={SHARED_DATA}"]))
+    synthesize(SynthSettings(out=str(pairs_dir), source=("stdlib",), strategy="mutate",
+                             max_pairs=spec.max_pairs, seed=spec.seed,
+                             workers=min(2, os.cpu_count() or 1)))
   spm_model = root / "spm.model"
   if not spm_model.is_file():
     logging.info("training a %d-piece sentencepiece tokenizer on the pairs", spec.vocab_size)

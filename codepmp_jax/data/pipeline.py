@@ -3,14 +3,17 @@
 `build_pipeline(cfg, split=..., global_batch=..., seq_len=..., sharding=..., seed=..., repeat=...)`
 returns a `PairBatches` iterator of the batch layout in docs/CONTRACTS.md.
 
-How it stays exact and cheap: each process holds its own part of the split in memory as flat
-token arrays (`PairArrays`; for prepared data read once from the TFRecord shards with tf.data),
-and batch `k` of epoch `e` is a slice of a permutation drawn from `(seed, e, process)`. The state is
-just `(epoch, batch)`, so saving it is free and a resumed run produces the same batches without
-replaying any data. The parts are interleaved (process `p` of `P` holds pairs `p, p+P, ...` of
-the split), every process takes the same number of batches per epoch (`(num_pairs // P) //
-per-process batch`), and the pairs left over in an epoch are counted and logged. A background
-thread assembles `prefetch` batches ahead.
+How it stays exact and cheap: process `p` of `P` owns the contiguous range
+`[p*N//P, (p+1)*N//P)` of the split's `N` pairs (the shards concatenated in manifest order), and
+batch `k` of epoch `e` is a slice of a permutation of that range drawn from `(seed, e, p)`. Prepared
+shards are random-access files (`shards.py`): a process opens only the shards its range overlaps and
+reads only the pairs of its batches, so start-up time and resident memory do not grow with the data set
+(beyond the permutation, 8 bytes per own pair, and with buckets the 4-byte lengths of every pair).
+The state is just `(epoch, batch)`, so saving it is free and a resumed run produces the same
+batches without replaying any data. Every process takes the same number of batches per epoch
+(`(N // P) // per-process batch`) and the pairs left over in an epoch are counted and logged. A
+background thread assembles `prefetch` batches ahead. Prepare writes each shard in a seeded random
+order, so every process's range is a uniform sample of the split.
 
 Config fields read (`default_data_config()` has them all):
   source          "prepared" (shards from `python -m codepmp_jax.data.prepare`), "synthetic"
@@ -27,21 +30,23 @@ Config fields read (`default_data_config()` has them all):
                   split every epoch: random access makes a perfect shuffle free, so no buffer
                   size is needed.
   prefetch        batches assembled ahead in a background thread (0: none).
-No TensorFlow is imported unless `source == "prepared"`.
+No source imports TensorFlow.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 import queue
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
+from codepmp_jax.data import shards
 from codepmp_jax.data.encode import EncodedPair, PairArrays
 
 BUCKET = 128
@@ -78,12 +83,15 @@ def in_memory_config(records, pad_id: int, **overrides) -> ml_collections.Config
   return cfg
 
 
-@dataclasses.dataclass
-class _Part:
-  """What one process needs: its own pairs and every pair's max length (for shared buckets)."""
-  local: PairArrays | None  # None for synthetic data
-  global_lengths: np.ndarray  # [num_pairs] max(chosen, rejected) length
+class _Pairs(Protocol):
+  """The pairs of one split by global index: `num_pairs`, `pad_id`, `lengths(start, stop)` (the
+  max(chosen, rejected) length of pairs `start..stop-1`) and `take(indices)` (`PairArrays`)."""
+  num_pairs: int
   pad_id: int
+
+  def lengths(self, start: int, stop: int) -> np.ndarray: ...
+
+  def take(self, indices: np.ndarray) -> PairArrays: ...
 
 
 def _as_arrays(records) -> PairArrays:
@@ -105,54 +113,85 @@ def _take(arrays: PairArrays, indices: np.ndarray) -> PairArrays:
                                  arrays.margin[indices])
 
 
-def _in_memory_part(cfg, split: str, index: int, count: int) -> _Part:
-  records = cfg.records
-  if records is None:
-    raise ValueError("data.source=in_memory needs data.records (see pipeline.in_memory_config)")
-  if isinstance(records, (Mapping, ml_collections.ConfigDict)):  # a config turns dicts into ConfigDicts
-    if split not in records:
-      raise ValueError(f"in_memory records have no split {split!r}; they have {sorted(records.keys())}")
-    records = records[split]
-  arrays = _as_arrays(records)
-  return _Part(_take(arrays, np.arange(index, len(arrays), count)),
-               arrays.lengths.max(axis=1) if len(arrays) else np.zeros(0, np.int32), cfg.pad_id)
+class _InMemory:
+  def __init__(self, cfg, split: str, seq_len: int):
+    records = cfg.records
+    if records is None:
+      raise ValueError("data.source=in_memory needs data.records (see pipeline.in_memory_config)")
+    if isinstance(records, (Mapping, ml_collections.ConfigDict)):  # a config turns dicts into ConfigDicts
+      if split not in records:
+        raise ValueError(f"in_memory records have no split {split!r}; they have {sorted(records.keys())}")
+      records = records[split]
+    self._arrays = _as_arrays(records)
+    self._lengths = self._arrays.lengths.max(axis=1, initial=0)
+    self.num_pairs, self.pad_id = len(self._arrays), cfg.pad_id
+    if len(self._lengths) and self._lengths.max() > seq_len:
+      raise ValueError(f"data.in_memory: sequences up to {self._lengths.max()} tokens do not fit "
+                       f"seq_len {seq_len}")
+
+  def lengths(self, start: int, stop: int) -> np.ndarray:
+    return self._lengths[start:stop]
+
+  def take(self, indices: np.ndarray) -> PairArrays:
+    return _take(self._arrays, indices)
 
 
-def _prepared_part(cfg, split: str, seq_len: int, index: int, count: int) -> _Part:
-  from codepmp_jax.data.prepare import read_manifest  # keeps absl flags and tf out of other sources
-  directory = pathlib.Path(cfg.path)
-  manifest = read_manifest(directory)
-  if split not in manifest["splits"]:
-    raise ValueError(f"{directory} has no split {split!r}; it has {sorted(manifest['splits'])}")
-  if manifest["seq_len"] > seq_len:
-    raise ValueError(f"{directory} was prepared with seq_len {manifest['seq_len']} > this run's {seq_len}")
-  files = [directory / shard["file"] for shard in manifest["splits"][split]["shards"]]
-  global_lengths = np.concatenate(
-      [np.load(f"{f}.lengths.npy") for f in files] or [np.zeros(0, np.int32)])
-  local = _read_tfrecords(files, index, count)
-  if not np.array_equal(local.lengths.max(axis=1), global_lengths[index::count]):
-    raise ValueError(f"{directory}: shards do not match their .lengths.npy files; prepare again")
-  return _Part(local, global_lengths, manifest["tokenizer"]["pad_id"])
+class _Synthetic:
+  def __init__(self, cfg, seed: int, seq_len: int):
+    self._cfg, self._seed, self._seq_len = cfg, seed, seq_len
+    self.num_pairs, self.pad_id = cfg.synthetic_pairs, cfg.pad_id
+
+  def lengths(self, start: int, stop: int) -> np.ndarray:
+    return np.full(stop - start, self._seq_len, np.int32)
+
+  def take(self, indices: np.ndarray) -> PairArrays:
+    return _synthetic_batch(self._cfg, indices, self._seed, self._seq_len)
 
 
-def _read_tfrecords(files: Sequence[pathlib.Path], index: int, count: int) -> PairArrays:
-  """Pairs `index, index + count, ...` of the shards, in order, parsed with tf.data."""
-  import tensorflow as tf  # only prepared data need it
-  spec = {"chosen_ids": tf.io.RaggedFeature(tf.int64), "rejected_ids": tf.io.RaggedFeature(tf.int64),
-          "response_start": tf.io.FixedLenFeature([2], tf.int64),
-          "margin": tf.io.FixedLenFeature([1], tf.float32)}
+class _Prepared:
+  """The shards of a prepared split, concatenated in manifest order; a shard's files are opened
+  only when a pair (or, for buckets, a length) in it is first needed."""
 
-  @tf.autograph.experimental.do_not_convert
-  def parse(serialized):
-    ex = tf.io.parse_example(serialized, spec)
-    lengths = tf.stack([ex["chosen_ids"].row_lengths(), ex["rejected_ids"].row_lengths()], axis=1)
-    tokens = tf.concat([ex["chosen_ids"], ex["rejected_ids"]], axis=1).flat_values
-    return tokens, lengths, ex["response_start"], ex["margin"][:, 0]
+  def __init__(self, cfg, split: str, seq_len: int):
+    from codepmp_jax.data.prepare import read_manifest  # keeps absl flags out of other sources
+    directory = epath.Path(cfg.path)
+    manifest = read_manifest(directory)
+    if manifest.get("version", 1) < 2:
+      raise ValueError(f"{directory} holds TFRecord shards (manifest version 1), which this version "
+                       "no longer reads; prepare the data again")
+    if split not in manifest["splits"]:
+      raise ValueError(f"{directory} has no split {split!r}; it has {sorted(manifest['splits'])}")
+    if manifest["seq_len"] > seq_len:
+      raise ValueError(f"{directory} was prepared with seq_len {manifest['seq_len']} > this run's {seq_len}")
+    infos = manifest["splits"][split]["shards"]
+    self._shards = [shards.Shard(directory / s["file"], s["pairs"]) for s in infos]
+    self._starts = np.cumsum([0] + [s["pairs"] for s in infos])
+    self._lengths: dict[int, np.ndarray] = {}
+    self.num_pairs, self.pad_id = int(self._starts[-1]), manifest["tokenizer"]["pad_id"]
 
-  dataset = (tf.data.TFRecordDataset([str(f) for f in files]).shard(count, index).batch(4096)
-             .map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
-  parts = [PairArrays.from_lengths(*batch) for batch in dataset.as_numpy_iterator()]
-  return PairArrays.concatenate(parts)
+  def _overlapping(self, start: int, stop: int) -> range:
+    first = int(np.searchsorted(self._starts, start, "right")) - 1
+    last = int(np.searchsorted(self._starts, max(stop - 1, start), "right")) - 1
+    return range(max(first, 0), min(last, len(self._shards) - 1) + 1)
+
+  def lengths(self, start: int, stop: int) -> np.ndarray:
+    parts = []
+    for k in self._overlapping(start, stop):
+      if k not in self._lengths:
+        self._lengths[k] = shards.read_lengths([self._shards[k].base])[0]
+      lo, hi = max(start, self._starts[k]), min(stop, self._starts[k + 1])
+      parts.append(self._lengths[k][lo - self._starts[k]:hi - self._starts[k]])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+  def take(self, indices: np.ndarray) -> PairArrays:
+    which = np.searchsorted(self._starts, indices, "right") - 1
+    parts, positions = [], []
+    for k in np.unique(which):
+      mine = np.flatnonzero(which == k)
+      parts.append(self._shards[k].take(indices[mine] - self._starts[k]))
+      positions.append(mine)
+    merged = PairArrays.concatenate(parts)
+    return _take(merged, np.argsort(np.concatenate(positions), kind="stable")) if len(parts) > 1 else merged
 
 
 def _synthetic_batch(cfg, indices: np.ndarray, seed: int, seq_len: int) -> PairArrays:
@@ -205,15 +244,12 @@ class PairBatches:
     self.process_index, self.process_count = process_index, process_count
     self._cfg, self._sharding = cfg, sharding
     if cfg.source == "synthetic":
-      self._part = _Part(None, np.full(cfg.synthetic_pairs, seq_len, np.int32), cfg.pad_id)
+      self._pairs: _Pairs = _Synthetic(cfg, seed, seq_len)
     elif cfg.source == "in_memory":
-      self._part = _in_memory_part(cfg, split, process_index, process_count)
+      self._pairs = _InMemory(cfg, split, seq_len)
     else:
-      self._part = _prepared_part(cfg, split, seq_len, process_index, process_count)
-    if len(self._part.global_lengths) and self._part.global_lengths.max() > seq_len:
-      raise ValueError(f"data.{cfg.source}: sequences up to {self._part.global_lengths.max()} "
-                       f"tokens do not fit seq_len {seq_len}")
-    self.num_pairs = len(self._part.global_lengths)
+      self._pairs = _Prepared(cfg, split, seq_len)
+    self.num_pairs = self._pairs.num_pairs
     self.steps_per_epoch = (self.num_pairs // process_count) // self.batch
     if not self.steps_per_epoch:
       message = f"split {split!r} has {self.num_pairs} pairs: not one batch of {global_batch}"
@@ -222,45 +258,50 @@ class PairBatches:
       logging.warning("data[%s]: %s; it yields nothing", split, message)
     self.dropped_pairs = 0
     self._position = (0, 0)
-    self._epoch_plan: tuple[int, dict[int, np.ndarray], np.ndarray] | None = None
+    self._epoch_plan: tuple[int, np.ndarray, np.ndarray] | None = None
     self._queue: queue.Queue | None = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._finished = False
 
-  def _local_count(self, process: int) -> int:
-    return len(range(process, self.num_pairs, self.process_count))
+  def _range(self, process: int) -> tuple[int, int]:
+    """The contiguous part of the split's pairs that `process` owns."""
+    return (process * self.num_pairs // self.process_count,
+            (process + 1) * self.num_pairs // self.process_count)
 
-  def _plan(self, epoch: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
-    """Permutations of epoch `epoch` (this process's; every process's when bucketing, so that
-    all agree on each batch's length) and each batch's padded length."""
+  def _local_count(self, process: int) -> int:
+    start, stop = self._range(process)
+    return stop - start
+
+  def _order(self, epoch: int, process: int) -> np.ndarray:
+    n = self._local_count(process)
+    if not self._cfg.shuffle_buffer:
+      return np.arange(n)
+    return np.random.default_rng([self.seed, epoch, process]).permutation(n)
+
+  def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's permutation of its pairs in epoch `epoch`, and each batch's padded length
+    (with buckets: the longest pair of that batch on any process, so that all agree)."""
     if self._epoch_plan is None or self._epoch_plan[0] != epoch:
-      processes = range(self.process_count) if self._cfg.bucket else [self.process_index]
-      orders = {}
-      for process in processes:
-        n = self._local_count(process)
-        orders[process] = (np.random.default_rng([self.seed, epoch, process]).permutation(n)
-                           if self._cfg.shuffle_buffer else np.arange(n))
       used = self.steps_per_epoch * self.batch
       if self._cfg.bucket:
-        longest = np.max([self._part.global_lengths[p + self.process_count * o[:used]]
-                          .reshape(self.steps_per_epoch, self.batch).max(axis=1)
-                          for p, o in orders.items()], axis=0)
+        longest = np.zeros(self.steps_per_epoch, np.int64)
+        for process in range(self.process_count):
+          start, stop = self._range(process)
+          lengths = self._pairs.lengths(start, stop)[self._order(epoch, process)[:used]]
+          longest = np.maximum(longest, lengths.reshape(self.steps_per_epoch, self.batch).max(
+              axis=1, initial=0))
         lengths = np.minimum(-(-longest // BUCKET) * BUCKET, self.seq_len)
       else:
         lengths = np.full(self.steps_per_epoch, self.seq_len)
-      self._epoch_plan = (epoch, orders, lengths)
+      self._epoch_plan = (epoch, self._order(epoch, self.process_index), lengths)
     return self._epoch_plan[1], self._epoch_plan[2]
 
   def _host_batch(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
-    orders, lengths = self._plan(epoch)
-    local = orders[self.process_index][batch * self.batch:(batch + 1) * self.batch]
-    if self._part.local is None:
-      arrays = _synthetic_batch(self._cfg, self.process_index + self.process_count * local,
-                                self.seed, self.seq_len)
-    else:
-      arrays = _take(self._part.local, local)
-    return collate(arrays, int(lengths[batch]), self._part.pad_id)
+    order, lengths = self._plan(epoch)
+    local = order[batch * self.batch:(batch + 1) * self.batch]
+    arrays = self._pairs.take(self._range(self.process_index)[0] + local)
+    return collate(arrays, int(lengths[batch]), self._pairs.pad_id)
 
   def _produce(self, epoch: int, batch: int) -> None:
     try:

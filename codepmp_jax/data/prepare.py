@@ -1,22 +1,29 @@
-"""Tokenize preference data into TFRecord shards: `python -m codepmp_jax.data.prepare`.
+"""Tokenize preference data into random-access token shards: `python -m codepmp_jax.data.prepare`.
 
   python -m codepmp_jax.data.prepare --input='data/*.jsonl.gz' --format=codepmp \\
       --tokenizer=tok/tokenizer.model --seq_len=1024 --out=prepared/code \\
       [--num_shards=K] [--split=train:0.98,eval:0.02] [--seed=0] [--strict] [--overlong=truncate]
 
 Records are split by a hash of (seed, prompt), so all pairs of one prompt land in one split and
-the split does not depend on file order. Each split is cut into contiguous shards named
-`<split>-<i>-of-<K>.tfrecord` (one `tf.train.Example` per pair: `chosen_ids`, `rejected_ids`,
-`response_start` [2], `margin` [1]), each with a `.lengths.npy` (max length per pair, for
-bucketing) and a `.stats.json`. A shard is written under a temporary name and renamed when
-complete, so a rerun after a crash only redoes the shards that are missing. Tokenization uses
-every core: the tokenizer's batch encoding is multithreaded, and `--num_workers` > 1 adds worker
-processes (which also overlap tokenizing with writing). `manifest.json` records counts per split, bad
-records by kind, truncated/dropped pairs, a length histogram, the tokenizer's fingerprint (the
-tokenizer itself is saved in `<out>/tokenizer/`) and the source files with their sha256.
+the split does not depend on file order. Memory stays bounded whatever the corpus size:
+  pass 1  streams the records through the loaders and spills their texts, per split, to a local
+          spill file in chunks (below `--spill_dir`; default `<out>`);
+  route   sends record j of a split to shard `perm[j] * K // n` (perm: a permutation seeded by
+          (seed, split)), so every shard is a uniform sample of its split (and shards have the
+          sizes of an even cut), appending it to that shard's spill file;
+  pass 2  tokenizes each unfinished shard's spill in chunks (in `--num_workers` forkserver processes
+          when > 1), appending tokens to a staging file, then writes the pairs in an order seeded by
+          (seed, shard), so every contiguous range of a shard is a uniform sample too.
+Shards are `<split>-<i>-of-<K>.{tokens,index.npy,lengths.npy,stats.json}` (format: `shards.py`),
+staged under temporary names and published when complete (`.stats.json` last), so a rerun after
+a crash tokenizes only the shards that are missing. `manifest.json` records counts per split, bad
+records by kind (file:line), truncated/dropped pairs, a length histogram, the tokenizer's fingerprint
+(the tokenizer itself is saved in `<out>/tokenizer/`) and the source files with their sha256.
+Inputs and `--out` may be `gs://...` (through etils.epath); the spill directory must be local.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import hashlib
@@ -24,28 +31,35 @@ import json
 import multiprocessing
 import os
 import pathlib
+import pickle
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tqdm
 from absl import app, flags, logging
+from etils import epath
 
-from codepmp_jax.data import loaders
+from codepmp_jax.data import loaders, shards
 from codepmp_jax.data.encode import OVERLONG, EncodeStats, PairArrays, encode_records
 from codepmp_jax.data.records import BadRecordError, BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 HISTOGRAM_BIN = 64
 CHUNK = 512
+SHARD_PAIRS = 100_000  # default shard size
+GATHER = 1024  # pairs per gather when writing a shard in its shuffled order (bounds its memory)
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareSettings:
-  """Everything that determines the shards' contents (a rerun must match it)."""
+  """Everything that determines the shards' contents (a rerun must match it), plus `strict`,
+  `num_workers` and `spill_dir`, which do not change them."""
   inputs: tuple[str, ...]
   format: str
   tokenizer: str
@@ -58,6 +72,7 @@ class PrepareSettings:
   overlong: str = "truncate"
   num_rejected: int = 1
   num_workers: int = 1  # 1: in this process (batch encoding is multithreaded); 0: one per core
+  spill_dir: str = ""  # local scratch for the record texts ('': <out>, or the temp dir if remote)
 
 
 def parse_split(spec: str) -> list[tuple[str, float]]:
@@ -90,10 +105,17 @@ def assign_split(prompt: str, seed: int, splits: Sequence[tuple[str, float]]) ->
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
-  """Sorted files matching each glob; an error names a pattern that matches nothing."""
+  """Sorted files matching each glob (local or `gs://...`); an error names a pattern matching none."""
   files = []
   for pattern in patterns:
-    matched = sorted(glob.glob(pattern))
+    if shards.is_local(pattern):
+      matched = sorted(glob.glob(pattern))
+    else:  # split at the first component with a wildcard: epath globs below a fixed root
+      parts = pattern.split("/")
+      first = next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))
+      root = epath.Path("/".join(parts[:first]))
+      matched = (sorted(str(p) for p in root.glob("/".join(parts[first:])))
+                 if first < len(parts) else ([pattern] if root.exists() else []))
     if not matched:
       raise FileNotFoundError(f"--input pattern {pattern!r} matches no file")
     files.extend(m for m in matched if m not in files)
@@ -102,14 +124,14 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
 
 def file_sha256(path: str | os.PathLike) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
 
 
 def shard_name(split: str, index: int, count: int) -> str:
-  return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+  return shards.shard_name(split, index, count)
 
 
 # Per-process tokenizer for the worker pool (set by `_init_worker`).
@@ -127,51 +149,163 @@ def _encode_chunk(rows: list[tuple]) -> tuple[PairArrays, EncodeStats]:
   return PairArrays.from_pairs(pairs), stats
 
 
-def _write_tfrecord(path: pathlib.Path, arrays: PairArrays) -> None:
-  import tensorflow as tf  # only writing shards needs it
-  with tf.io.TFRecordWriter(str(path)) as writer:
-    for i in range(len(arrays)):
-      example = tf.train.Example()
-      feature = example.features.feature
-      feature["chosen_ids"].int64_list.value.extend(arrays.sequence(i, 0).tolist())
-      feature["rejected_ids"].int64_list.value.extend(arrays.sequence(i, 1).tolist())
-      feature["response_start"].int64_list.value.extend(arrays.response_start[i].tolist())
-      feature["margin"].float_list.value.append(float(arrays.margin[i]))
-      writer.write(example.SerializeToString())
+def _bounded_map(pool, fn: Callable, items: Iterable, depth: int) -> Iterator:
+  """`map(fn, items)` in order through `pool`, with at most `depth` items in flight (so a long
+  input is never read ahead into memory, as `Pool.imap` would)."""
+  if pool is None:
+    yield from map(fn, items)
+    return
+  pending = collections.deque()
+  for item in items:
+    pending.append(pool.apply_async(fn, (item,)))
+    if len(pending) >= depth:
+      yield pending.popleft().get()
+  while pending:
+    yield pending.popleft().get()
 
 
-def _histogram(lengths: np.ndarray, seq_len: int) -> list[int]:
+def _histogram(lengths: np.ndarray, seq_len: int) -> np.ndarray:
   bins = -(-seq_len // HISTOGRAM_BIN)
-  return np.bincount((np.asarray(lengths).reshape(-1) - 1) // HISTOGRAM_BIN, minlength=bins).tolist()
+  return np.bincount((np.asarray(lengths).reshape(-1) - 1) // HISTOGRAM_BIN, minlength=bins)
 
 
-def _write_shard(out: pathlib.Path, name: str, arrays: PairArrays, stats: EncodeStats, records: int,
-                 settings_hash: str, seq_len: int) -> dict:
-  """Write shard files under temporary names, then rename them; the .tfrecord comes last."""
-  final = out / name
-  tmp = out / f".{name}.tmp"
-  _write_tfrecord(tmp, arrays)
-  info = {"file": name, "pairs": len(arrays), "records": records, "sha256": file_sha256(tmp),
-          "settings_hash": settings_hash, "encode": dataclasses.asdict(stats),
-          "histogram": _histogram(arrays.lengths, seq_len)}
-  lengths_tmp = out / f".{name}.lengths.tmp.npy"
-  np.save(lengths_tmp, arrays.lengths.max(axis=1).astype(np.int32))
-  stats_tmp = out / f".{name}.stats.tmp"
-  stats_tmp.write_text(json.dumps(info, indent=1) + "\n")
-  os.replace(lengths_tmp, out / f"{name}.lengths.npy")
-  os.replace(stats_tmp, out / f"{name}.stats.json")
-  os.replace(tmp, final)
-  return info
+def _dump_chunks(path: str, rows: Iterable[tuple]) -> None:
+  with open(path, "ab") as f:
+    for row in rows:
+      pickle.dump(row, f, pickle.HIGHEST_PROTOCOL)
 
 
-def _existing_shard(out: pathlib.Path, name: str, settings_hash: str) -> dict | None:
+def _load_chunks(path: str, size: int = CHUNK) -> Iterator[list[tuple]]:
+  """The rows of a spill file in chunks of `size`."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb") as f:
+    chunk = []
+    while True:
+      try:
+        chunk.append(pickle.load(f))
+      except EOFError:
+        break
+      if len(chunk) == size:
+        yield chunk
+        chunk = []
+    if chunk:
+      yield chunk
+
+
+class _Staging:
+  """Where shard files are built before they are published into `out` under their final names:
+  beside them when `out` is local (publishing is a rename), else in a local temp dir (a copy)."""
+
+  def __init__(self, out: epath.Path):
+    self.out = out
+    self.local = shards.is_local(out)
+    self.dir = str(out / ".staging") if self.local else tempfile.mkdtemp(prefix="prepare-")
+    os.makedirs(self.dir, exist_ok=True)
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.dir, name)
+
+  def publish(self, name: str) -> None:
+    if self.local:
+      os.replace(self.path(name), self.out / name)
+    else:
+      epath.Path(self.path(name)).copy(self.out / name, overwrite=True)
+      os.remove(self.path(name))
+
+  def cleanup(self) -> None:
+    shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _existing_shard(out: epath.Path, name: str, settings_hash: str) -> dict | None:
   """The stats of a complete shard from an earlier run with the same settings, else None."""
-  if not (out / name).exists():
+  stats = out / f"{name}{shards.STATS}"
+  if not (stats.exists() and all((out / f"{name}{s}").exists() for s in shards.SUFFIXES)):
     return None
-  info = json.loads((out / f"{name}.stats.json").read_text())
+  info = json.loads(stats.read_text())
   if info.get("settings_hash") != settings_hash:
     raise ValueError(f"{out / name} was prepared with other settings or inputs; use a new --out")
   return info
+
+
+def _write_shard(staging: _Staging, name: str, spill: str, records: int, seed: int, pool,
+                 depth: int, settings_hash: str, seq_len: int, bar: tqdm.tqdm) -> dict:
+  """Tokenize one shard's spill file into its four files (published `.stats.json` last)."""
+  stream = staging.path(f"{name}.stream")
+  parts, stats = [], EncodeStats()
+  with open(stream, "wb") as f:
+    for arrays, chunk_stats in _bounded_map(pool, _encode_chunk, _load_chunks(spill), depth):
+      arrays.tokens.tofile(f)
+      parts.append(shards.index_rows(arrays))  # offsets relative to the chunk; fixed below
+      stats.add(chunk_stats)
+      bar.update(chunk_stats.pairs + chunk_stats.dropped_overlong)
+  starts = np.cumsum([0] + [int(p["lengths"].sum()) for p in parts])
+  for start, part in zip(starts, parts):
+    part["offset"] += start
+  stream_rows = np.concatenate(parts) if parts else np.zeros(0, shards.INDEX_DTYPE)
+  name_key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+  order = np.random.default_rng([seed, name_key]).permutation(len(stream_rows))
+  rows = stream_rows[order]
+  digest, written = hashlib.sha256(), 0
+  # Reads, not a memory map: mapped pages would count in this process's RSS.
+  with open(stream, "rb") as source, open(staging.path(f"{name}{shards.TOKENS}"), "wb") as f:
+    for i in range(0, len(rows), GATHER):
+      tokens = shards.gather(stream_rows, source, order[i:i + GATHER]).tokens
+      rows["offset"][i:i + GATHER] = written + np.concatenate(
+          [[0], np.cumsum(rows["lengths"][i:i + GATHER].sum(axis=1))[:-1]])
+      written += len(tokens)
+      data = tokens.astype("<i4").tobytes()
+      digest.update(data)
+      f.write(data)
+  os.remove(stream)
+  np.save(staging.path(f"{name}{shards.INDEX}"), rows)
+  np.save(staging.path(f"{name}{shards.LENGTHS}"), rows["lengths"].max(axis=1, initial=0).astype(np.int32))
+  info = {"file": name, "pairs": len(rows), "records": records, "tokens": written,
+          "sha256": digest.hexdigest(), "settings_hash": settings_hash,
+          "encode": dataclasses.asdict(stats), "histogram": _histogram(rows["lengths"], seq_len).tolist()}
+  with open(staging.path(f"{name}{shards.STATS}"), "w") as f:
+    f.write(json.dumps(info, indent=1) + "\n")
+  for suffix in shards.SUFFIXES:  # STATS last: it marks the shard complete
+    staging.publish(f"{name}{suffix}")
+  return info
+
+
+def _spill_records(settings: PrepareSettings, files: list[str], splits, spill: str,
+                   bad: BadRecords) -> dict[str, int]:
+  """Pass 1: every record's texts appended to `<spill>/<split>.pkl`; returns the count per split."""
+  counts = {name: 0 for name, _ in splits}
+  buffers: dict[str, list[tuple]] = {name: [] for name, _ in splits}
+  options = loaders.LoaderOptions(seed=settings.seed, num_rejected=settings.num_rejected)
+  for record in tqdm.tqdm(loaders.load_records(files, settings.format, bad, options),
+                          desc="load", unit=" pairs", mininterval=1.0):
+    split = assign_split(record.prompt, settings.seed, splits)
+    buffers[split].append((record.prompt, record.chosen, record.rejected, record.margin))
+    counts[split] += 1
+    if len(buffers[split]) == CHUNK:
+      _dump_chunks(os.path.join(spill, f"{split}.pkl"), buffers[split])
+      buffers[split] = []
+  for split, rows in buffers.items():
+    _dump_chunks(os.path.join(spill, f"{split}.pkl"), rows)
+  return counts
+
+
+def _route(spill: str, split: str, split_index: int, n: int, count: int, seed: int,
+           wanted: set[int]) -> None:
+  """Record j of `split` -> shard `perm[j] * count // n`, for the shards in `wanted`."""
+  perm = np.random.default_rng([seed, 1 << 30, split_index]).permutation(n)
+  files = {k: open(os.path.join(spill, f"{split}.{k}.pkl"), "wb") for k in wanted}
+  try:
+    j = 0
+    for chunk in _load_chunks(os.path.join(spill, f"{split}.pkl")):
+      targets = (perm[j:j + len(chunk)] * count // n).tolist()
+      j += len(chunk)
+      for k, row in zip(targets, chunk):
+        if k in files:
+          pickle.dump(row, files[k], pickle.HIGHEST_PROTOCOL)
+  finally:
+    for f in files.values():
+      f.close()
+  os.remove(os.path.join(spill, f"{split}.pkl"))
 
 
 def prepare(settings: PrepareSettings) -> dict:
@@ -181,76 +315,82 @@ def prepare(settings: PrepareSettings) -> dict:
   splits = parse_split(settings.split)
   files = expand_inputs(settings.inputs)
   tokenizer = load_tokenizer(settings.tokenizer)
-  out = pathlib.Path(settings.out)
+  out = epath.Path(settings.out)
   out.mkdir(parents=True, exist_ok=True)
-  sources = [{"path": f, "sha256": file_sha256(f), "bytes": os.path.getsize(f)} for f in files]
+  sources = [{"path": f, "sha256": file_sha256(f), "bytes": epath.Path(f).stat().length} for f in files]
   fixed = {k: v for k, v in dataclasses.asdict(settings).items()
-           if k not in ("inputs", "out", "tokenizer", "strict", "num_workers")}
+           if k not in ("inputs", "out", "tokenizer", "strict", "num_workers", "spill_dir")}
   settings_hash = hashlib.sha256(json.dumps(
       {**fixed, "sources": sources, "tokenizer": tokenizer.fingerprint}, sort_keys=True).encode()
   ).hexdigest()
 
+  # A directory of its own below --spill_dir (which it deletes when done), redone on a rerun.
+  scratch = settings.spill_dir or (str(out) if shards.is_local(out) else tempfile.gettempdir())
+  spill = os.path.join(scratch, f".spill-{settings_hash[:16]}")
+  shutil.rmtree(spill, ignore_errors=True)
+  os.makedirs(spill)
+  staging = _Staging(out)
   bad = BadRecords(strict=settings.strict)
-  by_split: dict[str, list[tuple]] = {name: [] for name, _ in splits}
-  options = loaders.LoaderOptions(seed=settings.seed, num_rejected=settings.num_rejected)
-  loaded = 0
-  for record in tqdm.tqdm(loaders.load_records(files, settings.format, bad, options),
-                          desc="load", unit=" pairs", mininterval=1.0):
-    by_split[assign_split(record.prompt, settings.seed, splits)].append(
-        (record.prompt, record.chosen, record.rejected, record.margin))
-    loaded += 1
-  if bad.total:
-    logging.warning("%s", bad.report())
-
-  plan = []  # (split, shard name, rows); shards already complete are skipped
-  done: dict[str, dict] = {}
-  for split, rows in by_split.items():
-    count = max(1, min(settings.num_shards or -(-len(rows) // 100_000), len(rows)))
-    for index in range(count):
-      name = shard_name(split, index, count)
-      part = rows[index * len(rows) // count:(index + 1) * len(rows) // count]
-      info = _existing_shard(out, name, settings_hash)
-      if info is not None:
-        done[name] = info
-      else:
-        plan.append((split, name, part))
-  if done:
-    logging.info("reusing %d complete shards from an earlier run", len(done))
-
   workers = settings.num_workers or os.cpu_count() or 1
-  start = time.perf_counter()
-  encoded = 0
-  with tqdm.tqdm(total=sum(len(p) for *_, p in plan), desc="tokenize", unit=" pairs") as bar:
-    # forkserver: workers must not inherit TensorFlow's threads from an earlier shard write.
-    pool = multiprocessing.get_context("forkserver").Pool(
-        workers, _init_worker, (settings.tokenizer, settings.seq_len, settings.overlong)
-    ) if workers > 1 else None
-    if pool is None:
-      _init_worker(settings.tokenizer, settings.seq_len, settings.overlong)
-    try:
-      for split, name, part in plan:
-        chunks = [part[i:i + CHUNK] for i in range(0, len(part), CHUNK)]
-        results = pool.imap(_encode_chunk, chunks) if pool else map(_encode_chunk, chunks)
-        arrays, stats = [], EncodeStats()
-        for chunk, (chunk_arrays, chunk_stats) in zip(chunks, results):
-          arrays.append(chunk_arrays)
-          stats.add(chunk_stats)
-          bar.update(len(chunk))
-        done[name] = _write_shard(out, name, PairArrays.concatenate(arrays), stats, len(part),
-                                  settings_hash, settings.seq_len)
-        encoded += len(part)
-    finally:
-      if pool is not None:
-        pool.close()
-        pool.join()
-  elapsed = time.perf_counter() - start
+  done: dict[str, dict] = {}
+  try:
+    counts = _spill_records(settings, files, splits, spill, bad)
+    if bad.total:
+      logging.warning("%s", bad.report())
+    plan = []  # (name, records, spill file) of each shard still to write
+    for split_index, (split, _) in enumerate(splits):
+      n = counts[split]
+      count = max(1, min(settings.num_shards or -(-n // SHARD_PAIRS), n))
+      wanted = set()
+      for index in range(count):
+        name = shard_name(split, index, count)
+        info = _existing_shard(out, name, settings_hash)
+        if info is not None:
+          done[name] = info
+        else:
+          wanted.add(index)
+          plan.append((name, (index + 1) * n // count - index * n // count,
+                       os.path.join(spill, f"{split}.{index}.pkl")))
+      _route(spill, split, split_index, max(n, 1), count, settings.seed, wanted)
+    if done:
+      logging.info("reusing %d complete shards from an earlier run", len(done))
 
-  tokenizer.save(out / "tokenizer")
-  manifest = _manifest(settings, splits, done, bad, loaded, sources, tokenizer, settings_hash)
-  manifest["throughput"] = {"pairs_encoded": encoded, "seconds": round(elapsed, 3), "workers": workers}
-  tmp = out / f".{MANIFEST}.tmp"
-  tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-  os.replace(tmp, out / MANIFEST)
+    start = time.perf_counter()
+    with tqdm.tqdm(total=sum(p[1] for p in plan), desc="tokenize", unit=" pairs") as bar:
+      # forkserver: workers never inherit the threads of this process (JAX, tokenizers, tqdm).
+      pool = multiprocessing.get_context("forkserver").Pool(
+          workers, _init_worker, (settings.tokenizer, settings.seq_len, settings.overlong)
+      ) if workers > 1 else None
+      if pool is None:
+        _init_worker(settings.tokenizer, settings.seq_len, settings.overlong)
+      try:
+        for name, records, shard_spill in plan:
+          done[name] = _write_shard(staging, name, shard_spill, records, settings.seed, pool,
+                                    2 * workers, settings_hash, settings.seq_len, bar)
+          pathlib.Path(shard_spill).unlink(missing_ok=True)
+      finally:
+        if pool is not None:
+          pool.close()
+          pool.join()
+    elapsed = time.perf_counter() - start
+  finally:
+    shutil.rmtree(spill, ignore_errors=True)
+
+  if shards.is_local(out):
+    tokenizer.save(out / "tokenizer")
+  else:
+    with tempfile.TemporaryDirectory() as local:
+      tokenizer.save(os.path.join(local, "tokenizer"))
+      for f in epath.Path(local, "tokenizer").iterdir():
+        f.copy(out / "tokenizer" / f.name, overwrite=True)
+  manifest = _manifest(settings, splits, done, bad, sum(counts.values()), sources, tokenizer,
+                       settings_hash)
+  manifest["throughput"] = {"pairs_encoded": sum(p[1] for p in plan), "seconds": round(elapsed, 3),
+                            "workers": workers}
+  with open(staging.path(MANIFEST), "w") as f:
+    f.write(json.dumps(manifest, indent=1) + "\n")
+  staging.publish(MANIFEST)
+  staging.cleanup()
   return manifest
 
 
@@ -260,16 +400,18 @@ def _manifest(settings: PrepareSettings, splits, done: dict[str, dict], bad: Bad
   histogram = np.zeros(-(-settings.seq_len // HISTOGRAM_BIN), np.int64)
   split_info = {}
   for split, _ in splits:
-    shards = [done[name] for name in sorted(done) if name.startswith(f"{split}-")]
-    split_info[split] = {"pairs": sum(s["pairs"] for s in shards),
-                         "records": sum(s["records"] for s in shards),
-                         "shards": [{k: s[k] for k in ("file", "pairs", "sha256")} for s in shards]}
-    for shard in shards:
+    infos = [done[name] for name in sorted(done) if name.rpartition("-of-")[0].rpartition("-")[0] == split]
+    split_info[split] = {"pairs": sum(s["pairs"] for s in infos),
+                         "records": sum(s["records"] for s in infos),
+                         "shards": [{k: s[k] for k in ("file", "pairs", "tokens", "sha256")} for s in infos]}
+    for shard in infos:
       totals.add(EncodeStats(**shard["encode"]))
       histogram += np.asarray(shard["histogram"], np.int64)
   edges = [i * HISTOGRAM_BIN for i in range(len(histogram))] + [settings.seq_len]
   return {
       "version": MANIFEST_VERSION,
+      "storage": {"layout": "flat int32 tokens + index (codepmp_jax/data/shards.py)",
+                  "suffixes": list(shards.SUFFIXES)},
       "format": settings.format,
       "seq_len": settings.seq_len,
       "overlong": settings.overlong,
@@ -294,7 +436,7 @@ def _manifest(settings: PrepareSettings, splits, done: dict[str, dict], bad: Bad
 
 def read_manifest(directory: str | os.PathLike) -> dict:
   """The manifest of a prepared directory (FileNotFoundError names the directory)."""
-  path = pathlib.Path(directory) / MANIFEST
+  path = epath.Path(directory) / MANIFEST
   if not path.exists():
     raise FileNotFoundError(f"{directory}: no {MANIFEST}; run python -m codepmp_jax.data.prepare")
   return json.loads(path.read_text())
@@ -326,6 +468,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_rejected", 1, "gsm8k: wrong solutions per question.")
   flags.DEFINE_integer("num_workers", 1, "Tokenizer processes: 1 tokenizes in this process (the "
                        "tokenizer's batch encoding already uses every core), 0 starts one per core.")
+  flags.DEFINE_string("spill_dir", "", "Local scratch directory for the record texts between the "
+                      "passes (about the size of the inputs, uncompressed; default: --out, or the "
+                      "temp dir when --out is remote); a subdirectory is made and removed in it.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -337,7 +482,7 @@ def main(argv: Sequence[str]) -> None:
       inputs=tuple(FLAGS.input), format=FLAGS.format, tokenizer=FLAGS.tokenizer,
       seq_len=FLAGS.seq_len, out=FLAGS.out, num_shards=FLAGS.num_shards, split=FLAGS.split,
       seed=FLAGS.seed, strict=FLAGS.strict, overlong=FLAGS.overlong,
-      num_rejected=FLAGS.num_rejected, num_workers=FLAGS.num_workers)
+      num_rejected=FLAGS.num_rejected, num_workers=FLAGS.num_workers, spill_dir=FLAGS.spill_dir)
   try:
     manifest = prepare(settings)
   except (BadRecordError, FileNotFoundError, ValueError) as e:

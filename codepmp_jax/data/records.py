@@ -10,12 +10,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
+import io
 import json
 import os
-import pathlib
 import zlib
 from collections.abc import Iterator
 from typing import Any
+
+from etils import epath
 
 # Malformed input: an error under --strict.
 MALFORMED_KINDS = ("invalid_json", "invalid_utf8", "missing_field", "non_string_field",
@@ -93,7 +95,7 @@ def open_text_lines(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[
   Lines that are not valid UTF-8, files without any line and a file that cannot be read to its end
   (a truncated or corrupt gzip: the lines before the damage are kept) are counted in `bad`.
   """
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   seen = False
   try:
     for number, raw in _numbered_lines(path, "rb"):
@@ -120,12 +122,14 @@ class _CorruptFile(Exception):
     self.where, self.message = where, message
 
 
-def _numbered_lines(path: pathlib.Path, mode: str) -> Iterator[tuple[int, Any]]:
-  """(line number, line) of a plain or gzipped file; damage to a gzip stream raises _CorruptFile."""
-  opener = gzip.open if path.suffix == ".gz" else open
-  kwargs = {"encoding": "utf-8"} if "t" in mode else {}
+def _numbered_lines(path: epath.Path, mode: str) -> Iterator[tuple[int, Any]]:
+  """(line number, line) of a plain or gzipped file (local or `gs://...`); damage to a gzip stream
+  raises _CorruptFile."""
   number = 0
-  with opener(path, mode, **kwargs) as f:
+  with path.open("rb") as raw:
+    f = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
+    if "t" in mode:
+      f = io.TextIOWrapper(f, encoding="utf-8")
     try:
       for number, line in enumerate(f, start=1):
         yield number, line
@@ -150,7 +154,7 @@ def read_json_lines(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[
 def read_json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
   """(line number, object) for each non-blank line of a plain or gzipped JSONL file, for inputs
   where a malformed line is an error (candidates, prompts to generate) rather than counted."""
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   try:
     for line_no, line in _numbered_lines(path, "rt"):
       if not line.strip():

@@ -175,11 +175,3 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--classify_ratios",
                  default=",".join(f"{t}:{r:g}" for t, r in d.ratios),
                  help="fraction of each type kept, e.g. engineering:1,non-engineering:0.3")
-
-
-def settings_from_flags(args: argparse.Namespace) -> ClassifySettings:
-  """ClassifySettings from the parsed synth flags (seed: --seed)."""
-  return ClassifySettings(
-      types=tuple(t.strip() for t in args.classify_types.split(",") if t.strip()),
-      min_confidence=args.classify_min_confidence, ratios=parse_ratios(args.classify_ratios),
-      seed=args.seed)

@@ -15,6 +15,8 @@ import pathlib
 import re
 from collections.abc import Iterable, Iterator
 
+from codepmp_jax.data import registry
+
 SETS = ("gsm8k", "logiqa2", "humaneval")
 _WORDS = re.compile(r"[a-z0-9]+")
 
@@ -60,13 +62,16 @@ def humaneval_path() -> pathlib.Path | None:
   return path if path.exists() else None
 
 
-def eval_texts(name: str, data_dir: pathlib.Path) -> list[str] | None:
-  """The texts of a named evaluation set, or None when an optional set is not installed."""
+def eval_texts(name: str, data_dir: str | None) -> list[str] | None:
+  """The texts of a named evaluation set, or None when an optional set is not installed.
+
+  GSM8K and LogiQA 2.0 are found by `data.registry` (`data_dir` first, if given).
+  """
   if name == "gsm8k":
-    path = data_dir / "gsm8k" / "test.jsonl"
+    path = registry.path("gsm8k/test", data_dir=data_dir)
     fields = ("question", "answer")
   elif name == "logiqa2":
-    path = data_dir / "logiqa2" / "test.jsonl"
+    path = registry.path("logiqa2/test", data_dir=data_dir)
     fields = ("text", "question", "options")
   elif name == "humaneval":
     path = humaneval_path()
@@ -76,8 +81,6 @@ def eval_texts(name: str, data_dir: pathlib.Path) -> list[str] | None:
     fields = ("prompt",)
   else:
     raise ValueError(f"--decontam_sets: unknown set {name!r}; known: {SETS}")
-  if not path.exists():
-    raise FileNotFoundError(f"decontamination set {name}: {path} not found (see --eval_data_dir)")
   return [s for row in _jsonl_rows(path) for f in fields for s in _strings(row.get(f))]
 
 
@@ -107,7 +110,7 @@ class Decontaminator:
     """The index over the named sets (under `data_dir`) and the given files."""
     named: dict[str, list[str]] = {}
     for name in sets:
-      texts = eval_texts(name, pathlib.Path(data_dir))
+      texts = eval_texts(name, data_dir or None)
       if texts is not None:
         named[name] = texts
     for f in files:

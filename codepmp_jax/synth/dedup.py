@@ -2,9 +2,11 @@
 
 Signatures are computed in worker processes (`signature`); the order-dependent decision of which
 copy to keep (`Deduplicator.check`, the first one seen) runs in one process, so it is repeatable.
+Across the workers of a `--num_shards` run: `band_hashes` per worker, then `cross_worker_removals`.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 
@@ -44,3 +46,59 @@ class Deduplicator:
       self._lsh.insert(key, m)
     self._hashes.add(content_sha256)
     return None
+
+
+# Across workers: each worker writes the band hashes of the documents it kept (`band_hashes`);
+# one process then buckets every worker's documents by exact content hash and by each LSH band,
+# joins colliding documents into components (union-find) and keeps the first document of each
+# component (lowest worker index, then that worker's document order). Each worker then drops the
+# documents of its own keep-list's complement before it synthesizes pairs. This is the multi-stage
+# MinHash of large code corpora (e.g. datatrove's minhash stages), with datasketch's band layout,
+# so a pair that datasketch's `MinHashLSH` would call a candidate inside one worker is one here too.
+
+
+def lsh_layout(threshold: float, num_perm: int = 128) -> tuple[int, int]:
+  """(bands, rows per band) that datasketch picks for `threshold`."""
+  lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+  return lsh.b, lsh.r
+
+
+def band_hashes(hashvalues: np.ndarray, bands: int, rows: int) -> np.ndarray:
+  """64-bit hashes of each band of one MinHash signature (uint64 [bands])."""
+  values = np.asarray(hashvalues, np.uint64)
+  return np.array([int.from_bytes(hashlib.blake2b(values[i * rows:(i + 1) * rows].tobytes(),
+                                                  digest_size=8).digest(), "little")
+                   for i in range(bands)], np.uint64)
+
+
+def _equal_groups(keys: np.ndarray) -> list[np.ndarray]:
+  """Index groups (of 2 or more) whose keys are equal."""
+  order = np.argsort(keys, kind="stable")
+  ordered = keys[order]
+  cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+  return [g for g in np.split(order, cuts) if len(g) > 1]
+
+
+def cross_worker_removals(sha256: np.ndarray, bands: np.ndarray) -> dict[int, str]:
+  """Documents (by global index, workers concatenated in order) to drop, with the reason:
+  'cross_worker_exact_duplicate' (same content as the kept one) or 'cross_worker_near_duplicate'."""
+  parent = list(range(len(sha256)))
+
+  def find(i: int) -> int:
+    while parent[i] != i:
+      parent[i] = parent[parent[i]]
+      i = parent[i]
+    return i
+
+  for keys in [sha256] + [bands[:, j] for j in range(bands.shape[1])]:
+    for group in _equal_groups(keys):
+      roots = sorted({find(int(i)) for i in group})
+      for root in roots[1:]:
+        parent[root] = roots[0]  # the lowest index is every component's root: the kept document
+  removed = {}
+  for i in range(len(parent)):
+    root = find(i)
+    if root != i:
+      removed[i] = ("cross_worker_exact_duplicate" if sha256[i] == sha256[root]
+                    else "cross_worker_near_duplicate")
+  return removed

@@ -10,7 +10,8 @@ import collections
 import gzip
 import hashlib
 import json
-import pathlib
+
+from etils import epath
 
 from codepmp_jax.synth import writer as writer_lib
 
@@ -21,15 +22,16 @@ class CheckError(ValueError):
   """The output does not match its manifest; the message lists every problem found."""
 
 
-def _load_manifest(d: pathlib.Path) -> dict:
+def _load_manifest(d: epath.Path) -> dict:
   path = d / writer_lib.MANIFEST
   if not path.exists():
     raise CheckError(f"{path}: missing (the run never started here)")
   return json.loads(path.read_text())
 
 
-def check_run(d: pathlib.Path, seen_ids: set[str] | None = None) -> dict:
+def check_run(d: str | epath.PathLike, seen_ids: set[str] | None = None) -> dict:
   """The manifest of run directory `d` after verifying every shard it lists."""
+  d = epath.Path(d)
   manifest = _load_manifest(d)
   problems = [] if manifest.get("complete") else [f"{d / writer_lib.MANIFEST}: run not complete; rerun it"]
   seen_ids = set() if seen_ids is None else seen_ids
@@ -62,8 +64,10 @@ def check_run(d: pathlib.Path, seen_ids: set[str] | None = None) -> dict:
   return manifest
 
 
-def merge(out: pathlib.Path) -> dict:
-  """Check every worker part under `out` and write the combined manifest; returns it."""
+def merge(out: str | epath.PathLike) -> dict:
+  """Check every worker part under `out` and write the combined manifest; returns it (with the
+  counts of the cross-worker dedup stage when it ran)."""
+  out = epath.Path(out)
   parts = sorted(p for p in out.glob("part-*-of-*") if p.is_dir())
   if not parts:
     raise CheckError(f"{out}: no part-XXXXX-of-YYYYY directories to merge")
@@ -94,5 +98,8 @@ def merge(out: pathlib.Path) -> dict:
       "counts": {"corpus": dict(sorted(corpus.items())), "strategy": dict(sorted(strategy.items())),
                  "pairs_written": sum(s["records"] for s in shards)},
       "lengths": writer_lib.length_summary(lengths), "length_sums": dict(lengths), "shards": shards}
+  dedup_summary = out / "dedup" / "summary.json"
+  if dedup_summary.exists():
+    merged["cross_worker_dedup"] = json.loads(dedup_summary.read_text())
   (out / writer_lib.MANIFEST).write_text(json.dumps(merged, indent=1))
   return merged

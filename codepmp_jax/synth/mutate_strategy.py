@@ -12,7 +12,7 @@ import dataclasses
 import random
 
 from codepmp_jax.synth import execution
-from codepmp_jax.synth import mutate
+from codepmp_jax.synth import mutations
 from codepmp_jax.synth import prompts
 from codepmp_jax.synth.corpus import Document
 
@@ -36,7 +36,7 @@ def document_pairs(doc: Document, cfg: MutateConfig) -> tuple[list[dict], collec
     counts["not_python"] += 1
     return [], counts
   try:
-    functions, found = mutate.extract_functions(doc.content)
+    functions, found = mutations.extract_functions(doc.content)
   except (SyntaxError, ValueError, RecursionError):
     counts["syntax_error"] += 1
     return [], counts
@@ -51,7 +51,7 @@ def document_pairs(doc: Document, cfg: MutateConfig) -> tuple[list[dict], collec
       continue
     counts["functions_used"] += 1
     rng = random.Random(f"{cfg.seed}:{doc.source_id}:{fn.qualname}")
-    picked, balance = mutate.mutants(fn, cfg.mutants_per_function, rng, cfg.max_length_diff, counts,
+    picked, balance = mutations.mutants(fn, cfg.mutants_per_function, rng, cfg.max_length_diff, counts,
                                      balance)
     for m in picked:
       if tests is not None and not _killed_by_tests(doc, fn, m, cfg, counts):
@@ -59,7 +59,7 @@ def document_pairs(doc: Document, cfg: MutateConfig) -> tuple[list[dict], collec
       counts[f"operator_{m.site.op}"] += 1
       records.append({
           "prompt": prompts.code_prompt(fn.description), "chosen": fn.code, "rejected": m.code,
-          "id": mutate.pair_id(doc.source_id, fn.qualname, m.site),
+          "id": mutations.pair_id(doc.source_id, fn.qualname, m.site),
           "meta": {"strategy": "mutate", "source": doc.source_id, "function": fn.qualname,
                    "operator": m.site.op, "lang": "python"}})
   return records, counts
@@ -73,7 +73,7 @@ def _module_with(doc: Document, name: str, code: str) -> str:
   return ast.unparse(tree)
 
 
-def _killed_by_tests(doc: Document, fn: mutate.Function, m: mutate.Mutant, cfg: MutateConfig,
+def _killed_by_tests(doc: Document, fn: mutations.Function, m: mutations.Mutant, cfg: MutateConfig,
                      counts: collections.Counter) -> bool:
   """Whether the original passes the document's tests and the mutant fails them (counted)."""
   limits = {"timeout_s": cfg.exec_timeout_s, "memory_mb": cfg.exec_memory_mb}

@@ -11,8 +11,9 @@ import hashlib
 import io
 import json
 import os
-import pathlib
 from typing import Any
+
+from etils import epath
 
 MANIFEST = "manifest.json"
 FORMAT = "codepmp_jax.synth/1"
@@ -23,7 +24,11 @@ def settings_hash(settings: dict[str, Any]) -> str:
   return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+def _atomic_write(path: epath.Path, data: bytes) -> None:
+  """Write-then-rename locally; object stores (`gs://`) make a single write atomic themselves."""
+  if "://" in str(path):
+    path.write_bytes(data)
+    return
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   with open(tmp, "wb") as f:
     f.write(data)
@@ -44,8 +49,8 @@ def gzip_jsonl(records: list[dict]) -> bytes:
 class ShardWriter:
   """The shards of one worker's output directory, and its manifest."""
 
-  def __init__(self, out_dir: pathlib.Path, settings: dict[str, Any], num_planned: int):
-    self.dir = out_dir
+  def __init__(self, out_dir: str | epath.PathLike, settings: dict[str, Any], num_planned: int):
+    self.dir = epath.Path(out_dir)
     self.settings = settings
     self.num_planned = num_planned
     self.dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +75,7 @@ class ShardWriter:
   def name(self, k: int) -> str:
     return f"pairs-{k:05d}-of-{self.num_planned:05d}.jsonl.gz"
 
-  def _stats_path(self, k: int) -> pathlib.Path:
+  def _stats_path(self, k: int) -> epath.Path:
     return self.dir / f"pairs-{k:05d}-of-{self.num_planned:05d}.stats.json"
 
   def finished(self, k: int) -> dict | None:
@@ -91,7 +96,7 @@ class ShardWriter:
 
   def read(self, k: int) -> list[dict]:
     """The records of written shard `k`."""
-    with gzip.open(self.dir / self.name(k), "rt", encoding="utf-8") as f:
+    with (self.dir / self.name(k)).open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
       return [json.loads(line) for line in f]
 
   def remove(self, k: int) -> None:
@@ -99,7 +104,7 @@ class ShardWriter:
     for p in (self.dir / self.name(k), self._stats_path(k)):
       p.unlink(missing_ok=True)
 
-  def write_manifest(self, manifest: dict[str, Any]) -> pathlib.Path:
+  def write_manifest(self, manifest: dict[str, Any]) -> epath.Path:
     """Write `manifest.json` with the format tag and settings fingerprint added."""
     full = {"format": FORMAT, "settings_hash": settings_hash(self.settings),
             "settings": self.settings, **manifest}

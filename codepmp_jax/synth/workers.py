@@ -1,4 +1,4 @@
-"""The synthesis run: corpus -> filters -> dedup -> decontamination -> strategy -> shards.
+"""The stages of one synthesis worker: corpus -> filters -> dedup -> decontamination -> strategy -> shards.
 
 The corpus stage and the `mutate` strategy run in a process pool; results are consumed in document
 order, so the kept documents, the shard contents and a `--max_pairs` cut are the same on every run
@@ -11,11 +11,11 @@ import contextlib
 import hashlib
 import logging
 import multiprocessing
-import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import tqdm
+from etils import epath
 
 from codepmp_jax.synth import corpus
 from codepmp_jax.synth import dedup
@@ -55,12 +55,16 @@ def _mutate_shard(task: tuple[int, list[Document]]) -> tuple[int, list[dict], co
 
 @contextlib.contextmanager
 def worker_pool(workers: int, state: dict[str, Any]) -> Iterator[Callable]:
-  """An ordered `map(fn, items)`: a fork pool when workers > 1, else in-process."""
+  """An ordered `map(fn, items)`: a forkserver pool when workers > 1, else in-process.
+
+  forkserver, not fork: the caller may hold threads (JAX's, a backend's HTTP pool) that a forked
+  child would inherit mid-operation (a deadlock risk); the state is pickled to each worker.
+  """
   _init_worker(state)
   if workers <= 1:
     yield map
     return
-  pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (state,))
+  pool = multiprocessing.get_context("forkserver").Pool(workers, _init_worker, (state,))
   try:
     yield lambda fn, items: pool.imap(fn, items, chunksize=1)
   finally:
@@ -69,11 +73,13 @@ def worker_pool(workers: int, state: dict[str, Any]) -> Iterator[Callable]:
 
 
 def collect_documents(specs: list[str], shard_index: int, num_shards: int, pmap: Callable,
-                      near_dup_threshold: float) -> tuple[list[Document], dict, list[dict], list[str]]:
-  """The kept documents of this worker, corpus counts, per-source hashes and bad-input examples."""
+                      near_dup_threshold: float
+                      ) -> tuple[list[Document], dict, list[dict], list[str], list[tuple[str, Any]]]:
+  """The kept documents of this worker, corpus counts, per-source hashes, bad-input examples and
+  the kept documents' (content sha256, MinHash values or None) for deduplication across workers."""
   counts = collections.Counter()
   deduplicator = dedup.Deduplicator(near_dup_threshold)
-  kept, sources, examples = [], [], []
+  kept, sources, examples, signatures = [], [], [], []
   for spec in specs:
     digest = hashlib.sha256()
     docs = corpus.iter_documents(spec, shard_index, num_shards)
@@ -85,6 +91,7 @@ def collect_documents(specs: list[str], shard_index: int, num_shards: int, pmap:
         reason = deduplicator.check(doc.source_id, sha, signature)
       if reason is None:
         kept.append(doc)
+        signatures.append((sha, signature))
         continue
       counts[reason] += 1
       if reason == "unreadable" and len(examples) < EXAMPLES_KEPT:
@@ -92,7 +99,7 @@ def collect_documents(specs: list[str], shard_index: int, num_shards: int, pmap:
         examples.append(doc.error)
     sources.append({"spec": spec, "sha256": digest.hexdigest()})
   counts["kept"] = len(kept)
-  return kept, dict(sorted(counts.items())), sources, examples
+  return kept, dict(sorted(counts.items())), sources, examples, signatures
 
 
 def write_shards(writer: writer_lib.ShardWriter, chunks: list[list[Document]],
@@ -152,7 +159,7 @@ def load_decontaminator(sets: list[str], files: list[str], data_dir: str, n: int
   return d
 
 
-def output_dir(out: str, shard_index: int, num_shards: int) -> pathlib.Path:
+def output_dir(out: str, shard_index: int, num_shards: int) -> epath.Path:
   """Where this worker writes: `out` itself, or `out/part-XXXXX-of-YYYYY` when split."""
-  root = pathlib.Path(out)
+  root = epath.Path(out)
   return root if num_shards == 1 else root / f"part-{shard_index:05d}-of-{num_shards:05d}"
