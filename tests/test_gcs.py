@@ -36,6 +36,26 @@ RUN_TRAIN = ("import runpy, sys; sys.modules['tensorflow'] = None; sys.argv[0] =
              "runpy.run_module('codepmp_jax.train', run_name='__main__')")
 
 
+# What `init_from`, `score` and `eval` read from a gs:// workdir (its params, through orbax), and
+# a tokenizer saved to and loaded from gs://: argv = gs workdir, local workdir, local scratch dir.
+CHECK_READS = """
+import sys; sys.modules['tensorflow'] = None
+import jax, numpy as np
+from codepmp_jax import checkpoint
+from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+remote, remote_config = checkpoint.load_model(sys.argv[1])
+local, local_config = checkpoint.load_model(sys.argv[2])
+assert remote_config == local_config
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), remote, local)
+texts = [f"def f{i}(x):\\n  return x * {i} + {i * i}\\n" for i in range(200)]
+tokenizer = train_sentencepiece(texts, 300, sys.argv[3] + "/sp")
+tokenizer.save(sys.argv[1] + "/tokenizer_copy")
+back = load_tokenizer(sys.argv[1] + "/tokenizer_copy")
+assert back.encode(texts[7]) == tokenizer.encode(texts[7]) and back.eos_id == tokenizer.eos_id
+print("reads ok")
+"""
+
+
 def _download_with_generation(download):
   """The emulator's object download plus the `x-goog-generation` headers real GCS sends.
 
@@ -126,3 +146,12 @@ def test_gs_workdir_trains_and_resumes_in_the_bucket(emulator, tmp_path):
   straight = _losses((local / "metrics.jsonl").read_text())
   for step in range(1, 9):
     assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  proc = subprocess.run([sys.executable, "-c", CHECK_READS, f"gs://{BUCKET}/run", str(local),
+                         str(scratch)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, timeout=300)
+  assert proc.returncode == 0 and "reads ok" in proc.stdout, proc.stdout[-4000:]
+  assert fs.ls(f"{run}/tokenizer_copy")
+  assert list(cwd.iterdir()) == []
