@@ -115,10 +115,12 @@ def _losses(metrics_text: str) -> dict[int, float]:
 @pytest.mark.slow
 def test_gs_workdir_trains_and_resumes_in_the_bucket(emulator, tmp_path):
   env = _env(emulator)
-  fs = gcsfs.GCSFileSystem(endpoint_url=emulator, token="anon")
+  # The plain class: gcsfs's default one would ask the emulator for the bucket's layout (see _env).
+  fs = gcsfs.core.GCSFileSystem(endpoint_url=emulator, token="anon")
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   _train(cwd, f"gs://{BUCKET}/run", env, "--config.train.total_steps=5")
+  fs.invalidate_cache()
 
   run = f"{BUCKET}/run"
   names = {pathlib.PurePosixPath(p).name for p in fs.ls(run)}
@@ -136,6 +138,7 @@ def test_gs_workdir_trains_and_resumes_in_the_bucket(emulator, tmp_path):
   # one uninterrupted local run of 8 steps (same parameters, optimizer state and data position).
   out = _train(cwd, f"gs://{BUCKET}/run", env, "--config.train.total_steps=8")
   assert "restored step 5 of gs://bucket/run" in out, out[-4000:]
+  fs.invalidate_cache()
   assert list(cwd.iterdir()) == []
   resumed = _losses(fs.cat(f"{run}/metrics.jsonl").decode())
   assert sorted(resumed) == list(range(1, 9))
@@ -153,5 +156,6 @@ def test_gs_workdir_trains_and_resumes_in_the_bucket(emulator, tmp_path):
                          str(scratch)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT, text=True, timeout=300)
   assert proc.returncode == 0 and "reads ok" in proc.stdout, proc.stdout[-4000:]
+  fs.invalidate_cache()
   assert fs.ls(f"{run}/tokenizer_copy")
   assert list(cwd.iterdir()) == []
