@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from codepmp_jax import cli
-from codepmp_jax.data import pipeline, prepare
+from codepmp_jax.data import pipeline, prepare, registry
 from codepmp_jax.data.encode import encode_pair
 from codepmp_jax.data.records import BadRecordError, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -81,7 +81,7 @@ def test_shards_hold_exactly_the_encoded_pairs(tmp_path, tokenizer_path):
   manifest = prepare.prepare(settings)
   tokenizer = load_tokenizer(tokenizer_path)
   assert manifest["tokenizer"]["fingerprint"] == tokenizer.fingerprint
-  assert manifest["sources"] == [{"path": str(path), "sha256": prepare.file_sha256(path),
+  assert manifest["sources"] == [{"path": str(path), "sha256": registry.sha256_of(path),
                                   "bytes": path.stat().st_size}]
   expected = {split: [] for split in ("train", "eval")}
   truncated = 0

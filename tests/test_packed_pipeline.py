@@ -13,21 +13,9 @@ import numpy as np
 import pytest
 
 from codepmp_jax.data import pipeline
-from codepmp_jax.data.encode import EncodedPair, EncodedSequence, PairArrays
+from tests.test_data_pipeline import _pairs  # pair i's chosen starts with 1000 + i
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _pairs(n: int, max_len: int = 12, seed: int = 0) -> PairArrays:
-  """Pair i's chosen starts with token 1000 + i, its rejected with 2000 + i."""
-  rng = np.random.default_rng(seed)
-  pairs = []
-  for i in range(n):
-    lengths = rng.integers(3, max_len + 1, 2)
-    chosen = (1000 + i, *rng.integers(3, 50, lengths[0] - 2), 2)
-    rejected = (2000 + i, *rng.integers(3, 50, lengths[1] - 2), 2)
-    pairs.append(EncodedPair(EncodedSequence(chosen, 1), EncodedSequence(rejected, 1), float(i)))
-  return PairArrays.from_pairs(pairs)
 
 
 def _pipeline(cfg, *, index=0, count=1, global_batch=8, seq_len=16):

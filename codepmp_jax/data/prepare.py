@@ -43,7 +43,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from codepmp_jax import cli
-from codepmp_jax.data import loaders, shards
+from codepmp_jax.data import loaders, registry, shards
 from codepmp_jax.data.encode import OVERLONG, EncodeStats, PairArrays, encode_records
 from codepmp_jax.data.records import BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer
@@ -120,14 +120,6 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
       raise FileNotFoundError(f"--input pattern {pattern!r} matches no file")
     files.extend(m for m in matched if m not in files)
   return files
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with epath.Path(path).open("rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -317,7 +309,7 @@ def prepare(settings: PrepareSettings) -> dict:
   tokenizer = load_tokenizer(settings.tokenizer)
   out = epath.Path(settings.out)
   out.mkdir(parents=True, exist_ok=True)
-  sources = [{"path": f, "sha256": file_sha256(f), "bytes": epath.Path(f).stat().length} for f in files]
+  sources = [{"path": f, "sha256": registry.sha256_of(f), "bytes": epath.Path(f).stat().length} for f in files]
   fixed = {k: v for k, v in dataclasses.asdict(settings).items()
            if k not in ("inputs", "out", "tokenizer", "strict", "num_workers", "spill_dir")}
   settings_hash = hashlib.sha256(json.dumps(

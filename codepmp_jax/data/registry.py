@@ -84,6 +84,7 @@ def _entry(name: str) -> DataFile:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
+  """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
   digest = hashlib.sha256()
   with epath.Path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
