@@ -136,7 +136,7 @@ def test_gs_workdir_trains_and_resumes_in_the_bucket(emulator, tmp_path):
 
   # Resumed to 8 steps, it continues from step 5 read back from the bucket: the same losses as
   # one uninterrupted local run of 8 steps (same parameters, optimizer state and data position).
-  out = _train(cwd, f"gs://{BUCKET}/run", env, "--config.train.total_steps=8")
+  out = _train(cwd, f"gs://{BUCKET}/run", env, "--config.train.total_steps=8", "--verbose")
   assert "restored step 5 of gs://bucket/run" in out, out[-4000:]
   fs.invalidate_cache()
   assert list(cwd.iterdir()) == []
