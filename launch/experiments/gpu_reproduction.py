@@ -420,10 +420,8 @@ def run(s: GpuSettings) -> dict:
   if s.hide_absent:
     hide_absent_modules()
   import jax
-  from codepmp_jax import train
   from launch.experiments import pmp_control
   start = time.time()
-  train.quiet_library_logs()
   out = epath.Path(s.out)
   out.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
@@ -520,6 +518,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-  define_flags()
-  app.run(main)
+  from codepmp_jax import cli
+  cli.run(main, define_flags)
