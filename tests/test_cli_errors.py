@@ -23,7 +23,7 @@ def _one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> Non
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
   for fragment in fragments:
-    assert fragment in lines[0]
+    assert fragment in lines[0], lines[0]
 
 
 def test_convert_errors(tmp_path):

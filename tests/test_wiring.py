@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -16,8 +14,8 @@ from codepmp_jax.config import default_config
 from codepmp_jax.data import templates
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
+from tests.test_cli_errors import _one_error_line, _run  # the CLIs run as a user runs them
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A tiny synthetic run (as tests/test_train.py), so an error is the only thing that can stop it early.
 SMALL = [
     "--config=configs/tiny.py", "--config.data.builtin.name=", "--config.data.source=synthetic",
@@ -83,19 +81,6 @@ def test_save_model_carries_the_prompt_format(tmp_path):
       templates.chat_template("logic"))
   with pytest.raises(ValueError, match="unknown prompt format 'maths'"):
     checkpoint.save_model(tmp_path / "bad", params, config, prompt_format="maths")
-
-
-def _run(module: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", f"codepmp_jax.{module}", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
-
-
-def _one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
-  assert result.returncode == 2, result.stderr[-2000:]
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.slow
