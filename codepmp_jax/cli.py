@@ -54,7 +54,7 @@ def quiet_logs(verbose: bool) -> None:
     return
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_handler().addFilter(_Quiet())
-  for name in ("orbax", "jax", "absl", "etils", "tensorflow", "transformers"):
+  for name in ("orbax", "jax", "absl", "etils", "transformers"):
     logging_std.getLogger(name).setLevel(logging_std.WARNING)
 
 

@@ -189,32 +189,6 @@ def test_global_arrays_on_a_mesh_equal_the_host_batches():
                                  seed=0, repeat=False).num_pairs == 16
 
 
-_NO_TF = """
-import sys
-from codepmp_jax.data import pipeline
-from codepmp_jax.data.encode import EncodedPair, EncodedSequence
-cfg = pipeline.default_data_config()
-cfg.update(source="synthetic", vocab_size=100, synthetic_pairs=64)
-it = pipeline.build_pipeline(cfg, split="train", global_batch=4, seq_len=32, sharding=None, seed=0,
-                             repeat=True)
-batch = next(it)
-assert batch["input_ids"].shape == (4, 2, 32) and batch["input_ids"].max() < 100, batch
-assert batch["attention_mask"].all() and batch["lm_mask"][:, 0, 16:].all()
-pair = EncodedPair(EncodedSequence((1, 2), 1), EncodedSequence((1, 3, 2), 1))
-next(pipeline.build_pipeline(pipeline.in_memory_config([pair] * 8, pad_id=0), split="train",
-                             global_batch=4, seq_len=8, sharding=None, seed=0, repeat=True))
-assert "tensorflow" not in sys.modules
-print("ok")
-"""
-
-
-def test_synthetic_and_in_memory_do_not_import_tensorflow():
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", _NO_TF], capture_output=True, text=True, env=env,
-                          timeout=120)
-  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
-
-
 def test_read_groups_make_batches_independent_of_the_process_count():
   """With data.read_groups fixed, 1, 2 or 4 processes together yield the same shuffled global
   batches (so a pod run equals a one-process run and may resume on another topology)."""
