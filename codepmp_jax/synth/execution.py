@@ -7,11 +7,9 @@ passes its tests and that the rejected one does not.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import pathlib
-import resource
 import signal
 import subprocess
 import sys
@@ -38,21 +36,23 @@ class ExecResult:
   output: str
 
 
-def _limits(timeout_s: float, memory_mb: int):
-  """The child's setup: own process group, resource limits, and no network namespace if allowed."""
-  def setup() -> None:
-    os.setsid()
-    memory = memory_mb * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    cpu = int(timeout_s) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**20, 16 * 2**20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    try:
-      ctypes.CDLL(None, use_errno=True).unshare(_CLONE_NEWNET)
-    except OSError:
-      pass
-  return setup
+# Runs in the child before the program (no `preexec_fn`: Python code between fork and exec in a
+# process that holds JAX threads can deadlock): limits, no network namespace if allowed, then exec.
+_LAUNCHER = f'''\
+import ctypes, os, resource, sys
+program, timeout_s, memory_mb = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+memory = memory_mb * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+cpu = int(timeout_s) + 1
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**20, 16 * 2**20))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+try:
+  ctypes.CDLL(None, use_errno=True).unshare({_CLONE_NEWNET:#x})
+except OSError:
+  pass
+os.execv(sys.executable, [sys.executable, "-I", "-B", program])
+'''
 
 
 def run_python(program: str, *, timeout_s: float = 10.0, memory_mb: int = 512) -> ExecResult:
@@ -61,9 +61,9 @@ def run_python(program: str, *, timeout_s: float = 10.0, memory_mb: int = 512) -
     path = pathlib.Path(tmp) / "program.py"
     path.write_text(PRELUDE + program, encoding="utf-8")
     proc = subprocess.Popen(
-        [sys.executable, "-I", "-B", str(path)], cwd=tmp, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin", "HOME": tmp},
-        preexec_fn=_limits(timeout_s, memory_mb))
+        [sys.executable, "-I", "-B", "-c", _LAUNCHER, str(path), str(timeout_s), str(memory_mb)],
+        cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={"PATH": "/usr/bin:/bin", "HOME": tmp}, start_new_session=True)
     try:
       out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
