@@ -55,6 +55,45 @@ def test_bias_per_head_and_broadcast():
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window,segments,with_bias", [
+    (None, False, False), (40, False, True), (None, True, False)])
+def test_long_causal_in_query_blocks_matches_jax_reference(window, segments, with_bias):
+  """Over 2 * CAUSAL_BLOCK tokens the plain path skips the masked triangle block by block; its
+  outputs and gradients are still JAX's reference attention (lengths, window, bias, segments)."""
+  length = 2 * attention.CAUSAL_BLOCK + 45  # blocks of unequal size
+  keys = jax.random.split(jax.random.key(7), 4)
+  q = jax.random.normal(keys[0], (2, length, 4, 8))
+  k, v = (jax.random.normal(key, (2, length, 2, 8)) for key in keys[1:3])
+  lengths = jnp.asarray([length, 150], jnp.int32)
+  bias = jax.random.normal(keys[3], (2, 1, length, length)) if with_bias else None
+  segment_ids = None
+  if segments:  # packed rows: segment boundaries inside and across blocks, padding (0) at the end
+    position = jnp.arange(length)
+    segment_ids = jnp.stack([1 + (position >= 100) + (position >= 200),
+                             jnp.where(position < 150, 1 + (position >= 60), 0)]).astype(jnp.int32)
+    lengths = None
+  reference_bias = bias
+  if segments:
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    reference_bias = jnp.where(same, 0.0, attention.MASK_VALUE)
+
+  def outputs(q, k, v):
+    ours = attention.plain_attention(q, k, v, bias=bias, lengths=lengths, causal=True,
+                                     sliding_window=window, segment_ids=segment_ids)
+    ref = jax.nn.dot_product_attention(
+        q, k, v, bias=reference_bias, is_causal=True, key_value_seq_lengths=lengths,
+        local_window_size=None if window is None else (window - 1, 0), implementation="xla")
+    return ours, ref
+
+  ours, ref = outputs(q, k, v)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  weights = jax.random.normal(jax.random.key(8), ours.shape)
+  grads = [jax.grad(lambda q, k, v, i=i: (outputs(q, k, v)[i] * weights).sum(), argnums=(0, 1, 2))(
+      q, k, v) for i in (0, 1)]
+  for ours_grad, ref_grad in zip(*grads):
+    np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_equals_plain_with_gradients():
   """Where the fused path runs (the default kernel on CPU, cuDNN on GPU) it gives the plain path's
   outputs and gradients."""

@@ -48,15 +48,16 @@ def resolve_implementation(implementation: str, backend: str | None = None, dtyp
 
 
 def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None, causal: bool,
-                   sliding_window: int | None, segment_ids: jax.Array | None = None
-                   ) -> jax.Array | None:
+                   sliding_window: int | None, segment_ids: jax.Array | None = None,
+                   query_offset: int = 0) -> jax.Array | None:
   """Boolean [B or 1, 1, T, S] mask: which keys each query may see (None: all of them).
 
-  Query t sits at position t and key s at position s. `lengths` [B] marks keys at or after a
-  row's length as padding (right-padded rows); `sliding_window` w keeps keys with t - s < w;
-  `segment_ids` [B, T] (self-attention, T == S) keeps keys of the query's segment.
+  Query t sits at position `query_offset` + t and key s at position s. `lengths` [B] marks keys
+  at or after a row's length as padding (right-padded rows); `sliding_window` w keeps keys with
+  t - s < w; `segment_ids` [B, >= offset + T and >= S] (self-attention over one row) keeps keys of
+  the query's segment.
   """
-  query = jnp.arange(query_length)[:, None]
+  query = query_offset + jnp.arange(query_length)[:, None]
   key = jnp.arange(key_length)[None, :]
   allowed = None
   if causal:
@@ -70,9 +71,18 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
     real = key[None] < lengths[:, None, None]
     allowed = real if allowed is None else allowed & real
   if segment_ids is not None:
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    query_segments = segment_ids[:, query_offset:query_offset + query_length]
+    same = query_segments[:, :, None] == segment_ids[:, None, :key_length]
     allowed = same if allowed is None else allowed & same
   return None if allowed is None else allowed[:, None]
+
+
+# Causal self-attention over at least 2 * CAUSAL_BLOCK tokens runs as up to MAX_CAUSAL_BLOCKS query
+# blocks, block i over keys [0, end of block i): the fully masked upper triangle is never computed
+# (25% fewer score elements at 2 blocks, 44% at 8). On XLA's CPU backend the memory-bound softmax
+# over the scores is most of attention's time at the lengths we train on.
+CAUSAL_BLOCK = 128
+MAX_CAUSAL_BLOCKS = 8
 
 
 def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
@@ -82,7 +92,27 @@ def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   """Grouped-query attention as two batched matmuls around a float32 softmax.
 
   query [B, T, H, hd], key/value [B, S, KV, hd] with H a multiple of KV; `bias` is additive,
-  [B or 1, H or 1, T, S]. Returns [B, T, H, hd] in the value's dtype.
+  [B or 1, H or 1, T, S]. Returns [B, T, H, hd] in the value's dtype. Long causal self-attention
+  skips the masked upper triangle in query blocks (`CAUSAL_BLOCK`).
+  """
+  length = query.shape[1]
+  blocks = min(MAX_CAUSAL_BLOCKS, length // CAUSAL_BLOCK)
+  if not (causal and key.shape[1] == length and blocks >= 2):
+    return _dense_attention(query, key, value, bias, lengths, causal, sliding_window, segment_ids)
+  size = -(-length // blocks)
+  outs = []
+  for start in range(0, length, size):
+    end = min(start + size, length)
+    block_bias = None if bias is None else bias[:, :, start:end, :end]
+    outs.append(_dense_attention(query[:, start:end], key[:, :end], value[:, :end], block_bias,
+                                 lengths, causal, sliding_window, segment_ids, query_offset=start))
+  return jnp.concatenate(outs, axis=1)
+
+
+def _dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None,
+                     lengths: jax.Array | None, causal: bool, sliding_window: int | None,
+                     segment_ids: jax.Array | None, query_offset: int = 0) -> jax.Array:
+  """`plain_attention` over every (query, key) pair, the queries at positions `query_offset` + t.
 
   The heads sharing a key/value head are stacked along the query axis ([B, KV, G*T, hd]), so
   both products are plain batched matmuls over (B, KV) and only the small q/k/v/output arrays are
@@ -104,7 +134,8 @@ def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     else:
       bias = bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
     scores = scores + bias.astype(jnp.float32)
-  mask = attention_mask(length, kv_length, lengths, causal, sliding_window, segment_ids)
+  mask = attention_mask(length, kv_length, lengths, causal, sliding_window, segment_ids,
+                        query_offset)
   if mask is not None:
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
