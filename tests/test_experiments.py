@@ -73,6 +73,28 @@ def test_demo_runs_end_to_end_at_a_tiny_size_and_reuses_its_stages(tmp_path, sha
   assert "| CHAMP Best-of-4 accuracy (real candidates) |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_demo_synthesizes_stdlib_pairs_decontaminated_against_the_test_sets(tmp_path, shared_data):
+  """The demo's stage 1 (the path `make demo` takes): offline `mutate` pairs from the standard
+  library, checked against the resolved GSM8K and LogiQA 2.0 test files, in one reusable file."""
+  data = demo.resolve_data(str(shared_data))
+  pairs_file = demo.synthesize_code_pairs(24, data, tmp_path)
+  records = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+  assert len(records) == 24
+  for record in records:
+    assert record["chosen"] != record["rejected"] and record["prompt"]
+    compile(record["chosen"], "chosen", "exec")  # the chosen side is the library's own code
+  for name in ("gsm8k/test", "logiqa2/test"):
+    link = tmp_path / "decontamination_sets" / registry.DATASETS[name].file
+    assert link.resolve() == data[name].resolve()
+  manifest = json.loads((tmp_path / "code_pairs" / "manifest.json").read_text())
+  indexed = manifest["decontamination"]["indexed_ngrams"]  # both test sets were read
+  assert indexed["gsm8k"] > 10_000 and indexed["logiqa2"] > 10_000, indexed
+  before = pairs_file.stat().st_mtime_ns
+  assert demo.synthesize_code_pairs(24, data, tmp_path) == pairs_file  # reused, not redone
+  assert pairs_file.stat().st_mtime_ns == before
+
+
 def _free_port() -> int:
   with socket.socket() as s:  # a port nobody listens on once closed
     s.bind(("127.0.0.1", 0))

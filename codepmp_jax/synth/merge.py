@@ -94,7 +94,7 @@ def merge(out: str | epath.PathLike) -> dict:
   merged = {
       "format": writer_lib.FORMAT, "complete": True, "merged_parts": len(parts),
       "settings": {**shared[0], "shard_index": None}, "prompts": manifests[0]["prompts"],
-      "models": manifests[0]["models"],
+      "models": manifests[0]["models"], "decontamination": manifests[0].get("decontamination"),
       "counts": {"corpus": dict(sorted(corpus.items())), "strategy": dict(sorted(strategy.items())),
                  "pairs_written": sum(s["records"] for s in shards)},
       "lengths": writer_lib.length_summary(lengths), "length_sums": dict(lengths), "shards": shards}

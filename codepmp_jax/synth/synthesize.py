@@ -278,7 +278,10 @@ def synthesize(settings: SynthSettings) -> dict:
     writer = writer_lib.ShardWriter(out, record, len(chunks))
     writer.check_sources(sources)
     base = {"complete": False, "strategy": settings.strategy, "prompts": prompts.prompt_texts(),
-            "sources": sources, "planned_shards": len(chunks)}
+            "sources": sources, "planned_shards": len(chunks),
+            # What pairs were checked against: distinct n-grams indexed per evaluation set.
+            "decontamination": None if decontaminator is None else {
+                "ngram": decontaminator.n, "indexed_ngrams": decontaminator.sizes}}
     writer.write_manifest(base)
     if settings.strategy == "mutate":
       compute = workers.mutate_compute(chunks, pmap)
