@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from codepmp_jax.eval import answers, bon
+from codepmp_jax.eval import answers, bon, stats
 
 # Per question: (reference, [(candidate text, the answer a human reads in it, reward)]).
 HAND_MADE = {
@@ -108,6 +108,19 @@ def test_sampled_draws_match_closed_forms():
   assert result["random"] == pytest.approx(correct.mean(), abs=0.015)
   # Every answer distinct: majority falls back to the first drawn, i.e. a random pick.
   assert result["majority"] == pytest.approx(correct.mean(), abs=0.015)
+
+
+def test_rm_pick_interval_is_a_bootstrap_over_questions():
+  """Two questions, N=1 of 2 candidates: the RM picks right in one (accuracy 1) and, on a reward
+  tie, half the time in the other; the interval is the percentile bootstrap of [1, 0.5]."""
+  right_first = bon.Question("a", "?", "#### 1", ["x", "y"], np.array([True, False]), np.arange(2))
+  tie = bon.Question("b", "?", "#### 1", ["x", "y"], np.array([False, True]), np.arange(2))
+  result = bon.best_of_n([right_first, tie], [np.array([2.0, 1.0]), np.array([0.0, 0.0])],
+                         ns=(2,), num_draws=10)["2"]
+  assert result["rm"] == pytest.approx(0.75)
+  low, high = result["rm_ci95"]
+  assert (low, high) == stats.bootstrap_ci(np.array([1.0, 0.5]), seed=0)
+  assert low == pytest.approx(0.5) and high == pytest.approx(1.0)
 
 
 def test_draws_are_without_replacement_and_seeded():

@@ -22,7 +22,7 @@ import numpy as np
 
 from codepmp_jax.data import templates
 from codepmp_jax.data.records import read_json_objects
-from codepmp_jax.eval import answers
+from codepmp_jax.eval import answers, stats
 
 METHODS = ("rm", "random", "majority", "oracle")
 
@@ -198,14 +198,15 @@ def question_accuracy(rewards: np.ndarray, correct: np.ndarray, answer_ids: np.n
 
 
 def best_of_n(questions: Sequence[Question], rewards: Sequence[np.ndarray], ns: Sequence[int],
-              num_draws: int = 100, seed: int = 0) -> dict[str, dict[str, float]]:
-  """`{"<N>": {"rm", "random", "majority", "oracle"}}`: accuracies (fractions) averaged over questions.
+              num_draws: int = 100, seed: int = 0) -> dict[str, dict]:
+  """`{"<N>": {"rm", "random", "majority", "oracle", "rm_ci95"}}`: accuracies (fractions) averaged
+  over questions, and a 95% bootstrap interval over questions of the reward model's pick.
 
   Questions must be graded (`grade`); every question needs at least max(ns) candidates.
   """
   out = {}
   for n in ns:
-    totals = dict.fromkeys(METHODS, 0.0)
+    per_question = {method: [] for method in METHODS}
     for index, (q, r) in enumerate(zip(questions, rewards)):
       if n > len(q.candidates):
         raise ValueError(f"N={n} but question {q.id!r} has only {len(q.candidates)} candidates")
@@ -214,6 +215,7 @@ def best_of_n(questions: Sequence[Question], rewards: Sequence[np.ndarray], ns: 
       acc = question_accuracy(r, q.correct, q.answer_ids, draws(len(q.candidates), n, num_draws,
                                                                 (seed, n, index)))
       for method in METHODS:
-        totals[method] += acc[method]
-    out[str(n)] = {m: totals[m] / len(questions) for m in METHODS}
+        per_question[method].append(acc[method])
+    out[str(n)] = {m: sum(per_question[m]) / len(questions) for m in METHODS}
+    out[str(n)]["rm_ci95"] = list(stats.bootstrap_ci(np.asarray(per_question["rm"]), seed=seed))
   return out

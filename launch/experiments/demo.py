@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -46,7 +45,7 @@ ARMS = (("base", "base LM -> RM"), ("pmp", "base + PMP -> RM"))
 BON_N = 4
 ROWS = (("GSM8K pairwise accuracy (held-out test)", ("pairwise",)),
         ("LogiQA 2.0 multiple-choice accuracy (chance 0.25)", ("mc",)),
-        (f"CHAMP Best-of-{BON_N} accuracy (real candidates)", ("bon", str(BON_N), "rm")))
+        (f"CHAMP Best-of-{BON_N} accuracy (real candidates)", ("bon", str(BON_N))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,19 +115,19 @@ def control_settings(settings: DemoSettings) -> pmp_control.ControlSettings:
   return dataclasses.replace(control, **settings.size_overrides)
 
 
-def _metric(arm_report: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
-  """An evaluation (a dict with `accuracy` and `ci95`) or a number, deep in an arm's report."""
+def _metric(arm_report: Mapping[str, Any], keys: tuple[str, ...]) -> Mapping[str, Any]:
+  """An evaluation (`accuracy` and `ci95`) deep in an arm's report; for Best-of-N, the RM's pick."""
   for key in keys:
     arm_report = arm_report[key]
+  if "rm" in arm_report:
+    return {"accuracy": arm_report["rm"], "ci95": arm_report["rm_ci95"]}
   return arm_report
 
 
-def _cell(value: Any) -> str:
-  """`acc [low, high]` in points for an evaluation with an interval, else the number in points."""
-  if isinstance(value, Mapping):
-    low, high = value["ci95"]
-    return f"{100 * value['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
-  return f"{100 * value:.1f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
+def _cell(value: Mapping[str, Any]) -> str:
+  """`acc [low, high]` in points."""
+  low, high = value["ci95"]
+  return f"{100 * value['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def results_table(reports: dict[str, dict]) -> str:
@@ -147,8 +146,7 @@ def plot_results(reports: dict[str, dict], path: epath.Path) -> epath.Path:
     values, errors = [], [[], []]
     for _, keys in ROWS:
       value = _metric(arm_report, keys)
-      mean = value["accuracy"] if isinstance(value, Mapping) else value
-      low, high = value["ci95"] if isinstance(value, Mapping) else (mean, mean)
+      mean, (low, high) = value["accuracy"], value["ci95"]
       values.append(mean)
       errors[0].append(mean - low)
       errors[1].append(high - mean)
