@@ -31,11 +31,11 @@ def test_bon_from_scores_writes_report_table_and_plot(tmp_path, capsys):
             "--n=1,2,3", "--draws=10", f"--out={out}"])
   report = json.loads(out.read_text())
   assert set(report["bon"]) == {"1", "2", "3"}
-  assert set(report["bon"]["2"]) == set(bon.METHODS)
+  assert set(report["bon"]["2"]) == {*bon.METHODS, "rm_ci95"}
   # N=3 takes every candidate: rm picks "\boxed{1}" (wrong) and "no idea" (wrong) -> 0;
   # majority: a has 1/2 twice -> right, b has 3 and 4 once each, a uniform pick -> 1/2.
   assert report["bon"]["3"] == {"rm": 0.0, "random": pytest.approx(0.5), "majority": 0.75,
-                                "oracle": 1.0}
+                                "oracle": 1.0, "rm_ci95": [0.0, 0.0]}  # wrong in both questions
   assert report["candidates_without_answer"] == 1
   assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
   printed = capsys.readouterr().out
@@ -79,7 +79,8 @@ def test_module_entry_point_runs_without_jax(tmp_path):
       capture_output=True, text=True, cwd=ROOT, check=True)
   assert "oracle" in result.stdout
   report = json.loads((tmp_path / "r.json").read_text())
-  assert report["bon"]["2"] == {"rm": 0.0, "random": 0.5, "majority": 0.5, "oracle": 1.0}  # 4 and 5 tie: 1/2
+  assert report["bon"]["2"] == {"rm": 0.0, "random": 0.5, "majority": 0.5, "oracle": 1.0,  # 4, 5 tie
+                                "rm_ci95": [0.0, 0.0]}  # one question: a point interval
 
 
 def test_module_usage_error_is_one_line(tmp_path):

@@ -187,13 +187,13 @@ def test_the_command_line_of_an_experiment_is_its_settings():
 
 def test_demo_table_and_plot_of_two_arms(tmp_path):
   arm = {"pairwise": {"accuracy": 0.7, "ci95": [0.62, 0.775]},
-         "mc": {"accuracy": 0.25, "ci95": [0.2, 0.3]}, "bon": {"4": {"rm": 0.5}}}
+         "mc": {"accuracy": 0.25, "ci95": [0.2, 0.3]}, "bon": {"4": {"rm": 0.5, "rm_ci95": [0.375, 0.625]}}}
   table = demo.results_table({"base": arm, "pmp": {**arm, "mc": {"accuracy": 0.3, "ci95": [0.2, 0.4]}}})
   assert table.splitlines() == [
       "| metric (points) | base | pmp |", "|---|---:|---:|",
       "| GSM8K pairwise accuracy (held-out test) | 70.0 [62.0, 77.5] | 70.0 [62.0, 77.5] |",
       "| LogiQA 2.0 multiple-choice accuracy (chance 0.25) | 25.0 [20.0, 30.0] | 30.0 [20.0, 40.0] |",
-      "| CHAMP Best-of-4 accuracy (real candidates) | 50.0 | 50.0 |"]
+      "| CHAMP Best-of-4 accuracy (real candidates) | 50.0 [37.5, 62.5] | 50.0 [37.5, 62.5] |"]
   path = demo.plot_results({"a": arm, "b": arm}, tmp_path / "r.png")
   assert path.read_bytes()[:4] == b"\x89PNG"
 
