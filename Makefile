@@ -1,8 +1,6 @@
 # `make test` and `make demo` are all a fresh machine needs: each creates .venv and installs first.
 # `make test-fast` leaves out the tests marked slow (pytest.ini): every module, in minutes.
-# Tests run in TEST_WORKERS pytest-xdist processes (each test's own subprocesses besides).
 PYTHON ?= python3
-TEST_WORKERS ?= 2
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
@@ -21,10 +19,10 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	touch $@
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
+	$(PY) -m pytest -q tests
 
 test-fast: $(VENV)/.test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(VENV)/.runtime
 	$(PY) -m launch.experiments.demo
