@@ -10,7 +10,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from absl import flags
 
 from codepmp_jax.data import registry
+from tests import local_http
 from launch.experiments import demo, report, sample_efficiency, settings_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -130,13 +130,8 @@ def data_server(shared_data):
     def log_message(self, *args):
       pass
 
-  handler = functools.partial(Quiet, directory=str(shared_data))
-  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  yield f"http://127.0.0.1:{httpd.server_address[1]}"
-  httpd.shutdown()
-  httpd.server_close()
+  with local_http.serve(functools.partial(Quiet, directory=str(shared_data))) as url:
+    yield url
 
 
 def test_demo_data_resolution_downloads_and_verifies_every_data_set(tmp_path, monkeypatch,

@@ -7,11 +7,11 @@ import pathlib
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from codepmp_jax.data import registry
+from tests import local_http
 
 NAME = "gsm8k/test"
 
@@ -48,12 +48,8 @@ def server(shared_data):
     def log_message(self, *args):
       pass
 
-  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  yield f"http://127.0.0.1:{httpd.server_address[1]}"
-  httpd.shutdown()
-  httpd.server_close()
+  with local_http.serve(Handler) as url:
+    yield url
 
 
 def test_registered_hashes_are_those_of_the_shared_copies(shared_data):
