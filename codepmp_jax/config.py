@@ -28,8 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
   """The full set of training fields.
 
   model: ModelConfig fields (vocab_size 0 = the tokenizer's). With `init_from` only the numerics
-    (`train.NUMERICS_FIELDS`: dtype, param_dtype, remat_policy, scan_layers, attention) are taken
-    from here, the rest from the checkpoint.
+    (`train.NUMERICS_FIELDS`: dtype, param_dtype, remat_policy, scan_layers, attention,
+    causal_block) are taken from here, the rest from the checkpoint.
   init_from: a model checkpoint or training workdir to take params from (not the optimizer state),
     cast to model.param_dtype; "" or "scratch" = fresh params. A recipe that must start from a
     checkpoint sets it to `config_dict.placeholder(str)` (None): the run then refuses to start.

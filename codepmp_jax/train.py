@@ -39,7 +39,7 @@ from codepmp_jax.model.config import ModelConfig
 
 # Fields of the model config that a run sets on top of an `init_from` checkpoint: how the model is
 # computed, not what it is. Every other ModelConfig field is the checkpoint's.
-NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention", "causal_block")
 # `init_from` values that mean "no checkpoint": fresh random parameters.
 SCRATCH = ("", "scratch")
 COMPILE_CACHE_DIR = "compile_cache"

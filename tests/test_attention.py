@@ -58,19 +58,20 @@ def test_bias_per_head_and_broadcast():
 @pytest.mark.parametrize("window,segments,with_bias", [
     (None, False, False), (40, False, True), (None, True, False)])
 def test_long_causal_in_query_blocks_matches_jax_reference(window, segments, with_bias):
-  """Over 2 * CAUSAL_BLOCK tokens the plain path skips the masked triangle block by block; its
+  """Over 2 * causal_block tokens the plain path skips the masked triangle block by block; its
   outputs and gradients are still JAX's reference attention (lengths, window, bias, segments)."""
-  length = 2 * attention.CAUSAL_BLOCK + 45  # blocks of unequal size
+  causal_block = 32
+  length = 5 * causal_block + 13  # 5 blocks of 35 tokens, the last one shorter
   keys = jax.random.split(jax.random.key(7), 4)
   q = jax.random.normal(keys[0], (2, length, 4, 8))
   k, v = (jax.random.normal(key, (2, length, 2, 8)) for key in keys[1:3])
-  lengths = jnp.asarray([length, 150], jnp.int32)
+  lengths = jnp.asarray([length, 90], jnp.int32)
   bias = jax.random.normal(keys[3], (2, 1, length, length)) if with_bias else None
   segment_ids = None
   if segments:  # packed rows: segment boundaries inside and across blocks, padding (0) at the end
     position = jnp.arange(length)
-    segment_ids = jnp.stack([1 + (position >= 100) + (position >= 200),
-                             jnp.where(position < 150, 1 + (position >= 60), 0)]).astype(jnp.int32)
+    segment_ids = jnp.stack([1 + (position >= 50) + (position >= 110),
+                             jnp.where(position < 90, 1 + (position >= 30), 0)]).astype(jnp.int32)
     lengths = None
   reference_bias = bias
   if segments:
@@ -79,7 +80,8 @@ def test_long_causal_in_query_blocks_matches_jax_reference(window, segments, wit
 
   def outputs(q, k, v):
     ours = attention.plain_attention(q, k, v, bias=bias, lengths=lengths, causal=True,
-                                     sliding_window=window, segment_ids=segment_ids)
+                                     sliding_window=window, segment_ids=segment_ids,
+                                     causal_block=causal_block)
     ref = jax.nn.dot_product_attention(
         q, k, v, bias=reference_bias, is_causal=True, key_value_seq_lengths=lengths,
         local_window_size=None if window is None else (window - 1, 0), implementation="xla")

@@ -16,15 +16,15 @@ def test_buckets_compile_once_each_and_match_one_at_a_time(tmp_path):
   assert scorer.config.scan_layers and "layers" in scorer.params
   lengths = [64, 3, 40, 17, 16, 5, 33, 60, 2, 9, 12, 20]
   batches = scorer.length_batches(lengths)
-  # batch_size 2 rounds up to the 8 fake devices; power-of-two buckets, longest first:
-  # 64 (8 rows), 32 (2 x 8 rows), 16 (4 x 8 rows)
+  # batch_size 2 rounds up to the 8 fake devices; 4 buckets per octave, longest first:
+  # 64 (8 rows), 40 (8 rows: 64 // 40 = 1), 20 (3 x 8 rows), 16 (4 x 8 rows)
   assert scorer.batch_size == 8
   assert [(sorted(lengths[i] for i in rows), length, n) for rows, length, n in batches] == [
-      ([33, 40, 60, 64], 64, 8), ([17, 20], 32, 16), ([2, 3, 5, 9, 12, 16], 16, 32)]
+      ([60, 64], 64, 8), ([33, 40], 40, 8), ([17, 20], 20, 24), ([2, 3, 5, 9, 12, 16], 16, 32)]
   rng = np.random.default_rng(0)
   sequences = [rng.integers(1, config.vocab_size, n).tolist() for n in lengths]
   rewards = scorer.score_ids(sequences)
-  assert scorer._forward._cache_size() == 3
+  assert scorer._forward._cache_size() == 4
   model = transformer.RewardModel(config)
   forward = jax.jit(lambda ids, mask: model.apply({"params": params}, ids, mask).rewards)
   ids = np.zeros((len(sequences), 64), np.int32)
@@ -32,3 +32,17 @@ def test_buckets_compile_once_each_and_match_one_at_a_time(tmp_path):
     ids[i, :len(s)] = s
   expected = forward(ids, (np.arange(64)[None] < np.asarray(lengths)[:, None]).astype(np.int32))
   np.testing.assert_allclose(rewards, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_batches_keep_attention_scores_cache_sized(tmp_path):
+  """256-token rows run in 4 causal blocks of 64 queries: 4 heads x 64 x 256 float32 scores are
+  256 KiB a row, so a 2 MiB budget holds 8 rows however large `batch_size` is (and 112-token
+  rows, one block, 196 KiB each, also 8: rows stay a multiple of the 8 fake devices)."""
+  config = get_preset("tiny")
+  params = nn.unbox(transformer.init_params(config, jax.random.key(2)))
+  scorer = score.RewardScorer(checkpoint.save_model(tmp_path / "ckpt", params, config),
+                              batch_size=64, max_length=256, show_progress=False)
+  assert score.CPU_SCORE_BYTES == 2 << 20 and score.SCORE_CAUSAL_BLOCK == 64
+  batches = scorer.length_batches([256] * 20 + [100] * 3)
+  assert [(len(rows), length, n) for rows, length, n in batches] == [
+      (8, 256, 8), (8, 256, 8), (4, 256, 8), (3, 112, 8)]

@@ -77,30 +77,39 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
   return None if allowed is None else allowed[:, None]
 
 
-# Causal self-attention over at least 2 * CAUSAL_BLOCK tokens runs as up to MAX_CAUSAL_BLOCKS query
-# blocks, block i over keys [0, end of block i): the fully masked upper triangle is never computed
-# (25% fewer score elements at 2 blocks, 44% at 8). On XLA's CPU backend the memory-bound softmax
-# over the scores is most of attention's time: the tiny model's step at 512 tokens took 0.17 s
-# instead of 0.25 s. Shorter sequences stay one block (each block adds ~1 s of compile time).
+# Causal self-attention over at least 2 * `causal_block` tokens runs as up to MAX_CAUSAL_BLOCKS
+# query blocks, block i over keys [0, end of block i): the fully masked upper triangle is never
+# computed (25% fewer score elements at 2 blocks, 44% at 8). On XLA's CPU backend the memory-bound
+# softmax over the scores is most of attention's time: the tiny model's step at 512 tokens took
+# 0.17 s instead of 0.25 s with 256-token blocks. Each block adds compile time (~1 s for the tiny
+# training step), so training keeps CAUSAL_BLOCK; scoring, compiled once per length bucket and run
+# many times, uses 64-token blocks (`score.RewardScorer`).
 CAUSAL_BLOCK = 256
 MAX_CAUSAL_BLOCKS = 8
+
+
+def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK) -> int:
+  """Queries per block of `plain_attention`'s causal self-attention over `length` tokens (`length`
+  itself when it runs as one block)."""
+  blocks = min(MAX_CAUSAL_BLOCKS, length // causal_block)
+  return length if blocks < 2 else -(-length // blocks)
 
 
 def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                     bias: jax.Array | None = None, lengths: jax.Array | None = None,
                     causal: bool = False, sliding_window: int | None = None,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
+                    segment_ids: jax.Array | None = None,
+                    causal_block: int = CAUSAL_BLOCK) -> jax.Array:
   """Grouped-query attention as two batched matmuls around a float32 softmax.
 
   query [B, T, H, hd], key/value [B, S, KV, hd] with H a multiple of KV; `bias` is additive,
   [B or 1, H or 1, T, S]. Returns [B, T, H, hd] in the value's dtype. Long causal self-attention
-  skips the masked upper triangle in query blocks (`CAUSAL_BLOCK`).
+  skips the masked upper triangle in query blocks of about `causal_block` tokens.
   """
   length = query.shape[1]
-  blocks = min(MAX_CAUSAL_BLOCKS, length // CAUSAL_BLOCK)
-  if not (causal and key.shape[1] == length and blocks >= 2):
+  size = causal_query_block(length, causal_block)
+  if not (causal and key.shape[1] == length and size < length):
     return _dense_attention(query, key, value, bias, lengths, causal, sliding_window, segment_ids)
-  size = -(-length // blocks)
   outs = []
   for start in range(0, length, size):
     end = min(start + size, length)
@@ -232,12 +241,15 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                           implementation: str = "plain", bias: jax.Array | None = None,
                           lengths: jax.Array | None = None, causal: bool = False,
                           sliding_window: int | None = None,
-                          segment_ids: jax.Array | None = None) -> jax.Array:
-  """softmax(q k^T / sqrt(hd) + bias + mask) v over grouped heads, by the named implementation."""
+                          segment_ids: jax.Array | None = None,
+                          causal_block: int = CAUSAL_BLOCK) -> jax.Array:
+  """softmax(q k^T / sqrt(hd) + bias + mask) v over grouped heads, by the named implementation
+  (`causal_block`: the plain path's query block size)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
-  fn = {"plain": plain_attention, "fused": fused_attention,
-        "splash": splash_attention}[resolve_implementation(
-            implementation, dtype=query.dtype, head_dim=query.shape[-1])]
-  return fn(query, key, value, bias=bias, lengths=lengths, causal=causal,
-            sliding_window=sliding_window, segment_ids=segment_ids)
+  resolved = resolve_implementation(implementation, dtype=query.dtype, head_dim=query.shape[-1])
+  kwargs = dict(bias=bias, lengths=lengths, causal=causal, sliding_window=sliding_window,
+                segment_ids=segment_ids)
+  if resolved == "plain":
+    return plain_attention(query, key, value, causal_block=causal_block, **kwargs)
+  return {"fused": fused_attention, "splash": splash_attention}[resolved](query, key, value, **kwargs)

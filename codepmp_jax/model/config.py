@@ -44,6 +44,9 @@ class ModelConfig:
   remat_policy: str = "none"
   scan_layers: bool = False
   attention: str = "auto"  # auto: fused (cuDNN, bf16) on GPU, splash on TPU, else plain
+  # plain attention: causal self-attention over >= 2 blocks runs in query blocks of this many
+  # tokens (smaller blocks skip more of the masked triangle and compile longer; model/attention.py)
+  causal_block: int = 256
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -54,6 +57,8 @@ class ModelConfig:
       raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    if self.causal_block < 1:
+      raise ValueError(f"causal_block must be positive, got {self.causal_block}")
     if self.rope_scaling is not None and self.rope_scaling.get("type") not in ROPE_SCALING_TYPES:
       raise ValueError(f"rope_scaling type {self.rope_scaling.get('type')!r} is not one of {ROPE_SCALING_TYPES}")
 

@@ -197,7 +197,7 @@ class Attention(nn.Module):
     if decode_positions is None:
       out = attention_lib.dot_product_attention(
           q, k, v, implementation=cfg.attention, lengths=lengths, causal=True,
-          sliding_window=cfg.sliding_window, segment_ids=segment_ids)
+          sliding_window=cfg.sliding_window, segment_ids=segment_ids, causal_block=cfg.causal_block)
     else:  # attend over the cache (stored heads-before-slots) instead of over this input alone
       k = _write_cache(self, "key", k, decode_positions)
       v = _write_cache(self, "value", v, decode_positions)
