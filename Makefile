@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
+# pytest-xdist workers: the suite is compile-bound, one worker per core (2 on the CI machine);
+# loadscope keeps each test file on one worker, so a module fixture (a converted model, the GGUF
+# tokenizer) is built once.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: test test-fast demo clean
 
@@ -19,10 +24,10 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	touch $@
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: $(VENV)/.test
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 demo: $(VENV)/.runtime
 	$(PY) -m launch.experiments.demo

@@ -78,6 +78,7 @@ def test_long_causal_in_query_blocks_matches_jax_reference(window, segments, wit
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     reference_bias = jnp.where(same, 0.0, attention.MASK_VALUE)
 
+  @jax.jit  # one compile instead of dispatching (and compiling) every block's ops one by one
   def outputs(q, k, v):
     ours = attention.plain_attention(q, k, v, bias=bias, lengths=lengths, causal=True,
                                      sliding_window=window, segment_ids=segment_ids,
@@ -125,7 +126,7 @@ def test_unknown_implementation_is_an_error():
     attention.dot_product_attention(q, k, v, implementation="flash")
 
 
-@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("window", [pytest.param(None, marks=pytest.mark.slow), 3])
 def test_model_with_fused_attention_equals_plain(window):
   """The whole reward model: `attention="fused"` gives the plain path's rewards and logits."""
   import flax.linen as nn
@@ -135,7 +136,7 @@ def test_model_with_fused_attention_equals_plain(window):
   params = nn.unbox(transformer.init_params(config, jax.random.key(0)))
   ids = jax.random.randint(jax.random.key(1), (3, 10), 1, config.vocab_size)
   mask = (jnp.arange(10)[None] < jnp.array([[10], [6], [2]])).astype(jnp.int32)
-  outs = [transformer.RewardModel(config.replace(attention=impl)).apply(
-      {"params": params}, ids, mask, return_logits=True) for impl in ("plain", "fused")]
+  outs = [jax.jit(lambda p, model=transformer.RewardModel(config.replace(attention=impl)): model.apply(
+      {"params": p}, ids, mask, return_logits=True))(params) for impl in ("plain", "fused")]
   np.testing.assert_allclose(outs[1].rewards, outs[0].rewards, atol=1e-5)
   np.testing.assert_allclose(outs[1].logits, outs[0].logits, atol=1e-5)

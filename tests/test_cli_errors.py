@@ -26,6 +26,7 @@ def _one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> Non
     assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_convert_errors(tmp_path):
   empty = tmp_path / "no_config"
   empty.mkdir()

@@ -108,6 +108,7 @@ def test_export_scores_like_ours_in_transformers(name, tmp_path):
   np.testing.assert_allclose(_our_rewards(again, again_config, ids, mask), ours, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_round_trip(tmp_path):
   hf_models.tiny_hf_model("llama_seqcls", tmp_path / "hf")
   run = lambda *args: subprocess.run(  # noqa: E731

@@ -30,6 +30,7 @@ def _load(paths, fmt, **options):
   return records, bad
 
 
+@pytest.mark.slow
 def test_gsm8k_all_rows_load_and_every_rejected_answer_is_wrong(shared_data):
   for split, rows, num_rejected in (("train", 7473, 1), ("test", 1319, 2)):
     path = shared_data / "gsm8k" / f"{split}.jsonl"

@@ -99,6 +99,7 @@ def _eval(argv: list[str]) -> dict:
   return json.loads(open(out).read())
 
 
+@pytest.mark.slow
 def test_cli_with_a_checkpoint(ckpt, shared_data, tmp_path, capsys):
   data = shared_data / "logiqa2" / "test.jsonl"
   out = tmp_path / "mc.json"

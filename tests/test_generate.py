@@ -25,7 +25,8 @@ def _tiny_params(config):
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, {"sliding_window": 3}, {"scan_layers": True, "qkv_bias": True, "tie_word_embeddings": True}])
+    {}, {"sliding_window": 3},
+    pytest.param({"scan_layers": True, "qkv_bias": True, "tie_word_embeddings": True}, marks=pytest.mark.slow)])
 def test_cache_logits_equal_full_recompute(overrides):
   """Prefill a right-padded batch, then feed one token per row: every step's logits match a
   forward pass over the whole sequence without a cache."""
@@ -137,6 +138,7 @@ def test_same_seed_same_samples_and_batch_independence(tiny_generator):
   assert reordered[::-1] == first
 
 
+@pytest.mark.slow
 def test_top_k_1_is_greedy_and_sharding_changes_nothing(tiny_generator):
   gen, config = tiny_generator
   sampling = generate.SamplingConfig(max_new_tokens=8, temperature=0.0)

@@ -166,6 +166,7 @@ def test_plan_compiles_the_packed_steps_on_the_most_rows_a_batch_can_take():
   assert packed.eval_temp_bytes > 0
 
 
+@pytest.mark.slow
 def test_packed_eval_microbatches_and_chunked_lm_give_the_full_sums():
   import flax.linen as nn
   import jax

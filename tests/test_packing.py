@@ -155,6 +155,7 @@ def _one_step(make, batch, batch_sharding, mesh_shape, **kwargs):
   return jax.device_get(new_state.params), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_packed_train_step_equals_padded_on_a_mesh_with_microbatches():
   arrays = _pairs(n=8, seed=3)
   ref_params, ref_metrics = _one_step(step.make_train_step, pipeline.collate(arrays, 16, PAD),

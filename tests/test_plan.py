@@ -58,6 +58,7 @@ def test_tiny_plan_matches_a_real_run_on_8_devices():
   assert planned.params_bytes < 0.3 * total
 
 
+@pytest.mark.slow
 def test_eval_step_memory_shrinks_with_eval_microbatches():
   config = load_config("tiny")
   config.mesh_shape = (8, 1, 1)

@@ -96,6 +96,7 @@ def assert_sharding_equal(array, want):
   assert array.sharding.is_equivalent_to(want, array.ndim), (array.sharding, want)
 
 
+@pytest.mark.slow
 def test_bf16_init_from_trains_float32_masters(tmp_path):
   """3 steps at lr 1e-5 from a bf16 checkpoint change nearly every float32 master weight, and
   the optimizer state is float32."""
@@ -133,6 +134,7 @@ def test_init_from_placeholder_refuses_and_scratch_starts_fresh(tmp_path):
   assert train.init_source(config) == ""
 
 
+@pytest.mark.slow
 def test_one_epoch_is_exactly_the_full_batches(tmp_path):
   """50 pairs in batches of 8: one epoch is 6 steps (not ceil(50 / 8) = 7)."""
   config = _config()

@@ -17,7 +17,7 @@ def _qkv(seed=0):
           jax.random.normal(keys[2], (B, L, KV, HD)))
 
 
-@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("window", [pytest.param(None, marks=pytest.mark.slow), 4])
 def test_splash_equals_plain_with_segment_ids_and_gradients(window):
   """Outputs and gradients on real tokens (padding queries are never read) match to 1e-5 in float32."""
   real = (SEGMENTS > 0).astype(jnp.float32)[:, :, None, None]

@@ -24,11 +24,17 @@ def _real_texts(shared_data: pathlib.Path, n: int = 20) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def gguf_pair():
+def gguf_ours():
+  return tok_lib.load_tokenizer(hf_models.smollm2_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(gguf_ours):
+  """Ours and transformers' reading of the GGUF (transformers takes ~16 s: only the tests that
+  compare with it ask for it)."""
   path = hf_models.smollm2_gguf_path()
   import transformers
-  theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-  return tok_lib.load_tokenizer(path), theirs
+  return gguf_ours, transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def test_gguf_tokenizer_matches_transformers(gguf_pair, shared_data):
@@ -43,8 +49,8 @@ def test_gguf_tokenizer_matches_transformers(gguf_pair, shared_data):
     assert ours.decode(ids) == text == theirs.decode(ids)
 
 
-def test_gguf_tokenizer_saves_and_reloads(gguf_pair, tmp_path):
-  ours, _ = gguf_pair
+def test_gguf_tokenizer_saves_and_reloads(gguf_ours, tmp_path):
+  ours = gguf_ours
   ours.save(tmp_path / "tokenizer")
   again = tok_lib.load_tokenizer(tmp_path / "tokenizer")
   assert again.fingerprint == ours.fingerprint

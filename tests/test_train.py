@@ -133,6 +133,7 @@ def test_two_processes_train_like_one(tmp_path):
       assert two[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
 
 
+@pytest.mark.slow
 def test_trains_on_real_gsm8k_pairs(tmp_path, shared_data):
   """Levanter-style: a tiny reward model really learns from real preference pairs in-process."""
   questions = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").open()][:400]
