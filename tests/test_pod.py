@@ -96,7 +96,6 @@ def assert_sharding_equal(array, want):
   assert array.sharding.is_equivalent_to(want, array.ndim), (array.sharding, want)
 
 
-@pytest.mark.slow
 def test_bf16_init_from_trains_float32_masters(tmp_path):
   """3 steps at lr 1e-5 from a bf16 checkpoint change nearly every float32 master weight, and
   the optimizer state is float32."""
@@ -297,6 +296,7 @@ def test_compilation_cache_setting(monkeypatch, tmp_path):
   assert updates == [("jax_compilation_cache_dir", "gs://bucket/cache")]
 
 
+@pytest.mark.slow
 def test_unshared_workdir_stops_at_once(tmp_path):
   """Two processes whose workdirs differ (as two hosts' local disks would): both stop, naming it."""
   port = _free_port()

@@ -37,6 +37,7 @@ def gguf_pair(gguf_ours):
   return gguf_ours, transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+@pytest.mark.slow  # real-model parity: transformers reads the GGUF vocabulary in ~16 s
 def test_gguf_tokenizer_matches_transformers(gguf_pair, shared_data):
   ours, theirs = gguf_pair
   texts = _real_texts(shared_data)
@@ -60,6 +61,7 @@ def test_gguf_tokenizer_saves_and_reloads(gguf_ours, tmp_path):
   assert tok_lib.load_tokenizer(tmp_path).fingerprint == ours.fingerprint
 
 
+@pytest.mark.slow  # real-model parity: transformers reads the GGUF vocabulary in ~16 s
 def test_hf_directory_reads_special_ids(gguf_pair, tmp_path):
   ours, theirs = gguf_pair
   theirs.save_pretrained(tmp_path)
@@ -132,6 +134,7 @@ def _check_joined(ours: tok_lib.Tokenizer, theirs, pairs) -> None:
     assert start == len(ids) or not prompt.startswith(ours.decode(ids[:start + 1])) or not response
 
 
+@pytest.mark.slow  # real-model parity: transformers reads the GGUF vocabulary in ~16 s
 def test_joined_encoding_equals_transformers_for_every_tokenizer_kind(gguf_pair, tmp_path, shared_data):
   ours, theirs = gguf_pair  # GGUF vocabulary -> tokenizer.json
   record = json.loads((shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[0])
