@@ -52,9 +52,9 @@ class RewardScorer:
   Sequences are sorted by length and padded to `BUCKETS_PER_OCTAVE` lengths per octave
   (`bucket_length`); shorter buckets take proportionally more rows (up to `MAX_ROWS_FACTOR` x
   `batch_size`, and on CPU no more than keeps attention's scores cache-sized, `CPU_SCORE_BYTES`),
-  so a batch holds about the same number of tokens and each bucket is one compiled shape. The layers run under
-  `nn.scan` (params stacked once at load), so a compile traces one layer, not all of them. The
-  batch is split over the mesh's data axes.
+  so a batch holds about the same number of tokens and each bucket is one compiled shape. The
+  layers run under `nn.scan` (params stacked once at load), so a compile traces one layer, not
+  all of them. The batch is split over the mesh's data axes.
   """
 
   def __init__(self, checkpoint_path: str | os.PathLike, batch_size: int = 16, max_length: int = 1024,
