@@ -136,7 +136,10 @@ def test_model_with_fused_attention_equals_plain(window):
   params = nn.unbox(transformer.init_params(config, jax.random.key(0)))
   ids = jax.random.randint(jax.random.key(1), (3, 10), 1, config.vocab_size)
   mask = (jnp.arange(10)[None] < jnp.array([[10], [6], [2]])).astype(jnp.int32)
-  outs = [jax.jit(lambda p, model=transformer.RewardModel(config.replace(attention=impl)): model.apply(
-      {"params": p}, ids, mask, return_logits=True))(params) for impl in ("plain", "fused")]
+  def forward(impl):
+    model = transformer.RewardModel(config.replace(attention=impl))
+    return jax.jit(lambda p: model.apply({"params": p}, ids, mask, return_logits=True))(params)
+
+  outs = [forward("plain"), forward("fused")]
   np.testing.assert_allclose(outs[1].rewards, outs[0].rewards, atol=1e-5)
   np.testing.assert_allclose(outs[1].logits, outs[0].logits, atol=1e-5)

@@ -248,8 +248,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
   resolved = resolve_implementation(implementation, dtype=query.dtype, head_dim=query.shape[-1])
-  kwargs = dict(bias=bias, lengths=lengths, causal=causal, sliding_window=sliding_window,
-                segment_ids=segment_ids)
+  kwargs = {"bias": bias, "lengths": lengths, "causal": causal, "sliding_window": sliding_window,
+            "segment_ids": segment_ids}
   if resolved == "plain":
     return plain_attention(query, key, value, causal_block=causal_block, **kwargs)
   return {"fused": fused_attention, "splash": splash_attention}[resolved](query, key, value, **kwargs)
