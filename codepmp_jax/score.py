@@ -73,8 +73,7 @@ class RewardScorer:
     tokenizer_dir = path / workdir.TOKENIZER
     self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
     self.prompt_format = templates.load_prompt_format(path)  # None if the checkpoint records none
-    data_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    self._data_ways = data_ways
+    self._data_ways = data_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self.batch_size = -(-batch_size // data_ways) * data_ways
     self.max_length = max_length
     self.show_progress = show_progress
@@ -122,11 +121,12 @@ class RewardScorer:
       length = bucket_length(lengths[i], steps_per_octave=BUCKETS_PER_OCTAVE)
       buckets.setdefault(min(length, self.max_length), []).append(i)
     longest = max(buckets, default=1)
+    on_cpu = self.mesh.devices.flat[0].platform == "cpu"
     batches = []
     for length, indices in buckets.items():
       rows = self.batch_size * max(1, min(MAX_ROWS_FACTOR, longest // length))
-      if self.mesh.devices.flat[0].platform == "cpu":
-        queries = attention.causal_query_block(length, SCORE_CAUSAL_BLOCK)
+      if on_cpu:
+        queries = attention.causal_query_block(length, self.config.causal_block)
         row_bytes = self.config.num_heads * queries * length * 4
         rows = min(rows, max(1, CPU_SCORE_BYTES // row_bytes // self._data_ways) * self._data_ways)
       batches += [(indices[s:s + rows], length, rows) for s in range(0, len(indices), rows)]
