@@ -45,6 +45,11 @@ def test_tiny_model_matches_transformers(name, tmp_path):
   np.testing.assert_allclose(logits[real], expected_logits[real], atol=1e-4, rtol=0)
   np.testing.assert_allclose(rewards, expected_rewards, atol=1e-4, rtol=0)
   assert config.tie_word_embeddings == ("lm_head" not in params)
+  # Scoring's forward: all layers but the last scanned, the last at the reward token only.
+  scoring_params = transformer.stack_layers(params, config.num_layers - 1)
+  assert f"layers_{config.num_layers - 1}" in scoring_params and "layers_0" not in scoring_params
+  scored = transformer.last_token_rewards(config, scoring_params, jnp.asarray(ids), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(scored), expected_rewards, atol=1e-4, rtol=0)
 
 
 def test_converted_config_follows_hf(tmp_path):

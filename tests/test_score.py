@@ -44,7 +44,7 @@ def scorer(ckpt):
 def single(scorer):
   """One sequence at a time on one device, right-padded to `max_length` (one compile)."""
   model = transformer.RewardModel(scorer.config)
-  params = jax.device_get(scorer.params)
+  params = jax.device_get(transformer.unstack_layers(scorer.params))
   forward = jax.jit(lambda ids, mask: model.apply({"params": params}, ids, mask).rewards[0])
 
   def reward(ids):

@@ -179,22 +179,33 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
                decode_positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None,
+               query_index: jax.Array | None = None) -> jax.Array:
     """`lengths` [B]: real tokens per right-padded row (None when decoding over the cache or when
-    `segment_ids` [B, L] of packed rows say which tokens see each other)."""
+    `segment_ids` [B, L] of packed rows say which tokens see each other). `query_index` [B, K]:
+    compute queries (and the output, [B, K, D]) only at these columns of right-padded rows, over
+    the keys at or before each."""
     cfg = self.config
     batch, length, _ = x.shape
     hd, heads, kv_heads = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
     dense = lambda n, axes, name, bias_=cfg.qkv_bias: Linear(  # noqa: E731
         n, axes, use_bias=bias_, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
-    q = dense(heads * hd, ("embed", "heads"), "q_proj")(x).reshape(batch, length, heads, hd)
+    q_cos, q_sin, q_x = cos, sin, x
+    if query_index is not None:
+      at_queries = lambda a: jnp.take_along_axis(  # noqa: E731
+          jnp.broadcast_to(a, (batch,) + a.shape[1:]), query_index[..., None], axis=1)
+      q_cos, q_sin, q_x = at_queries(cos), at_queries(sin), at_queries(x)
+    q = dense(heads * hd, ("embed", "heads"), "q_proj")(q_x).reshape(batch, q_x.shape[1], heads, hd)
     k = dense(kv_heads * hd, ("embed", "kv_heads"), "k_proj")(x).reshape(batch, length, kv_heads, hd)
     v = dense(kv_heads * hd, ("embed", "kv_heads"), "v_proj")(x).reshape(batch, length, kv_heads, hd)
-    q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
+    q = nn.with_logical_constraint(apply_rope(q, q_cos, q_sin), ("batch", "length", "act_heads", "head_dim"))
     k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "head_dim"))
-    if decode_positions is None:
+    if query_index is not None:  # a few queries per row: plain attention over an explicit bias
+      bias = cache_attention_bias(query_index, length, cfg.sliding_window)[:, :, 0]
+      out = attention_lib.plain_attention(q, k, v, bias=bias)
+    elif decode_positions is None:
       out = attention_lib.dot_product_attention(
           q, k, v, implementation=cfg.attention, lengths=lengths, causal=True,
           sliding_window=cfg.sliding_window, segment_ids=segment_ids, causal_block=cfg.causal_block)
@@ -203,7 +214,7 @@ class Attention(nn.Module):
       v = _write_cache(self, "value", v, decode_positions)
       bias = cache_attention_bias(decode_positions, k.shape[2], cfg.sliding_window)[:, :, 0]
       out = attention_lib.plain_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), bias=bias)
-    out = out.reshape(batch, length, heads * hd)
+    out = out.reshape(batch, q.shape[1], heads * hd)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
     return dense(cfg.hidden_size, ("heads", "embed"), "o_proj", False)(out)
 
@@ -227,15 +238,33 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
-               decode_positions: jax.Array | None = None, segment_ids: jax.Array | None = None):
+               decode_positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               query_index: jax.Array | None = None):
+    """The next hidden states, [B, L, D] (at `query_index` [B, K] only: [B, K, D])."""
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
-    x = x + Attention(cfg, name="attn")(
-        norm("input_norm")(x), lengths, cos, sin, decode_positions, segment_ids)
+    attended = Attention(cfg, name="attn")(
+        norm("input_norm")(x), lengths, cos, sin, decode_positions, segment_ids, query_index)
+    if query_index is not None:
+      x = jnp.take_along_axis(x, query_index[..., None], axis=1)
+    x = x + attended
     x = x + Mlp(cfg, name="mlp")(norm("post_attn_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     # The carry/output pair lets the same layer run under nn.scan.
     return x, None
+
+
+def _embed(cfg: ModelConfig) -> Embed:
+  return Embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, name="embed")
+
+
+def _final_norm(cfg: ModelConfig) -> RMSNorm:
+  return RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")
+
+
+def _score_head(cfg: ModelConfig) -> Linear:
+  return Linear(1, ("embed", "score"), dtype=jnp.float32, param_dtype=cfg.param_dtype,
+                stddev=1.0 / math.sqrt(cfg.hidden_size + 1), name="score")
 
 
 class RewardModel(nn.Module):
@@ -268,9 +297,8 @@ class RewardModel(nn.Module):
     """
     cfg = self.config
     decoding = decode_positions is not None
-    embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, name="embed")
-    x = embed(input_ids)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    embed = _embed(cfg)
+    x = nn.with_logical_constraint(embed(input_ids), ("batch", "length", "act_embed"))
 
     if decoding:
       cos, sin = rope_tables(cfg, decode_positions)
@@ -293,16 +321,14 @@ class RewardModel(nn.Module):
     else:
       for i in range(cfg.num_layers):
         x, _ = layer_cls(cfg, name=f"layers_{i}")(x, lengths, cos, sin, decode_positions, segment_ids)
-    hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+    hidden = _final_norm(cfg)(x)
 
     if reward_index is None:
       last = jnp.maximum(attention_mask.sum(axis=-1) - 1, 0)
       last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     else:
       last_hidden = jnp.take_along_axis(hidden, reward_index[..., None], axis=1)
-    score = Linear(1, ("embed", "score"), dtype=jnp.float32, param_dtype=cfg.param_dtype,
-                   stddev=1.0 / math.sqrt(cfg.hidden_size + 1), name="score")
-    rewards = score(last_hidden.astype(jnp.float32))[..., 0]
+    rewards = _score_head(cfg)(last_hidden.astype(jnp.float32))[..., 0]
 
     logits = None
     if return_logits or self.is_initializing():  # init always creates the LM head
@@ -335,11 +361,45 @@ def init_cache(config: ModelConfig, batch_size: int, length: int) -> dict:
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
 
 
+def last_token_rewards(config: ModelConfig, params: dict, input_ids: jax.Array,
+                       attention_mask: jax.Array) -> jax.Array:
+  """[B] rewards of right-padded rows, `RewardModel(config)(input_ids, attention_mask).rewards`
+  computed with the last layer's queries, output projection and MLP at each row's last token only
+  (its keys and values still cover the row): a reward needs nothing else of that layer, so this
+  saves about 1/N of an N-layer forward.
+
+  `params`: the first N - 1 layers stacked under `layers` (`stack_layers(params, N - 1)`, run
+  under `lax.scan`, so one layer is traced) or unrolled as `layers_{i}`, and the last one as
+  `layers_{N-1}`.
+  """
+  cfg = config
+  x = nn.with_logical_constraint(_embed(cfg).apply({"params": params["embed"]}, input_ids),
+                                 ("batch", "length", "act_embed"))
+  cos, sin = rope_tables(cfg, jnp.arange(input_ids.shape[1])[None])
+  lengths = attention_mask.sum(axis=-1).astype(jnp.int32)
+  layer = DecoderLayer(cfg)
+  run = lambda layer_params, x, **kwargs: layer.apply(  # noqa: E731
+      {"params": layer_params}, x, lengths, cos, sin, **kwargs)[0]
+  stacked = 0
+  if "layers" in params:
+    stacked = jax.tree.leaves(params["layers"])[0].shape[0]
+    x, _ = jax.lax.scan(lambda x, layer_params: (run(layer_params, x), None), x, params["layers"])
+  for i in range(stacked, cfg.num_layers - 1):
+    x = run(params[f"layers_{i}"], x)
+  last = jnp.maximum(lengths - 1, 0)[:, None]
+  x = run(params[f"layers_{cfg.num_layers - 1}"], x, query_index=last)
+  hidden = _final_norm(cfg).apply({"params": params["final_norm"]}, x)[:, 0]
+  return _score_head(cfg).apply({"params": params["score"]}, hidden.astype(jnp.float32))[..., 0]
+
+
 def stack_layers(params: dict, num_layers: int) -> dict:
-  """Canonical `layers_{i}` subtrees -> one `layers` subtree with a leading layer axis."""
-  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-  layers = [params[f"layers_{i}"] for i in range(num_layers)]
-  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  """Canonical `layers_0` .. `layers_{num_layers-1}` subtrees -> one `layers` subtree with a
+  leading layer axis (later layers, if any, stay as they are)."""
+  names = [f"layers_{i}" for i in range(num_layers)]
+  if not names:
+    return dict(params)
+  out = {k: v for k, v in params.items() if k not in names}
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[name] for name in names])
   return out
 
 
