@@ -40,10 +40,9 @@ MAX_ROWS_FACTOR = 8  # short buckets batch up to 8x the rows of the longest one
 BUCKETS_PER_OCTAVE = 4  # padded lengths 128, 160, 192, 224, 256, 320, ...: under 25% padding
 # Scoring compiles once per bucket and runs many batches, so its plain attention uses short causal
 # blocks (more of the masked triangle skipped), and on CPU a batch is cut so that one block's
-# float32 scores ([rows, heads, queries, keys]) stay cache-sized: the tiny model scored 512-token
-# rows 1.8x faster per row at 4 rows than at 8 (2 MB vs 4 MB of scores).
+# float32 scores ([rows, heads, queries, keys]) stay within `attention.CPU_SCORE_BYTES`: the tiny
+# model scored 512-token rows 1.8x faster per row at 4 rows than at 8 (2 MB vs 4 MB of scores).
 SCORE_CAUSAL_BLOCK = 64
-CPU_SCORE_BYTES = 2 << 20
 
 
 class RewardScorer:
@@ -51,24 +50,31 @@ class RewardScorer:
 
   Sequences are sorted by length and padded to `BUCKETS_PER_OCTAVE` lengths per octave
   (`bucket_length`); shorter buckets take proportionally more rows (up to `MAX_ROWS_FACTOR` x
-  `batch_size`, and on CPU no more than keeps attention's scores cache-sized, `CPU_SCORE_BYTES`),
-  so a batch holds about the same number of tokens and each bucket is one compiled shape. The
-  layers run under `nn.scan` (params stacked once at load), so a compile traces one layer, not
-  all of them. The batch is split over the mesh's data axes.
+  `batch_size`, and on CPU no more than keeps attention's scores cache-sized, `attention.CPU_SCORE_BYTES`),
+  so a batch holds about the same number of tokens and each bucket is one compiled shape. All
+  layers but the last run under `lax.scan` (params stacked once at load), so a compile traces two
+  layers, not all of them; the last runs at each row's reward token only
+  (`transformer.last_token_rewards`). The batch is split over the mesh's data axes.
   """
 
   def __init__(self, checkpoint_path: str | os.PathLike, batch_size: int = 16, max_length: int = 1024,
                mesh_shape: Sequence[int] = (-1, 1, 1), show_progress: bool = True):
     path = epath.Path(checkpoint_path)
     canonical = checkpoint.load_model_config(path).replace(scan_layers=False, remat_policy="none")
-    self.config = canonical.replace(scan_layers=True, causal_block=SCORE_CAUSAL_BLOCK)
+    self.config = canonical.replace(causal_block=SCORE_CAUSAL_BLOCK)
     self.mesh = sharding.make_mesh(mesh_shape)
     self.rules = sharding.DEFAULT_RULES
     shardings_of = lambda config: sharding.logical_sharding(nn.get_partition_spec(jax.eval_shape(  # noqa: E731
         lambda: transformer.init_params(config, jax.random.key(0)))), self.mesh, self.rules)
-    params, _ = checkpoint.load_model(path, shardings=shardings_of(canonical))
-    param_shardings = shardings_of(self.config)
-    self.params = jax.jit(lambda p: transformer.stack_layers(p, canonical.num_layers),
+    param_shardings = shardings_of(canonical)
+    params, _ = checkpoint.load_model(path, shardings=param_shardings)
+    # All layers but the last stacked (`transformer.last_token_rewards`'s layout).
+    scanned = self.config.num_layers - 1
+    if scanned:
+      param_shardings = {k: v for k, v in param_shardings.items()
+                         if k not in {f"layers_{i}" for i in range(scanned)}}
+      param_shardings["layers"] = shardings_of(canonical.replace(scan_layers=True))["layers"]
+    self.params = jax.jit(lambda p: transformer.stack_layers(p, scanned),
                           out_shardings=param_shardings)(params)
     tokenizer_dir = path / workdir.TOKENIZER
     self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
@@ -79,9 +85,8 @@ class RewardScorer:
     self.show_progress = show_progress
     self.pad_id = self.tokenizer.pad_id if self.tokenizer else (self.config.pad_token_id or 0)
     self._batch_sharding = batch_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)
-    model = transformer.RewardModel(self.config)
     self._forward = jax.jit(
-        lambda params, ids, mask: model.apply({"params": params}, ids, mask).rewards,
+        lambda params, ids, mask: transformer.last_token_rewards(self.config, params, ids, mask),
         in_shardings=(param_shardings, batch_sharding, batch_sharding),
         out_shardings=sharding.replicated(self.mesh))
 
@@ -110,7 +115,7 @@ class RewardScorer:
   def length_batches(self, lengths: Sequence[int]) -> list[tuple[list[int], int, int]]:
     """(indices, padded length, rows) of each batch: longest first, each bucket's rows scaled up
     as its padded length falls (`batch_size` x min(MAX_ROWS_FACTOR, longest bucket // length)),
-    and on CPU capped by `CPU_SCORE_BYTES`.
+    and on CPU capped by `attention.CPU_SCORE_BYTES`.
 
     A batch never mixes buckets, so every bucket compiles once; callers restore the input order
     from the indices.
@@ -128,7 +133,7 @@ class RewardScorer:
       if on_cpu:
         queries = attention.causal_query_block(length, self.config.causal_block)
         row_bytes = self.config.num_heads * queries * length * 4
-        rows = min(rows, max(1, CPU_SCORE_BYTES // row_bytes // self._data_ways) * self._data_ways)
+        rows = min(rows, max(1, attention.CPU_SCORE_BYTES // row_bytes // self._data_ways) * self._data_ways)
       batches += [(indices[s:s + rows], length, rows) for s in range(0, len(indices), rows)]
     return batches
 

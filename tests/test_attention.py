@@ -101,6 +101,16 @@ def test_long_causal_in_query_blocks_matches_jax_reference(window, segments, wit
     np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-4)
 
 
+def test_cpu_query_blocks_keep_scores_cache_sized():
+  """On CPU a block's float32 scores stay within 2 MiB: 8 rows x 4 heads x 256 keys x 4 bytes
+  is 32 KiB a query, so 256 queries run as 4 blocks of 64; at most 8 blocks; none below 2."""
+  assert attention.CPU_SCORE_BYTES == 2 << 20
+  assert attention.causal_query_block(256, 256, rows_x_heads=8 * 4) == 64
+  assert attention.causal_query_block(256, 256) == 256  # off CPU: one block of causal_block
+  assert attention.causal_query_block(256, 256, rows_x_heads=1024) == 32
+  assert attention.causal_query_block(100, 256, rows_x_heads=8 * 4) == 100
+
+
 def test_fused_equals_plain_with_gradients():
   """Where the fused path runs (the default kernel on CPU, cuDNN on GPU) it gives the plain path's
   outputs and gradients."""

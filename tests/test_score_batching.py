@@ -1,10 +1,11 @@
-"""Scoring's batching: length buckets with scaled rows, one compile per bucket, layers scanned."""
+"""Scoring's batching: length buckets with scaled rows, one compile per bucket, layers scanned
+but the last, which runs at the reward token only."""
 import flax.linen as nn
 import jax
 import numpy as np
 
 from codepmp_jax import checkpoint, score
-from codepmp_jax.model import transformer
+from codepmp_jax.model import attention, transformer
 from codepmp_jax.model.config import get_preset
 
 
@@ -13,7 +14,8 @@ def test_buckets_compile_once_each_and_match_one_at_a_time(tmp_path):
   params = nn.unbox(transformer.init_params(config, jax.random.key(2)))
   scorer = score.RewardScorer(checkpoint.save_model(tmp_path / "ckpt", params, config),
                               batch_size=2, max_length=64, show_progress=False)
-  assert scorer.config.scan_layers and "layers" in scorer.params
+  # Layers 0 and 1 stacked for lax.scan, the last apart (`transformer.last_token_rewards`).
+  assert jax.tree.leaves(scorer.params["layers"])[0].shape[0] == 2 and "layers_2" in scorer.params
   lengths = [64, 3, 40, 17, 16, 5, 33, 60, 2, 9, 12, 20]
   batches = scorer.length_batches(lengths)
   # batch_size 2 rounds up to the 8 fake devices; 4 buckets per octave, longest first:
@@ -42,7 +44,7 @@ def test_cpu_batches_keep_attention_scores_cache_sized(tmp_path):
   params = nn.unbox(transformer.init_params(config, jax.random.key(2)))
   scorer = score.RewardScorer(checkpoint.save_model(tmp_path / "ckpt", params, config),
                               batch_size=64, max_length=256, show_progress=False)
-  assert score.CPU_SCORE_BYTES == 2 << 20 and score.SCORE_CAUSAL_BLOCK == 64
+  assert attention.CPU_SCORE_BYTES == 2 << 20 and score.SCORE_CAUSAL_BLOCK == 64
   batches = scorer.length_batches([256] * 20 + [100] * 3)
   assert [(len(rows), length, n) for rows, length, n in batches] == [
       (8, 256, 8), (8, 256, 8), (4, 256, 8), (3, 112, 8)]

@@ -80,18 +80,25 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
 # Causal self-attention over at least 2 * `causal_block` tokens runs as up to MAX_CAUSAL_BLOCKS
 # query blocks, block i over keys [0, end of block i): the fully masked upper triangle is never
 # computed (25% fewer score elements at 2 blocks, 44% at 8). On XLA's CPU backend the memory-bound
-# softmax over the scores is most of attention's time: the tiny model's step at 512 tokens took
-# 0.17 s instead of 0.25 s with 256-token blocks. Each block adds compile time (~1 s for the tiny
-# training step), so training keeps CAUSAL_BLOCK; scoring, compiled once per length bucket and run
-# many times, uses 64-token blocks (`score.RewardScorer`).
+# softmax over the scores is most of attention's time, and it runs much faster when one block's
+# float32 scores ([rows, heads, queries, keys]) fit a core's L2 cache, so there blocks also shrink
+# until they fit CPU_SCORE_BYTES: the tiny model's step at 4 pairs x 256 tokens took 54-62 ms in
+# 64-query blocks (2 MiB of scores) against 76-85 ms in one block or two of 128. Each block adds
+# compile time (~1 s for the tiny training step); scoring, compiled once per length bucket and run
+# many times, uses 64-token blocks and sizes its batches to the same budget (`score.RewardScorer`).
 CAUSAL_BLOCK = 256
 MAX_CAUSAL_BLOCKS = 8
+CPU_SCORE_BYTES = 2 << 20
 
 
-def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK) -> int:
+def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK, rows_x_heads: int = 0) -> int:
   """Queries per block of `plain_attention`'s causal self-attention over `length` tokens (`length`
-  itself when it runs as one block)."""
-  blocks = min(MAX_CAUSAL_BLOCKS, length // causal_block)
+  itself when it runs as one block): about `causal_block`, and with `rows_x_heads` (batch rows x
+  query heads; given on CPU) no more than keeps one block's float32 scores within CPU_SCORE_BYTES."""
+  size = causal_block
+  if rows_x_heads:
+    size = min(size, max(1, CPU_SCORE_BYTES // (rows_x_heads * length * 4)))
+  blocks = min(MAX_CAUSAL_BLOCKS, length // size)
   return length if blocks < 2 else -(-length // blocks)
 
 
@@ -104,10 +111,12 @@ def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
   query [B, T, H, hd], key/value [B, S, KV, hd] with H a multiple of KV; `bias` is additive,
   [B or 1, H or 1, T, S]. Returns [B, T, H, hd] in the value's dtype. Long causal self-attention
-  skips the masked upper triangle in query blocks of about `causal_block` tokens.
+  skips the masked upper triangle in query blocks of about `causal_block` tokens (on CPU, fewer
+  if that keeps a block's scores cache-sized: `causal_query_block`).
   """
-  length = query.shape[1]
-  size = causal_query_block(length, causal_block)
+  batch, length, heads, _ = query.shape
+  on_cpu = jax.default_backend() == "cpu"
+  size = causal_query_block(length, causal_block, batch * heads if on_cpu else 0)
   if not (causal and key.shape[1] == length and size < length):
     return _dense_attention(query, key, value, bias, lengths, causal, sliding_window, segment_ids)
   outs = []
