@@ -102,12 +102,15 @@ def test_long_causal_in_query_blocks_matches_jax_reference(window, segments, wit
 
 
 def test_cpu_query_blocks_keep_scores_cache_sized():
-  """On CPU a block's float32 scores stay within 2 MiB: 8 rows x 4 heads x 256 keys x 4 bytes
-  is 32 KiB a query, so 256 queries run as 4 blocks of 64; at most 8 blocks; none below 2."""
-  assert attention.CPU_SCORE_BYTES == 2 << 20
+  """On CPU a block's float32 scores stay within 2 MiB where blocks of 64 queries or more can:
+  8 rows x 4 heads x 256 keys x 4 bytes is 32 KiB a query, so 256 queries run as 4 blocks of 64,
+  and 4 rows as 2 blocks of 128; never under 64 queries a block, nor fewer than 2 blocks."""
+  assert (attention.CPU_SCORE_BYTES, attention.MIN_CPU_CAUSAL_BLOCK) == (2 << 20, 64)
   assert attention.causal_query_block(256, 256, rows_x_heads=8 * 4) == 64
+  assert attention.causal_query_block(256, 256, rows_x_heads=4 * 4) == 128
   assert attention.causal_query_block(256, 256) == 256  # off CPU: one block of causal_block
-  assert attention.causal_query_block(256, 256, rows_x_heads=1024) == 32
+  assert attention.causal_query_block(1024, 256, rows_x_heads=1024) == 128  # at most 8 blocks
+  assert attention.causal_query_block(256, 256, rows_x_heads=1024) == 64
   assert attention.causal_query_block(100, 256, rows_x_heads=8 * 4) == 100
 
 

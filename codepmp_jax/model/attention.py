@@ -82,22 +82,28 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
 # computed (25% fewer score elements at 2 blocks, 44% at 8). On XLA's CPU backend the memory-bound
 # softmax over the scores is most of attention's time, and it runs much faster when one block's
 # float32 scores ([rows, heads, queries, keys]) fit a core's L2 cache, so there blocks also shrink
-# until they fit CPU_SCORE_BYTES: the tiny model's step at 4 pairs x 256 tokens took 54-62 ms in
-# 64-query blocks (2 MiB of scores) against 76-85 ms in one block or two of 128. Each block adds
-# compile time (~1 s for the tiny training step); scoring, compiled once per length bucket and run
-# many times, uses 64-token blocks and sizes its batches to the same budget (`score.RewardScorer`).
+# until they fit CPU_SCORE_BYTES, down to MIN_CPU_CAUSAL_BLOCK queries: the tiny model's step at
+# 4 pairs x 256 tokens took 54-62 ms in 64-query blocks (2 MiB of scores) against 76-85 ms in one
+# block or two of 128, while smollm2_135m's took 17.2 s in 32-query blocks against 13.6 s in one
+# (each block slices and copies its keys and values, at head_dim 64 no longer small next to the
+# scores). Each block adds compile time (~1 s for the tiny training step); scoring, compiled once
+# per length bucket and run many times, uses 64-token blocks and sizes its batches to the same
+# budget (`score.RewardScorer`).
 CAUSAL_BLOCK = 256
 MAX_CAUSAL_BLOCKS = 8
 CPU_SCORE_BYTES = 2 << 20
+MIN_CPU_CAUSAL_BLOCK = 64
 
 
 def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK, rows_x_heads: int = 0) -> int:
   """Queries per block of `plain_attention`'s causal self-attention over `length` tokens (`length`
   itself when it runs as one block): about `causal_block`, and with `rows_x_heads` (batch rows x
-  query heads; given on CPU) no more than keeps one block's float32 scores within CPU_SCORE_BYTES."""
+  query heads; given on CPU) no more than keeps one block's float32 scores within CPU_SCORE_BYTES,
+  but not under MIN_CPU_CAUSAL_BLOCK."""
   size = causal_block
   if rows_x_heads:
-    size = min(size, max(1, CPU_SCORE_BYTES // (rows_x_heads * length * 4)))
+    fits = CPU_SCORE_BYTES // (rows_x_heads * length * 4)
+    size = min(size, max(MIN_CPU_CAUSAL_BLOCK, fits))
   blocks = min(MAX_CAUSAL_BLOCKS, length // size)
   return length if blocks < 2 else -(-length // blocks)
 
