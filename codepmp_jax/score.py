@@ -50,11 +50,11 @@ class RewardScorer:
 
   Sequences are sorted by length and padded to `BUCKETS_PER_OCTAVE` lengths per octave
   (`bucket_length`); shorter buckets take proportionally more rows (up to `MAX_ROWS_FACTOR` x
-  `batch_size`, and on CPU no more than keeps attention's scores cache-sized, `attention.CPU_SCORE_BYTES`),
-  so a batch holds about the same number of tokens and each bucket is one compiled shape. All
-  layers but the last run under `lax.scan` (params stacked once at load), so a compile traces two
-  layers, not all of them; the last runs at each row's reward token only
-  (`transformer.last_token_rewards`). The batch is split over the mesh's data axes.
+  `batch_size`, and on CPU no more than keeps attention's scores cache-sized,
+  `attention.CPU_SCORE_BYTES`), so a batch holds about the same number of tokens and each bucket
+  is one compiled shape. All layers but the last run under `lax.scan` (params stacked once at
+  load), so a compile traces two layers, not all of them; the last runs at each row's reward token
+  only (`transformer.last_token_rewards`). The batch is split over the mesh's data axes.
   """
 
   def __init__(self, checkpoint_path: str | os.PathLike, batch_size: int = 16, max_length: int = 1024,
@@ -133,7 +133,8 @@ class RewardScorer:
       if on_cpu:
         queries = attention.causal_query_block(length, self.config.causal_block)
         row_bytes = self.config.num_heads * queries * length * 4
-        rows = min(rows, max(1, attention.CPU_SCORE_BYTES // row_bytes // self._data_ways) * self._data_ways)
+        fits = max(1, attention.CPU_SCORE_BYTES // row_bytes // self._data_ways)
+        rows = min(rows, fits * self._data_ways)
       batches += [(indices[s:s + rows], length, rows) for s in range(0, len(indices), rows)]
     return batches
 
