@@ -12,8 +12,9 @@ by every mode:
   padded    ours, `--pairs` pairs per step, every sequence padded to `seq_len`;
   bucketed  ours, each step padded to the bucket (next multiple of 128) of its longest sequence;
   packed    ours, each step's pairs packed by `data.packing.pack_batch` into rows of `--row_len`
-            tokens (default `2 * seq_len`, room for any pair; `seq_len` halves the rows' attention
-            cost where every pair fits), the row count in quarter-octave buckets;
+            tokens (default `2 * seq_len`, room for any pair), the row count in quarter-octave
+            buckets, attention windowed to the data set's longest sequence
+            (`step.packed_model`, as `train` does) and the LM head only at LM targets;
   peer      transformers + torch (`benchmarks.train_step.Peer`), `--pairs` pairs per step padded
             to the longest sequence of the step, as TRL's collator does.
 Every mode trains on the same pairs in the same `--pairs`-pair steps. Every shape is compiled (ours)
@@ -124,12 +125,11 @@ def real_tokens(batch: dict) -> int:
 class OursRunner:
   """Our jitted step on one device, compiled for every batch shape before timing."""
 
-  def __init__(self, config: ModelConfig, packed: bool):
+  def __init__(self, config: ModelConfig, packed: bool, longest_sequence: int):
     self.mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     rules = sharding.DEFAULT_RULES
     optimizer = optim.make_optimizer(_optimizer_config(), total_steps=1000)
     _, state_sharding = step.state_shardings(config, optimizer, self.mesh, rules)
-    make = step.make_packed_train_step if packed else step.make_train_step
     shardings = (step.packed_batch_shardings if packed else step.batch_shardings)(self.mesh, rules)
     self.shardings = shardings
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
@@ -137,8 +137,10 @@ class OursRunner:
                        out_shardings=state_sharding.params)()
       opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
       self.state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-      self.fn = step.jit_train_step(make(transformer.RewardModel(config), optimizer, LOSS),
-                                    state_sharding, shardings, self.mesh)
+      model = transformer.RewardModel(config)
+      fn = (step.make_packed_train_step(model, optimizer, LOSS, longest_sequence=longest_sequence)
+            if packed else step.make_train_step(model, optimizer, LOSS))
+      self.fn = step.jit_train_step(fn, state_sharding, shardings, self.mesh)
 
   def run(self, batch: dict) -> None:
     with jax.set_mesh(self.mesh):
@@ -150,7 +152,7 @@ def measure(runner_step, batches: list[dict]) -> float:
   """Seconds for all batches, after one untimed run of each distinct shape."""
   seen = set()
   for batch in batches:
-    shape = batch["input_ids"].shape
+    shape = tuple(sorted((key, value.shape) for key, value in batch.items()))
     if shape not in seen:
       seen.add(shape)
       runner_step(batch)
@@ -160,7 +162,8 @@ def measure(runner_step, batches: list[dict]) -> float:
   return time.perf_counter() - start
 
 
-def run_mode(mode: str, config: ModelConfig, batches: list[dict], dtype: str) -> float:
+def run_mode(mode: str, config: ModelConfig, batches: list[dict], dtype: str,
+             longest_sequence: int) -> float:
   if mode == "peer":
     peer = Peer(config, batches[0], dtype, remat=False)
 
@@ -170,7 +173,7 @@ def run_mode(mode: str, config: ModelConfig, batches: list[dict], dtype: str) ->
     seconds = measure(peer_step, batches)
     peer.close()
     return seconds
-  return measure(OursRunner(config, packed=mode == "packed").run, batches)
+  return measure(OursRunner(config, mode == "packed", longest_sequence).run, batches)
 
 
 FLAGS = flags.FLAGS
@@ -228,7 +231,7 @@ def main(argv: list[str]) -> None:
         batches = padded_batches(usable, FLAGS.pairs, FLAGS.seq_len, 0, mode)
       tokens = sum(real_tokens(b) for b in batches)
       row_tokens = sum(b["input_ids"].size for b in batches)
-      seconds = run_mode(mode, config, batches, FLAGS.dtype)
+      seconds = run_mode(mode, config, batches, FLAGS.dtype, int(usable.lengths.max()))
       rows.append((name, mode, len(batches), tokens, f"{tokens / row_tokens:.1%}", seconds, tokens / seconds))
   table = common.format_table(("data", "mode", "steps", "real tokens", "efficiency", "seconds",
                                "real tokens/s"), rows)

@@ -130,6 +130,21 @@ def chunked_lm_cross_entropy(
     raise ValueError(
         f"hidden {hidden.shape}, input_ids {input_ids.shape} and lm_mask {lm_mask.shape} disagree")
   targets, weights = lm_targets(input_ids, lm_mask)
+  return chunked_cross_entropy(hidden, lm_head, targets, weights, chunk_len)
+
+
+def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
+                          weights: jax.Array, chunk_len: int = 128) -> tuple[jax.Array, jax.Array]:
+  """Weighted cross-entropy sum of `hidden @ lm_head` against `targets`, and the weights' sum.
+
+  `hidden` [B, N, D] predicts `targets` [B, N] with `weights` [B, N]: already aligned, e.g. the
+  hidden states gathered before each LM target of a packed row (`step.packed_microbatch_sums`).
+  Logits exist `chunk_len` positions at a time, as in `chunked_lm_cross_entropy`.
+  """
+  if hidden.shape[:2] != targets.shape or targets.shape != weights.shape:
+    raise ValueError(f"hidden {hidden.shape}, targets {targets.shape} and weights {weights.shape} "
+                     "disagree")
+  weights = weights.astype(jnp.float32)
   batch, length, _ = hidden.shape
   chunk_len = min(chunk_len, length)
   chunks = -(-length // chunk_len)

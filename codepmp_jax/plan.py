@@ -121,7 +121,7 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
       row_len, k = config.data.pack_row_len or 2 * tc.seq_len, config.data.pack_pairs_per_row
       shapes = {"input_ids": (rows, row_len), "segment_ids": (rows, row_len),
                 "positions": (rows, row_len), "lm_mask": (rows, row_len),
-                "reward_index": (rows, 2 * k), "pair_valid": (rows, k), "margin": (rows, k)}
+                "lm_index": (rows, row_len), "reward_index": (rows, 2 * k), "pair_valid": (rows, k), "margin": (rows, k)}
     else:
       shapes = {"input_ids": (pairs, 2, tc.seq_len), "attention_mask": (pairs, 2, tc.seq_len),
                 "lm_mask": (pairs, 2, tc.seq_len), "margin": (pairs,)}

@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from codepmp_jax import losses, sharding
+from codepmp_jax.data import packing
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig
 
@@ -183,8 +184,7 @@ def jit_eval_step(eval_step: Callable, param_sharding: Any,
 
 
 # Packed pairs (codepmp_jax.data.packing): rows [R, L] holding several pairs each.
-PACKED_BATCH_KEYS = ("input_ids", "segment_ids", "positions", "lm_mask", "reward_index",
-                     "pair_valid", "margin")
+PACKED_BATCH_KEYS = packing.PACKED_KEYS
 
 
 def packed_batch_shardings(mesh: Mesh, rules: sharding.LogicalRules) -> dict[str, NamedSharding]:
@@ -192,15 +192,27 @@ def packed_batch_shardings(mesh: Mesh, rules: sharding.LogicalRules) -> dict[str
   return {key: sharding.batch_sharding(mesh, rules, 2) for key in PACKED_BATCH_KEYS}
 
 
+def packed_model(model: transformer.RewardModel,
+                 longest_sequence: int | None) -> transformer.RewardModel:
+  """`model` for packed rows whose sequences have at most `longest_sequence` tokens: its attention
+  window narrowed to that many tokens, which changes nothing (no token has more of its own
+  segment to look back on) but lets the attention skip the keys of earlier segments (the plain
+  path's query blocks, splash's tiles, cuDNN's local window). None: `model` itself."""
+  window = model.config.sliding_window
+  if longest_sequence is None or (window is not None and window <= longest_sequence):
+    return model
+  return transformer.RewardModel(model.config.replace(sliding_window=int(longest_sequence)))
+
+
 def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any,
                            lm_chunk: int = DEFAULT_LM_CHUNK) -> dict[str, jax.Array]:
   """`_microbatch_sums` of a packed (micro)batch: the same sums as the padded batch of its pairs.
 
   Rewards are read at `reward_index` (chosen, rejected, chosen, ... per row); empty pair slots
-  (`pair_valid` 0) add nothing. The LM head runs over every row (rejected tokens included, their
-  weight 0), as chosen and rejected share rows; `lm_chunk` positions at a time as in
-  `_microbatch_sums` (0: full logits). No target crosses a segment boundary: a segment's first
-  token is never in `lm_mask`.
+  (`pair_valid` 0) add nothing. With `lm_chunk > 0` the LM head runs only on the hidden states
+  before the LM targets (`lm_index`), `lm_chunk` of them at a time, not over the rejected
+  sequences and padding that share the rows; 0 computes the full logits of every row (the
+  reference). No target crosses a segment boundary: a segment's first token is never in `lm_mask`.
   """
   want_lm = loss_cfg.lm_coef != 0
   chunked = want_lm and lm_chunk > 0
@@ -210,8 +222,12 @@ def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: B
                     positions=batch["positions"], reward_index=batch["reward_index"])
   chosen, rejected = out.rewards[:, 0::2].reshape(-1), out.rewards[:, 1::2].reshape(-1)
   if chunked:
-    lm_sum, lm_count = losses.chunked_lm_cross_entropy(
-        out.hidden_states, lm_head_kernel(params, model.config), ids, batch["lm_mask"], lm_chunk)
+    index = batch["lm_index"]
+    before = jnp.take_along_axis(out.hidden_states, jnp.maximum(index - 1, 0)[..., None], axis=1)
+    weights = jnp.take_along_axis(batch["lm_mask"], index, axis=1) * (index > 0)
+    lm_sum, lm_count = losses.chunked_cross_entropy(
+        before, lm_head_kernel(params, model.config), jnp.take_along_axis(ids, index, axis=1),
+        weights, lm_chunk)
   elif want_lm:
     lm_sum, lm_count = losses.lm_cross_entropy(out.logits, ids, batch["lm_mask"])
   else:
@@ -221,14 +237,18 @@ def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: B
 
 
 def make_packed_train_step(model: transformer.RewardModel, optimizer: optax.GradientTransformation,
-                           loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK
+                           loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK,
+                           longest_sequence: int | None = None
                            ) -> Callable[[TrainState, Batch], tuple]:
   """`make_train_step` for packed batches; microbatches split the rows (every M-th row).
 
   The loss divides by the whole batch's valid pairs and LM tokens, so loss and gradients equal
   those of the padded step on the same pairs. Metrics as `make_train_step`'s, with
   `packing_efficiency` (real tokens / row positions) instead of `pad_fraction`.
+  `longest_sequence` (e.g. `PairBatches.longest_sequence`) bounds every sequence of the batches:
+  attention then skips what lies further back (`packed_model`).
   """
+  model = packed_model(model, longest_sequence)
 
   def loss_fn(params, microbatch, num_pairs, lm_count):
     sums = packed_microbatch_sums(model, params, microbatch, loss_cfg, lm_chunk)
@@ -260,8 +280,11 @@ def make_packed_train_step(model: transformer.RewardModel, optimizer: optax.Grad
 
 
 def make_packed_eval_step(model: transformer.RewardModel, loss_cfg: Any, microbatches: int = 1,
-                          lm_chunk: int = DEFAULT_LM_CHUNK) -> Callable[[Any, Batch], dict]:
-  """(params, packed batch) -> additive sums, as `make_eval_step` (microbatches split the rows)."""
+                          lm_chunk: int = DEFAULT_LM_CHUNK, longest_sequence: int | None = None
+                          ) -> Callable[[Any, Batch], dict]:
+  """(params, packed batch) -> additive sums, as `make_eval_step` (microbatches split the rows;
+  `longest_sequence` as in `make_packed_train_step`)."""
+  model = packed_model(model, longest_sequence)
   def sums(params, batch):
     return packed_microbatch_sums(model, params, batch, loss_cfg, lm_chunk)
 

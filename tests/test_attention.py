@@ -56,10 +56,12 @@ def test_bias_per_head_and_broadcast():
 
 
 @pytest.mark.parametrize("window,segments,with_bias", [
-    (None, False, False), (40, False, True), (None, True, False)])
+    (None, False, False), (40, False, True), (None, True, False), (61, True, False)])
 def test_long_causal_in_query_blocks_matches_jax_reference(window, segments, with_bias):
-  """Over 2 * causal_block tokens the plain path skips the masked triangle block by block; its
-  outputs and gradients are still JAX's reference attention (lengths, window, bias, segments)."""
+  """Over 2 * causal_block tokens the plain path skips the masked triangle block by block (and,
+  with a window, the keys before it); its outputs and gradients are still JAX's reference
+  attention (lengths, window, bias, segments; packed rows under a window of their longest
+  segment, 60 tokens)."""
   causal_block = 32
   length = 5 * causal_block + 13  # 5 blocks of 35 tokens, the last one shorter
   keys = jax.random.split(jax.random.key(7), 4)

@@ -54,11 +54,18 @@ def test_packed_batches_hold_the_unpacked_pairs_agree_across_processes_and_resum
   plains = [_pipeline(plain_cfg, index=p, count=2) for p in range(2)]
   steps = procs[0].steps_per_epoch
   assert steps == (70 // 2) // 4
+  assert procs[0].longest_sequence == procs[1].longest_sequence == arrays.lengths.max()
   seen = []
   for _ in range(steps + 2):  # one epoch and the start of the next
     packed = [next(it) for it in procs]
     plain = [next(it) for it in plains]
-    assert packed[0]["input_ids"].shape == packed[1]["input_ids"].shape  # all processes agree
+    for key in ("input_ids", "lm_index"):  # all processes agree on the shapes
+      assert packed[0][key].shape == packed[1][key].shape
+    for got in packed:  # lm_index lists each row's LM targets (lm_mask), then zeros
+      for index, mask in zip(got["lm_index"], got["lm_mask"]):
+        targets = np.flatnonzero(mask)
+        np.testing.assert_array_equal(index[:len(targets)], targets)
+        assert not index[len(targets):].any()
     assert {k: v.shape[0] for k, v in packed[0].items()} == {k: len(packed[0]["input_ids"])
                                                              for k in packed[0]}
     assert packed[0]["input_ids"].shape[1] == 32

@@ -37,6 +37,9 @@ def test_layout_by_hand():
   np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0, 1, 0, 1, 0, 0, 0]])
   # chosen responses: pair 0 from its index 1, pair 1 from index max(0, 1) = 1 (never a segment start)
   np.testing.assert_array_equal(b["lm_mask"], [[0, 1, 1, 0, 0, 0, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(b["lm_index"], [[1, 2, 6]])  # the LM targets' columns
+  np.testing.assert_array_equal(packing.lm_target_counts(arrays.lengths, arrays.response_start),
+                                [2, 1])
   np.testing.assert_array_equal(b["reward_index"], [[2, 4, 6, 7]])
   np.testing.assert_array_equal(b["pair_valid"], [[1, 1]])
   np.testing.assert_allclose(b["margin"], [[0.5, 0.25]])
@@ -71,6 +74,18 @@ def test_pack_batch_takes_every_pair_and_rounds_rows_up():
   assert all(v.shape[0] == rows for v in result.batch.values())
   assert not result.batch["segment_ids"][used:].any() and not result.batch["pair_valid"][used:].any()
   assert result.efficiency == pytest.approx(arrays.lengths.sum() / (rows * 32))
+
+
+def test_lm_slots_pad_with_zeros_and_too_few_is_an_error():
+  arrays = PairArrays.from_lengths(np.array([5, 6, 7, 8, 9, 1, 2, 3]), [[3, 2], [2, 1]],
+                                   [[1, 1], [0, 0]], np.array([0.5, 0.25]))
+  wide = packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD, num_rows=2,
+                            lm_slots=5).batch["lm_index"]
+  np.testing.assert_array_equal(wide, [[1, 2, 6, 0, 0], [0, 0, 0, 0, 0]])
+  with pytest.raises(ValueError, match="row 0 has 3 LM targets, more than lm_slots=2"):
+    packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD, lm_slots=2)
+  assert [packing.round_lm_slots(n, 1024) for n in (0, 16, 17, 100, 300, 5000)] == [
+      16, 16, 20, 112, 320, 1024]
 
 
 def test_pair_longer_than_a_row_is_an_error():
@@ -113,11 +128,19 @@ def test_model_on_packed_rows_equals_padded(impl, scan):
                                  rtol=1e-5, atol=1e-5)
 
 
-def test_packed_loss_and_gradients_equal_padded():
-  """The key property: same pairs, same loss and gradients, packed or padded (1e-5, float32)."""
+@pytest.mark.parametrize("windowed", [False, True])
+def test_packed_loss_and_gradients_equal_padded(windowed):
+  """The key property: same pairs, same loss and gradients, packed or padded (1e-5, float32);
+  also with attention windowed to the longest sequence, over query blocks of 8 tokens that skip
+  the keys of earlier segments (`step.packed_model`), and the LM head only at `lm_index`."""
   arrays = _pairs(n=8)
   params = _params()
   model = transformer.RewardModel(MODEL)
+  packed_model = model
+  if windowed:
+    packed_model = step.packed_model(transformer.RewardModel(MODEL.replace(causal_block=8)),
+                                     int(arrays.lengths.max()))
+    assert packed_model.config.sliding_window == arrays.lengths.max() < 48
   padded = {k: jnp.asarray(v) for k, v in pipeline.collate(arrays, 16, PAD).items()}
   packed = {k: jnp.asarray(v) for k, v in
             packing.pack_pairs(arrays, row_len=48, max_pairs_per_row=4, pad_id=PAD).batch.items()}
@@ -127,7 +150,7 @@ def test_packed_loss_and_gradients_equal_padded():
     return losses.loss_from_sums(sums, LOSS), sums
 
   def packed_loss(p):
-    sums = step.packed_microbatch_sums(model, p, packed, LOSS)
+    sums = step.packed_microbatch_sums(packed_model, p, packed, LOSS, lm_chunk=8)
     return losses.loss_from_sums(sums, LOSS), sums
 
   (ref_loss, ref_sums), ref_grads = jax.jit(jax.value_and_grad(padded_loss, has_aux=True))(params)

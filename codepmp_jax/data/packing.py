@@ -7,8 +7,10 @@ under data parallelism. Per token the batch says which sequence it belongs to (`
 1, 2, ... within a row, 0 = padding) and its position within it (`positions`, restarting at 0), so
 the model attends only within segments and rotates by the segment's own positions; each pair has a
 slot (row r, slot k < `max_pairs_per_row`) naming the columns of its chosen and rejected last
-tokens, where the rewards are read. Shapes are static (`R`, `row_len`, `max_pairs_per_row`); unused
-slots have `pair_valid = 0`.
+tokens, where the rewards are read; and each row lists the columns of its LM targets (`lm_index`),
+so the LM head runs only there, not over the rejected sequences and padding that share the row.
+Shapes are static (`R`, `row_len`, `max_pairs_per_row`, `M` LM slots); unused slots have
+`pair_valid = 0` and `lm_index = 0`.
 
 `pack_pairs(arrays, row_len=..., max_pairs_per_row=..., pad_id=..., num_rows=R)` is pure numpy and
 deterministic: first-fit decreasing (pairs sorted by total length, longest first, ties by index;
@@ -21,6 +23,8 @@ without it, as many rows are used as the pairs need. The batch layout:
   positions    [R, L] int32   position within the segment (0 on padding)
   lm_mask      [R, L] int32   1 on the chosen responses' tokens (as `pipeline.collate`: a token is
                               predicted from the one before it, never the first of a segment)
+  lm_index     [R, M] int32   the columns where `lm_mask` is 1, ascending, then 0 (never a target:
+                              column 0 starts a segment or is padding)
   reward_index [R, 2K] int32  columns of (chosen, rejected) last tokens, slot by slot: c0 r0 c1 r1 ..
   pair_valid   [R, K] float32 1 where the slot holds a pair
   margin       [R, K] float32 the pair's margin (0 in empty slots)
@@ -28,7 +32,8 @@ without it, as many rows are used as the pairs need. The batch layout:
 `pack_batch` is the form a training pipeline wants: ALL of a batch's pairs (so a step still trains
 on a fixed number of pairs, as the padded step does, and resuming stays exact), in as many rows as
 they need, the row count rounded up to a multiple of `row_multiple` (the devices the rows are split
-over, times the microbatches) in a few sizes per octave, so only a few shapes are compiled.
+over, times the microbatches) in a few sizes per octave, and `M` to a few sizes per octave too
+(`round_lm_slots`), so only a few shapes are compiled.
 `codepmp_jax.step.make_packed_train_step` trains on it with the same loss and gradients as the
 padded step on the same pairs.
 """
@@ -41,8 +46,9 @@ import numpy as np
 from codepmp_jax.data.encode import PairArrays, bucket_length
 
 ORDERS = ("ffd", "first_fit")
-PACKED_KEYS = ("input_ids", "segment_ids", "positions", "lm_mask", "reward_index", "pair_valid",
-               "margin")
+PACKED_KEYS = ("input_ids", "segment_ids", "positions", "lm_mask", "lm_index", "reward_index",
+               "pair_valid", "margin")
+LM_SLOTS_PER_OCTAVE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +68,19 @@ def packing_efficiency(batch: dict[str, np.ndarray]) -> float:
   """Real (non-padding) tokens / all row tokens of a packed batch."""
   segments = np.asarray(batch["segment_ids"])
   return float((segments > 0).sum() / max(segments.size, 1))
+
+
+def lm_target_counts(lengths: np.ndarray, response_start: np.ndarray) -> np.ndarray:
+  """[n] tokens the LM loss predicts per pair: its chosen response, less a segment's first token
+  (`lengths`, `response_start` [n, 2] as in `PairArrays`)."""
+  lengths, starts = np.asarray(lengths, np.int64), np.asarray(response_start, np.int64)
+  return np.maximum(lengths[:, 0] - np.maximum(starts[:, 0], 1), 0)
+
+
+def round_lm_slots(count: int, row_len: int, steps_per_octave: int = LM_SLOTS_PER_OCTAVE) -> int:
+  """LM slots (`lm_index` columns) for rows of at most `count` LM targets: `count` rounded up to
+  `steps_per_octave` sizes per octave (from 16), never more than `row_len`."""
+  return min(bucket_length(max(int(count), 1), 16, steps_per_octave), row_len)
 
 
 def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
@@ -104,11 +123,13 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
 
 
 def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
-               num_rows: int | None = None, order: str = "ffd") -> PackResult:
+               num_rows: int | None = None, lm_slots: int | None = None,
+               order: str = "ffd") -> PackResult:
   """Packs `arrays` into `[num_rows, row_len]` rows (see the module docstring for the layout).
 
   Within a row, pairs follow in the order they were assigned. Pairs that do not fit are returned
-  in `left_over` (ascending indices): none is dropped without being listed there.
+  in `left_over` (ascending indices): none is dropped without being listed there. `lm_slots` is
+  `M` (default: the most LM targets of any row, at least 1); a row with more is an error.
   """
   pair_lengths = arrays.lengths.astype(np.int64).sum(axis=1)
   rows = assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, order)
@@ -145,7 +166,22 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
     batch["margin"][row, slot[row]] = arrays.margin[i]
     slots[row, slot[row]] = i
     slot[row] += 1
+  batch["lm_index"] = _lm_index(batch["lm_mask"], lm_slots)
   return PackResult(batch, slots, np.flatnonzero(rows < 0))
+
+
+def _lm_index(lm_mask: np.ndarray, lm_slots: int | None) -> np.ndarray:
+  """[R, M] columns where `lm_mask` is 1, ascending per row, padded with 0."""
+  counts = lm_mask.sum(axis=1)
+  most = int(counts.max(initial=0))
+  lm_slots = max(most, 1) if lm_slots is None else lm_slots
+  if most > lm_slots:
+    row = int(np.argmax(counts))
+    raise ValueError(f"packed row {row} has {most} LM targets, more than lm_slots={lm_slots}")
+  index = np.zeros((len(lm_mask), lm_slots), np.int32)
+  rows, columns = np.nonzero(lm_mask)
+  index[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = columns
+  return index
 
 
 def pack_batch(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
@@ -154,12 +190,15 @@ def pack_batch(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
 
   The bucket is `encode.bucket_length(rows / row_multiple, minimum=1, steps_per_octave)`, so a
   padded row count wastes under `1 / steps_per_octave` of the rows and a run compiles a few
-  shapes. Empty rows are all padding (`segment_ids` 0, no valid pair slot).
+  shapes. Empty rows are all padding (`segment_ids` 0, no valid pair slot). `M` is
+  `round_lm_slots` of the most LM targets in a row.
   """
   if row_multiple < 1:
     raise ValueError(f"row_multiple must be at least 1, got {row_multiple}")
   packed = pack_pairs(arrays, row_len=row_len, max_pairs_per_row=max_pairs_per_row, pad_id=pad_id,
                       order=order)
+  most = int(packed.batch["lm_mask"].sum(axis=1).max(initial=0))
+  packed.batch["lm_index"] = _lm_index(packed.batch["lm_mask"], round_lm_slots(most, row_len))
   rows = len(packed.slots)
   target = row_multiple * bucket_length(max(-(-rows // row_multiple), 1), 1, steps_per_octave)
   extra = target - rows

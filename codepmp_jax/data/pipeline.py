@@ -103,14 +103,14 @@ def in_memory_config(records, pad_id: int, **overrides) -> ml_collections.Config
 
 class _Pairs(Protocol):
   """The pairs of one split by global index: `num_pairs`, `pad_id`, `lengths(start, stop)` (the
-  max(chosen, rejected) length of pairs `start..stop-1`), `totals(start, stop)` (chosen +
-  rejected, for packing) and `take(indices)` (`PairArrays`)."""
+  max(chosen, rejected) length of pairs `start..stop-1`), `pack_sizes(start, stop)` ([n, 2]:
+  chosen + rejected tokens and LM targets, for packing) and `take(indices)` (`PairArrays`)."""
   num_pairs: int
   pad_id: int
 
   def lengths(self, start: int, stop: int) -> np.ndarray: ...
 
-  def totals(self, start: int, stop: int) -> np.ndarray: ...
+  def pack_sizes(self, start: int, stop: int) -> np.ndarray: ...
 
   def take(self, indices: np.ndarray) -> PairArrays: ...
 
@@ -153,8 +153,8 @@ class _InMemory:
   def lengths(self, start: int, stop: int) -> np.ndarray:
     return self._lengths[start:stop]
 
-  def totals(self, start: int, stop: int) -> np.ndarray:
-    return self._arrays.lengths[start:stop].sum(axis=1)
+  def pack_sizes(self, start: int, stop: int) -> np.ndarray:
+    return _pack_sizes(self._arrays.lengths[start:stop], self._arrays.response_start[start:stop])
 
   def take(self, indices: np.ndarray) -> PairArrays:
     return _take(self._arrays, indices)
@@ -168,8 +168,9 @@ class _Synthetic:
   def lengths(self, start: int, stop: int) -> np.ndarray:
     return np.full(stop - start, self._seq_len, np.int32)
 
-  def totals(self, start: int, stop: int) -> np.ndarray:
-    return np.full(stop - start, 2 * self._seq_len, np.int32)
+  def pack_sizes(self, start: int, stop: int) -> np.ndarray:
+    n = stop - start
+    return _pack_sizes(np.full((n, 2), self._seq_len), np.full((n, 2), self._seq_len // 2))
 
   def take(self, indices: np.ndarray) -> PairArrays:
     return _synthetic_batch(self._cfg, indices, self._seed, self._seq_len)
@@ -194,7 +195,7 @@ class _Prepared:
     self._shards = [shards.Shard(directory / s["file"], s["pairs"]) for s in infos]
     self._starts = np.cumsum([0] + [s["pairs"] for s in infos])
     self._lengths: dict[int, np.ndarray] = {}
-    self._totals: dict[int, np.ndarray] = {}
+    self._pack_sizes: dict[int, np.ndarray] = {}
     self.num_pairs, self.pad_id = int(self._starts[-1]), manifest["tokenizer"]["pad_id"]
 
   def _overlapping(self, start: int, stop: int) -> range:
@@ -206,8 +207,11 @@ class _Prepared:
     return self._per_pair(self._lengths, lambda shard: shards.read_lengths([shard.base])[0],
                           start, stop)
 
-  def totals(self, start: int, stop: int) -> np.ndarray:
-    return self._per_pair(self._totals, lambda shard: shard.lengths().sum(axis=1), start, stop)
+  def pack_sizes(self, start: int, stop: int) -> np.ndarray:
+    def read(shard):
+      index = shard.index()
+      return _pack_sizes(index["lengths"], index["response_start"])
+    return self._per_pair(self._pack_sizes, read, start, stop)
 
   def _per_pair(self, cache: dict[int, np.ndarray], read, start: int, stop: int) -> np.ndarray:
     """A per-pair array of pairs `start..stop-1`, read (`read(shard)`) once per shard."""
@@ -228,6 +232,12 @@ class _Prepared:
       positions.append(mine)
     merged = PairArrays.concatenate(parts)
     return _take(merged, np.argsort(np.concatenate(positions), kind="stable")) if len(parts) > 1 else merged
+
+
+def _pack_sizes(lengths: np.ndarray, response_start: np.ndarray) -> np.ndarray:
+  """[n, 2] int32: each pair's tokens (chosen + rejected) and LM targets."""
+  return np.stack([np.asarray(lengths).sum(axis=1),
+                   packing.lm_target_counts(lengths, response_start)], axis=1).astype(np.int32)
 
 
 def _synthetic_batch(cfg, indices: np.ndarray, seed: int, seq_len: int) -> PairArrays:
@@ -271,7 +281,9 @@ class PairBatches:
   process packs every process's batch `k` from the pairs' lengths alone (cheap: no tokens are
   read), takes the most rows any needs, and rounds that up to a multiple of `row_multiple` x its
   devices of the batch axis, in `PACK_ROWS_PER_OCTAVE` sizes per octave. So no pair is ever left
-  out and every process's rows split evenly over its devices and the step's microbatches.
+  out and every process's rows split evenly over its devices and the step's microbatches. The LM
+  slots per row (`lm_index`) are agreed the same way, from the most LM targets of any row.
+  `longest_sequence` bounds every segment of the split (`step.packed_model`'s window).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, split: str, global_batch: int, seq_len: int,
@@ -312,7 +324,8 @@ class PairBatches:
         raise ValueError(f"data.pack_pairs_per_row must be at least 1, got {self.pairs_per_row}")
       self.row_multiple = row_multiple * local_batch_shards(sharding, process_count)
       self._orders: tuple[int, list[np.ndarray]] | None = None
-      self._totals: list[np.ndarray] | None = None
+      self._pack_sizes: list[np.ndarray] | None = None
+      self._longest: int | None = None
     self.dropped_pairs = 0
     self._position = (0, 0)
     self._epoch_plan: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -381,32 +394,42 @@ class PairBatches:
   def _local_batch(self, epoch: int, batch: int, process: int) -> np.ndarray:
     """Indices within `process`'s range of the pairs of its batch `batch` in epoch `epoch`.
 
-    Packed runs keep every process's order of the epoch and every pair's total length (8 bytes
-    a pair of the split), to pack any process's batch without reading its tokens."""
+    Packed runs keep every process's order of the epoch and every pair's tokens and LM targets
+    (12 bytes a pair of the split), to pack any process's batch without reading its tokens."""
     if self._orders is None or self._orders[0] != epoch:
-      if self._totals is None:
-        self._totals = [self._pairs.totals(*self._range(p)).astype(np.int32)
-                        for p in range(self.process_count)]
+      if self._pack_sizes is None:
+        self._pack_sizes = [self._pairs.pack_sizes(*self._range(p))
+                            for p in range(self.process_count)]
       self._orders = (epoch, [self._order(epoch, p).astype(np.int32)
                               for p in range(self.process_count)])
     return self._orders[1][process][batch * self.batch:(batch + 1) * self.batch].astype(np.int64)
 
-  def packed_rows(self, epoch: int, batch: int) -> int:
-    """The rows of every process's packed batch `batch` of epoch `epoch` (all processes agree)."""
-    needed = 1
+  def packed_shape(self, epoch: int, batch: int) -> tuple[int, int]:
+    """(rows, LM slots per row) of every process's packed batch `batch` of epoch `epoch` (all
+    processes agree)."""
+    needed, most_lm = 1, 0
     for process in range(self.process_count):
-      local = self._local_batch(epoch, batch, process)  # (reads the totals on first use)
-      totals = self._totals[process][local]
-      rows = packing.assign_rows(totals, self.row_len, self.pairs_per_row)
+      local = self._local_batch(epoch, batch, process)  # (reads the pack sizes on first use)
+      sizes = self._pack_sizes[process][local]
+      rows = packing.assign_rows(sizes[:, 0], self.row_len, self.pairs_per_row)
       needed = max(needed, int(rows.max(initial=-1)) + 1)
-    return round_packed_rows(needed, self.row_multiple)
+      most_lm = max(most_lm, int(np.bincount(rows, sizes[:, 1]).max(initial=0)))
+    return (round_packed_rows(needed, self.row_multiple),
+            packing.round_lm_slots(most_lm, self.row_len))
+
+  @property
+  def longest_sequence(self) -> int:
+    """The most tokens of any sequence of the split (the same on every process)."""
+    if self._longest is None:
+      self._longest = int(self._pairs.lengths(0, self.num_pairs).max(initial=1))
+    return self._longest
 
   def _packed_host_batch(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
-    rows = self.packed_rows(epoch, batch)
+    rows, lm_slots = self.packed_shape(epoch, batch)
     arrays = self._pairs.take(self._range(self.process_index)[0]
                               + self._local_batch(epoch, batch, self.process_index))
     packed = packing.pack_pairs(arrays, row_len=self.row_len, max_pairs_per_row=self.pairs_per_row,
-                                pad_id=self._pairs.pad_id, num_rows=rows)
+                                pad_id=self._pairs.pad_id, num_rows=rows, lm_slots=lm_slots)
     if packed.left_over.size:  # cannot happen: `rows` holds every process's first-fit packing
       raise RuntimeError(f"data[{self.split}]: {packed.left_over.size} pairs of batch {batch} "
                          f"(epoch {epoch}) did not fit {rows} packed rows")

@@ -76,15 +76,16 @@ class Shard:
     Shard.opened.append(str(tokens_path))
     self._index, self._tokens = index, tokens_path.open("rb")
 
-  def lengths(self) -> np.ndarray:
-    """[pairs, 2] chosen and rejected lengths from the index alone (the token file stays closed)."""
+  def index(self) -> np.ndarray:
+    """The index rows (offset, lengths, response_start, margin) alone: the token file stays
+    closed (memory-mapped where local)."""
     if self._index is not None:
-      return np.asarray(self._index["lengths"])
+      return self._index
     index_path = epath.Path(f"{self.base}{INDEX}")
     if is_local(self.base):
-      return np.asarray(np.load(index_path, mmap_mode="r")["lengths"])
+      return np.load(index_path, mmap_mode="r")
     with index_path.open("rb") as f:
-      return np.load(f)["lengths"]
+      return np.load(f)
 
   def take(self, local: np.ndarray) -> PairArrays:
     """Pairs `local` (indices into this shard) as flat arrays."""

@@ -49,16 +49,16 @@ def resolve_implementation(implementation: str, backend: str | None = None, dtyp
 
 def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None, causal: bool,
                    sliding_window: int | None, segment_ids: jax.Array | None = None,
-                   query_offset: int = 0) -> jax.Array | None:
+                   query_offset: int = 0, key_offset: int = 0) -> jax.Array | None:
   """Boolean [B or 1, 1, T, S] mask: which keys each query may see (None: all of them).
 
-  Query t sits at position `query_offset` + t and key s at position s. `lengths` [B] marks keys
-  at or after a row's length as padding (right-padded rows); `sliding_window` w keeps keys with
-  t - s < w; `segment_ids` [B, >= offset + T and >= S] (self-attention over one row) keeps keys of
-  the query's segment.
+  Query t sits at position `query_offset` + t and key s at position `key_offset` + s. `lengths`
+  [B] marks keys at or after a row's length as padding (right-padded rows); `sliding_window` w
+  keeps keys with t - s < w; `segment_ids` [B, >= both ends] (self-attention over one row) keeps
+  keys of the query's segment.
   """
   query = query_offset + jnp.arange(query_length)[:, None]
-  key = jnp.arange(key_length)[None, :]
+  key = key_offset + jnp.arange(key_length)[None, :]
   allowed = None
   if causal:
     allowed = key <= query
@@ -72,14 +72,17 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
     allowed = real if allowed is None else allowed & real
   if segment_ids is not None:
     query_segments = segment_ids[:, query_offset:query_offset + query_length]
-    same = query_segments[:, :, None] == segment_ids[:, None, :key_length]
+    key_segments = segment_ids[:, key_offset:key_offset + key_length]
+    same = query_segments[:, :, None] == key_segments[:, None, :]
     allowed = same if allowed is None else allowed & same
   return None if allowed is None else allowed[:, None]
 
 
 # Causal self-attention over at least 2 * `causal_block` tokens runs as up to MAX_CAUSAL_BLOCKS
 # query blocks, block i over keys [0, end of block i): the fully masked upper triangle is never
-# computed (25% fewer score elements at 2 blocks, 44% at 8). On XLA's CPU backend the memory-bound
+# computed (25% fewer score elements at 2 blocks, 44% at 8). With a sliding window w, block i
+# starts its keys w - 1 before its first query, so keys no query of it sees are skipped too (what
+# packed rows gain from `step.packed_model`: a window of their longest segment). On XLA's CPU backend the memory-bound
 # softmax over the scores is most of attention's time, and it runs much faster when one block's
 # float32 scores ([rows, heads, queries, keys]) fit a core's L2 cache, so there blocks also shrink
 # until they fit CPU_SCORE_BYTES, down to MIN_CPU_CAUSAL_BLOCK queries: the tiny model's step at
@@ -91,20 +94,30 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
 # budget (`score.RewardScorer`).
 CAUSAL_BLOCK = 256
 MAX_CAUSAL_BLOCKS = 8
+MAX_WINDOWED_BLOCKS = 16
 CPU_SCORE_BYTES = 2 << 20
 MIN_CPU_CAUSAL_BLOCK = 64
 
 
-def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK, rows_x_heads: int = 0) -> int:
+def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK, rows_x_heads: int = 0,
+                       window: int | None = None) -> int:
   """Queries per block of `plain_attention`'s causal self-attention over `length` tokens (`length`
   itself when it runs as one block): about `causal_block`, and with `rows_x_heads` (batch rows x
   query heads; given on CPU) no more than keeps one block's float32 scores within CPU_SCORE_BYTES,
-  but not under MIN_CPU_CAUSAL_BLOCK."""
+  but not under MIN_CPU_CAUSAL_BLOCK. Under a sliding `window` shorter than `length` a block's
+  queries see about block + window keys, not `length`, and up to MAX_WINDOWED_BLOCKS blocks pay
+  off (packed rows of GSM8K pairs, 2 x 2048 tokens under a 356-token window: the tiny model's
+  attention forward and backward took 52 ms in 8 blocks, 44 ms in 16, 48 ms in 32)."""
+  windowed = window is not None and window < length
   size = causal_block
   if rows_x_heads:
-    fits = CPU_SCORE_BYTES // (rows_x_heads * length * 4)
+    per_query = CPU_SCORE_BYTES // (rows_x_heads * 4)  # keys x queries that fit
+    if windowed:  # the largest block b with b * (b + window) <= per_query
+      fits = int((math.sqrt(window * window + 4 * per_query) - window) / 2)
+    else:
+      fits = per_query // length
     size = min(size, max(MIN_CPU_CAUSAL_BLOCK, fits))
-  blocks = min(MAX_CAUSAL_BLOCKS, length // size)
+  blocks = min(MAX_WINDOWED_BLOCKS if windowed else MAX_CAUSAL_BLOCKS, length // size)
   return length if blocks < 2 else -(-length // blocks)
 
 
@@ -117,27 +130,32 @@ def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
   query [B, T, H, hd], key/value [B, S, KV, hd] with H a multiple of KV; `bias` is additive,
   [B or 1, H or 1, T, S]. Returns [B, T, H, hd] in the value's dtype. Long causal self-attention
-  skips the masked upper triangle in query blocks of about `causal_block` tokens (on CPU, fewer
-  if that keeps a block's scores cache-sized: `causal_query_block`).
+  skips the masked upper triangle (and the keys before a sliding window) in query blocks of about
+  `causal_block` tokens (on CPU, fewer if that keeps a block's scores cache-sized:
+  `causal_query_block`).
   """
   batch, length, heads, _ = query.shape
   on_cpu = jax.default_backend() == "cpu"
-  size = causal_query_block(length, causal_block, batch * heads if on_cpu else 0)
+  size = causal_query_block(length, causal_block, batch * heads if on_cpu else 0, sliding_window)
   if not (causal and key.shape[1] == length and size < length):
     return _dense_attention(query, key, value, bias, lengths, causal, sliding_window, segment_ids)
   outs = []
   for start in range(0, length, size):
     end = min(start + size, length)
-    block_bias = None if bias is None else bias[:, :, start:end, :end]
-    outs.append(_dense_attention(query[:, start:end], key[:, :end], value[:, :end], block_bias,
-                                 lengths, causal, sliding_window, segment_ids, query_offset=start))
+    first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+    block_bias = None if bias is None else bias[:, :, start:end, first:end]
+    outs.append(_dense_attention(query[:, start:end], key[:, first:end], value[:, first:end],
+                                 block_bias, lengths, causal, sliding_window, segment_ids,
+                                 query_offset=start, key_offset=first))
   return jnp.concatenate(outs, axis=1)
 
 
 def _dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None,
                      lengths: jax.Array | None, causal: bool, sliding_window: int | None,
-                     segment_ids: jax.Array | None, query_offset: int = 0) -> jax.Array:
-  """`plain_attention` over every (query, key) pair, the queries at positions `query_offset` + t.
+                     segment_ids: jax.Array | None, query_offset: int = 0,
+                     key_offset: int = 0) -> jax.Array:
+  """`plain_attention` over every (query, key) pair, the queries at positions `query_offset` + t
+  and the keys at `key_offset` + s.
 
   The heads sharing a key/value head are stacked along the query axis ([B, KV, G*T, hd]), so
   both products are plain batched matmuls over (B, KV) and only the small q/k/v/output arrays are
@@ -160,7 +178,7 @@ def _dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: j
       bias = bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
     scores = scores + bias.astype(jnp.float32)
   mask = attention_mask(length, kv_length, lengths, causal, sliding_window, segment_ids,
-                        query_offset)
+                        query_offset, key_offset)
   if mask is not None:
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
