@@ -13,8 +13,7 @@ by every mode:
   bucketed  ours, each step padded to the bucket (next multiple of 128) of its longest sequence;
   packed    ours, each step's pairs packed by `data.packing.pack_batch` into rows of `--row_len`
             tokens (default `2 * seq_len`, room for any pair), the row count in quarter-octave
-            buckets, attention windowed to the data set's longest sequence
-            (`step.packed_model`, as `train` does) and the LM head only at LM targets;
+            buckets, attention sequence by sequence and the LM head only at LM targets;
   peer      transformers + torch (`benchmarks.train_step.Peer`), `--pairs` pairs per step padded
             to the longest sequence of the step, as TRL's collator does.
 Every mode trains on the same pairs in the same `--pairs`-pair steps. Every shape is compiled (ours)
@@ -125,7 +124,7 @@ def real_tokens(batch: dict) -> int:
 class OursRunner:
   """Our jitted step on one device, compiled for every batch shape before timing."""
 
-  def __init__(self, config: ModelConfig, packed: bool, longest_sequence: int):
+  def __init__(self, config: ModelConfig, packed: bool):
     self.mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     rules = sharding.DEFAULT_RULES
     optimizer = optim.make_optimizer(_optimizer_config(), total_steps=1000)
@@ -137,10 +136,9 @@ class OursRunner:
                        out_shardings=state_sharding.params)()
       opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
       self.state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-      model = transformer.RewardModel(config)
-      fn = (step.make_packed_train_step(model, optimizer, LOSS, longest_sequence=longest_sequence)
-            if packed else step.make_train_step(model, optimizer, LOSS))
-      self.fn = step.jit_train_step(fn, state_sharding, shardings, self.mesh)
+      make = step.make_packed_train_step if packed else step.make_train_step
+      self.fn = step.jit_train_step(make(transformer.RewardModel(config), optimizer, LOSS),
+                                    state_sharding, shardings, self.mesh)
 
   def run(self, batch: dict) -> None:
     with jax.set_mesh(self.mesh):
@@ -162,8 +160,7 @@ def measure(runner_step, batches: list[dict]) -> float:
   return time.perf_counter() - start
 
 
-def run_mode(mode: str, config: ModelConfig, batches: list[dict], dtype: str,
-             longest_sequence: int) -> float:
+def run_mode(mode: str, config: ModelConfig, batches: list[dict], dtype: str) -> float:
   if mode == "peer":
     peer = Peer(config, batches[0], dtype, remat=False)
 
@@ -173,7 +170,7 @@ def run_mode(mode: str, config: ModelConfig, batches: list[dict], dtype: str,
     seconds = measure(peer_step, batches)
     peer.close()
     return seconds
-  return measure(OursRunner(config, mode == "packed", longest_sequence).run, batches)
+  return measure(OursRunner(config, packed=mode == "packed").run, batches)
 
 
 FLAGS = flags.FLAGS
@@ -231,7 +228,7 @@ def main(argv: list[str]) -> None:
         batches = padded_batches(usable, FLAGS.pairs, FLAGS.seq_len, 0, mode)
       tokens = sum(real_tokens(b) for b in batches)
       row_tokens = sum(b["input_ids"].size for b in batches)
-      seconds = run_mode(mode, config, batches, FLAGS.dtype, int(usable.lengths.max()))
+      seconds = run_mode(mode, config, batches, FLAGS.dtype)
       rows.append((name, mode, len(batches), tokens, f"{tokens / row_tokens:.1%}", seconds, tokens / seconds))
   table = common.format_table(("data", "mode", "steps", "real tokens", "efficiency", "seconds",
                                "real tokens/s"), rows)

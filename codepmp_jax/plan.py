@@ -49,7 +49,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from codepmp_jax import cli, optim, sharding, step
-from codepmp_jax.data import pipeline
+from codepmp_jax.data import packing, pipeline
 from codepmp_jax.model import flops, transformer
 from codepmp_jax.model.config import ModelConfig
 
@@ -116,12 +116,18 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
 
   def batch_of(pairs, microbatches):
     if packed:
-      rows = pipeline.round_packed_rows(pairs, microbatches * pipeline.local_batch_shards(
-          batch_sharding["input_ids"], 1))
       row_len, k = config.data.pack_row_len or 2 * tc.seq_len, config.data.pack_pairs_per_row
+      # The most rows a batch of `pairs` pairs can need: one pair a row (2 sequences, at most
+      # seq_len tokens and LM targets each). A row of many short pairs beside rows of one long
+      # pair can have more sequence slots (up to 2K) and so more attention work than this.
+      worst = packing.PackedShape(pairs, tc.seq_len, 2, tc.seq_len).rounded(
+          row_len, microbatches * pipeline.local_batch_shards(batch_sharding["input_ids"], 1))
+      rows = worst.rows
       shapes = {"input_ids": (rows, row_len), "segment_ids": (rows, row_len),
                 "positions": (rows, row_len), "lm_mask": (rows, row_len),
-                "lm_index": (rows, row_len), "reward_index": (rows, 2 * k), "pair_valid": (rows, k), "margin": (rows, k)}
+                "lm_index": (rows, worst.lm_slots),
+                "sequence_index": (rows, worst.sequence_slots, worst.sequence_len),
+                "reward_index": (rows, 2 * k), "pair_valid": (rows, k), "margin": (rows, k)}
     else:
       shapes = {"input_ids": (pairs, 2, tc.seq_len), "attention_mask": (pairs, 2, tc.seq_len),
                 "lm_mask": (pairs, 2, tc.seq_len), "margin": (pairs,)}

@@ -192,22 +192,11 @@ def packed_batch_shardings(mesh: Mesh, rules: sharding.LogicalRules) -> dict[str
   return {key: sharding.batch_sharding(mesh, rules, 2) for key in PACKED_BATCH_KEYS}
 
 
-def packed_model(model: transformer.RewardModel,
-                 longest_sequence: int | None) -> transformer.RewardModel:
-  """`model` for packed rows whose sequences have at most `longest_sequence` tokens: its attention
-  window narrowed to that many tokens, which changes nothing (no token has more of its own
-  segment to look back on) but lets the attention skip the keys of earlier segments (the plain
-  path's query blocks, splash's tiles, cuDNN's local window). None: `model` itself."""
-  window = model.config.sliding_window
-  if longest_sequence is None or (window is not None and window <= longest_sequence):
-    return model
-  return transformer.RewardModel(model.config.replace(sliding_window=int(longest_sequence)))
-
-
 def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any,
                            lm_chunk: int = DEFAULT_LM_CHUNK) -> dict[str, jax.Array]:
   """`_microbatch_sums` of a packed (micro)batch: the same sums as the padded batch of its pairs.
 
+  Attention runs sequence by sequence (`sequence_index`, see `transformer.RewardModel`).
   Rewards are read at `reward_index` (chosen, rejected, chosen, ... per row); empty pair slots
   (`pair_valid` 0) add nothing. With `lm_chunk > 0` the LM head runs only on the hidden states
   before the LM targets (`lm_index`), `lm_chunk` of them at a time, not over the rejected
@@ -219,7 +208,8 @@ def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: B
   ids = batch["input_ids"]
   out = model.apply({"params": params}, ids, batch["segment_ids"] > 0,
                     return_logits=want_lm and not chunked, segment_ids=batch["segment_ids"],
-                    positions=batch["positions"], reward_index=batch["reward_index"])
+                    positions=batch["positions"], reward_index=batch["reward_index"],
+                    sequence_index=batch["sequence_index"])
   chosen, rejected = out.rewards[:, 0::2].reshape(-1), out.rewards[:, 1::2].reshape(-1)
   if chunked:
     index = batch["lm_index"]
@@ -237,18 +227,14 @@ def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: B
 
 
 def make_packed_train_step(model: transformer.RewardModel, optimizer: optax.GradientTransformation,
-                           loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK,
-                           longest_sequence: int | None = None
+                           loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK
                            ) -> Callable[[TrainState, Batch], tuple]:
   """`make_train_step` for packed batches; microbatches split the rows (every M-th row).
 
   The loss divides by the whole batch's valid pairs and LM tokens, so loss and gradients equal
   those of the padded step on the same pairs. Metrics as `make_train_step`'s, with
   `packing_efficiency` (real tokens / row positions) instead of `pad_fraction`.
-  `longest_sequence` (e.g. `PairBatches.longest_sequence`) bounds every sequence of the batches:
-  attention then skips what lies further back (`packed_model`).
   """
-  model = packed_model(model, longest_sequence)
 
   def loss_fn(params, microbatch, num_pairs, lm_count):
     sums = packed_microbatch_sums(model, params, microbatch, loss_cfg, lm_chunk)
@@ -280,11 +266,8 @@ def make_packed_train_step(model: transformer.RewardModel, optimizer: optax.Grad
 
 
 def make_packed_eval_step(model: transformer.RewardModel, loss_cfg: Any, microbatches: int = 1,
-                          lm_chunk: int = DEFAULT_LM_CHUNK, longest_sequence: int | None = None
-                          ) -> Callable[[Any, Batch], dict]:
-  """(params, packed batch) -> additive sums, as `make_eval_step` (microbatches split the rows;
-  `longest_sequence` as in `make_packed_train_step`)."""
-  model = packed_model(model, longest_sequence)
+                          lm_chunk: int = DEFAULT_LM_CHUNK) -> Callable[[Any, Batch], dict]:
+  """(params, packed batch) -> additive sums, as `make_eval_step` (microbatches split the rows)."""
   def sums(params, batch):
     return packed_microbatch_sums(model, params, batch, loss_cfg, lm_chunk)
 

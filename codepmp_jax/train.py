@@ -452,9 +452,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
 
     if packed:
       train_fn = step.make_packed_train_step(model, optimizer, config.loss, tc.microbatches,
-                                             tc.lm_chunk, train_data.longest_sequence)
-      eval_fn = step.make_packed_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk,
-                                           eval_data.longest_sequence if tc.eval_every else None)
+                                             tc.lm_chunk)
+      eval_fn = step.make_packed_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk)
     else:
       train_fn = step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk)
       eval_fn = step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk)

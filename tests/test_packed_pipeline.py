@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from codepmp_jax.data import pipeline
+from codepmp_jax.data import packing, pipeline
 from tests.test_data_pipeline import _pairs  # pair i's chosen starts with 1000 + i
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,18 +54,21 @@ def test_packed_batches_hold_the_unpacked_pairs_agree_across_processes_and_resum
   plains = [_pipeline(plain_cfg, index=p, count=2) for p in range(2)]
   steps = procs[0].steps_per_epoch
   assert steps == (70 // 2) // 4
-  assert procs[0].longest_sequence == procs[1].longest_sequence == arrays.lengths.max()
   seen = []
   for _ in range(steps + 2):  # one epoch and the start of the next
     packed = [next(it) for it in procs]
     plain = [next(it) for it in plains]
-    for key in ("input_ids", "lm_index"):  # all processes agree on the shapes
+    for key in ("input_ids", "lm_index", "sequence_index"):  # all processes agree on the shapes
       assert packed[0][key].shape == packed[1][key].shape
-    for got in packed:  # lm_index lists each row's LM targets (lm_mask), then zeros
-      for index, mask in zip(got["lm_index"], got["lm_mask"]):
-        targets = np.flatnonzero(mask)
-        np.testing.assert_array_equal(index[:len(targets)], targets)
-        assert not index[len(targets):].any()
+    for got in packed:  # lm_index lists each row's LM targets (lm_mask), then zeros;
+      for row in range(len(got["input_ids"])):  # sequence_index each segment's columns, then -1
+        targets = np.flatnonzero(got["lm_mask"][row])
+        np.testing.assert_array_equal(got["lm_index"][row, :len(targets)], targets)
+        assert not got["lm_index"][row, len(targets):].any()
+        for s, columns in enumerate(got["sequence_index"][row]):
+          want = np.flatnonzero(got["segment_ids"][row] == s + 1)
+          np.testing.assert_array_equal(columns, np.pad(want, (0, len(columns) - len(want)),
+                                                        constant_values=-1))
     assert {k: v.shape[0] for k, v in packed[0].items()} == {k: len(packed[0]["input_ids"])
                                                              for k in packed[0]}
     assert packed[0]["input_ids"].shape[1] == 32
@@ -167,7 +170,7 @@ def test_plan_compiles_the_packed_steps_on_the_most_rows_a_batch_can_take():
   config.data.pack = True
   packed = plan.plan(config, model_config)
   # At most one pair a row: 16 rows of 128 tokens, the positions of the padded [16, 2, 64] batch.
-  assert pipeline.round_packed_rows(16, 2 * 8) == 16
+  assert packing.PackedShape(16, 64, 2, 64).rounded(128, 2 * 8).rows == 16
   assert packed.params_bytes == padded.params_bytes
   assert 0.5 * padded.temp_bytes < packed.temp_bytes < 2 * padded.temp_bytes
   assert packed.eval_temp_bytes > 0

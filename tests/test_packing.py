@@ -1,4 +1,6 @@
 """Packed pairs: the packer's layout, the model on packed rows, and the packed step against the padded one."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,8 +40,13 @@ def test_layout_by_hand():
   # chosen responses: pair 0 from its index 1, pair 1 from index max(0, 1) = 1 (never a segment start)
   np.testing.assert_array_equal(b["lm_mask"], [[0, 1, 1, 0, 0, 0, 1, 0, 0, 0]])
   np.testing.assert_array_equal(b["lm_index"], [[1, 2, 6]])  # the LM targets' columns
-  np.testing.assert_array_equal(packing.lm_target_counts(arrays.lengths, arrays.response_start),
-                                [2, 1])
+  np.testing.assert_array_equal(b["sequence_index"], [[[0, 1, 2], [3, 4, -1], [5, 6, -1],
+                                                       [7, -1, -1]]])
+  # per pair: tokens, LM targets, longer sequence
+  np.testing.assert_array_equal(packing.pair_sizes(arrays.lengths, arrays.response_start),
+                                [[5, 2, 3], [3, 1, 2]])
+  assert packing.PackedShape.of(packing.pair_sizes(arrays.lengths, arrays.response_start),
+                                10, 2) == packing.PackedShape(1, 3, 4, 3)
   np.testing.assert_array_equal(b["reward_index"], [[2, 4, 6, 7]])
   np.testing.assert_array_equal(b["pair_valid"], [[1, 1]])
   np.testing.assert_allclose(b["margin"], [[0.5, 0.25]])
@@ -58,7 +65,8 @@ def test_first_fit_decreasing_fixed_rows_and_left_over():
   capped = packing.assign_rows(lengths, row_len=10, max_pairs_per_row=1, num_rows=2)
   np.testing.assert_array_equal(capped, [-1, 0, -1, 1, -1])
   arrays = _pairs(n=6)
-  result = packing.pack_pairs(arrays, row_len=32, max_pairs_per_row=1, pad_id=PAD, num_rows=4)
+  result = packing.pack_pairs(arrays, row_len=32, max_pairs_per_row=1, pad_id=PAD,
+                              shape=packing.PackedShape(4, 32, 2, 16))
   placed = sorted(int(i) for i in result.slots.reshape(-1) if i >= 0)
   assert sorted(placed + result.left_over.tolist()) == list(range(6)) and len(placed) == 4
 
@@ -76,16 +84,24 @@ def test_pack_batch_takes_every_pair_and_rounds_rows_up():
   assert result.efficiency == pytest.approx(arrays.lengths.sum() / (rows * 32))
 
 
-def test_lm_slots_pad_with_zeros_and_too_few_is_an_error():
+def test_a_wider_shape_pads_and_a_narrower_one_is_an_error():
   arrays = PairArrays.from_lengths(np.array([5, 6, 7, 8, 9, 1, 2, 3]), [[3, 2], [2, 1]],
                                    [[1, 1], [0, 0]], np.array([0.5, 0.25]))
-  wide = packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD, num_rows=2,
-                            lm_slots=5).batch["lm_index"]
-  np.testing.assert_array_equal(wide, [[1, 2, 6, 0, 0], [0, 0, 0, 0, 0]])
+  wide = packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD,
+                            shape=packing.PackedShape(2, 5, 4, 4)).batch
+  np.testing.assert_array_equal(wide["lm_index"], [[1, 2, 6, 0, 0], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(wide["sequence_index"][0, :, -1], [-1, -1, -1, -1])
+  assert (wide["sequence_index"][1] == -1).all()  # an empty row
   with pytest.raises(ValueError, match="row 0 has 3 LM targets, more than lm_slots=2"):
-    packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD, lm_slots=2)
-  assert [packing.round_lm_slots(n, 1024) for n in (0, 16, 17, 100, 300, 5000)] == [
-      16, 16, 20, 112, 320, 1024]
+    packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD,
+                       shape=packing.PackedShape(1, 2, 4, 3))
+  with pytest.raises(ValueError, match="up to 4 sequences of up to 3 tokens"):
+    packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD,
+                       shape=packing.PackedShape(1, 3, 4, 2))
+  shapes = [packing.PackedShape(r, m, s, t).rounded(1024, row_multiple=2) for r, m, s, t in
+            [(1, 0, 1, 1), (3, 17, 3, 129), (9, 300, 6, 300), (40, 5000, 16, 900)]]
+  assert [dataclasses.astuple(s) for s in shapes] == [
+      (2, 16, 1, 128), (4, 20, 3, 192), (10, 320, 6, 384), (40, 1024, 16, 1024)]
 
 
 def test_pair_longer_than_a_row_is_an_error():
@@ -97,10 +113,11 @@ def _params():
   return nn.unbox(transformer.init_params(MODEL, jax.random.key(1)))
 
 
+@pytest.mark.parametrize("by_sequence", [False, True])
 @pytest.mark.parametrize("impl,scan", [("plain", False), ("fused", False), ("plain", True)])
-def test_model_on_packed_rows_equals_padded(impl, scan):
+def test_model_on_packed_rows_equals_padded(impl, scan, by_sequence):
   """Rewards and LM logits of each packed sequence equal those of the padded batch (1e-5), also
-  with the layers scanned and rematerialised."""
+  with the layers scanned and rematerialised, under segment masks or sequence by sequence."""
   arrays = _pairs()
   params = _params()
   config = MODEL.replace(attention=impl)
@@ -116,7 +133,8 @@ def test_model_on_packed_rows_equals_padded(impl, scan):
   b = result.batch
   out = jax.jit(lambda p, b: model.apply(
       {"params": p}, b["input_ids"], b["segment_ids"] > 0, return_logits=True,
-      segment_ids=b["segment_ids"], positions=b["positions"], reward_index=b["reward_index"]))(params, b)
+      segment_ids=b["segment_ids"], positions=b["positions"], reward_index=b["reward_index"],
+      sequence_index=b["sequence_index"] if by_sequence else None))(params, b)
   for row, k in zip(*np.nonzero(result.slots >= 0)):
     pair = result.slots[row, k]
     for which in (0, 1):
@@ -128,19 +146,12 @@ def test_model_on_packed_rows_equals_padded(impl, scan):
                                  rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("windowed", [False, True])
-def test_packed_loss_and_gradients_equal_padded(windowed):
-  """The key property: same pairs, same loss and gradients, packed or padded (1e-5, float32);
-  also with attention windowed to the longest sequence, over query blocks of 8 tokens that skip
-  the keys of earlier segments (`step.packed_model`), and the LM head only at `lm_index`."""
+def test_packed_loss_and_gradients_equal_padded():
+  """The key property: same pairs, same loss and gradients, packed or padded (1e-5, float32),
+  attending sequence by sequence (`sequence_index`) with the LM head only at `lm_index`."""
   arrays = _pairs(n=8)
   params = _params()
   model = transformer.RewardModel(MODEL)
-  packed_model = model
-  if windowed:
-    packed_model = step.packed_model(transformer.RewardModel(MODEL.replace(causal_block=8)),
-                                     int(arrays.lengths.max()))
-    assert packed_model.config.sliding_window == arrays.lengths.max() < 48
   padded = {k: jnp.asarray(v) for k, v in pipeline.collate(arrays, 16, PAD).items()}
   packed = {k: jnp.asarray(v) for k, v in
             packing.pack_pairs(arrays, row_len=48, max_pairs_per_row=4, pad_id=PAD).batch.items()}
@@ -150,7 +161,7 @@ def test_packed_loss_and_gradients_equal_padded(windowed):
     return losses.loss_from_sums(sums, LOSS), sums
 
   def packed_loss(p):
-    sums = step.packed_microbatch_sums(packed_model, p, packed, LOSS, lm_chunk=8)
+    sums = step.packed_microbatch_sums(model, p, packed, LOSS, lm_chunk=8)
     return losses.loss_from_sums(sums, LOSS), sums
 
   (ref_loss, ref_sums), ref_grads = jax.jit(jax.value_and_grad(padded_loss, has_aux=True))(params)
@@ -183,7 +194,8 @@ def test_packed_train_step_equals_padded_on_a_mesh_with_microbatches():
   arrays = _pairs(n=8, seed=3)
   ref_params, ref_metrics = _one_step(step.make_train_step, pipeline.collate(arrays, 16, PAD),
                                       step.batch_shardings, (1, 1, 1))
-  packed = packing.pack_pairs(arrays, row_len=32, max_pairs_per_row=2, pad_id=PAD, num_rows=8)
+  packed = packing.pack_pairs(arrays, row_len=32, max_pairs_per_row=2, pad_id=PAD,
+                              shape=packing.PackedShape(8, 32, 4, 16))
   assert packed.left_over.size == 0
   params, metrics = _one_step(step.make_packed_train_step, packed.batch, step.packed_batch_shardings,
                               (2, 2, 2), microbatches=2)

@@ -7,16 +7,18 @@ under data parallelism. Per token the batch says which sequence it belongs to (`
 1, 2, ... within a row, 0 = padding) and its position within it (`positions`, restarting at 0), so
 the model attends only within segments and rotates by the segment's own positions; each pair has a
 slot (row r, slot k < `max_pairs_per_row`) naming the columns of its chosen and rejected last
-tokens, where the rewards are read; and each row lists the columns of its LM targets (`lm_index`),
-so the LM head runs only there, not over the rejected sequences and padding that share the row.
-Shapes are static (`R`, `row_len`, `max_pairs_per_row`, `M` LM slots); unused slots have
-`pair_valid = 0` and `lm_index = 0`.
+tokens, where the rewards are read. Each row also lists the columns of its LM targets (`lm_index`),
+so the LM head runs only there, not over the rejected sequences and padding that share the row,
+and the columns of each of its sequences (`sequence_index`), so attention runs sequence by
+sequence (`attention.sequence_attention`) instead of over the whole row. Shapes are static (`R`,
+`row_len`, `max_pairs_per_row` `K`, `M` LM slots, `S` sequence slots of `T` tokens); unused
+slots have `pair_valid = 0`, `lm_index = 0` and `sequence_index = -1`.
 
-`pack_pairs(arrays, row_len=..., max_pairs_per_row=..., pad_id=..., num_rows=R)` is pure numpy and
-deterministic: first-fit decreasing (pairs sorted by total length, longest first, ties by index;
-each goes to the first row with room) or first fit in the given order. With `num_rows` fixed,
-pairs that do not fit are returned as left over (the caller carries them into the next batch);
-without it, as many rows are used as the pairs need. The batch layout:
+`pack_pairs(arrays, row_len=..., max_pairs_per_row=..., pad_id=..., shape=PackedShape(...))` is
+pure numpy and deterministic: first-fit decreasing (pairs sorted by total length, longest first,
+ties by index; each goes to the first row with room) or first fit in the given order. With a
+`shape` fixed, pairs that do not fit its rows are returned as left over (the caller carries them
+into the next batch); without it, as many rows are used as the pairs need. The batch layout:
 
   input_ids    [R, L] int32   tokens, `pad_id` after the last segment of a row
   segment_ids  [R, L] int32   1, 2, ... per sequence in the row; 0 = padding
@@ -25,6 +27,7 @@ without it, as many rows are used as the pairs need. The batch layout:
                               predicted from the one before it, never the first of a segment)
   lm_index     [R, M] int32   the columns where `lm_mask` is 1, ascending, then 0 (never a target:
                               column 0 starts a segment or is padding)
+  sequence_index [R, S, T] int32  the columns of segment s + 1's tokens in order, then -1
   reward_index [R, 2K] int32  columns of (chosen, rejected) last tokens, slot by slot: c0 r0 c1 r1 ..
   pair_valid   [R, K] float32 1 where the slot holds a pair
   margin       [R, K] float32 the pair's margin (0 in empty slots)
@@ -32,8 +35,8 @@ without it, as many rows are used as the pairs need. The batch layout:
 `pack_batch` is the form a training pipeline wants: ALL of a batch's pairs (so a step still trains
 on a fixed number of pairs, as the padded step does, and resuming stays exact), in as many rows as
 they need, the row count rounded up to a multiple of `row_multiple` (the devices the rows are split
-over, times the microbatches) in a few sizes per octave, and `M` to a few sizes per octave too
-(`round_lm_slots`), so only a few shapes are compiled.
+over, times the microbatches) in a few sizes per octave, and `M`, `S` and `T` to a few sizes
+too (`PackedShape.rounded`), so only a few shapes are compiled.
 `codepmp_jax.step.make_packed_train_step` trains on it with the same loss and gradients as the
 padded step on the same pairs.
 """
@@ -46,9 +49,12 @@ import numpy as np
 from codepmp_jax.data.encode import PairArrays, bucket_length
 
 ORDERS = ("ffd", "first_fit")
-PACKED_KEYS = ("input_ids", "segment_ids", "positions", "lm_mask", "lm_index", "reward_index",
-               "pair_valid", "margin")
+PACKED_KEYS = ("input_ids", "segment_ids", "positions", "lm_mask", "lm_index", "sequence_index",
+               "reward_index", "pair_valid", "margin")
+ROWS_PER_OCTAVE = 4
 LM_SLOTS_PER_OCTAVE = 4
+SEQUENCE_LEN_PER_OCTAVE = 2
+MIN_SEQUENCE_LEN = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,17 +76,54 @@ def packing_efficiency(batch: dict[str, np.ndarray]) -> float:
   return float((segments > 0).sum() / max(segments.size, 1))
 
 
-def lm_target_counts(lengths: np.ndarray, response_start: np.ndarray) -> np.ndarray:
-  """[n] tokens the LM loss predicts per pair: its chosen response, less a segment's first token
-  (`lengths`, `response_start` [n, 2] as in `PairArrays`)."""
+def pair_sizes(lengths: np.ndarray, response_start: np.ndarray) -> np.ndarray:
+  """[n, 3] int32 per pair, what packing needs to know of it without its tokens: chosen +
+  rejected tokens, LM targets (its chosen response, less a segment's first token) and its longer
+  sequence (`lengths`, `response_start` [n, 2] as in `PairArrays`)."""
   lengths, starts = np.asarray(lengths, np.int64), np.asarray(response_start, np.int64)
-  return np.maximum(lengths[:, 0] - np.maximum(starts[:, 0], 1), 0)
+  lm_targets = np.maximum(lengths[:, 0] - np.maximum(starts[:, 0], 1), 0)
+  return np.stack([lengths.sum(axis=1), lm_targets, lengths.max(axis=1, initial=0)],
+                  axis=1).astype(np.int32)
 
 
-def round_lm_slots(count: int, row_len: int, steps_per_octave: int = LM_SLOTS_PER_OCTAVE) -> int:
-  """LM slots (`lm_index` columns) for rows of at most `count` LM targets: `count` rounded up to
-  `steps_per_octave` sizes per octave (from 16), never more than `row_len`."""
-  return min(bucket_length(max(int(count), 1), 16, steps_per_octave), row_len)
+@dataclasses.dataclass(frozen=True)
+class PackedShape:
+  """The static sizes of a packed batch: `rows` R, `lm_slots` M, `sequence_slots` S of
+  `sequence_len` T tokens (see the module docstring)."""
+  rows: int
+  lm_slots: int
+  sequence_slots: int
+  sequence_len: int
+
+  @classmethod
+  def of(cls, sizes: np.ndarray, row_len: int, max_pairs_per_row: int,
+         order: str = "ffd") -> PackedShape:
+    """The least sizes that hold pairs of `sizes` ([n, 3], `pair_sizes`) packed by `pack_pairs`."""
+    rows = assign_rows(sizes[:, 0], row_len, max_pairs_per_row, order=order)
+    return cls(rows=int(rows.max(initial=-1)) + 1,
+               lm_slots=int(np.bincount(rows, sizes[:, 1]).max(initial=0)),
+               sequence_slots=2 * int(np.bincount(rows).max(initial=0)),
+               sequence_len=int(sizes[:, 2].max(initial=0)))
+
+  def union(self, other: PackedShape) -> PackedShape:
+    """Sizes that hold both (every process packs its own pairs into the same shape)."""
+    return PackedShape(*(max(a, b) for a, b in zip(dataclasses.astuple(self),
+                                                   dataclasses.astuple(other))))
+
+  def rounded(self, row_len: int, row_multiple: int = 1,
+              rows_per_octave: int = ROWS_PER_OCTAVE) -> PackedShape:
+    """Rounded up to a few sizes each, so a run compiles few shapes: R to `row_multiple` x
+    `rows_per_octave` sizes per octave, M to `LM_SLOTS_PER_OCTAVE` sizes per octave from 16, T to
+    `SEQUENCE_LEN_PER_OCTAVE` sizes per octave from `MIN_SEQUENCE_LEN`, M and T never past
+    `row_len`; S (even: 2 a pair, at most 2K) stays as it is."""
+    if row_multiple < 1:
+      raise ValueError(f"row_multiple must be at least 1, got {row_multiple}")
+    rows = row_multiple * bucket_length(-(-max(self.rows, 1) // row_multiple), 1, rows_per_octave)
+    lm_slots = bucket_length(max(self.lm_slots, 1), 16, LM_SLOTS_PER_OCTAVE)
+    sequence_len = bucket_length(max(self.sequence_len, 1), MIN_SEQUENCE_LEN,
+                                 SEQUENCE_LEN_PER_OCTAVE)
+    return PackedShape(rows, min(lm_slots, row_len), max(self.sequence_slots, 1),
+                       min(sequence_len, row_len))
 
 
 def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
@@ -123,14 +166,15 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
 
 
 def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
-               num_rows: int | None = None, lm_slots: int | None = None,
-               order: str = "ffd") -> PackResult:
-  """Packs `arrays` into `[num_rows, row_len]` rows (see the module docstring for the layout).
+               shape: PackedShape | None = None, order: str = "ffd") -> PackResult:
+  """Packs `arrays` into `[shape.rows, row_len]` rows (see the module docstring for the layout).
 
-  Within a row, pairs follow in the order they were assigned. Pairs that do not fit are returned
-  in `left_over` (ascending indices): none is dropped without being listed there. `lm_slots` is
-  `M` (default: the most LM targets of any row, at least 1); a row with more is an error.
+  Within a row, pairs follow in the order they were assigned. Pairs that do not fit in
+  `shape.rows` rows are returned in `left_over` (ascending indices): none is dropped without
+  being listed there. Without a `shape`, the least that holds every pair (`PackedShape.of`); a
+  row with more LM targets or sequences than `shape` allows is an error.
   """
+  num_rows = None if shape is None else shape.rows
   pair_lengths = arrays.lengths.astype(np.int64).sum(axis=1)
   rows = assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, order)
   visit = np.argsort(-pair_lengths, kind="stable") if order == "ffd" else np.arange(len(arrays))
@@ -166,7 +210,9 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
     batch["margin"][row, slot[row]] = arrays.margin[i]
     slots[row, slot[row]] = i
     slot[row] += 1
-  batch["lm_index"] = _lm_index(batch["lm_mask"], lm_slots)
+  batch["lm_index"] = _lm_index(batch["lm_mask"], None if shape is None else shape.lm_slots)
+  batch["sequence_index"] = _sequence_index(
+      batch["segment_ids"], None if shape is None else (shape.sequence_slots, shape.sequence_len))
   return PackResult(batch, slots, np.flatnonzero(rows < 0))
 
 
@@ -184,26 +230,37 @@ def _lm_index(lm_mask: np.ndarray, lm_slots: int | None) -> np.ndarray:
   return index
 
 
-def pack_batch(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
-               row_multiple: int = 1, steps_per_octave: int = 4, order: str = "ffd") -> PackResult:
-  """Every pair of `arrays` packed, the rows padded with empty ones to `row_multiple` x a bucket.
+def _sequence_index(segment_ids: np.ndarray, sequence_slots: tuple[int, int] | None) -> np.ndarray:
+  """[R, S, T] columns of each row's segments 1..S, -1 past a segment's end."""
+  rows, columns = np.nonzero(segment_ids)
+  segment = segment_ids[rows, columns] - 1
+  starts = np.zeros(segment_ids.shape, np.int64)  # (row, segment) -> first column
+  first = np.ones(len(rows), bool)
+  first[1:] = (rows[1:] != rows[:-1]) | (segment[1:] != segment[:-1])
+  starts[rows[first], segment[first]] = columns[first]
+  offset = columns - starts[rows, segment]  # position within the segment
+  most_slots = int(segment.max(initial=-1)) + 1
+  longest = int(offset.max(initial=-1)) + 1
+  slots, length = sequence_slots or (max(most_slots, 1), max(longest, 1))
+  if most_slots > slots or longest > length:
+    raise ValueError(f"packed rows hold up to {most_slots} sequences of up to {longest} tokens, more "
+                     f"than sequence_slots=({slots}, {length})")
+  index = np.full((len(segment_ids), slots, length), -1, np.int32)
+  index[rows, segment, offset] = columns
+  return index
 
-  The bucket is `encode.bucket_length(rows / row_multiple, minimum=1, steps_per_octave)`, so a
-  padded row count wastes under `1 / steps_per_octave` of the rows and a run compiles a few
-  shapes. Empty rows are all padding (`segment_ids` 0, no valid pair slot). `M` is
-  `round_lm_slots` of the most LM targets in a row.
+
+def pack_batch(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
+               row_multiple: int = 1, rows_per_octave: int = ROWS_PER_OCTAVE,
+               order: str = "ffd") -> PackResult:
+  """Every pair of `arrays` packed into the `PackedShape.rounded` shape that holds them.
+
+  The row count is `row_multiple` x one of `rows_per_octave` sizes per octave, so padded rows
+  waste under `1 / rows_per_octave` of them and a run compiles a few shapes. Empty rows are all
+  padding (`segment_ids` 0, no valid pair slot).
   """
-  if row_multiple < 1:
-    raise ValueError(f"row_multiple must be at least 1, got {row_multiple}")
-  packed = pack_pairs(arrays, row_len=row_len, max_pairs_per_row=max_pairs_per_row, pad_id=pad_id,
-                      order=order)
-  most = int(packed.batch["lm_mask"].sum(axis=1).max(initial=0))
-  packed.batch["lm_index"] = _lm_index(packed.batch["lm_mask"], round_lm_slots(most, row_len))
-  rows = len(packed.slots)
-  target = row_multiple * bucket_length(max(-(-rows // row_multiple), 1), 1, steps_per_octave)
-  extra = target - rows
-  batch = {key: np.concatenate([value, np.full((extra,) + value.shape[1:],
-                                               pad_id if key == "input_ids" else 0, value.dtype)])
-           for key, value in packed.batch.items()}
-  slots = np.concatenate([packed.slots, np.full((extra, max_pairs_per_row), -1, np.int64)])
-  return PackResult(batch, slots, packed.left_over)
+  sizes = pair_sizes(arrays.lengths, arrays.response_start)
+  shape = PackedShape.of(sizes, row_len, max_pairs_per_row, order).rounded(
+      row_len, row_multiple, rows_per_octave)
+  return pack_pairs(arrays, row_len=row_len, max_pairs_per_row=max_pairs_per_row, pad_id=pad_id,
+                    shape=shape, order=order)

@@ -62,8 +62,6 @@ from codepmp_jax.data import packing, shards
 from codepmp_jax.data.encode import EncodedPair, PairArrays, bucket_length
 
 BUCKET = 128
-# Packed batches: row counts are rounded up to this many sizes per octave (few compiled shapes).
-PACK_ROWS_PER_OCTAVE = 4
 SOURCES = ("prepared", "synthetic", "in_memory")
 _END = object()
 
@@ -103,8 +101,8 @@ def in_memory_config(records, pad_id: int, **overrides) -> ml_collections.Config
 
 class _Pairs(Protocol):
   """The pairs of one split by global index: `num_pairs`, `pad_id`, `lengths(start, stop)` (the
-  max(chosen, rejected) length of pairs `start..stop-1`), `pack_sizes(start, stop)` ([n, 2]:
-  chosen + rejected tokens and LM targets, for packing) and `take(indices)` (`PairArrays`)."""
+  max(chosen, rejected) length of pairs `start..stop-1`), `pack_sizes(start, stop)`
+  (`packing.pair_sizes`) and `take(indices)` (`PairArrays`)."""
   num_pairs: int
   pad_id: int
 
@@ -154,7 +152,8 @@ class _InMemory:
     return self._lengths[start:stop]
 
   def pack_sizes(self, start: int, stop: int) -> np.ndarray:
-    return _pack_sizes(self._arrays.lengths[start:stop], self._arrays.response_start[start:stop])
+    return packing.pair_sizes(self._arrays.lengths[start:stop],
+                              self._arrays.response_start[start:stop])
 
   def take(self, indices: np.ndarray) -> PairArrays:
     return _take(self._arrays, indices)
@@ -170,7 +169,7 @@ class _Synthetic:
 
   def pack_sizes(self, start: int, stop: int) -> np.ndarray:
     n = stop - start
-    return _pack_sizes(np.full((n, 2), self._seq_len), np.full((n, 2), self._seq_len // 2))
+    return packing.pair_sizes(np.full((n, 2), self._seq_len), np.full((n, 2), self._seq_len // 2))
 
   def take(self, indices: np.ndarray) -> PairArrays:
     return _synthetic_batch(self._cfg, indices, self._seed, self._seq_len)
@@ -210,7 +209,7 @@ class _Prepared:
   def pack_sizes(self, start: int, stop: int) -> np.ndarray:
     def read(shard):
       index = shard.index()
-      return _pack_sizes(index["lengths"], index["response_start"])
+      return packing.pair_sizes(index["lengths"], index["response_start"])
     return self._per_pair(self._pack_sizes, read, start, stop)
 
   def _per_pair(self, cache: dict[int, np.ndarray], read, start: int, stop: int) -> np.ndarray:
@@ -232,12 +231,6 @@ class _Prepared:
       positions.append(mine)
     merged = PairArrays.concatenate(parts)
     return _take(merged, np.argsort(np.concatenate(positions), kind="stable")) if len(parts) > 1 else merged
-
-
-def _pack_sizes(lengths: np.ndarray, response_start: np.ndarray) -> np.ndarray:
-  """[n, 2] int32: each pair's tokens (chosen + rejected) and LM targets."""
-  return np.stack([np.asarray(lengths).sum(axis=1),
-                   packing.lm_target_counts(lengths, response_start)], axis=1).astype(np.int32)
 
 
 def _synthetic_batch(cfg, indices: np.ndarray, seed: int, seq_len: int) -> PairArrays:
@@ -280,10 +273,9 @@ class PairBatches:
   (`packing.pack_pairs`, first-fit decreasing) where `R` is the same on every process: each
   process packs every process's batch `k` from the pairs' lengths alone (cheap: no tokens are
   read), takes the most rows any needs, and rounds that up to a multiple of `row_multiple` x its
-  devices of the batch axis, in `PACK_ROWS_PER_OCTAVE` sizes per octave. So no pair is ever left
-  out and every process's rows split evenly over its devices and the step's microbatches. The LM
-  slots per row (`lm_index`) are agreed the same way, from the most LM targets of any row.
-  `longest_sequence` bounds every segment of the split (`step.packed_model`'s window).
+  devices of the batch axis, in a few sizes per octave (`packing.PackedShape.rounded`). So no
+  pair is ever left out and every process's rows split evenly over its devices and the step's
+  microbatches. The LM and sequence slots per row are agreed the same way.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, split: str, global_batch: int, seq_len: int,
@@ -325,7 +317,6 @@ class PairBatches:
       self.row_multiple = row_multiple * local_batch_shards(sharding, process_count)
       self._orders: tuple[int, list[np.ndarray]] | None = None
       self._pack_sizes: list[np.ndarray] | None = None
-      self._longest: int | None = None
     self.dropped_pairs = 0
     self._position = (0, 0)
     self._epoch_plan: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -394,8 +385,8 @@ class PairBatches:
   def _local_batch(self, epoch: int, batch: int, process: int) -> np.ndarray:
     """Indices within `process`'s range of the pairs of its batch `batch` in epoch `epoch`.
 
-    Packed runs keep every process's order of the epoch and every pair's tokens and LM targets
-    (12 bytes a pair of the split), to pack any process's batch without reading its tokens."""
+    Packed runs keep every process's order of the epoch and every pair's `packing.pair_sizes`
+    (16 bytes a pair of the split), to pack any process's batch without reading its tokens."""
     if self._orders is None or self._orders[0] != epoch:
       if self._pack_sizes is None:
         self._pack_sizes = [self._pairs.pack_sizes(*self._range(p))
@@ -404,35 +395,24 @@ class PairBatches:
                               for p in range(self.process_count)])
     return self._orders[1][process][batch * self.batch:(batch + 1) * self.batch].astype(np.int64)
 
-  def packed_shape(self, epoch: int, batch: int) -> tuple[int, int]:
-    """(rows, LM slots per row) of every process's packed batch `batch` of epoch `epoch` (all
-    processes agree)."""
-    needed, most_lm = 1, 0
+  def packed_shape(self, epoch: int, batch: int) -> packing.PackedShape:
+    """The shape of every process's packed batch `batch` of epoch `epoch` (all processes agree)."""
+    shape = packing.PackedShape(1, 1, 1, 1)
     for process in range(self.process_count):
       local = self._local_batch(epoch, batch, process)  # (reads the pack sizes on first use)
       sizes = self._pack_sizes[process][local]
-      rows = packing.assign_rows(sizes[:, 0], self.row_len, self.pairs_per_row)
-      needed = max(needed, int(rows.max(initial=-1)) + 1)
-      most_lm = max(most_lm, int(np.bincount(rows, sizes[:, 1]).max(initial=0)))
-    return (round_packed_rows(needed, self.row_multiple),
-            packing.round_lm_slots(most_lm, self.row_len))
-
-  @property
-  def longest_sequence(self) -> int:
-    """The most tokens of any sequence of the split (the same on every process)."""
-    if self._longest is None:
-      self._longest = int(self._pairs.lengths(0, self.num_pairs).max(initial=1))
-    return self._longest
+      shape = shape.union(packing.PackedShape.of(sizes, self.row_len, self.pairs_per_row))
+    return shape.rounded(self.row_len, self.row_multiple)
 
   def _packed_host_batch(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
-    rows, lm_slots = self.packed_shape(epoch, batch)
+    shape = self.packed_shape(epoch, batch)
     arrays = self._pairs.take(self._range(self.process_index)[0]
                               + self._local_batch(epoch, batch, self.process_index))
     packed = packing.pack_pairs(arrays, row_len=self.row_len, max_pairs_per_row=self.pairs_per_row,
-                                pad_id=self._pairs.pad_id, num_rows=rows, lm_slots=lm_slots)
-    if packed.left_over.size:  # cannot happen: `rows` holds every process's first-fit packing
+                                pad_id=self._pairs.pad_id, shape=shape)
+    if packed.left_over.size:  # cannot happen: `shape` holds every process's first-fit packing
       raise RuntimeError(f"data[{self.split}]: {packed.left_over.size} pairs of batch {batch} "
-                         f"(epoch {epoch}) did not fit {rows} packed rows")
+                         f"(epoch {epoch}) did not fit {shape.rows} packed rows")
     return packed.batch
 
   def _produce(self, epoch: int, batch: int) -> None:
@@ -546,15 +526,6 @@ class PairBatches:
 
   def __del__(self):
     self.close()
-
-
-def round_packed_rows(rows: int, row_multiple: int) -> int:
-  """`rows` rounded up to `row_multiple` x one of `PACK_ROWS_PER_OCTAVE` sizes per octave.
-
-  `round_packed_rows(pairs, m)` bounds the rows of any packed batch of `pairs` pairs per process
-  (at worst one pair a row): the shape to plan memory for.
-  """
-  return row_multiple * bucket_length(-(-max(rows, 1) // row_multiple), 1, PACK_ROWS_PER_OCTAVE)
 
 
 def local_batch_shards(sharding: jax.sharding.NamedSharding | None, process_count: int) -> int:

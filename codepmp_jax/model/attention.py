@@ -81,9 +81,8 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
 # Causal self-attention over at least 2 * `causal_block` tokens runs as up to MAX_CAUSAL_BLOCKS
 # query blocks, block i over keys [0, end of block i): the fully masked upper triangle is never
 # computed (25% fewer score elements at 2 blocks, 44% at 8). With a sliding window w, block i
-# starts its keys w - 1 before its first query, so keys no query of it sees are skipped too (what
-# packed rows gain from `step.packed_model`: a window of their longest segment). On XLA's CPU backend the memory-bound
-# softmax over the scores is most of attention's time, and it runs much faster when one block's
+# starts its keys w - 1 before its first query, so the keys no query of it sees are skipped too.
+# On XLA's CPU backend the memory-bound softmax over the scores is most of attention's time, and it runs much faster when one block's
 # float32 scores ([rows, heads, queries, keys]) fit a core's L2 cache, so there blocks also shrink
 # until they fit CPU_SCORE_BYTES, down to MIN_CPU_CAUSAL_BLOCK queries: the tiny model's step at
 # 4 pairs x 256 tokens took 54-62 ms in 64-query blocks (2 MiB of scores) against 76-85 ms in one
@@ -94,30 +93,20 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
 # budget (`score.RewardScorer`).
 CAUSAL_BLOCK = 256
 MAX_CAUSAL_BLOCKS = 8
-MAX_WINDOWED_BLOCKS = 16
 CPU_SCORE_BYTES = 2 << 20
 MIN_CPU_CAUSAL_BLOCK = 64
 
 
-def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK, rows_x_heads: int = 0,
-                       window: int | None = None) -> int:
+def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK, rows_x_heads: int = 0) -> int:
   """Queries per block of `plain_attention`'s causal self-attention over `length` tokens (`length`
   itself when it runs as one block): about `causal_block`, and with `rows_x_heads` (batch rows x
   query heads; given on CPU) no more than keeps one block's float32 scores within CPU_SCORE_BYTES,
-  but not under MIN_CPU_CAUSAL_BLOCK. Under a sliding `window` shorter than `length` a block's
-  queries see about block + window keys, not `length`, and up to MAX_WINDOWED_BLOCKS blocks pay
-  off (packed rows of GSM8K pairs, 2 x 2048 tokens under a 356-token window: the tiny model's
-  attention forward and backward took 52 ms in 8 blocks, 44 ms in 16, 48 ms in 32)."""
-  windowed = window is not None and window < length
+  but not under MIN_CPU_CAUSAL_BLOCK."""
   size = causal_block
   if rows_x_heads:
-    per_query = CPU_SCORE_BYTES // (rows_x_heads * 4)  # keys x queries that fit
-    if windowed:  # the largest block b with b * (b + window) <= per_query
-      fits = int((math.sqrt(window * window + 4 * per_query) - window) / 2)
-    else:
-      fits = per_query // length
+    fits = CPU_SCORE_BYTES // (rows_x_heads * length * 4)
     size = min(size, max(MIN_CPU_CAUSAL_BLOCK, fits))
-  blocks = min(MAX_WINDOWED_BLOCKS if windowed else MAX_CAUSAL_BLOCKS, length // size)
+  blocks = min(MAX_CAUSAL_BLOCKS, length // size)
   return length if blocks < 2 else -(-length // blocks)
 
 
@@ -136,7 +125,7 @@ def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   """
   batch, length, heads, _ = query.shape
   on_cpu = jax.default_backend() == "cpu"
-  size = causal_query_block(length, causal_block, batch * heads if on_cpu else 0, sliding_window)
+  size = causal_query_block(length, causal_block, batch * heads if on_cpu else 0)
   if not (causal and key.shape[1] == length and size < length):
     return _dense_attention(query, key, value, bias, lengths, causal, sliding_window, segment_ids)
   outs = []
@@ -268,6 +257,59 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=kernel_lib.SegmentIds(q=s, kv=s)))(
       q, k, v, segments)
   return out.transpose(0, 2, 1, 3)[:, :length].astype(value.dtype)
+
+
+def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x [B, N, ...] at `index` [B, M] per row; 0 where `index` is -1."""
+  out = jax.vmap(lambda row, i: row[i])(x, jnp.maximum(index, 0))
+  return jnp.where((index >= 0).reshape(index.shape + (1,) * (x.ndim - 2)), out, 0).astype(x.dtype)
+
+
+@jax.custom_vjp
+def permute_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """`x` [B, N, ...] rearranged to [B, M, ...] by `index` [B, M] (-1: a zero entry), where
+  `inverse` [B, N] is its inverse (the entry each element of `x` went to; -1: none). The
+  gradient is the inverse rearrangement, a gather as well: no scatter (slow on XLA's CPU backend)."""
+  return _take_rows(x, index)
+
+
+def _permute_rows_fwd(x, index, inverse):
+  return _take_rows(x, index), (index, inverse)
+
+
+def _permute_rows_bwd(residuals, grad):
+  index, inverse = residuals
+  return _take_rows(grad, inverse), None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def sequence_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                       sequence_index: jax.Array, row_index: jax.Array, *,
+                       implementation: str = "plain", sliding_window: int | None = None,
+                       causal_block: int = CAUSAL_BLOCK) -> jax.Array:
+  """Causal self-attention of packed rows, computed sequence by sequence.
+
+  query [B, L, H, hd], key/value [B, L, KV, hd] hold several sequences per row. `sequence_index`
+  [B, S, T] names the columns of each row's sequences (slot s, token t; -1 past a sequence's end
+  or in an empty slot), and `row_index` [B, L] where each column sits in that layout (s * T + t;
+  -1 for padding, whose output is 0). The sequences are gathered into [B * S, T] right-padded
+  rows and attended by the named implementation, so attention costs S * T^2 per row instead of
+  L^2 (packed rows of short sequences), every kernel runs its plain causal-with-lengths case, and
+  no token sees another sequence by construction.
+  """
+  rows, slots, length = sequence_index.shape
+  to_layout = sequence_index.reshape(rows, slots * length)
+
+  def to_sequences(x):
+    return permute_rows(x, to_layout, row_index).reshape(rows * slots, length, *x.shape[2:])
+
+  lengths = jnp.sum(sequence_index >= 0, axis=-1, dtype=jnp.int32).reshape(-1)
+  out = dot_product_attention(to_sequences(query), to_sequences(key), to_sequences(value),
+                              implementation=implementation, lengths=lengths, causal=True,
+                              sliding_window=sliding_window, causal_block=causal_block)
+  return permute_rows(out.reshape(rows, slots * length, *out.shape[2:]), row_index, to_layout)
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,

@@ -180,11 +180,13 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
                decode_positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
-               query_index: jax.Array | None = None) -> jax.Array:
+               query_index: jax.Array | None = None,
+               sequences: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """`lengths` [B]: real tokens per right-padded row (None when decoding over the cache or when
     `segment_ids` [B, L] of packed rows say which tokens see each other). `query_index` [B, K]:
     compute queries (and the output, [B, K, D]) only at these columns of right-padded rows, over
-    the keys at or before each."""
+    the keys at or before each. `sequences`: packed rows' (sequence_index, row_index), to attend
+    sequence by sequence (`attention.sequence_attention`) instead of under a segment mask."""
     cfg = self.config
     batch, length, _ = x.shape
     hd, heads, kv_heads = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -205,6 +207,10 @@ class Attention(nn.Module):
     if query_index is not None:  # a few queries per row: plain attention over an explicit bias
       bias = cache_attention_bias(query_index, length, cfg.sliding_window)[:, :, 0]
       out = attention_lib.plain_attention(q, k, v, bias=bias)
+    elif sequences is not None:
+      out = attention_lib.sequence_attention(
+          q, k, v, *sequences, implementation=cfg.attention, sliding_window=cfg.sliding_window,
+          causal_block=cfg.causal_block)
     elif decode_positions is None:
       out = attention_lib.dot_product_attention(
           q, k, v, implementation=cfg.attention, lengths=lengths, causal=True,
@@ -239,12 +245,14 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
                decode_positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               query_index: jax.Array | None = None):
+               query_index: jax.Array | None = None,
+               sequences: tuple[jax.Array, jax.Array] | None = None):
     """The next hidden states, [B, L, D] (at `query_index` [B, K] only: [B, K, D])."""
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
     attended = Attention(cfg, name="attn")(
-        norm("input_norm")(x), lengths, cos, sin, decode_positions, segment_ids, query_index)
+        norm("input_norm")(x), lengths, cos, sin, decode_positions, segment_ids, query_index,
+        sequences)
     if query_index is not None:
       x = jnp.take_along_axis(x, query_index[..., None], axis=1)
     x = x + attended
@@ -276,8 +284,8 @@ class RewardModel(nn.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                return_logits: bool = False, logits_every: int = 1,
                decode_positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None,
-               reward_index: jax.Array | None = None) -> ModelOutput:
+               positions: jax.Array | None = None, reward_index: jax.Array | None = None,
+               sequence_index: jax.Array | None = None) -> ModelOutput:
     """Hidden states, rewards at `length - 1`, and (if asked) LM logits.
 
     `logits_every=2` computes logits only for rows 0, 2, 4, ... (the chosen sequences of an
@@ -294,6 +302,9 @@ class RewardModel(nn.Module):
     `positions` [B, L] are the RoPE positions (restarting at 0 per segment; default 0..L-1), and
     `reward_index` [B, K] gives the columns to read rewards at (rewards [B, K]) instead of
     `length - 1`. `attention_mask` then only marks real tokens; it is not used for attention.
+    With `sequence_index` [B, S, T] (`data.packing`) attention runs sequence by sequence
+    (`attention.sequence_attention`; needs `segment_ids` and `positions`), which gives the same
+    outputs for less compute where a row holds several short sequences.
     """
     cfg = self.config
     decoding = decode_positions is not None
@@ -308,6 +319,11 @@ class RewardModel(nn.Module):
         positions = jnp.arange(input_ids.shape[1])[None]
       cos, sin = rope_tables(cfg, positions)
       lengths = None if segment_ids is not None else attention_mask.sum(axis=-1).astype(jnp.int32)
+    sequences = None
+    if sequence_index is not None:
+      row_index = jnp.where(segment_ids > 0,
+                            (segment_ids - 1) * sequence_index.shape[2] + positions, -1)
+      sequences = (sequence_index, row_index)
 
     layer_cls = DecoderLayer
     if cfg.remat_policy != "none" and not decoding:
@@ -315,12 +331,14 @@ class RewardModel(nn.Module):
     if cfg.scan_layers:
       stack = nn.scan(
           layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
+          in_axes=(nn.broadcast,) * 7, length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, name="layers")(x, lengths, cos, sin, decode_positions, segment_ids)
+      x, _ = stack(cfg, name="layers")(x, lengths, cos, sin, decode_positions, segment_ids, None,
+                                       sequences)
     else:
       for i in range(cfg.num_layers):
-        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, lengths, cos, sin, decode_positions, segment_ids)
+        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, lengths, cos, sin, decode_positions,
+                                                  segment_ids, None, sequences)
     hidden = _final_norm(cfg)(x)
 
     if reward_index is None:
