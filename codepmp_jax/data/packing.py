@@ -43,17 +43,18 @@ padded step on the same pairs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
 from codepmp_jax.data.encode import PairArrays, bucket_length
 
-ORDERS = ("ffd", "first_fit")
+ORDERS = ("ffd", "first_fit", "balanced")
 PACKED_KEYS = ("input_ids", "segment_ids", "positions", "lm_mask", "lm_index", "sequence_index",
                "reward_index", "pair_valid", "margin")
 ROWS_PER_OCTAVE = 4
 LM_SLOTS_PER_OCTAVE = 4
-SEQUENCE_LEN_PER_OCTAVE = 2
+SEQUENCE_LEN_PER_OCTAVE = 4
 MIN_SEQUENCE_LEN = 128
 
 
@@ -96,11 +97,12 @@ class PackedShape:
   sequence_len: int
 
   @classmethod
-  def of(cls, sizes: np.ndarray, row_len: int, max_pairs_per_row: int,
-         order: str = "ffd") -> PackedShape:
-    """The least sizes that hold pairs of `sizes` ([n, 3], `pair_sizes`) packed by `pack_pairs`."""
-    rows = assign_rows(sizes[:, 0], row_len, max_pairs_per_row, order=order)
-    return cls(rows=int(rows.max(initial=-1)) + 1,
+  def of(cls, sizes: np.ndarray, row_len: int, max_pairs_per_row: int, order: str = "ffd",
+         num_rows: int | None = None) -> PackedShape:
+    """The least sizes that hold pairs of `sizes` ([n, 3], `pair_sizes`) packed by `pack_pairs`
+    (into `num_rows` rows, or as many as they need)."""
+    rows = assign_rows(sizes[:, 0], row_len, max_pairs_per_row, num_rows, order)
+    return cls(rows=num_rows or int(rows.max(initial=-1)) + 1,
                lm_slots=int(np.bincount(rows, sizes[:, 1]).max(initial=0)),
                sequence_slots=2 * int(np.bincount(rows).max(initial=0)),
                sequence_len=int(sizes[:, 2].max(initial=0)))
@@ -126,6 +128,21 @@ class PackedShape:
                        min(sequence_len, row_len))
 
 
+def batch_shape(sizes: Sequence[np.ndarray], row_len: int, max_pairs_per_row: int,
+                row_multiple: int = 1, rows_per_octave: int = ROWS_PER_OCTAVE) -> PackedShape:
+  """The `rounded` shape that every process's pairs (`sizes`, one `pair_sizes` array each) fit
+  when packed `balanced` (what `pack_batch` and the input pipeline pack with): the rows `ffd`
+  needs, rounded, then the slots of the balanced packing into that many rows."""
+  rows = PackedShape(1, 1, 1, 1)
+  for part in sizes:
+    rows = rows.union(PackedShape.of(part, row_len, max_pairs_per_row))
+  num_rows = rows.rounded(row_len, row_multiple, rows_per_octave).rows
+  shape = PackedShape(num_rows, 1, 1, 1)
+  for part in sizes:
+    shape = shape.union(PackedShape.of(part, row_len, max_pairs_per_row, "balanced", num_rows))
+  return shape.rounded(row_len, row_multiple, rows_per_octave)
+
+
 def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
                 num_rows: int | None = None, order: str = "ffd") -> np.ndarray:
   """Row of each pair (-1: did not fit in `num_rows` rows); `pair_lengths` [n] are chosen + rejected.
@@ -133,9 +150,16 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
   First-fit: every pair goes to the lowest-numbered row with room for its tokens and a free slot;
   `ffd` visits pairs longest first (ties in index order), `first_fit` in the given order. Without
   `num_rows`, a new row opens whenever no open row has room, so every pair is placed.
+  `balanced` (needs `num_rows`) visits pairs longest first and puts each in the row with room that
+  holds the fewest pairs (then the most free tokens, then the lowest number), so sequences spread
+  evenly over the rows and no row needs many sequence slots (`sequence_index`, the attention
+  work); where that leaves a pair out it is `ffd` instead, which fits in `num_rows` rows whatever
+  `ffd` without `num_rows` packs into as many.
   """
   if order not in ORDERS:
     raise ValueError(f"packing order must be one of {ORDERS}, got {order!r}")
+  if order == "balanced" and num_rows is None:
+    raise ValueError("balanced packing needs num_rows")
   if max_pairs_per_row < 1:
     raise ValueError(f"max_pairs_per_row must be at least 1, got {max_pairs_per_row}")
   pair_lengths = np.asarray(pair_lengths, np.int64)
@@ -145,7 +169,7 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
     raise ValueError(f"pair {i} has {int(pair_lengths[i])} tokens (chosen + rejected), more than "
                      f"row_len={row_len}: rows must hold a whole pair (row_len >= 2 * seq_len)")
   n = len(pair_lengths)
-  visit = np.argsort(-pair_lengths, kind="stable") if order == "ffd" else np.arange(n)
+  visit = np.arange(n) if order == "first_fit" else np.argsort(-pair_lengths, kind="stable")
   capacity = n if num_rows is None else num_rows
   free = np.full(capacity, row_len, np.int64)
   slots = np.zeros(capacity, np.int64)
@@ -153,7 +177,9 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
   opened = 0 if num_rows is None else capacity
   for i in visit:
     fits = np.flatnonzero((free[:opened] >= pair_lengths[i]) & (slots[:opened] < max_pairs_per_row))
-    if len(fits):
+    if len(fits) and order == "balanced":
+      row = int(fits[np.lexsort((-free[fits], slots[fits]))[0]])
+    elif len(fits):
       row = int(fits[0])
     elif num_rows is None:
       row, opened = opened, opened + 1
@@ -162,6 +188,8 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
     rows[i] = row
     free[row] -= pair_lengths[i]
     slots[row] += 1
+  if order == "balanced" and (rows < 0).any():
+    return assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, "ffd")
   return rows
 
 
@@ -177,7 +205,8 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   num_rows = None if shape is None else shape.rows
   pair_lengths = arrays.lengths.astype(np.int64).sum(axis=1)
   rows = assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, order)
-  visit = np.argsort(-pair_lengths, kind="stable") if order == "ffd" else np.arange(len(arrays))
+  visit = (np.arange(len(arrays)) if order == "first_fit" else
+           np.argsort(-pair_lengths, kind="stable"))
   placed = np.array([i for i in visit if rows[i] >= 0], np.int64)
   num_rows = (int(rows.max()) + 1 if len(placed) else 0) if num_rows is None else num_rows
   k = max_pairs_per_row
@@ -251,16 +280,14 @@ def _sequence_index(segment_ids: np.ndarray, sequence_slots: tuple[int, int] | N
 
 
 def pack_batch(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
-               row_multiple: int = 1, rows_per_octave: int = ROWS_PER_OCTAVE,
-               order: str = "ffd") -> PackResult:
-  """Every pair of `arrays` packed into the `PackedShape.rounded` shape that holds them.
+               row_multiple: int = 1, rows_per_octave: int = ROWS_PER_OCTAVE) -> PackResult:
+  """Every pair of `arrays` packed `balanced` into the `batch_shape` that holds them.
 
   The row count is `row_multiple` x one of `rows_per_octave` sizes per octave, so padded rows
-  waste under `1 / rows_per_octave` of them and a run compiles a few shapes. Empty rows are all
-  padding (`segment_ids` 0, no valid pair slot).
+  waste under `1 / rows_per_octave` of them and a run compiles a few shapes. Rows left empty are
+  all padding (`segment_ids` 0, no valid pair slot).
   """
-  sizes = pair_sizes(arrays.lengths, arrays.response_start)
-  shape = PackedShape.of(sizes, row_len, max_pairs_per_row, order).rounded(
-      row_len, row_multiple, rows_per_octave)
+  shape = batch_shape([pair_sizes(arrays.lengths, arrays.response_start)], row_len,
+                      max_pairs_per_row, row_multiple, rows_per_octave)
   return pack_pairs(arrays, row_len=row_len, max_pairs_per_row=max_pairs_per_row, pad_id=pad_id,
-                    shape=shape, order=order)
+                    shape=shape, order="balanced")

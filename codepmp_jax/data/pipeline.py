@@ -270,7 +270,7 @@ class PairBatches:
   did not fill a batch so far.
 
   Packed (`cfg.pack`): batch `k` holds the same pairs as unpacked, packed into `[R, row_len]` rows
-  (`packing.pack_pairs`, first-fit decreasing) where `R` is the same on every process: each
+  (`packing.pack_pairs`, balanced over the rows) where `R` is the same on every process: each
   process packs every process's batch `k` from the pairs' lengths alone (cheap: no tokens are
   read), takes the most rows any needs, and rounds that up to a multiple of `row_multiple` x its
   devices of the batch axis, in a few sizes per octave (`packing.PackedShape.rounded`). So no
@@ -397,20 +397,17 @@ class PairBatches:
 
   def packed_shape(self, epoch: int, batch: int) -> packing.PackedShape:
     """The shape of every process's packed batch `batch` of epoch `epoch` (all processes agree)."""
-    shape = packing.PackedShape(1, 1, 1, 1)
-    for process in range(self.process_count):
-      local = self._local_batch(epoch, batch, process)  # (reads the pack sizes on first use)
-      sizes = self._pack_sizes[process][local]
-      shape = shape.union(packing.PackedShape.of(sizes, self.row_len, self.pairs_per_row))
-    return shape.rounded(self.row_len, self.row_multiple)
+    batches = [self._local_batch(epoch, batch, p) for p in range(self.process_count)]
+    return packing.batch_shape([sizes[b] for sizes, b in zip(self._pack_sizes, batches)],
+                               self.row_len, self.pairs_per_row, self.row_multiple)
 
   def _packed_host_batch(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
     shape = self.packed_shape(epoch, batch)
     arrays = self._pairs.take(self._range(self.process_index)[0]
                               + self._local_batch(epoch, batch, self.process_index))
     packed = packing.pack_pairs(arrays, row_len=self.row_len, max_pairs_per_row=self.pairs_per_row,
-                                pad_id=self._pairs.pad_id, shape=shape)
-    if packed.left_over.size:  # cannot happen: `shape` holds every process's first-fit packing
+                                pad_id=self._pairs.pad_id, shape=shape, order="balanced")
+    if packed.left_over.size:  # cannot happen: `shape` holds every process's packing
       raise RuntimeError(f"data[{self.split}]: {packed.left_over.size} pairs of batch {batch} "
                          f"(epoch {epoch}) did not fit {shape.rows} packed rows")
     return packed.batch
