@@ -114,6 +114,11 @@ def test_cpu_query_blocks_keep_scores_cache_sized():
   assert attention.causal_query_block(1024, 256, rows_x_heads=1024) == 128  # at most 8 blocks
   assert attention.causal_query_block(256, 256, rows_x_heads=1024) == 64
   assert attention.causal_query_block(100, 256, rows_x_heads=8 * 4) == 100
+  # Narrow keys and values (the tiny model: 2 x 16 per 4 heads) allow blocks down to 32 queries:
+  # 16 rows x 4 heads x 320 keys fit 25 queries, so 8 blocks of 40; smollm2 (3 x 64 per 9) keeps 64.
+  assert attention.min_cpu_causal_block(4, 2, 16) == 32
+  assert attention.min_cpu_causal_block(9, 3, 64) == 64
+  assert attention.causal_query_block(320, 256, rows_x_heads=16 * 4, min_block=32) == 40
 
 
 def test_fused_equals_plain_with_gradients():

@@ -84,28 +84,40 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
 # starts its keys w - 1 before its first query, so the keys no query of it sees are skipped too.
 # On XLA's CPU backend the memory-bound softmax over the scores is most of attention's time, and it runs much faster when one block's
 # float32 scores ([rows, heads, queries, keys]) fit a core's L2 cache, so there blocks also shrink
-# until they fit CPU_SCORE_BYTES, down to MIN_CPU_CAUSAL_BLOCK queries: the tiny model's step at
+# until they fit CPU_SCORE_BYTES, down to a minimum (`min_cpu_causal_block`) that keeps the keys
+# and values each block slices and copies small next to its scores: the tiny model's step at
 # 4 pairs x 256 tokens took 54-62 ms in 64-query blocks (2 MiB of scores) against 76-85 ms in one
 # block or two of 128, while smollm2_135m's took 17.2 s in 32-query blocks against 13.6 s in one
-# (each block slices and copies its keys and values, at head_dim 64 no longer small next to the
-# scores). Each block adds compile time (~1 s for the tiny training step); scoring, compiled once
+# (at head_dim 64 the copies are no longer small); the tiny model's packed GSM8K step (sequences
+# of up to 320 tokens, `sequence_attention`) took 97 ms in 32-query blocks against 112 ms in 64. Each block adds compile time (~1 s for the tiny training step); scoring, compiled once
 # per length bucket and run many times, uses 64-token blocks and sizes its batches to the same
 # budget (`score.RewardScorer`).
 CAUSAL_BLOCK = 256
 MAX_CAUSAL_BLOCKS = 8
 CPU_SCORE_BYTES = 2 << 20
 MIN_CPU_CAUSAL_BLOCK = 64
+SMALLEST_CPU_CAUSAL_BLOCK = 32
 
 
-def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK, rows_x_heads: int = 0) -> int:
+def min_cpu_causal_block(heads: int, kv_heads: int, head_dim: int) -> int:
+  """The fewest queries a CPU block should have: each key costs a block `heads x queries` scores
+  and `2 x kv_heads x head_dim` copied key and value elements, so 4 x kv_heads x head_dim / heads
+  queries keep the copies under half the scores; between SMALLEST_CPU_CAUSAL_BLOCK (the tiny
+  model) and MIN_CPU_CAUSAL_BLOCK (smollm2_135m's 3 x 64 / 9 would be 85)."""
+  wanted = 4 * kv_heads * head_dim // heads
+  return max(SMALLEST_CPU_CAUSAL_BLOCK, min(MIN_CPU_CAUSAL_BLOCK, wanted))
+
+
+def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK, rows_x_heads: int = 0,
+                       min_block: int = MIN_CPU_CAUSAL_BLOCK) -> int:
   """Queries per block of `plain_attention`'s causal self-attention over `length` tokens (`length`
   itself when it runs as one block): about `causal_block`, and with `rows_x_heads` (batch rows x
   query heads; given on CPU) no more than keeps one block's float32 scores within CPU_SCORE_BYTES,
-  but not under MIN_CPU_CAUSAL_BLOCK."""
+  but not under `min_block` (`min_cpu_causal_block`)."""
   size = causal_block
   if rows_x_heads:
     fits = CPU_SCORE_BYTES // (rows_x_heads * length * 4)
-    size = min(size, max(MIN_CPU_CAUSAL_BLOCK, fits))
+    size = min(size, max(min_block, fits))
   blocks = min(MAX_CAUSAL_BLOCKS, length // size)
   return length if blocks < 2 else -(-length // blocks)
 
@@ -123,9 +135,10 @@ def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   `causal_block` tokens (on CPU, fewer if that keeps a block's scores cache-sized:
   `causal_query_block`).
   """
-  batch, length, heads, _ = query.shape
+  batch, length, heads, head_dim = query.shape
   on_cpu = jax.default_backend() == "cpu"
-  size = causal_query_block(length, causal_block, batch * heads if on_cpu else 0)
+  size = causal_query_block(length, causal_block, batch * heads if on_cpu else 0,
+                            min_cpu_causal_block(heads, key.shape[2], head_dim))
   if not (causal and key.shape[1] == length and size < length):
     return _dense_attention(query, key, value, bias, lengths, causal, sliding_window, segment_ids)
   outs = []
