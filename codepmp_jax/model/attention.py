@@ -183,8 +183,14 @@ def _dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: j
                         query_offset, key_offset)
   if mask is not None:
     scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-  out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(batch, kv_heads, groups * length, kv_length), v)
+  # softmax(scores) @ v as (exp(scores - max) @ v) / sum: the division runs over [T, hd], not over
+  # [T, S] (one pass over the scores less, forward and backward). The max is only a shift that
+  # keeps exp finite, so it carries no gradient.
+  weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+  total = jnp.sum(weights, axis=-1).reshape(batch, kv_heads, groups * length, 1)
+  out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(value.dtype).reshape(
+      batch, kv_heads, groups * length, kv_length), v, preferred_element_type=jnp.float32)
+  out = (out / total).astype(value.dtype)
   out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, length, heads, head_dim)
 
