@@ -136,42 +136,48 @@ def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   `causal_query_block`).
   """
   batch, length, heads, head_dim = query.shape
+  kv_length, kv_heads = key.shape[1], key.shape[2]
+  groups = heads // kv_heads
+  # One layout change for all blocks: the heads sharing a key/value head stacked along the query
+  # axis ([B, KV, G, T, hd]), keys and values [B, KV, S, hd].
+  q = (query * jnp.asarray(1.0 / math.sqrt(head_dim), query.dtype)).reshape(
+      batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+  k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
   on_cpu = jax.default_backend() == "cpu"
   size = causal_query_block(length, causal_block, batch * heads if on_cpu else 0,
-                            min_cpu_causal_block(heads, key.shape[2], head_dim))
-  if not (causal and key.shape[1] == length and size < length):
-    return _dense_attention(query, key, value, bias, lengths, causal, sliding_window, segment_ids)
-  outs = []
-  for start in range(0, length, size):
-    end = min(start + size, length)
-    first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
-    block_bias = None if bias is None else bias[:, :, start:end, first:end]
-    outs.append(_dense_attention(query[:, start:end], key[:, first:end], value[:, first:end],
-                                 block_bias, lengths, causal, sliding_window, segment_ids,
-                                 query_offset=start, key_offset=first))
-  return jnp.concatenate(outs, axis=1)
+                            min_cpu_causal_block(heads, kv_heads, head_dim))
+  if not (causal and kv_length == length and size < length):
+    out = _dense_attention(q, k, v, bias, lengths, causal, sliding_window, segment_ids)
+  else:
+    outs = []
+    for start in range(0, length, size):
+      end = min(start + size, length)
+      first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+      block_bias = None if bias is None else bias[:, :, start:end, first:end]
+      outs.append(_dense_attention(q[:, :, :, start:end], k[:, :, first:end], v[:, :, first:end],
+                                   block_bias, lengths, causal, sliding_window, segment_ids,
+                                   query_offset=start, key_offset=first))
+    out = jnp.concatenate(outs, axis=3)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
-def _dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None,
+def _dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
                      lengths: jax.Array | None, causal: bool, sliding_window: int | None,
                      segment_ids: jax.Array | None, query_offset: int = 0,
                      key_offset: int = 0) -> jax.Array:
-  """`plain_attention` over every (query, key) pair, the queries at positions `query_offset` + t
-  and the keys at `key_offset` + s.
+  """`plain_attention` over every (query, key) pair of scaled queries `q` [B, KV, G, T, hd] at
+  positions `query_offset` + t and keys/values `k`, `v` [B, KV, S, hd] at `key_offset` + s;
+  returns [B, KV, G, T, hd].
 
-  The heads sharing a key/value head are stacked along the query axis ([B, KV, G*T, hd]), so
+  The G heads sharing a key/value head are stacked along the query axis ([B, KV, G*T, hd]), so
   both products are plain batched matmuls over (B, KV) and only the small q/k/v/output arrays are
   transposed, never the [T, S] scores; on XLA's CPU backend this made attention's forward and
   backward about 10% faster than 5-D einsums over (B, KV, G).
   """
-  batch, length, heads, head_dim = query.shape
-  kv_length, kv_heads = key.shape[1], key.shape[2]
-  groups = heads // kv_heads
-  q = (query * jnp.asarray(1.0 / math.sqrt(head_dim), query.dtype)).reshape(
-      batch, length, kv_heads, groups, head_dim)
-  q = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim)
-  k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
-  scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+  batch, kv_heads, groups, length, head_dim = q.shape
+  kv_length = k.shape[2]
+  scores = jnp.einsum("bkqd,bksd->bkqs", q.reshape(batch, kv_heads, groups * length, head_dim), k,
+                      preferred_element_type=jnp.float32)
   scores = scores.reshape(batch, kv_heads, groups, length, kv_length)
   if bias is not None:
     if bias.shape[1] == 1:
@@ -188,11 +194,10 @@ def _dense_attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: j
   # keeps exp finite, so it carries no gradient.
   weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
   total = jnp.sum(weights, axis=-1).reshape(batch, kv_heads, groups * length, 1)
-  out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(value.dtype).reshape(
+  out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(v.dtype).reshape(
       batch, kv_heads, groups * length, kv_length), v, preferred_element_type=jnp.float32)
-  out = (out / total).astype(value.dtype)
-  out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
-  return out.reshape(batch, length, heads, head_dim)
+  out = (out / total).astype(v.dtype)
+  return out.reshape(batch, kv_heads, groups, length, head_dim)
 
 
 def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
