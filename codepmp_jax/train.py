@@ -300,12 +300,13 @@ class Throughput:
   """Tokens/s and MFU over the steps since the last `read` (evaluation time left out).
 
   Counts the positions of each batch as it was padded (bucketed batches are shorter; packed
-  `[R, L]` rows count all `R L` positions, the LM head running over every row).
+  `[R, L]` rows count all `R L` positions), and the FLOPs of what the step computes on them
+  (`flops.packed_step_flops` for packed rows).
   """
 
   def __init__(self, model_config: ModelConfig, lm_loss: bool, peak_flops: float):
     self.model_config, self.lm_loss, self.peak = model_config, lm_loss, peak_flops
-    self._flops_by_shape: dict[tuple[int, int], float] = {}
+    self._flops_by_shape: dict[tuple[int, ...], float] = {}
     self.restart()
 
   def restart(self) -> None:
@@ -313,13 +314,16 @@ class Throughput:
 
   def add(self, batch: dict) -> None:
     shape = batch["input_ids"].shape
-    if shape not in self._flops_by_shape:
-      self._flops_by_shape[shape] = (
+    if len(shape) == 3:
+      key = shape
+    else:  # packed: rows, row length, LM slots, sequence slots and their length
+      key = shape + batch["lm_index"].shape[1:] + batch["sequence_index"].shape[1:]
+    if key not in self._flops_by_shape:
+      self._flops_by_shape[key] = (
           flops.pair_step_flops(self.model_config, shape[0], shape[2], lm_loss=self.lm_loss)
-          if len(shape) == 3 else math.prod(shape) * flops.flops_per_token(
-              self.model_config, shape[1], lm_head=self.lm_loss))
+          if len(shape) == 3 else flops.packed_step_flops(self.model_config, *key, self.lm_loss))
     self.tokens += math.prod(shape)
-    self.flops += self._flops_by_shape[shape]
+    self.flops += self._flops_by_shape[key]
 
   def read(self) -> dict[str, float]:
     elapsed = time.perf_counter() - self.start

@@ -39,6 +39,20 @@ def test_tiny_hand_count():
   assert flops.flops_per_token(cfg, seq_len, lm_head=False) == 6 * (matmul - lm_head) + 6 * attention
 
 
+def test_packed_step_flops_by_hand_and_as_the_padded_step():
+  cfg = model_config.get_preset("tiny")
+  dense = flops.flops_per_token(cfg, 0, lm_head=False)
+  attention = 6 * 2 * 2 * 30 * 4 * 16  # per token at 30 tokens of context, forward and backward
+  head = 6 * 64 * 256
+  assert flops.packed_step_flops(cfg, 3, 100, 20, 4, 30, lm_loss=True) == (
+      3 * 100 * dense + 3 * 4 * 30 * attention + 3 * 20 * head)
+  assert flops.packed_step_flops(cfg, 3, 100, 20, 4, 30, lm_loss=False) == (
+      3 * 100 * dense + 3 * 4 * 30 * attention)
+  # One pair a row, each sequence filling its slot and every chosen token a target: the padded step.
+  assert flops.packed_step_flops(cfg, 8, 2 * 128, 128, 2, 128, lm_loss=True) == (
+      flops.pair_step_flops(cfg, 8, 128, lm_loss=True))
+
+
 VARIANTS = [
     {},
     {"tie_word_embeddings": True},

@@ -62,3 +62,18 @@ def pair_step_flops(config: ModelConfig, pairs: int, seq_len: int, lm_loss: bool
   body = flops_per_token(config, seq_len, lm_head=False)
   head = flops_per_token(config, seq_len, lm_head=True) - body
   return tokens * body + (tokens // 2) * head * lm_loss
+
+
+def packed_step_flops(config: ModelConfig, rows: int, row_len: int, lm_slots: int,
+                      sequence_slots: int, sequence_len: int, lm_loss: bool) -> float:
+  """Model FLOPs of one training step on a packed batch (`data.packing`) of these shapes.
+
+  The dense layers run on all `rows x row_len` positions, attention on the `sequence_slots`
+  slots of `sequence_len` tokens per row (`attention.sequence_attention`), and the LM head on
+  the `lm_slots` LM-target positions per row when the LM loss is on.
+  """
+  dense = flops_per_token(config, 0, lm_head=False)
+  attention = flops_per_token(config, sequence_len, lm_head=False) - dense
+  head = flops_per_token(config, 0, lm_head=True) - dense
+  return (rows * row_len * dense + rows * sequence_slots * sequence_len * attention
+          + rows * lm_slots * head * lm_loss)
