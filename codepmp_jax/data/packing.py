@@ -169,7 +169,7 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
     raise ValueError(f"pair {i} has {int(pair_lengths[i])} tokens (chosen + rejected), more than "
                      f"row_len={row_len}: rows must hold a whole pair (row_len >= 2 * seq_len)")
   n = len(pair_lengths)
-  visit = np.arange(n) if order == "first_fit" else np.argsort(-pair_lengths, kind="stable")
+  visit = _visit_order(pair_lengths, order)
   capacity = n if num_rows is None else num_rows
   free = np.full(capacity, row_len, np.int64)
   slots = np.zeros(capacity, np.int64)
@@ -193,6 +193,12 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
   return rows
 
 
+def _visit_order(pair_lengths: np.ndarray, order: str) -> np.ndarray:
+  """The order `assign_rows` places pairs in: as given, or longest first (ties by index)."""
+  return (np.arange(len(pair_lengths)) if order == "first_fit" else
+          np.argsort(-pair_lengths, kind="stable"))
+
+
 def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
                shape: PackedShape | None = None, order: str = "ffd") -> PackResult:
   """Packs `arrays` into `[shape.rows, row_len]` rows (see the module docstring for the layout).
@@ -205,8 +211,7 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   num_rows = None if shape is None else shape.rows
   pair_lengths = arrays.lengths.astype(np.int64).sum(axis=1)
   rows = assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, order)
-  visit = (np.arange(len(arrays)) if order == "first_fit" else
-           np.argsort(-pair_lengths, kind="stable"))
+  visit = _visit_order(pair_lengths, order)
   placed = np.array([i for i in visit if rows[i] >= 0], np.int64)
   num_rows = (int(rows.max()) + 1 if len(placed) else 0) if num_rows is None else num_rows
   k = max_pairs_per_row
@@ -241,7 +246,8 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
     slot[row] += 1
   batch["lm_index"] = _lm_index(batch["lm_mask"], None if shape is None else shape.lm_slots)
   batch["sequence_index"] = _sequence_index(
-      batch["segment_ids"], None if shape is None else (shape.sequence_slots, shape.sequence_len))
+      batch["segment_ids"], batch["positions"],
+      None if shape is None else (shape.sequence_slots, shape.sequence_len))
   return PackResult(batch, slots, np.flatnonzero(rows < 0))
 
 
@@ -259,21 +265,18 @@ def _lm_index(lm_mask: np.ndarray, lm_slots: int | None) -> np.ndarray:
   return index
 
 
-def _sequence_index(segment_ids: np.ndarray, sequence_slots: tuple[int, int] | None) -> np.ndarray:
+def _sequence_index(segment_ids: np.ndarray, positions: np.ndarray,
+                    sequence_slots: tuple[int, int] | None) -> np.ndarray:
   """[R, S, T] columns of each row's segments 1..S, -1 past a segment's end."""
   rows, columns = np.nonzero(segment_ids)
   segment = segment_ids[rows, columns] - 1
-  starts = np.zeros(segment_ids.shape, np.int64)  # (row, segment) -> first column
-  first = np.ones(len(rows), bool)
-  first[1:] = (rows[1:] != rows[:-1]) | (segment[1:] != segment[:-1])
-  starts[rows[first], segment[first]] = columns[first]
-  offset = columns - starts[rows, segment]  # position within the segment
+  offset = positions[rows, columns]  # position within the segment
   most_slots = int(segment.max(initial=-1)) + 1
   longest = int(offset.max(initial=-1)) + 1
   slots, length = sequence_slots or (max(most_slots, 1), max(longest, 1))
   if most_slots > slots or longest > length:
-    raise ValueError(f"packed rows hold up to {most_slots} sequences of up to {longest} tokens, more "
-                     f"than sequence_slots=({slots}, {length})")
+    raise ValueError(f"packed rows hold up to {most_slots} sequences of up to {longest} tokens, "
+                     f"more than sequence_slots=({slots}, {length})")
   index = np.full((len(segment_ids), slots, length), -1, np.int32)
   index[rows, segment, offset] = columns
   return index

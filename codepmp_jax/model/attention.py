@@ -80,18 +80,19 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
 
 # Causal self-attention over at least 2 * `causal_block` tokens runs as up to MAX_CAUSAL_BLOCKS
 # query blocks, block i over keys [0, end of block i): the fully masked upper triangle is never
-# computed (25% fewer score elements at 2 blocks, 44% at 8). With a sliding window w, block i
-# starts its keys w - 1 before its first query, so the keys no query of it sees are skipped too.
-# On XLA's CPU backend the memory-bound softmax over the scores is most of attention's time, and it runs much faster when one block's
-# float32 scores ([rows, heads, queries, keys]) fit a core's L2 cache, so there blocks also shrink
-# until they fit CPU_SCORE_BYTES, down to a minimum (`min_cpu_causal_block`) that keeps the keys
-# and values each block slices and copies small next to its scores: the tiny model's step at
-# 4 pairs x 256 tokens took 54-62 ms in 64-query blocks (2 MiB of scores) against 76-85 ms in one
-# block or two of 128, while smollm2_135m's took 17.2 s in 32-query blocks against 13.6 s in one
-# (at head_dim 64 the copies are no longer small); the tiny model's packed GSM8K step (sequences
-# of up to 320 tokens, `sequence_attention`) took 97 ms in 32-query blocks against 112 ms in 64. Each block adds compile time (~1 s for the tiny training step); scoring, compiled once
-# per length bucket and run many times, uses 64-token blocks and sizes its batches to the same
-# budget (`score.RewardScorer`).
+# computed (25% fewer score elements at 2 blocks, 44% at 8). With a sliding window w, block i starts
+# its keys w - 1 before its first query, so the keys no query of it sees are skipped too. On XLA's
+# CPU backend the memory-bound softmax over the scores is most of attention's time, and it runs much
+# faster when one block's float32 scores ([rows, heads, queries, keys]) fit a core's L2 cache, so
+# there blocks also shrink until they fit CPU_SCORE_BYTES, down to a minimum
+# (`min_cpu_causal_block`) that keeps the keys and values each block slices and copies small next to
+# its scores: the tiny model's step at 4 pairs x 256 tokens took 54-62 ms in 64-query blocks (2 MiB
+# of scores) against 76-85 ms in one block or two of 128, while smollm2_135m's took 17.2 s in
+# 32-query blocks against 13.6 s in one (at head_dim 64 the copies are no longer small); the tiny
+# model's packed GSM8K step (sequences of up to 320 tokens, `sequence_attention`) took 97 ms in
+# 32-query blocks against 112 ms in 64. Each block adds compile time (~1 s for the tiny training
+# step); scoring, compiled once per length bucket and run many times, uses 64-token blocks and sizes
+# its batches to the same budget (`score.RewardScorer`).
 CAUSAL_BLOCK = 256
 MAX_CAUSAL_BLOCKS = 8
 CPU_SCORE_BYTES = 2 << 20
@@ -293,7 +294,8 @@ def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
 def permute_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
   """`x` [B, N, ...] rearranged to [B, M, ...] by `index` [B, M] (-1: a zero entry), where
   `inverse` [B, N] is its inverse (the entry each element of `x` went to; -1: none). The
-  gradient is the inverse rearrangement, a gather as well: no scatter (slow on XLA's CPU backend)."""
+  gradient is the inverse rearrangement, a gather as well: no scatter (slow on XLA's CPU
+  backend)."""
   return _take_rows(x, index)
 
 
