@@ -20,12 +20,19 @@ LOSS = ml_collections.ConfigDict(dict(
 PAD = 0
 
 
-def _pairs(n=8, max_len=16, seed=0) -> PairArrays:
+def _pairs(n=8, max_len=16, seed=0, shared_prompts=False) -> PairArrays:
+  """Random pairs; with `shared_prompts`, each pair's rejected sequence begins with the same
+  tokens as its chosen one, up to a random point (within or past the prompts)."""
   rng = np.random.default_rng(seed)
   lengths = rng.integers(2, max_len + 1, size=(n, 2))
   tokens = rng.integers(1, MODEL.vocab_size, size=int(lengths.sum())).astype(np.int32)
   starts = np.minimum(rng.integers(0, 6, size=(n, 2)), lengths - 1)
-  return PairArrays.from_lengths(tokens, lengths, starts, rng.uniform(0, 0.5, n).astype(np.float32))
+  arrays = PairArrays.from_lengths(tokens, lengths, starts, rng.uniform(0, 0.5, n).astype(np.float32))
+  if shared_prompts:
+    for i, same in enumerate(rng.integers(0, 8, size=n).tolist()):
+      same = min(same, *lengths[i])
+      tokens[arrays.offsets[i, 1]:arrays.offsets[i, 1] + same] = arrays.sequence(i, 0)[:same]
+  return arrays
 
 
 def test_layout_by_hand():
@@ -53,6 +60,27 @@ def test_layout_by_hand():
   np.testing.assert_array_equal(result.slots, [[0, 1]])
   assert result.left_over.size == 0
   assert result.efficiency == pytest.approx(0.8)
+
+
+def test_shared_prompt_layout_by_hand():
+  # pair 0: chosen [5 6 7 1], rejected [5 6 8] share [5 6] (both prompts are 2 tokens);
+  # pair 1: chosen [1 2], rejected [1 3] share nothing: [1] is the chosen prompt, not the rejected's
+  arrays = PairArrays.from_lengths(np.array([5, 6, 7, 1, 5, 6, 8, 1, 2, 1, 3]), [[4, 3], [2, 2]],
+                                   [[2, 2], [1, 0]], np.array([0.5, 0.25]))
+  np.testing.assert_array_equal(arrays.shared_prompt(), [2, 0])
+  result = packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD,
+                              share_prompt=True)
+  b = result.batch
+  np.testing.assert_array_equal(b["input_ids"], [[5, 6, 7, 1, 8, 1, 2, 1, 3, 0]])
+  np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 1, 2, 3, 3, 4, 4, 0]])
+  np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 3, 2, 0, 1, 0, 1, 0]])
+  np.testing.assert_array_equal(b["lm_mask"], [[0, 0, 1, 1, 0, 0, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(b["sequence_index"], [[[0, 1, 2, 3], [0, 1, 4, -1],
+                                                       [5, 6, -1, -1], [7, 8, -1, -1]]])
+  np.testing.assert_array_equal(b["reward_index"], [[3, 4, 6, 8]])
+  sizes = packing.pair_sizes(arrays.lengths, arrays.response_start, arrays.shared_prompt())
+  np.testing.assert_array_equal(sizes, [[5, 2, 4], [4, 1, 2]])
+  assert result.efficiency == pytest.approx(0.9)
 
 
 def test_first_fit_decreasing_fixed_rows_and_left_over():
@@ -122,12 +150,13 @@ def _params():
   return nn.unbox(transformer.init_params(MODEL, jax.random.key(1)))
 
 
-@pytest.mark.parametrize("by_sequence", [False, True])
+@pytest.mark.parametrize("by_sequence,share_prompt", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("impl,scan", [("plain", False), ("fused", False), ("plain", True)])
-def test_model_on_packed_rows_equals_padded(impl, scan, by_sequence):
+def test_model_on_packed_rows_equals_padded(impl, scan, by_sequence, share_prompt):
   """Rewards and LM logits of each packed sequence equal those of the padded batch (1e-5), also
-  with the layers scanned and rematerialised, under segment masks or sequence by sequence."""
-  arrays = _pairs()
+  with the layers scanned and rematerialised, under segment masks or sequence by sequence, with
+  each pair's shared prompt laid out once or twice."""
+  arrays = _pairs(shared_prompts=True)
   params = _params()
   config = MODEL.replace(attention=impl)
   if scan:
@@ -138,7 +167,9 @@ def test_model_on_packed_rows_equals_padded(impl, scan, by_sequence):
   ids = padded["input_ids"].reshape(-1, 16)
   ref = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, return_logits=True))(
       params, ids, padded["attention_mask"].reshape(-1, 16))
-  result = packing.pack_pairs(arrays, row_len=40, max_pairs_per_row=3, pad_id=PAD)
+  result = packing.pack_pairs(arrays, row_len=40, max_pairs_per_row=3, pad_id=PAD,
+                              share_prompt=share_prompt)
+  assert not share_prompt or arrays.shared_prompt().sum() > 0
   b = result.batch
   out = jax.jit(lambda p, b: model.apply(
       {"params": p}, b["input_ids"], b["segment_ids"] > 0, return_logits=True,
@@ -149,21 +180,23 @@ def test_model_on_packed_rows_equals_padded(impl, scan, by_sequence):
     for which in (0, 1):
       np.testing.assert_allclose(out.rewards[row, 2 * k + which], ref.rewards[2 * pair + which],
                                  rtol=1e-5, atol=1e-5)
-      end = b["reward_index"][row, 2 * k + which] + 1
-      length = arrays.lengths[pair, which]
-      np.testing.assert_allclose(out.logits[row, end - length:end], ref.logits[2 * pair + which, :length],
+      columns = b["sequence_index"][row, 2 * k + which, :arrays.lengths[pair, which]]
+      np.testing.assert_allclose(out.logits[row, columns], ref.logits[2 * pair + which, :len(columns)],
                                  rtol=1e-5, atol=1e-5)
 
 
-def test_packed_loss_and_gradients_equal_padded():
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_packed_loss_and_gradients_equal_padded(share_prompt):
   """The key property: same pairs, same loss and gradients, packed or padded (1e-5, float32),
-  attending sequence by sequence (`sequence_index`) with the LM head only at `lm_index`."""
-  arrays = _pairs(n=8)
+  attending sequence by sequence (`sequence_index`) with the LM head only at `lm_index`, with
+  each pair's shared prompt laid out once (`share_prompt`) or twice."""
+  arrays = _pairs(n=8, shared_prompts=True)
   params = _params()
   model = transformer.RewardModel(MODEL)
   padded = {k: jnp.asarray(v) for k, v in pipeline.collate(arrays, 16, PAD).items()}
   packed = {k: jnp.asarray(v) for k, v in
-            packing.pack_pairs(arrays, row_len=48, max_pairs_per_row=4, pad_id=PAD).batch.items()}
+            packing.pack_pairs(arrays, row_len=48, max_pairs_per_row=4, pad_id=PAD,
+                               share_prompt=share_prompt).batch.items()}
 
   def padded_loss(p):
     sums = step._microbatch_sums(model, p, padded, LOSS, lm_chunk=0)

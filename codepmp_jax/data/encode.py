@@ -193,6 +193,17 @@ class PairArrays:
                             np.concatenate([p.response_start for p in parts] or [np.zeros((0, 2))]),
                             np.concatenate([p.margin for p in parts] or [np.zeros(0)]))
 
+  def shared_prompt(self) -> np.ndarray:
+    """[n] int32: how many leading tokens each pair's two sequences have in common within both
+    prompts (at most the shorter `response_start`, and one short of the shorter sequence): the
+    prompt a packed row can hold once for both (`packing.pack_pairs(share_prompt=True)`)."""
+    caps = np.minimum(self.response_start.min(axis=1), self.lengths.min(axis=1) - 1)
+    shared = np.zeros(len(self), np.int32)
+    for i, cap in enumerate(np.maximum(caps, 0).tolist()):
+      differ = np.flatnonzero(self.sequence(i, 0)[:cap] != self.sequence(i, 1)[:cap])
+      shared[i] = differ[0] if len(differ) else cap
+    return shared
+
   def sequence(self, index: int, which: int) -> np.ndarray:
     """The token ids of pair `index`, chosen (`which=0`) or rejected (1)."""
     start = self.offsets[index, which]

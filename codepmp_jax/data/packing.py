@@ -32,6 +32,14 @@ into the next batch); without it, as many rows are used as the pairs need. The b
   pair_valid   [R, K] float32 1 where the slot holds a pair
   margin       [R, K] float32 the pair's margin (0 in empty slots)
 
+Shared prompts (`share_prompt=True`): a pair's two sequences usually begin with the same prompt
+tokens (`PairArrays.shared_prompt`), and under causal attention those tokens compute the same
+states in both, so the row holds them once: `[prompt, chosen response, rejected response]`, the
+prompt in the chosen segment, the rejected segment's positions going on from the prompt's end,
+and `sequence_index` listing the prompt's columns in BOTH sequences' slots. Dense layers then run
+on `c + r - p` tokens a pair instead of `c + r`; the loss and gradients are unchanged. Such rows
+need `sequence_index` (a segment mask alone would hide the prompt from the rejected response).
+
 `pack_batch` is the form a training pipeline wants: ALL of a batch's pairs (so a step still trains
 on a fixed number of pairs, as the padded step does, and resuming stays exact), in as many rows as
 they need, the row count rounded up to a multiple of `row_multiple` (the devices the rows are split
@@ -77,13 +85,16 @@ def packing_efficiency(batch: dict[str, np.ndarray]) -> float:
   return float((segments > 0).sum() / max(segments.size, 1))
 
 
-def pair_sizes(lengths: np.ndarray, response_start: np.ndarray) -> np.ndarray:
-  """[n, 3] int32 per pair, what packing needs to know of it without its tokens: chosen +
-  rejected tokens, LM targets (its chosen response, less a segment's first token) and its longer
-  sequence (`lengths`, `response_start` [n, 2] as in `PairArrays`)."""
+def pair_sizes(lengths: np.ndarray, response_start: np.ndarray,
+               shared_prompt: np.ndarray | None = None) -> np.ndarray:
+  """[n, 3] int32 per pair, what packing needs to know of it without its tokens: its tokens in a
+  row (chosen + rejected, less the `shared_prompt` laid out once; `PairArrays.shared_prompt`), LM
+  targets (its chosen response, less a segment's first token) and its longer sequence (`lengths`,
+  `response_start` [n, 2] as in `PairArrays`)."""
   lengths, starts = np.asarray(lengths, np.int64), np.asarray(response_start, np.int64)
+  shared = 0 if shared_prompt is None else np.asarray(shared_prompt, np.int64)
   lm_targets = np.maximum(lengths[:, 0] - np.maximum(starts[:, 0], 1), 0)
-  return np.stack([lengths.sum(axis=1), lm_targets, lengths.max(axis=1, initial=0)],
+  return np.stack([lengths.sum(axis=1) - shared, lm_targets, lengths.max(axis=1, initial=0)],
                   axis=1).astype(np.int32)
 
 
@@ -200,16 +211,19 @@ def _visit_order(pair_lengths: np.ndarray, order: str) -> np.ndarray:
 
 
 def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
-               shape: PackedShape | None = None, order: str = "ffd") -> PackResult:
+               shape: PackedShape | None = None, order: str = "ffd",
+               share_prompt: bool = False) -> PackResult:
   """Packs `arrays` into `[shape.rows, row_len]` rows (see the module docstring for the layout).
 
   Within a row, pairs follow in the order they were assigned. Pairs that do not fit in
   `shape.rows` rows are returned in `left_over` (ascending indices): none is dropped without
   being listed there. Without a `shape`, the least that holds every pair (`PackedShape.of`); a
-  row with more LM targets or sequences than `shape` allows is an error.
+  row with more LM targets or sequences than `shape` allows is an error. With `share_prompt`, a
+  pair's shared prompt (`PairArrays.shared_prompt`) is laid out once (see the module docstring).
   """
   num_rows = None if shape is None else shape.rows
-  pair_lengths = arrays.lengths.astype(np.int64).sum(axis=1)
+  shared = (arrays.shared_prompt() if share_prompt else np.zeros(len(arrays), np.int32)).astype(np.int64)
+  pair_lengths = arrays.lengths.astype(np.int64).sum(axis=1) - shared
   rows = assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, order)
   visit = _visit_order(pair_lengths, order)
   placed = np.array([i for i in visit if rows[i] >= 0], np.int64)
@@ -227,17 +241,20 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   slots = np.full((num_rows, k), -1, np.int64)
   used = np.zeros(num_rows, np.int64)  # columns taken per row
   slot = np.zeros(num_rows, np.int64)  # pairs placed per row
+  prompts = []  # (row, rejected slot, first column, tokens) of each shared prompt
   for i in placed:
     row = rows[i]
     for which in (0, 1):
+      skip = int(shared[i]) if which == 1 else 0  # the rejected sequence's shared prompt is laid out once
       length = int(arrays.lengths[i, which])
-      start, end = used[row], used[row] + length
-      batch["input_ids"][row, start:end] = arrays.sequence(i, which)
+      start, end = used[row], used[row] + length - skip
+      batch["input_ids"][row, start:end] = arrays.sequence(i, which)[skip:]
       batch["segment_ids"][row, start:end] = 2 * slot[row] + which + 1
-      batch["positions"][row, start:end] = np.arange(length)
+      batch["positions"][row, start:end] = np.arange(skip, length)
       if which == 0:
         response = max(int(arrays.response_start[i, 0]), 1)
         batch["lm_mask"][row, start + response:end] = 1
+        prompts.append((row, 2 * slot[row] + 1, start, int(shared[i])))
       batch["reward_index"][row, 2 * slot[row] + which] = end - 1
       used[row] = end
     batch["pair_valid"][row, slot[row]] = 1.0
@@ -248,6 +265,8 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   batch["sequence_index"] = _sequence_index(
       batch["segment_ids"], batch["positions"],
       None if shape is None else (shape.sequence_slots, shape.sequence_len))
+  for row, rejected, start, tokens in prompts:
+    batch["sequence_index"][row, rejected, :tokens] = np.arange(start, start + tokens)
   return PackResult(batch, slots, np.flatnonzero(rows < 0))
 
 
@@ -283,14 +302,16 @@ def _sequence_index(segment_ids: np.ndarray, positions: np.ndarray,
 
 
 def pack_batch(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
-               row_multiple: int = 1, rows_per_octave: int = ROWS_PER_OCTAVE) -> PackResult:
+               row_multiple: int = 1, rows_per_octave: int = ROWS_PER_OCTAVE,
+               share_prompt: bool = False) -> PackResult:
   """Every pair of `arrays` packed `balanced` into the `batch_shape` that holds them.
 
   The row count is `row_multiple` x one of `rows_per_octave` sizes per octave, so padded rows
   waste under `1 / rows_per_octave` of them and a run compiles a few shapes. Rows left empty are
   all padding (`segment_ids` 0, no valid pair slot).
   """
-  shape = batch_shape([pair_sizes(arrays.lengths, arrays.response_start)], row_len,
+  shared = arrays.shared_prompt() if share_prompt else None
+  shape = batch_shape([pair_sizes(arrays.lengths, arrays.response_start, shared)], row_len,
                       max_pairs_per_row, row_multiple, rows_per_octave)
   return pack_pairs(arrays, row_len=row_len, max_pairs_per_row=max_pairs_per_row, pad_id=pad_id,
-                    shape=shape, order="balanced")
+                    shape=shape, order="balanced", share_prompt=share_prompt)

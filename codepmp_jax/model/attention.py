@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -291,51 +292,78 @@ def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def permute_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
-  """`x` [B, N, ...] rearranged to [B, M, ...] by `index` [B, M] (-1: a zero entry), where
-  `inverse` [B, N] is its inverse (the entry each element of `x` went to; -1: none). The
-  gradient is the inverse rearrangement, a gather as well: no scatter (slow on XLA's CPU
-  backend)."""
+def gather_rows(x: jax.Array, index: jax.Array, inverses: tuple[jax.Array, ...]) -> jax.Array:
+  """`x` [B, N, ...] rearranged to [B, M, ...] by `index` [B, M] (-1: a zero entry). `inverses`
+  ([B, N] each) list, for every element of `x`, the entries it went to (one per array; -1: none),
+  so the gradient is a sum of gathers as well: no scatter (slow on XLA's CPU backend)."""
   return _take_rows(x, index)
 
 
-def _permute_rows_fwd(x, index, inverse):
-  return _take_rows(x, index), (index, inverse)
+def _gather_rows_fwd(x, index, inverses):
+  return _take_rows(x, index), (index, inverses)
 
 
-def _permute_rows_bwd(residuals, grad):
-  index, inverse = residuals
-  return _take_rows(grad, inverse), None, None
+def _gather_rows_bwd(residuals, grad):
+  index, inverses = residuals
+  total = _take_rows(grad, inverses[0])
+  for inverse in inverses[1:]:
+    total = total + _take_rows(grad, inverse)
+  return total, None, tuple(None for _ in inverses)
 
 
-permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def sequence_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                       sequence_index: jax.Array, row_index: jax.Array, *,
-                       implementation: str = "plain", sliding_window: int | None = None,
+class SequenceLayout(NamedTuple):
+  """How packed rows map to their sequence slots, for `sequence_attention` (`sequence_layout`)."""
+  sequence_index: jax.Array  # [B, S, T] the column of each slot entry; -1: none
+  home_index: jax.Array  # [B, S * T] the same, -1 where the column's output is read elsewhere
+  row_index: jax.Array  # [B, L] each column's home entry (s * T + t); -1: padding
+  second_index: jax.Array  # [B, L] a shared-prompt column's entry in the next slot; -1: none
+
+
+def sequence_layout(sequence_index: jax.Array, row_index: jax.Array) -> SequenceLayout:
+  """The layout of packed rows whose `sequence_index` [B, S, T] lists each sequence's columns and
+  `row_index` [B, L] each column's home entry (s * T + t). A column may also appear in the next
+  slot at the same offset: a pair's shared prompt, laid out once and listed in both its chosen
+  (home) and its rejected sequence (`data.packing`, `share_prompt`)."""
+  rows, slots, length = sequence_index.shape
+  flat = sequence_index.reshape(rows, slots * length)
+  entries = jnp.arange(slots * length)[None]
+  home_of = jnp.take_along_axis(row_index, jnp.maximum(flat, 0), axis=1)
+  home_index = jnp.where((flat >= 0) & (home_of == entries), flat, -1)
+  candidate = row_index + length
+  listed = jnp.take_along_axis(flat, jnp.clip(candidate, 0, slots * length - 1), axis=1)
+  shared = (row_index >= 0) & (candidate < slots * length) & (
+      listed == jnp.arange(row_index.shape[1])[None])
+  return SequenceLayout(sequence_index, home_index, row_index, jnp.where(shared, candidate, -1))
+
+
+def sequence_attention(query: jax.Array, key: jax.Array, value: jax.Array, layout: SequenceLayout,
+                       *, implementation: str = "plain", sliding_window: int | None = None,
                        causal_block: int = CAUSAL_BLOCK) -> jax.Array:
   """Causal self-attention of packed rows, computed sequence by sequence.
 
-  query [B, L, H, hd], key/value [B, L, KV, hd] hold several sequences per row. `sequence_index`
-  [B, S, T] names the columns of each row's sequences (slot s, token t; -1 past a sequence's end
-  or in an empty slot), and `row_index` [B, L] where each column sits in that layout (s * T + t;
-  -1 for padding, whose output is 0). The sequences are gathered into [B * S, T] right-padded
-  rows and attended by the named implementation, so attention costs S * T^2 per row instead of
-  L^2 (packed rows of short sequences), every kernel runs its plain causal-with-lengths case, and
-  no token sees another sequence by construction.
+  query [B, L, H, hd], key/value [B, L, KV, hd] hold several sequences per row, mapped to
+  sequence slots by `layout` (`sequence_layout`; padding's output is 0). The sequences are
+  gathered into [B * S, T] right-padded rows and attended by the named implementation, so
+  attention costs S * T^2 per row instead of L^2 (packed rows of short sequences), every kernel
+  runs its plain causal-with-lengths case, and no token sees another sequence by construction.
+  A shared prompt's keys and values serve both sequences of its pair (its gradient sums both).
   """
-  rows, slots, length = sequence_index.shape
-  to_layout = sequence_index.reshape(rows, slots * length)
+  rows, slots, length = layout.sequence_index.shape
+  to_layout = layout.sequence_index.reshape(rows, slots * length)
 
   def to_sequences(x):
-    return permute_rows(x, to_layout, row_index).reshape(rows * slots, length, *x.shape[2:])
+    return gather_rows(x, to_layout, (layout.row_index, layout.second_index)).reshape(
+        rows * slots, length, *x.shape[2:])
 
-  lengths = jnp.sum(sequence_index >= 0, axis=-1, dtype=jnp.int32).reshape(-1)
+  lengths = jnp.sum(layout.sequence_index >= 0, axis=-1, dtype=jnp.int32).reshape(-1)
   out = dot_product_attention(to_sequences(query), to_sequences(key), to_sequences(value),
                               implementation=implementation, lengths=lengths, causal=True,
                               sliding_window=sliding_window, causal_block=causal_block)
-  return permute_rows(out.reshape(rows, slots * length, *out.shape[2:]), row_index, to_layout)
+  return gather_rows(out.reshape(rows, slots * length, *out.shape[2:]), layout.row_index,
+                     (layout.home_index,))
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,

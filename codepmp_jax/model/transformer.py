@@ -181,11 +181,11 @@ class Attention(nn.Module):
                decode_positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
                query_index: jax.Array | None = None,
-               sequences: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+               sequences: attention_lib.SequenceLayout | None = None) -> jax.Array:
     """`lengths` [B]: real tokens per right-padded row (None when decoding over the cache or when
     `segment_ids` [B, L] of packed rows say which tokens see each other). `query_index` [B, K]:
     compute queries (and the output, [B, K, D]) only at these columns of right-padded rows, over
-    the keys at or before each. `sequences`: packed rows' (sequence_index, row_index), to attend
+    the keys at or before each. `sequences`: packed rows' `attention.SequenceLayout`, to attend
     sequence by sequence (`attention.sequence_attention`) instead of under a segment mask."""
     cfg = self.config
     batch, length, _ = x.shape
@@ -209,7 +209,7 @@ class Attention(nn.Module):
       out = attention_lib.plain_attention(q, k, v, bias=bias)
     elif sequences is not None:
       out = attention_lib.sequence_attention(
-          q, k, v, *sequences, implementation=cfg.attention, sliding_window=cfg.sliding_window,
+          q, k, v, sequences, implementation=cfg.attention, sliding_window=cfg.sliding_window,
           causal_block=cfg.causal_block)
     elif decode_positions is None:
       out = attention_lib.dot_product_attention(
@@ -246,7 +246,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
                decode_positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                query_index: jax.Array | None = None,
-               sequences: tuple[jax.Array, jax.Array] | None = None):
+               sequences: attention_lib.SequenceLayout | None = None):
     """The next hidden states, [B, L, D] (at `query_index` [B, K] only: [B, K, D])."""
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
@@ -323,7 +323,7 @@ class RewardModel(nn.Module):
     if sequence_index is not None:
       row_index = jnp.where(segment_ids > 0,
                             (segment_ids - 1) * sequence_index.shape[2] + positions, -1)
-      sequences = (sequence_index, row_index)
+      sequences = attention_lib.sequence_layout(sequence_index, row_index)
 
     layer_cls = DecoderLayer
     if cfg.remat_policy != "none" and not decoding:
