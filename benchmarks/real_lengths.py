@@ -14,12 +14,13 @@ by every mode:
   packed    ours, each step's pairs packed by `data.packing.pack_batch` into rows of `--row_len`
             tokens (default `2 * seq_len`, room for any pair), the row count in quarter-octave
             buckets, attention sequence by sequence and the LM head only at LM targets;
+  shared    packed, with each pair's shared prompt laid out once (`share_prompt=True`);
   peer      transformers + torch (`benchmarks.train_step.Peer`), `--pairs` pairs per step padded
             to the longest sequence of the step, as TRL's collator does.
 Every mode trains on the same pairs in the same `--pairs`-pair steps. Every shape is compiled (ours)
 or run once (peer) before timing. Reported: real tokens / second
-over all steps of the mode (chosen and rejected tokens, padding excluded) and the packing
-efficiency. One side runs at a time (see benchmarks/train_step.py).
+over all steps of the mode (the pairs' chosen and rejected tokens, the same count for every mode)
+and the efficiency (tokens in the rows that are not padding / all row tokens). One side runs at a time (see benchmarks/train_step.py).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig, get_preset
 
-MODES = ("padded", "bucketed", "packed", "peer")
+MODES = ("padded", "bucketed", "packed", "shared", "peer")
 BUCKET = 128
 
 
@@ -108,14 +109,16 @@ def padded_batches(arrays: PairArrays, pairs: int, seq_len: int, pad_id: int, mo
 
 
 def packed_batches(arrays: PairArrays, pairs: int, row_len: int, max_pairs_per_row: int,
-                   pad_id: int) -> list[dict]:
+                   pad_id: int, share_prompt: bool) -> list[dict]:
   """Consecutive `pairs`-pair batches, each packed whole (`packing.pack_batch`)."""
   return [packing.pack_batch(_take(arrays, range(start, start + pairs)), row_len=row_len,
-                             max_pairs_per_row=max_pairs_per_row, pad_id=pad_id).batch
+                             max_pairs_per_row=max_pairs_per_row, pad_id=pad_id,
+                             share_prompt=share_prompt).batch
           for start in range(0, len(arrays) - pairs + 1, pairs)]
 
 
-def real_tokens(batch: dict) -> int:
+def row_tokens_used(batch: dict) -> int:
+  """Tokens of a batch's rows that are not padding."""
   if "segment_ids" in batch:
     return int((batch["segment_ids"] > 0).sum())
   return int(batch["attention_mask"].sum())
@@ -170,7 +173,7 @@ def run_mode(mode: str, config: ModelConfig, batches: list[dict], dtype: str) ->
     seconds = measure(peer_step, batches)
     peer.close()
     return seconds
-  return measure(OursRunner(config, packed=mode == "packed").run, batches)
+  return measure(OursRunner(config, packed=mode in ("packed", "shared")).run, batches)
 
 
 FLAGS = flags.FLAGS
@@ -221,21 +224,23 @@ def main(argv: list[str]) -> None:
                  f"p90 {int(np.percentile(lengths, 90))}, max {int(lengths.max())}")
     usable = _take(arrays, range(len(arrays) // FLAGS.pairs * FLAGS.pairs))
     for mode in modes:
-      if mode == "packed":
+      if mode in ("packed", "shared"):
         batches = packed_batches(usable, FLAGS.pairs, FLAGS.row_len or 2 * FLAGS.seq_len,
-                                 FLAGS.max_pairs_per_row, 0)
+                                 FLAGS.max_pairs_per_row, 0, share_prompt=mode == "shared")
       else:
         batches = padded_batches(usable, FLAGS.pairs, FLAGS.seq_len, 0, mode)
-      tokens = sum(real_tokens(b) for b in batches)
-      row_tokens = sum(b["input_ids"].size for b in batches)
+      tokens = int(usable.lengths.sum())
+      efficiency = sum(row_tokens_used(b) for b in batches) / sum(b["input_ids"].size for b in batches)
       seconds = run_mode(mode, config, batches, FLAGS.dtype)
-      rows.append((name, mode, len(batches), tokens, f"{tokens / row_tokens:.1%}", seconds, tokens / seconds))
+      rows.append((name, mode, len(batches), tokens, f"{efficiency:.1%}", seconds, tokens / seconds))
   table = common.format_table(("data", "mode", "steps", "real tokens", "efficiency", "seconds",
                                "real tokens/s"), rows)
   speed = {(r[0], r[1]): r[-1] for r in rows}
   ratios = [f"{name}: {a} / {b} = {speed[name, a] / speed[name, b]:.2f}x"
             for name in data_sets for a, b in (("packed", "bucketed"), ("packed", "padded"),
-                                               ("packed", "peer"), ("bucketed", "peer"))
+                                               ("packed", "peer"), ("bucketed", "peer"),
+                                               ("shared", "packed"), ("shared", "bucketed"),
+                                               ("shared", "peer"))
             if (name, a) in speed and (name, b) in speed]
   print("\n".join(lines + ["", table, ""] + ratios))
 

@@ -4,16 +4,20 @@ the PyTorch peer a researcher would otherwise write, on the same batch, shape, d
   python -m benchmarks.train_step                                  # CPU: tiny, smollm2_135m
   python -m benchmarks.train_step --shapes=qwen2_0_5b,qwen2_1_5b   # GPU: bf16, seq 1024
 
-Ours: `codepmp_jax.step` (one jit, donated state) on a one-device mesh. Peer: a transformers
+Ours: `codepmp_jax.step` (one jit, donated state) on a one-device mesh, on the padded batch
+(`ours`) and on the same pairs packed (`packed`: `data.packing.pack_batch` into rows of up to
+2 * seq_len, each pair's shared prompt laid out once, as the paper configs train). Peer: a transformers
 `*ForSequenceClassification` of the same shape (random init, SDPA attention) whose backbone hidden
 states feed both the `score` head (reward at length - 1) and an LM head (the tied embedding, or an
 untied Linear), loss = BT + token-mean cross-entropy on the chosen response (TRL/CodePMP), with
 gradient clipping and torch.optim.AdamW without decay on norms and biases, as the HF Trainer does.
 Mixed precision is the same on both sides: float32 parameters and optimizer state, `--dtype`
 compute (torch.autocast). Data: the synthetic source of `codepmp_jax.data.pipeline` (no
-TensorFlow). The peer runs first and frees its memory before ours runs (interleaving their steps
+TensorFlow), each pair's two sequences sharing their first half (the prompt), as real pairs do.
+The peer runs first and frees its memory before ours runs (interleaving their steps
 lets each runtime's spinning threads slow the other). MFU is against a float32 matmul peak
-measured in the same run on CPU, and against the chip's bf16 peak on GPU.
+measured in the same run on CPU, and against the chip's bf16 peak on GPU, of the FLOPs each side
+computes (`packed` computes less: `flops.packed_step_flops`).
 """
 from __future__ import annotations
 
@@ -36,26 +40,54 @@ from absl import app, flags
 
 from benchmarks import common
 from codepmp_jax import cli, metrics, optim, sharding, step
-from codepmp_jax.data import pipeline
+from codepmp_jax.data import packing, pipeline
+from codepmp_jax.data.encode import PairArrays
 from codepmp_jax.model import flops as flops_lib
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig, get_preset
 
 CPU_SHAPES = ("tiny", "smollm2_135m")
+SIDES = ("peer", "ours", "packed")
 GPU_SHAPES = ("qwen2_0_5b", "qwen2_1_5b")
 LOSS = ml_collections.ConfigDict(dict(
     rm_coef=1.0, lm_coef=1.0, center_coef=0.0, loss_type="sigmoid", use_margin=False))
 Batch = dict[str, np.ndarray]
 
 
+def synthetic_pairs(config: ModelConfig, pairs: int, seq_len: int) -> PairArrays:
+  """Random full-length pairs whose two sequences share their first half (the prompt); the
+  responses are the second halves."""
+  rng = np.random.default_rng(0)
+  prompt = seq_len // 2
+  chosen = rng.integers(0, config.vocab_size, (pairs, seq_len), dtype=np.int32)
+  rejected = np.concatenate([chosen[:, :prompt], rng.integers(
+      0, config.vocab_size, (pairs, seq_len - prompt), dtype=np.int32)], axis=1)
+  return PairArrays.from_lengths(np.stack([chosen, rejected], axis=1).reshape(-1),
+                                 np.full((pairs, 2), seq_len), np.full((pairs, 2), prompt),
+                                 np.zeros(pairs, np.float32))
+
+
 def synthetic_batch(config: ModelConfig, pairs: int, seq_len: int) -> Batch:
-  """One host batch of random full-length pairs, the chosen response being the second half."""
-  data = pipeline.default_data_config()
-  data.update(source="synthetic", vocab_size=config.vocab_size, synthetic_pairs=pairs,
-              pad_id=config.pad_token_id or 0, prefetch=0)
-  batches = pipeline.build_pipeline(data, split="train", global_batch=pairs, seq_len=seq_len,
-                                    sharding=None, seed=0, repeat=False)
-  return next(batches)
+  """The padded `[B, 2, L]` host batch of `synthetic_pairs`."""
+  return pipeline.collate(synthetic_pairs(config, pairs, seq_len), seq_len, config.pad_token_id or 0)
+
+
+def packed_synthetic_batch(config: ModelConfig, pairs: int, seq_len: int) -> Batch:
+  """The same pairs packed into rows of up to `2 * seq_len`, each shared prompt laid out once."""
+  return packing.pack_batch(synthetic_pairs(config, pairs, seq_len), row_len=2 * seq_len,
+                            max_pairs_per_row=8, pad_id=config.pad_token_id or 0,
+                            share_prompt=True).batch
+
+
+def batch_flops(config: ModelConfig, batch: Batch) -> float:
+  """Model FLOPs of one step on `batch` as our step computes it (padded or packed)."""
+  if "segment_ids" not in batch:
+    pairs, _, length = batch["input_ids"].shape
+    return common.pmp_step_flops(config, pairs, length)
+  _, slots, sequence_len = batch["sequence_index"].shape
+  rows, row_len = batch["input_ids"].shape
+  return flops_lib.packed_step_flops(config, rows, row_len, batch["lm_index"].shape[1], slots,
+                                     sequence_len, lm_loss=True)
 
 
 def _optimizer_config() -> ml_collections.ConfigDict:
@@ -66,21 +98,24 @@ def _optimizer_config() -> ml_collections.ConfigDict:
 
 
 class Ours:
-  """Our jitted train step on one device; `step()` runs one step and waits for it."""
+  """Our jitted train step on one device, on a padded or a packed batch; `step()` runs one step
+  and waits for it."""
 
   def __init__(self, config: ModelConfig, batch: Batch):
     self.mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     rules = sharding.DEFAULT_RULES
     optimizer = optim.make_optimizer(_optimizer_config(), total_steps=1000)
     _, state_sharding = step.state_shardings(config, optimizer, self.mesh, rules)
-    batch_sharding = step.batch_shardings(self.mesh, rules)
+    packed = "segment_ids" in batch
+    batch_sharding = (step.packed_batch_shardings if packed else step.batch_shardings)(self.mesh, rules)
+    make_step = step.make_packed_train_step if packed else step.make_train_step
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
       params = jax.jit(lambda: nn.unbox(transformer.init_params(config, jax.random.key(0))),
                        out_shardings=state_sharding.params)()
       opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
       self.state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
       self.batch = jax.device_put(batch, batch_sharding)
-      train_step = step.jit_train_step(step.make_train_step(transformer.RewardModel(config), optimizer, LOSS),
+      train_step = step.jit_train_step(make_step(transformer.RewardModel(config), optimizer, LOSS),
                                        state_sharding, batch_sharding, self.mesh)
       start = time.perf_counter()
       self.compiled = train_step.lower(self.state, self.batch).compile()
@@ -194,9 +229,10 @@ def measure_shape(shape: str, args: flags.FlagValues, platform: str) -> dict[str
   config = get_preset(shape, dtype=args.dtype, param_dtype="float32",
                       remat_policy="full" if args.remat else "none", **overrides)
   batch = synthetic_batch(config, args.pairs, args.seq_len)
-  makers = {"ours": lambda: Ours(config, batch),
+  packed = packed_synthetic_batch(config, args.pairs, args.seq_len)
+  makers = {"ours": lambda: Ours(config, batch), "packed": lambda: Ours(config, packed),
             "peer": lambda: Peer(config, batch, args.dtype, args.remat)}
-  sides = [s for s in ("peer", "ours") if s in args.sides]
+  sides = [s for s in SIDES if s in args.sides]
   times: dict[str, list[float]] = {s: [] for s in sides}
   failed: dict[str, str] = {}
   notes: list[str] = []
@@ -212,8 +248,8 @@ def measure_shape(shape: str, args: flags.FlagValues, platform: str) -> dict[str
       return None
 
   def finish(side, runner):
-    if side == "ours":
-      notes.append(f"ours: compile {runner.compile_seconds:.1f} s")
+    if side != "peer":
+      notes.append(f"{side}: compile {runner.compile_seconds:.1f} s")
       if args.profile:
         breakdown = runner.profile(os.path.join(args.profile, shape))
         notes.append(f"ours: where one step's op time goes ({shape}):\n" + common.format_table(
@@ -230,8 +266,12 @@ def measure_shape(shape: str, args: flags.FlagValues, platform: str) -> dict[str
         times[side].append(_timed(runner.step))
       finish(side, runner)
   peak = metrics.measure_cpu_peak_flops(repeats=3) if platform == "cpu" else metrics.device_peak_flops()
+  flops = {"peer": batch_flops(config, batch), "ours": batch_flops(config, batch),
+           "packed": batch_flops(config, packed)}
+  notes.append(f"packed: {packed['input_ids'].shape[0]} rows x {packed['input_ids'].shape[1]} "
+               f"tokens, {packing.packing_efficiency(packed):.1%} of them real")
   return {"times": {s: statistics.median(t) for s, t in times.items() if t}, "failed": failed,
-          "peak": peak, "config": config, "notes": notes}
+          "peak": peak, "config": config, "notes": notes, "flops": flops}
 
 
 FLAGS = flags.FLAGS
@@ -253,7 +293,7 @@ def define_flags() -> None:
                     "accelerators).")
   flags.DEFINE_bool("remat", False, "Recompute each layer in the backward pass (ours: "
                     "remat_policy=full; peer: gradient checkpointing).")
-  flags.DEFINE_list("sides", ["ours", "peer"], "Which of ours,peer to run.")
+  flags.DEFINE_list("sides", list(SIDES), f"Which of {','.join(SIDES)} to run.")
   flags.DEFINE_multi_string("model", [], "FIELD=VALUE: a ModelConfig override applied to both "
                             "sides, e.g. --model=num_layers=4 (repeatable).")
   flags.DEFINE_string("profile", "", "DIR: also trace one step of ours into DIR and print its "
@@ -268,9 +308,9 @@ def check_flags(argv: list[str]) -> list[str]:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   shapes = [s for s in FLAGS.shapes if s]
-  unknown = sorted(set(s for s in FLAGS.sides if s) - {"ours", "peer"})
+  unknown = sorted(set(s for s in FLAGS.sides if s) - set(SIDES))
   if unknown:
-    raise app.UsageError(f"--sides: unknown {unknown}; use ours and/or peer")
+    raise app.UsageError(f"--sides: unknown {unknown}; use any of {','.join(SIDES)}")
   for shape in shapes:
     try:
       get_preset(shape)
@@ -308,14 +348,15 @@ def main(argv: list[str]) -> None:
   rows, ratios = [], []
   for shape in shapes:
     result = measure_shape(shape, FLAGS, platform)
-    flops = common.pmp_step_flops(result["config"], FLAGS.pairs, FLAGS.seq_len)
+    flops = result["flops"]["peer"]
     tokens = 2 * FLAGS.pairs * FLAGS.seq_len
-    for side in ("ours", "peer"):
+    for side in SIDES:
       if side in result["failed"]:
         rows.append((shape, side, "failed", "", "", "", result["failed"][side]))
       elif side in result["times"]:
         seconds = result["times"][side]
-        mfu = "n/a" if result["peak"] is None else f"{flops / seconds / result['peak']:.1%}"
+        mfu = ("n/a" if result["peak"] is None else
+               f"{result['flops'][side] / seconds / result['peak']:.1%}")
         rows.append((shape, side, seconds, FLAGS.pairs / seconds, tokens / seconds, mfu, ""))
     lines += result["notes"]
     if result["peak"] is None:
@@ -324,8 +365,10 @@ def main(argv: list[str]) -> None:
       kind = "measured fp32 matmul peak" if platform == "cpu" else "bf16 peak"
       peak = f"{kind} {result['peak'] / 1e12:.3g} TFLOP/s"
     lines.append(f"{shape}: {flops / 1e9:.1f} model GFLOP per step; {peak}")
-    if set(result["times"]) == {"ours", "peer"}:
-      ratios.append(f"ratio (ours/peer) {shape}: {result['times']['peer'] / result['times']['ours']:.2f}x")
+    for side in ("ours", "packed"):
+      if {side, "peer"} <= set(result["times"]):
+        ratios.append(f"ratio ({side}/peer) {shape}: "
+                      f"{result['times']['peer'] / result['times'][side]:.2f}x")
   table = common.format_table(("shape", "side", "step s", "pairs/s", "tokens/s", "MFU", "note"), rows)
   report = "\n".join(lines + ["", table, ""] + ratios)
   print(report)

@@ -120,7 +120,7 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
       # The most rows a batch of `pairs` pairs can need: one pair a row (2 sequences, at most
       # seq_len tokens and LM targets each). A row of many short pairs beside rows of one long
       # pair can have more sequence slots (up to 2K) and so more attention work than this.
-      worst = packing.PackedShape(pairs, tc.seq_len, 2, tc.seq_len).rounded(
+      worst = packing.PackedShape(pairs, tc.seq_len, 2, tc.seq_len, row_len).rounded(
           row_len, microbatches * pipeline.local_batch_shards(batch_sharding["input_ids"], 1))
       rows = worst.rows
       shapes = {"input_ids": (rows, row_len), "segment_ids": (rows, row_len),

@@ -170,7 +170,7 @@ def test_plan_compiles_the_packed_steps_on_the_most_rows_a_batch_can_take():
   config.data.pack = True
   packed = plan.plan(config, model_config)
   # At most one pair a row: 16 rows of 128 tokens, the positions of the padded [16, 2, 64] batch.
-  assert packing.PackedShape(16, 64, 2, 64).rounded(128, 2 * 8).rows == 16
+  assert packing.PackedShape(16, 64, 2, 64, 128).rounded(128, 2 * 8).rows == 16
   assert packed.params_bytes == padded.params_bytes
   assert 0.5 * padded.temp_bytes < packed.temp_bytes < 2 * padded.temp_bytes
   assert packed.eval_temp_bytes > 0

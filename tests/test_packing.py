@@ -53,7 +53,7 @@ def test_layout_by_hand():
   np.testing.assert_array_equal(packing.pair_sizes(arrays.lengths, arrays.response_start),
                                 [[5, 2, 3], [3, 1, 2]])
   assert packing.PackedShape.of(packing.pair_sizes(arrays.lengths, arrays.response_start),
-                                10, 2) == packing.PackedShape(1, 3, 4, 3)
+                                10, 2) == packing.PackedShape(1, 3, 4, 3, 8)
   np.testing.assert_array_equal(b["reward_index"], [[2, 4, 6, 7]])
   np.testing.assert_array_equal(b["pair_valid"], [[1, 1]])
   np.testing.assert_allclose(b["margin"], [[0.5, 0.25]])
@@ -103,7 +103,7 @@ def test_first_fit_decreasing_fixed_rows_and_left_over():
                                 [0, 0, 1, 1, 1])
   arrays = _pairs(n=6)
   result = packing.pack_pairs(arrays, row_len=32, max_pairs_per_row=1, pad_id=PAD,
-                              shape=packing.PackedShape(4, 32, 2, 16))
+                              shape=packing.PackedShape(4, 32, 2, 16, 32))
   placed = sorted(int(i) for i in result.slots.reshape(-1) if i >= 0)
   assert sorted(placed + result.left_over.tolist()) == list(range(6)) and len(placed) == 4
 
@@ -125,20 +125,36 @@ def test_a_wider_shape_pads_and_a_narrower_one_is_an_error():
   arrays = PairArrays.from_lengths(np.array([5, 6, 7, 8, 9, 1, 2, 3]), [[3, 2], [2, 1]],
                                    [[1, 1], [0, 0]], np.array([0.5, 0.25]))
   wide = packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD,
-                            shape=packing.PackedShape(2, 5, 4, 4)).batch
+                            shape=packing.PackedShape(2, 5, 4, 4, 10)).batch
   np.testing.assert_array_equal(wide["lm_index"], [[1, 2, 6, 0, 0], [0, 0, 0, 0, 0]])
   np.testing.assert_array_equal(wide["sequence_index"][0, :, -1], [-1, -1, -1, -1])
   assert (wide["sequence_index"][1] == -1).all()  # an empty row
   with pytest.raises(ValueError, match="row 0 has 3 LM targets, more than lm_slots=2"):
     packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD,
-                       shape=packing.PackedShape(1, 2, 4, 3))
+                       shape=packing.PackedShape(1, 2, 4, 3, 10))
   with pytest.raises(ValueError, match="up to 4 sequences of up to 3 tokens"):
     packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD,
-                       shape=packing.PackedShape(1, 3, 4, 2))
-  shapes = [packing.PackedShape(r, m, s, t).rounded(1024, row_multiple=2) for r, m, s, t in
-            [(1, 0, 1, 1), (3, 17, 3, 129), (9, 300, 6, 300), (40, 5000, 16, 900)]]
+                       shape=packing.PackedShape(1, 3, 4, 2, 10))
+  with pytest.raises(ValueError, match="row 0 has 8 tokens, more than columns=6"):
+    packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD,
+                       shape=packing.PackedShape(1, 3, 4, 3, 6))
+  shapes = [packing.PackedShape(*sizes).rounded(1024, row_multiple=2) for sizes in
+            [(1, 0, 1, 1, 1), (3, 17, 3, 129, 129), (9, 300, 6, 300, 700), (40, 5000, 16, 900, 2000)]]
   assert [dataclasses.astuple(s) for s in shapes] == [
-      (2, 16, 1, 128), (4, 20, 3, 160), (10, 320, 6, 320), (40, 1024, 16, 1024)]
+      (2, 16, 1, 128, 128), (4, 20, 3, 160, 160), (10, 320, 6, 320, 768), (40, 1024, 16, 1024, 1024)]
+
+
+def test_short_batches_get_short_rows():
+  """Rows are as long as the fullest one needs (rounded), not `row_len`: few or short pairs do
+  not pay for a long row's padding, and sharing prompts shortens the rows."""
+  arrays = _pairs(n=4, max_len=16, shared_prompts=True)
+  result = packing.pack_batch(arrays, row_len=1024, max_pairs_per_row=8, pad_id=PAD)
+  assert result.batch["input_ids"].shape == (1, 128)  # 4 pairs of at most 32 tokens: one row
+  np.testing.assert_array_equal(np.sort(result.batch["input_ids"][result.batch["segment_ids"] > 0]),
+                                np.sort(arrays.tokens))
+  shared = packing.pack_batch(arrays, row_len=1024, max_pairs_per_row=8, pad_id=PAD,
+                              share_prompt=True)
+  assert (shared.batch["segment_ids"] > 0).sum() == arrays.lengths.sum() - arrays.shared_prompt().sum()
 
 
 def test_pair_longer_than_a_row_is_an_error():
@@ -237,7 +253,7 @@ def test_packed_train_step_equals_padded_on_a_mesh_with_microbatches():
   ref_params, ref_metrics = _one_step(step.make_train_step, pipeline.collate(arrays, 16, PAD),
                                       step.batch_shardings, (1, 1, 1))
   packed = packing.pack_pairs(arrays, row_len=32, max_pairs_per_row=2, pad_id=PAD,
-                              shape=packing.PackedShape(8, 32, 4, 16))
+                              shape=packing.PackedShape(8, 32, 4, 16, 32))
   assert packed.left_over.size == 0
   params, metrics = _one_step(step.make_packed_train_step, packed.batch, step.packed_batch_shardings,
                               (2, 2, 2), microbatches=2)

@@ -1,7 +1,7 @@
 """Packed pair batches: several preference pairs per row, so a step computes on real tokens, not padding.
 
 A padded batch `[B, 2, L]` spends the compute of `2 B L` tokens whatever the pairs' lengths; packing
-puts the sequences back to back in fixed `[R, row_len]` rows instead. A pair's chosen and rejected
+puts the sequences back to back in `[R, L]` rows of at most `row_len` tokens instead. A pair's chosen and rejected
 sequences always sit side by side in ONE row (`[c1 r1 c2 r2 ...]`), so the pair stays on one device
 under data parallelism. Per token the batch says which sequence it belongs to (`segment_ids`,
 1, 2, ... within a row, 0 = padding) and its position within it (`positions`, restarting at 0), so
@@ -11,7 +11,7 @@ tokens, where the rewards are read. Each row also lists the columns of its LM ta
 so the LM head runs only there, not over the rejected sequences and padding that share the row,
 and the columns of each of its sequences (`sequence_index`), so attention runs sequence by
 sequence (`attention.sequence_attention`) instead of over the whole row. Shapes are static (`R`,
-`row_len`, `max_pairs_per_row` `K`, `M` LM slots, `S` sequence slots of `T` tokens); unused
+`L` columns, `max_pairs_per_row` `K`, `M` LM slots, `S` sequence slots of `T` tokens); unused
 slots have `pair_valid = 0`, `lm_index = 0` and `sequence_index = -1`.
 
 `pack_pairs(arrays, row_len=..., max_pairs_per_row=..., pad_id=..., shape=PackedShape(...))` is
@@ -100,12 +100,14 @@ def pair_sizes(lengths: np.ndarray, response_start: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class PackedShape:
-  """The static sizes of a packed batch: `rows` R, `lm_slots` M, `sequence_slots` S of
-  `sequence_len` T tokens (see the module docstring)."""
+  """The static sizes of a packed batch: `rows` R of `columns` L tokens (at most `row_len`: the
+  fullest row's tokens, so a batch of few or short pairs has short rows), `lm_slots` M,
+  `sequence_slots` S of `sequence_len` T tokens (see the module docstring)."""
   rows: int
   lm_slots: int
   sequence_slots: int
   sequence_len: int
+  columns: int
 
   @classmethod
   def of(cls, sizes: np.ndarray, row_len: int, max_pairs_per_row: int, order: str = "ffd",
@@ -116,7 +118,8 @@ class PackedShape:
     return cls(rows=num_rows or int(rows.max(initial=-1)) + 1,
                lm_slots=int(np.bincount(rows, sizes[:, 1]).max(initial=0)),
                sequence_slots=2 * int(np.bincount(rows).max(initial=0)),
-               sequence_len=int(sizes[:, 2].max(initial=0)))
+               sequence_len=int(sizes[:, 2].max(initial=0)),
+               columns=int(np.bincount(rows, sizes[:, 0]).max(initial=0)))
 
   def union(self, other: PackedShape) -> PackedShape:
     """Sizes that hold both (every process packs its own pairs into the same shape)."""
@@ -126,17 +129,17 @@ class PackedShape:
   def rounded(self, row_len: int, row_multiple: int = 1,
               rows_per_octave: int = ROWS_PER_OCTAVE) -> PackedShape:
     """Rounded up to a few sizes each, so a run compiles few shapes: R to `row_multiple` x
-    `rows_per_octave` sizes per octave, M to `LM_SLOTS_PER_OCTAVE` sizes per octave from 16, T to
-    `SEQUENCE_LEN_PER_OCTAVE` sizes per octave from `MIN_SEQUENCE_LEN`, M and T never past
+    `rows_per_octave` sizes per octave, M to `LM_SLOTS_PER_OCTAVE` sizes per octave from 16, T and
+    L to `SEQUENCE_LEN_PER_OCTAVE` sizes per octave from `MIN_SEQUENCE_LEN`, M, T and L never past
     `row_len`; S (even: 2 a pair, at most 2K) stays as it is."""
     if row_multiple < 1:
       raise ValueError(f"row_multiple must be at least 1, got {row_multiple}")
     rows = row_multiple * bucket_length(-(-max(self.rows, 1) // row_multiple), 1, rows_per_octave)
     lm_slots = bucket_length(max(self.lm_slots, 1), 16, LM_SLOTS_PER_OCTAVE)
-    sequence_len = bucket_length(max(self.sequence_len, 1), MIN_SEQUENCE_LEN,
-                                 SEQUENCE_LEN_PER_OCTAVE)
+    sequence_len, columns = (bucket_length(max(n, 1), MIN_SEQUENCE_LEN, SEQUENCE_LEN_PER_OCTAVE)
+                             for n in (self.sequence_len, self.columns))
     return PackedShape(rows, min(lm_slots, row_len), max(self.sequence_slots, 1),
-                       min(sequence_len, row_len))
+                       min(sequence_len, row_len), min(columns, row_len))
 
 
 def batch_shape(sizes: Sequence[np.ndarray], row_len: int, max_pairs_per_row: int,
@@ -144,11 +147,11 @@ def batch_shape(sizes: Sequence[np.ndarray], row_len: int, max_pairs_per_row: in
   """The `rounded` shape that every process's pairs (`sizes`, one `pair_sizes` array each) fit
   when packed `balanced` (what `pack_batch` and the input pipeline pack with): the rows `ffd`
   needs, rounded, then the slots of the balanced packing into that many rows."""
-  rows = PackedShape(1, 1, 1, 1)
+  rows = PackedShape(1, 1, 1, 1, 1)
   for part in sizes:
     rows = rows.union(PackedShape.of(part, row_len, max_pairs_per_row))
   num_rows = rows.rounded(row_len, row_multiple, rows_per_octave).rows
-  shape = PackedShape(num_rows, 1, 1, 1)
+  shape = PackedShape(num_rows, 1, 1, 1, 1)
   for part in sizes:
     shape = shape.union(PackedShape.of(part, row_len, max_pairs_per_row, "balanced", num_rows))
   return shape.rounded(row_len, row_multiple, rows_per_octave)
@@ -213,12 +216,14 @@ def _visit_order(pair_lengths: np.ndarray, order: str) -> np.ndarray:
 def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
                shape: PackedShape | None = None, order: str = "ffd",
                share_prompt: bool = False) -> PackResult:
-  """Packs `arrays` into `[shape.rows, row_len]` rows (see the module docstring for the layout).
+  """Packs `arrays` into `[shape.rows, shape.columns]` rows (see the module docstring for the
+  layout; rows are assigned as if `row_len` long).
 
   Within a row, pairs follow in the order they were assigned. Pairs that do not fit in
   `shape.rows` rows are returned in `left_over` (ascending indices): none is dropped without
-  being listed there. Without a `shape`, the least that holds every pair (`PackedShape.of`); a
-  row with more LM targets or sequences than `shape` allows is an error. With `share_prompt`, a
+  being listed there. Without a `shape`, the least that holds every pair (`PackedShape.of`) in
+  rows of `row_len`; a row with more tokens, LM targets or sequences than `shape` allows is an
+  error. With `share_prompt`, a
   pair's shared prompt (`PairArrays.shared_prompt`) is laid out once (see the module docstring).
   """
   num_rows = None if shape is None else shape.rows
@@ -261,6 +266,12 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
     batch["margin"][row, slot[row]] = arrays.margin[i]
     slots[row, slot[row]] = i
     slot[row] += 1
+  if shape is not None:
+    if used.max(initial=0) > shape.columns:
+      raise ValueError(f"packed row {int(np.argmax(used))} has {int(used.max())} tokens, more than "
+                       f"columns={shape.columns}")
+    for key in ("input_ids", "segment_ids", "positions", "lm_mask"):
+      batch[key] = batch[key][:, :shape.columns]
   batch["lm_index"] = _lm_index(batch["lm_mask"], None if shape is None else shape.lm_slots)
   batch["sequence_index"] = _sequence_index(
       batch["segment_ids"], batch["positions"],

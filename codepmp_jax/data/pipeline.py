@@ -269,13 +269,13 @@ class PairBatches:
   batches every process yields per epoch; `dropped_pairs` counts pairs of this process that
   did not fill a batch so far.
 
-  Packed (`cfg.pack`): batch `k` holds the same pairs as unpacked, packed into `[R, row_len]` rows
-  (`packing.pack_pairs`, balanced over the rows) where `R` is the same on every process: each
+  Packed (`cfg.pack`): batch `k` holds the same pairs as unpacked, packed into `[R, L]` rows of at most `row_len`
+  tokens (`packing.pack_pairs`, balanced over the rows) where `R` is the same on every process: each
   process packs every process's batch `k` from the pairs' lengths alone (cheap: no tokens are
   read), takes the most rows any needs, and rounds that up to a multiple of `row_multiple` x its
   devices of the batch axis, in a few sizes per octave (`packing.PackedShape.rounded`). So no
   pair is ever left out and every process's rows split evenly over its devices and the step's
-  microbatches. The LM and sequence slots per row are agreed the same way.
+  microbatches. The row length `L`, the LM and the sequence slots per row are agreed the same way.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, split: str, global_batch: int, seq_len: int,
