@@ -20,7 +20,8 @@ by every mode:
 Every mode trains on the same pairs in the same `--pairs`-pair steps. Every shape is compiled (ours)
 or run once (peer) before timing. Reported: real tokens / second
 over all steps of the mode (the pairs' chosen and rejected tokens, the same count for every mode)
-and the efficiency (tokens in the rows that are not padding / all row tokens). One side runs at a time (see benchmarks/train_step.py).
+and the efficiency (tokens in the rows that are not padding / all row tokens). One side runs at
+a time (see benchmarks/train_step.py).
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ states feed both the `score` head (reward at length - 1) and an LM head (the tie
 untied Linear), loss = BT + token-mean cross-entropy on the chosen response (TRL/CodePMP), with
 gradient clipping and torch.optim.AdamW without decay on norms and biases, as the HF Trainer does.
 Mixed precision is the same on both sides: float32 parameters and optimizer state, `--dtype`
-compute (torch.autocast). Data: the synthetic source of `codepmp_jax.data.pipeline` (no
-TensorFlow), each pair's two sequences sharing their first half (the prompt), as real pairs do.
+compute (torch.autocast). Data: random full-length pairs (`synthetic_pairs`, no TensorFlow),
+each pair's two sequences sharing their first half (the prompt), as real pairs do.
 The peer runs first and frees its memory before ours runs (interleaving their steps
 lets each runtime's spinning threads slow the other). MFU is against a float32 matmul peak
 measured in the same run on CPU, and against the chip's bf16 peak on GPU, of the FLOPs each side
@@ -47,8 +47,8 @@ from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig, get_preset
 
 CPU_SHAPES = ("tiny", "smollm2_135m")
-SIDES = ("peer", "ours", "packed")
 GPU_SHAPES = ("qwen2_0_5b", "qwen2_1_5b")
+SIDES = ("peer", "ours", "packed")
 LOSS = ml_collections.ConfigDict(dict(
     rm_coef=1.0, lm_coef=1.0, center_coef=0.0, loss_type="sigmoid", use_margin=False))
 Batch = dict[str, np.ndarray]
@@ -252,7 +252,7 @@ def measure_shape(shape: str, args: flags.FlagValues, platform: str) -> dict[str
       notes.append(f"{side}: compile {runner.compile_seconds:.1f} s")
       if args.profile:
         breakdown = runner.profile(os.path.join(args.profile, shape))
-        notes.append(f"ours: where one step's op time goes ({shape}):\n" + common.format_table(
+        notes.append(f"{side}: where one step's op time goes ({shape}):\n" + common.format_table(
             ("ms", "share", "op"), [(ms, f"{share:.1%}", op[:110]) for ms, share, op in breakdown]))
     runner.close()
 
@@ -266,8 +266,8 @@ def measure_shape(shape: str, args: flags.FlagValues, platform: str) -> dict[str
         times[side].append(_timed(runner.step))
       finish(side, runner)
   peak = metrics.measure_cpu_peak_flops(repeats=3) if platform == "cpu" else metrics.device_peak_flops()
-  flops = {"peer": batch_flops(config, batch), "ours": batch_flops(config, batch),
-           "packed": batch_flops(config, packed)}
+  padded_flops = batch_flops(config, batch)
+  flops = {"peer": padded_flops, "ours": padded_flops, "packed": batch_flops(config, packed)}
   notes.append(f"packed: {packed['input_ids'].shape[0]} rows x {packed['input_ids'].shape[1]} "
                f"tokens, {packing.packing_efficiency(packed):.1%} of them real")
   return {"times": {s: statistics.median(t) for s, t in times.items() if t}, "failed": failed,

@@ -69,7 +69,7 @@ def test_shared_prompt_layout_by_hand():
                                    [[2, 2], [1, 0]], np.array([0.5, 0.25]))
   np.testing.assert_array_equal(arrays.shared_prompt(), [2, 0])
   result = packing.pack_pairs(arrays, row_len=10, max_pairs_per_row=2, pad_id=PAD,
-                              share_prompt=True)
+                              shared_prompt=arrays.shared_prompt())
   b = result.batch
   np.testing.assert_array_equal(b["input_ids"], [[5, 6, 7, 1, 8, 1, 2, 1, 3, 0]])
   np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 1, 2, 3, 3, 4, 4, 0]])
@@ -184,7 +184,7 @@ def test_model_on_packed_rows_equals_padded(impl, scan, by_sequence, share_promp
   ref = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, return_logits=True))(
       params, ids, padded["attention_mask"].reshape(-1, 16))
   result = packing.pack_pairs(arrays, row_len=40, max_pairs_per_row=3, pad_id=PAD,
-                              share_prompt=share_prompt)
+                              shared_prompt=arrays.shared_prompt() if share_prompt else None)
   assert not share_prompt or arrays.shared_prompt().sum() > 0
   b = result.batch
   out = jax.jit(lambda p, b: model.apply(
@@ -212,7 +212,8 @@ def test_packed_loss_and_gradients_equal_padded(share_prompt):
   padded = {k: jnp.asarray(v) for k, v in pipeline.collate(arrays, 16, PAD).items()}
   packed = {k: jnp.asarray(v) for k, v in
             packing.pack_pairs(arrays, row_len=48, max_pairs_per_row=4, pad_id=PAD,
-                               share_prompt=share_prompt).batch.items()}
+                               shared_prompt=arrays.shared_prompt() if share_prompt else None
+                               ).batch.items()}
 
   def padded_loss(p):
     sums = step._microbatch_sums(model, p, padded, LOSS, lm_chunk=0)

@@ -196,7 +196,7 @@ class PairArrays:
   def shared_prompt(self) -> np.ndarray:
     """[n] int32: how many leading tokens each pair's two sequences have in common within both
     prompts (at most the shorter `response_start`, and one short of the shorter sequence): the
-    prompt a packed row can hold once for both (`packing.pack_pairs(share_prompt=True)`)."""
+    prompt a packed row can hold once for both (`packing.pack_pairs(shared_prompt=...)`)."""
     caps = np.minimum(self.response_start.min(axis=1), self.lengths.min(axis=1) - 1)
     shared = np.zeros(len(self), np.int32)
     for i, cap in enumerate(np.maximum(caps, 0).tolist()):

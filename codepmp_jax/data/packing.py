@@ -32,7 +32,7 @@ into the next batch); without it, as many rows are used as the pairs need. The b
   pair_valid   [R, K] float32 1 where the slot holds a pair
   margin       [R, K] float32 the pair's margin (0 in empty slots)
 
-Shared prompts (`share_prompt=True`): a pair's two sequences usually begin with the same prompt
+Shared prompts (`shared_prompt=PairArrays.shared_prompt()`; `pack_batch(share_prompt=True)`): a pair's two sequences usually begin with the same prompt
 tokens (`PairArrays.shared_prompt`), and under causal attention those tokens compute the same
 states in both, so the row holds them once: `[prompt, chosen response, rejected response]`, the
 prompt in the chosen segment, the rejected segment's positions going on from the prompt's end,
@@ -215,7 +215,7 @@ def _visit_order(pair_lengths: np.ndarray, order: str) -> np.ndarray:
 
 def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
                shape: PackedShape | None = None, order: str = "ffd",
-               share_prompt: bool = False) -> PackResult:
+               shared_prompt: np.ndarray | None = None) -> PackResult:
   """Packs `arrays` into `[shape.rows, shape.columns]` rows (see the module docstring for the
   layout; rows are assigned as if `row_len` long).
 
@@ -223,11 +223,11 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   `shape.rows` rows are returned in `left_over` (ascending indices): none is dropped without
   being listed there. Without a `shape`, the least that holds every pair (`PackedShape.of`) in
   rows of `row_len`; a row with more tokens, LM targets or sequences than `shape` allows is an
-  error. With `share_prompt`, a
-  pair's shared prompt (`PairArrays.shared_prompt`) is laid out once (see the module docstring).
+  error. With `shared_prompt` ([n], `PairArrays.shared_prompt`), each pair's shared prompt is
+  laid out once (see the module docstring).
   """
   num_rows = None if shape is None else shape.rows
-  shared = (arrays.shared_prompt() if share_prompt else np.zeros(len(arrays), np.int32)).astype(np.int64)
+  shared = np.zeros(len(arrays), np.int64) if shared_prompt is None else np.asarray(shared_prompt, np.int64)
   pair_lengths = arrays.lengths.astype(np.int64).sum(axis=1) - shared
   rows = assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, order)
   visit = _visit_order(pair_lengths, order)
@@ -325,4 +325,4 @@ def pack_batch(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   shape = batch_shape([pair_sizes(arrays.lengths, arrays.response_start, shared)], row_len,
                       max_pairs_per_row, row_multiple, rows_per_octave)
   return pack_pairs(arrays, row_len=row_len, max_pairs_per_row=max_pairs_per_row, pad_id=pad_id,
-                    shape=shape, order="balanced", share_prompt=share_prompt)
+                    shape=shape, order="balanced", shared_prompt=shared)

@@ -269,8 +269,8 @@ class PairBatches:
   batches every process yields per epoch; `dropped_pairs` counts pairs of this process that
   did not fill a batch so far.
 
-  Packed (`cfg.pack`): batch `k` holds the same pairs as unpacked, packed into `[R, L]` rows of at most `row_len`
-  tokens (`packing.pack_pairs`, balanced over the rows) where `R` is the same on every process: each
+  Packed (`cfg.pack`): batch `k` holds the same pairs as unpacked, packed into `[R, L]` rows of
+  at most `row_len` tokens (`packing.pack_pairs`, balanced over the rows) where `R` is the same on every process: each
   process packs every process's batch `k` from the pairs' lengths alone (cheap: no tokens are
   read), takes the most rows any needs, and rounds that up to a multiple of `row_multiple` x its
   devices of the batch axis, in a few sizes per octave (`packing.PackedShape.rounded`). So no

@@ -300,11 +300,11 @@ def gather_rows(x: jax.Array, index: jax.Array, inverses: tuple[jax.Array, ...])
 
 
 def _gather_rows_fwd(x, index, inverses):
-  return _take_rows(x, index), (index, inverses)
+  return _take_rows(x, index), inverses
 
 
 def _gather_rows_bwd(residuals, grad):
-  index, inverses = residuals
+  inverses = residuals
   total = _take_rows(grad, inverses[0])
   for inverse in inverses[1:]:
     total = total + _take_rows(grad, inverse)
@@ -326,7 +326,7 @@ def sequence_layout(sequence_index: jax.Array, row_index: jax.Array) -> Sequence
   """The layout of packed rows whose `sequence_index` [B, S, T] lists each sequence's columns and
   `row_index` [B, L] each column's home entry (s * T + t). A column may also appear in the next
   slot at the same offset: a pair's shared prompt, laid out once and listed in both its chosen
-  (home) and its rejected sequence (`data.packing`, `share_prompt`)."""
+  (home) and its rejected sequence (`data.packing`, shared prompts)."""
   rows, slots, length = sequence_index.shape
   flat = sequence_index.reshape(rows, slots * length)
   entries = jnp.arange(slots * length)[None]

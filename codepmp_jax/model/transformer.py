@@ -305,7 +305,7 @@ class RewardModel(nn.Module):
     With `sequence_index` [B, S, T] (`data.packing`) attention runs sequence by sequence
     (`attention.sequence_attention`; needs `segment_ids` and `positions`), which gives the same
     outputs for less compute where a row holds several short sequences, and lets a pair's shared
-    prompt be laid out once for both its sequences (`packing.pack_pairs(share_prompt=True)`).
+    prompt be laid out once for both its sequences (`packing.pack_pairs(shared_prompt=...)`).
     """
     cfg = self.config
     decoding = decode_positions is not None
