@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from codepmp_jax import cli
-from codepmp_jax.data import pipeline, prepare, registry
+from codepmp_jax.data import pipeline, prepare, registry, shards
 from codepmp_jax.data.encode import encode_pair
 from codepmp_jax.data.records import BadRecordError, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -102,6 +102,11 @@ def test_shards_hold_exactly_the_encoded_pairs(tmp_path, tokenizer_path):
                        p.margin) for p in pairs}
     assert [tuple(arrays.sequence(i, 0)) for i in range(len(arrays))] != [p.chosen.ids for p in pairs]
     np.testing.assert_array_equal(source.lengths(0, source.num_pairs), arrays.lengths.max(axis=1))
+    # The index holds each pair's shared prompt (the common beginning of both prompts' tokens).
+    shared = source.pack_sizes(0, source.num_pairs, True)[:, 3]
+    np.testing.assert_array_equal(shared, arrays.shared_prompt())
+    assert (shared > 0).all() and (shared <= arrays.response_start.min(axis=1)).all()
+    assert not source.pack_sizes(0, source.num_pairs, False)[:, 3].any()
   histogram = manifest["length_histogram"]
   assert sum(histogram["counts"]) == 2 * len(GOOD) and histogram["bin_edges"][-1] == 20
   prepare.check_tokenizer(out, tokenizer.fingerprint)
@@ -130,6 +135,42 @@ def test_rerun_after_a_crash_redoes_only_the_missing_shard(tmp_path, tokenizer_p
       k: v for k, v in first.items() if k != "throughput"}
   with pytest.raises(ValueError, match="other settings"):
     prepare.prepare(_settings(tmp_path, tokenizer_path, [str(path)], seq_len=32))
+
+
+def test_version_2_shards_are_read_sharing_no_prompt_and_prepared_again(tmp_path, tokenizer_path,
+                                                                        caplog):
+  """Shards of manifest version 2 (no `shared_prompt` in the index) still train, packed without
+  sharing prompts; preparing into their directory again rewrites them in the current format."""
+  path = tmp_path / "good.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+  settings = _settings(tmp_path, tokenizer_path, [str(path)])
+  current = prepare.prepare(settings)
+  out = pathlib.Path(settings.out)
+  want = pipeline._Prepared(_cfg(out), "train", 24)
+  want = want.take(np.arange(want.num_pairs))
+  for index in out.glob("*.index.npy"):  # what version 2 wrote
+    rows = np.load(index)
+    np.save(index, rows[list(shards.V2_INDEX_DTYPE.names)].astype(shards.V2_INDEX_DTYPE))
+    stats = pathlib.Path(str(index).replace(".index.npy", ".stats.json"))
+    stats.write_text(json.dumps({k: v for k, v in json.loads(stats.read_text()).items()
+                                 if k != "version"}))
+  manifest = json.loads((out / "manifest.json").read_text())
+  (out / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+
+  old = pipeline._Prepared(_cfg(out), "train", 24)
+  got = old.take(np.arange(old.num_pairs))
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+  with caplog.at_level("WARNING"):
+    sizes = old.pack_sizes(0, old.num_pairs, True)
+  assert "manifest version 2" in caplog.text
+  assert not sizes[:, 3].any() and (sizes[:, 0] == got.lengths.sum(axis=1)).all()
+
+  again = prepare.prepare(settings)
+  assert again["version"] == prepare.MANIFEST_VERSION == 3
+  assert again["throughput"]["pairs_encoded"] == sum(s["pairs"] for s in current["splits"].values())
+  for index in out.glob("*.index.npy"):
+    assert np.load(index).dtype == shards.INDEX_DTYPE
 
 
 def test_cli_with_worker_processes_and_strict_failure(tmp_path, tokenizer_path):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from codepmp_jax.data import packing, pipeline
+from codepmp_jax.data.encode import PairArrays
 from tests.test_data_pipeline import _pairs  # pair i's chosen starts with 1000 + i
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,16 +25,29 @@ def _pipeline(cfg, *, index=0, count=1, global_batch=8, seq_len=16):
                               process_count=count)
 
 
+def _prompted_pairs(n: int) -> PairArrays:
+  """`_pairs` whose rejected sequences begin with their chosen one's prompt, as real pairs do."""
+  arrays = _pairs(n)
+  tokens = arrays.tokens.copy()
+  prompts = np.minimum(arrays.lengths.min(axis=1) - 1, 3)  # 2 or 3 tokens
+  for i, prompt in enumerate(prompts):
+    tokens[arrays.offsets[i, 1]:arrays.offsets[i, 1] + prompt] = arrays.sequence(i, 0)[:prompt]
+  return PairArrays.from_lengths(tokens, arrays.lengths, np.repeat(prompts[:, None], 2, axis=1),
+                                 arrays.margin)
+
+
 def _unpack(batch) -> dict[int, tuple]:
-  """pair id -> (chosen tokens, rejected tokens, margin) read back from a packed batch."""
+  """pair id -> (chosen tokens, rejected tokens, margin) read back from a packed batch through
+  its `sequence_index` (a shared prompt's columns are in both sequences' slots)."""
   out = {}
   for row in range(len(batch["input_ids"])):
-    ids, segments = batch["input_ids"][row], batch["segment_ids"][row]
+    ids = batch["input_ids"][row]
     for slot in np.flatnonzero(batch["pair_valid"][row]):
-      chosen = ids[segments == 2 * slot + 1]
-      rejected = ids[segments == 2 * slot + 2]
-      assert batch["reward_index"][row, 2 * slot] == np.flatnonzero(segments == 2 * slot + 1)[-1]
-      out[int(chosen[0]) - 1000] = (chosen.tolist(), rejected.tolist(), float(batch["margin"][row, slot]))
+      chosen, rejected = (batch["sequence_index"][row, 2 * slot + which] for which in (0, 1))
+      chosen, rejected = chosen[chosen >= 0], rejected[rejected >= 0]
+      assert batch["reward_index"][row, 2 * slot:2 * slot + 2].tolist() == [chosen[-1], rejected[-1]]
+      out[int(ids[chosen[0]]) - 1000] = (ids[chosen].tolist(), ids[rejected].tolist(),
+                                         float(batch["margin"][row, slot]))
   return out
 
 
@@ -45,10 +59,13 @@ def _padded(batch) -> dict[int, tuple]:
   return out
 
 
-def test_packed_batches_hold_the_unpacked_pairs_agree_across_processes_and_resume():
-  arrays = _pairs(70)
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_packed_batches_hold_the_unpacked_pairs_agree_across_processes_and_resume(share_prompt):
+  arrays = _prompted_pairs(70)
+  assert arrays.shared_prompt().min() >= 2
   packed_cfg = pipeline.in_memory_config(arrays, pad_id=0, pack=True, pack_row_len=32,
-                                         pack_pairs_per_row=3, prefetch=0)
+                                         pack_pairs_per_row=3, pack_share_prompt=share_prompt,
+                                         prefetch=0)
   plain_cfg = pipeline.in_memory_config(arrays, pad_id=0, prefetch=0)
   procs = [_pipeline(packed_cfg, index=p, count=2) for p in range(2)]
   plains = [_pipeline(plain_cfg, index=p, count=2) for p in range(2)]
@@ -67,6 +84,9 @@ def test_packed_batches_hold_the_unpacked_pairs_agree_across_processes_and_resum
         assert not got["lm_index"][row, len(targets):].any()
         for s, columns in enumerate(got["sequence_index"][row]):
           want = np.flatnonzero(got["segment_ids"][row] == s + 1)
+          if s % 2:  # a rejected sequence: its shared prompt's columns, then its own
+            prompt = got["positions"][row, want[0]] if len(want) else 0
+            want = np.concatenate([got["sequence_index"][row, s - 1, :prompt], want])
           np.testing.assert_array_equal(columns, np.pad(want, (0, len(columns) - len(want)),
                                                         constant_values=-1))
     assert {k: v.shape[0] for k, v in packed[0].items()} == {k: len(packed[0]["input_ids"])
@@ -75,6 +95,11 @@ def test_packed_batches_hold_the_unpacked_pairs_agree_across_processes_and_resum
     for got, want in zip(packed, plain):
       pairs = _unpack(got)
       assert pairs == _padded(want)  # exactly the unpacked batch's pairs, tokens and margins
+      # Shared prompts are laid out once: the rows hold the pairs' tokens less their prompts.
+      ids = [i + 1000 for i in pairs]
+      in_batch = [i for i in range(70) if arrays.sequence(i, 0)[0] in ids]
+      saved = arrays.shared_prompt()[in_batch].sum() if share_prompt else 0
+      assert (got["segment_ids"] > 0).sum() == arrays.lengths[in_batch].sum() - saved
       seen.extend(pairs)
   first_epoch = seen[:steps * 8]
   assert len(set(first_epoch)) == len(first_epoch) == steps * 8  # every pair at most once

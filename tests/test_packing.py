@@ -49,9 +49,9 @@ def test_layout_by_hand():
   np.testing.assert_array_equal(b["lm_index"], [[1, 2, 6]])  # the LM targets' columns
   np.testing.assert_array_equal(b["sequence_index"], [[[0, 1, 2], [3, 4, -1], [5, 6, -1],
                                                        [7, -1, -1]]])
-  # per pair: tokens, LM targets, longer sequence
+  # per pair: tokens, LM targets, longer sequence, shared prompt
   np.testing.assert_array_equal(packing.pair_sizes(arrays.lengths, arrays.response_start),
-                                [[5, 2, 3], [3, 1, 2]])
+                                [[5, 2, 3, 0], [3, 1, 2, 0]])
   assert packing.PackedShape.of(packing.pair_sizes(arrays.lengths, arrays.response_start),
                                 10, 2) == packing.PackedShape(1, 3, 4, 3, 8)
   np.testing.assert_array_equal(b["reward_index"], [[2, 4, 6, 7]])
@@ -79,8 +79,15 @@ def test_shared_prompt_layout_by_hand():
                                                        [5, 6, -1, -1], [7, 8, -1, -1]]])
   np.testing.assert_array_equal(b["reward_index"], [[3, 4, 6, 8]])
   sizes = packing.pair_sizes(arrays.lengths, arrays.response_start, arrays.shared_prompt())
-  np.testing.assert_array_equal(sizes, [[5, 2, 4], [4, 1, 2]])
+  np.testing.assert_array_equal(sizes, [[5, 2, 4, 2], [4, 1, 2, 0]])
   assert result.efficiency == pytest.approx(0.9)
+  # A shared prompt the tokens do not have is an error: as long as pair 0's rejected sequence, or
+  # pair 1's first token where its rejected sequence begins with another one.
+  other = PairArrays.from_lengths(np.array([5, 6, 7, 1, 5, 6, 8, 1, 2, 4, 3]), [[4, 3], [2, 2]],
+                                  [[2, 2], [1, 0]], np.array([0.5, 0.25]))
+  for pairs, shared, pair in ((arrays, [3, 0], 0), (other, [2, 1], 1)):
+    with pytest.raises(ValueError, match=f"pair {pair}: shared_prompt="):
+      packing.pack_pairs(pairs, row_len=10, max_pairs_per_row=2, pad_id=PAD, shared_prompt=shared)
 
 
 def test_first_fit_decreasing_fixed_rows_and_left_over():

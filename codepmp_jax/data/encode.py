@@ -197,11 +197,15 @@ class PairArrays:
     """[n] int32: how many leading tokens each pair's two sequences have in common within both
     prompts (at most the shorter `response_start`, and one short of the shorter sequence): the
     prompt a packed row can hold once for both (`packing.pack_pairs(shared_prompt=...)`)."""
-    caps = np.minimum(self.response_start.min(axis=1), self.lengths.min(axis=1) - 1)
-    shared = np.zeros(len(self), np.int32)
-    for i, cap in enumerate(np.maximum(caps, 0).tolist()):
-      differ = np.flatnonzero(self.sequence(i, 0)[:cap] != self.sequence(i, 1)[:cap])
-      shared[i] = differ[0] if len(differ) else cap
+    caps = np.maximum(np.minimum(self.response_start.min(axis=1), self.lengths.min(axis=1) - 1), 0)
+    shared = caps.astype(np.int32)
+    for lo in range(0, len(self), 4096):  # bounds the index arrays at 4096 prompts
+      cap = caps[lo:lo + 4096]
+      within = np.arange(int(cap.sum())) - np.repeat(np.cumsum(cap) - cap, cap)
+      chosen, rejected = (self.tokens[np.repeat(self.offsets[lo:lo + 4096, which], cap) + within]
+                          for which in (0, 1))
+      differ = np.flatnonzero(chosen != rejected)
+      np.minimum.at(shared, lo + np.repeat(np.arange(len(cap)), cap)[differ], within[differ])
     return shared
 
   def sequence(self, index: int, which: int) -> np.ndarray:

@@ -32,9 +32,10 @@ into the next batch); without it, as many rows are used as the pairs need. The b
   pair_valid   [R, K] float32 1 where the slot holds a pair
   margin       [R, K] float32 the pair's margin (0 in empty slots)
 
-Shared prompts (`shared_prompt=PairArrays.shared_prompt()`; `pack_batch(share_prompt=True)`): a pair's two sequences usually begin with the same prompt
-tokens (`PairArrays.shared_prompt`), and under causal attention those tokens compute the same
-states in both, so the row holds them once: `[prompt, chosen response, rejected response]`, the
+Shared prompts (`pack_pairs(shared_prompt=PairArrays.shared_prompt())`,
+`pack_batch(share_prompt=True)`, the input pipeline's `data.pack_share_prompt`): a pair's two
+sequences usually begin with the same prompt tokens, and under causal attention those compute
+the same states in both, so the row holds them once: `[prompt, chosen response, rejected response]`, the
 prompt in the chosen segment, the rejected segment's positions going on from the prompt's end,
 and `sequence_index` listing the prompt's columns in BOTH sequences' slots. Dense layers then run
 on `c + r - p` tokens a pair instead of `c + r`; the loss and gradients are unchanged. Such rows
@@ -87,15 +88,17 @@ def packing_efficiency(batch: dict[str, np.ndarray]) -> float:
 
 def pair_sizes(lengths: np.ndarray, response_start: np.ndarray,
                shared_prompt: np.ndarray | None = None) -> np.ndarray:
-  """[n, 3] int32 per pair, what packing needs to know of it without its tokens: its tokens in a
+  """[n, 4] int32 per pair, what packing needs to know of it without its tokens: its tokens in a
   row (chosen + rejected, less the `shared_prompt` laid out once; `PairArrays.shared_prompt`), LM
-  targets (its chosen response, less a segment's first token) and its longer sequence (`lengths`,
-  `response_start` [n, 2] as in `PairArrays`)."""
+  targets (its chosen response, less a segment's first token), its longer sequence, and its
+  shared prompt (0 without `shared_prompt`) (`lengths`, `response_start` [n, 2] as in
+  `PairArrays`)."""
   lengths, starts = np.asarray(lengths, np.int64), np.asarray(response_start, np.int64)
-  shared = 0 if shared_prompt is None else np.asarray(shared_prompt, np.int64)
+  shared = (np.zeros(len(lengths), np.int64) if shared_prompt is None
+            else np.asarray(shared_prompt, np.int64))
   lm_targets = np.maximum(lengths[:, 0] - np.maximum(starts[:, 0], 1), 0)
-  return np.stack([lengths.sum(axis=1) - shared, lm_targets, lengths.max(axis=1, initial=0)],
-                  axis=1).astype(np.int32)
+  return np.stack([lengths.sum(axis=1) - shared, lm_targets, lengths.max(axis=1, initial=0),
+                   shared], axis=1).astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +115,7 @@ class PackedShape:
   @classmethod
   def of(cls, sizes: np.ndarray, row_len: int, max_pairs_per_row: int, order: str = "ffd",
          num_rows: int | None = None) -> PackedShape:
-    """The least sizes that hold pairs of `sizes` ([n, 3], `pair_sizes`) packed by `pack_pairs`
+    """The least sizes that hold pairs of `sizes` ([n, 4], `pair_sizes`) packed by `pack_pairs`
     (into `num_rows` rows, or as many as they need)."""
     rows = assign_rows(sizes[:, 0], row_len, max_pairs_per_row, num_rows, order)
     return cls(rows=num_rows or int(rows.max(initial=-1)) + 1,
@@ -223,8 +226,9 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   `shape.rows` rows are returned in `left_over` (ascending indices): none is dropped without
   being listed there. Without a `shape`, the least that holds every pair (`PackedShape.of`) in
   rows of `row_len`; a row with more tokens, LM targets or sequences than `shape` allows is an
-  error. With `shared_prompt` ([n], `PairArrays.shared_prompt`), each pair's shared prompt is
-  laid out once (see the module docstring).
+  error. With `shared_prompt` ([n], `PairArrays.shared_prompt` or less), each pair's shared
+  prompt is laid out once (see the module docstring); a pair whose sequences differ there is an
+  error.
   """
   num_rows = None if shape is None else shape.rows
   shared = np.zeros(len(arrays), np.int64) if shared_prompt is None else np.asarray(shared_prompt, np.int64)
@@ -249,6 +253,12 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   prompts = []  # (row, rejected slot, first column, tokens) of each shared prompt
   for i in placed:
     row = rows[i]
+    chosen, rejected = arrays.sequence(i, 0), arrays.sequence(i, 1)
+    if (shared[i] >= min(len(chosen), len(rejected))
+        or not np.array_equal(chosen[:shared[i]], rejected[:shared[i]])):
+      raise ValueError(f"pair {i}: shared_prompt={shared[i]} is not a common beginning of its "
+                       f"{len(chosen)}- and {len(rejected)}-token sequences (does the index "
+                       "match the tokens?)")
     for which in (0, 1):
       skip = int(shared[i]) if which == 1 else 0  # the rejected sequence's shared prompt is laid out once
       length = int(arrays.lengths[i, which])

@@ -36,6 +36,9 @@ Config fields read (`default_data_config()` has them all):
                   resumption are unchanged.
   pack_row_len    tokens per packed row (0: 2 * seq_len, so the longest pair always fits).
   pack_pairs_per_row  pair slots per packed row (`packing`'s `max_pairs_per_row`).
+  pack_share_prompt  lay each pair's shared prompt out once in its packed row (`packing`: the
+                  same loss and gradients, less compute); False lays both sequences out whole.
+                  Prepared data of manifest version 2 has no shared-prompt lengths and shares none.
   read_groups     contiguous groups of the split read in parallel (see above); 0: one per process.
                   Must be a multiple of the process count and divide global_batch.
   shuffle_buffer  0 keeps the stored order (for evaluation); any other value shuffles the whole
@@ -79,6 +82,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "pack": False,
       "pack_row_len": 0,
       "pack_pairs_per_row": 8,
+      "pack_share_prompt": True,
       "read_groups": 0,
       "shuffle_buffer": 1,
       "prefetch": 2,
@@ -101,14 +105,14 @@ def in_memory_config(records, pad_id: int, **overrides) -> ml_collections.Config
 
 class _Pairs(Protocol):
   """The pairs of one split by global index: `num_pairs`, `pad_id`, `lengths(start, stop)` (the
-  max(chosen, rejected) length of pairs `start..stop-1`), `pack_sizes(start, stop)`
-  (`packing.pair_sizes`) and `take(indices)` (`PairArrays`)."""
+  max(chosen, rejected) length of pairs `start..stop-1`), `pack_sizes(start, stop, share_prompt)`
+  (`packing.pair_sizes`, with their shared prompts or none) and `take(indices)` (`PairArrays`)."""
   num_pairs: int
   pad_id: int
 
   def lengths(self, start: int, stop: int) -> np.ndarray: ...
 
-  def pack_sizes(self, start: int, stop: int) -> np.ndarray: ...
+  def pack_sizes(self, start: int, stop: int, share_prompt: bool) -> np.ndarray: ...
 
   def take(self, indices: np.ndarray) -> PairArrays: ...
 
@@ -143,6 +147,7 @@ class _InMemory:
       records = records[split]
     self._arrays = _as_arrays(records)
     self._lengths = self._arrays.lengths.max(axis=1, initial=0)
+    self._shared_prompt: np.ndarray | None = None
     self.num_pairs, self.pad_id = len(self._arrays), cfg.pad_id
     if len(self._lengths) and self._lengths.max() > seq_len:
       raise ValueError(f"data.in_memory: sequences up to {self._lengths.max()} tokens do not fit "
@@ -151,9 +156,12 @@ class _InMemory:
   def lengths(self, start: int, stop: int) -> np.ndarray:
     return self._lengths[start:stop]
 
-  def pack_sizes(self, start: int, stop: int) -> np.ndarray:
+  def pack_sizes(self, start: int, stop: int, share_prompt: bool) -> np.ndarray:
+    if share_prompt and self._shared_prompt is None:
+      self._shared_prompt = self._arrays.shared_prompt()
     return packing.pair_sizes(self._arrays.lengths[start:stop],
-                              self._arrays.response_start[start:stop])
+                              self._arrays.response_start[start:stop],
+                              self._shared_prompt[start:stop] if share_prompt else None)
 
   def take(self, indices: np.ndarray) -> PairArrays:
     return _take(self._arrays, indices)
@@ -167,9 +175,10 @@ class _Synthetic:
   def lengths(self, start: int, stop: int) -> np.ndarray:
     return np.full(stop - start, self._seq_len, np.int32)
 
-  def pack_sizes(self, start: int, stop: int) -> np.ndarray:
-    n = stop - start
-    return packing.pair_sizes(np.full((n, 2), self._seq_len), np.full((n, 2), self._seq_len // 2))
+  def pack_sizes(self, start: int, stop: int, share_prompt: bool) -> np.ndarray:
+    n, prompt = stop - start, self._seq_len // 2
+    return packing.pair_sizes(np.full((n, 2), self._seq_len), np.full((n, 2), prompt),
+                              np.full(n, prompt) if share_prompt else None)
 
   def take(self, indices: np.ndarray) -> PairArrays:
     return _synthetic_batch(self._cfg, indices, self._seed, self._seq_len)
@@ -183,18 +192,21 @@ class _Prepared:
     from codepmp_jax.data.prepare import read_manifest  # keeps absl flags out of other sources
     directory = epath.Path(cfg.path)
     manifest = read_manifest(directory)
-    if manifest.get("version", 1) < 2:
+    version = manifest.get("version", 1)
+    if version < 2:
       raise ValueError(f"{directory} holds TFRecord shards (manifest version 1), which this version "
                        "no longer reads; prepare the data again")
+    self._directory, self._version = directory, version
     if split not in manifest["splits"]:
       raise ValueError(f"{directory} has no split {split!r}; it has {sorted(manifest['splits'])}")
     if manifest["seq_len"] > seq_len:
       raise ValueError(f"{directory} was prepared with seq_len {manifest['seq_len']} > this run's {seq_len}")
     infos = manifest["splits"][split]["shards"]
-    self._shards = [shards.Shard(directory / s["file"], s["pairs"]) for s in infos]
+    dtype = shards.V2_INDEX_DTYPE if version == 2 else shards.INDEX_DTYPE
+    self._shards = [shards.Shard(directory / s["file"], s["pairs"], dtype) for s in infos]
     self._starts = np.cumsum([0] + [s["pairs"] for s in infos])
     self._lengths: dict[int, np.ndarray] = {}
-    self._pack_sizes: dict[int, np.ndarray] = {}
+    self._pack_sizes: dict[tuple[int, bool], np.ndarray] = {}
     self.num_pairs, self.pad_id = int(self._starts[-1]), manifest["tokenizer"]["pad_id"]
 
   def _overlapping(self, start: int, stop: int) -> range:
@@ -206,20 +218,26 @@ class _Prepared:
     return self._per_pair(self._lengths, lambda shard: shards.read_lengths([shard.base])[0],
                           start, stop)
 
-  def pack_sizes(self, start: int, stop: int) -> np.ndarray:
+  def pack_sizes(self, start: int, stop: int, share_prompt: bool) -> np.ndarray:
+    if share_prompt and self._version == 2 and not self._pack_sizes:
+      logging.warning("data: %s was prepared with manifest version 2, whose index has no shared-prompt "
+                      "lengths: packed rows lay every prompt out twice (prepare it again to share "
+                      "them)", self._directory)
+
     def read(shard):
       index = shard.index()
-      return packing.pair_sizes(index["lengths"], index["response_start"])
-    return self._per_pair(self._pack_sizes, read, start, stop)
+      shared = index["shared_prompt"] if share_prompt and self._version > 2 else None
+      return packing.pair_sizes(index["lengths"], index["response_start"], shared)
+    return self._per_pair(self._pack_sizes, read, start, stop, share_prompt)
 
-  def _per_pair(self, cache: dict[int, np.ndarray], read, start: int, stop: int) -> np.ndarray:
-    """A per-pair array of pairs `start..stop-1`, read (`read(shard)`) once per shard."""
+  def _per_pair(self, cache: dict, read, start: int, stop: int, *key) -> np.ndarray:
+    """A per-pair array of pairs `start..stop-1`, read (`read(shard)`) once per shard (and `key`)."""
     parts = []
     for k in self._overlapping(start, stop):
-      if k not in cache:
-        cache[k] = read(self._shards[k])
+      if (k, *key) not in cache:
+        cache[(k, *key)] = read(self._shards[k])
       lo, hi = max(start, self._starts[k]), min(stop, self._starts[k + 1])
-      parts.append(cache[k][lo - self._starts[k]:hi - self._starts[k]])
+      parts.append(cache[(k, *key)][lo - self._starts[k]:hi - self._starts[k]])
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
   def take(self, indices: np.ndarray) -> PairArrays:
@@ -234,8 +252,10 @@ class _Prepared:
 
 
 def _synthetic_batch(cfg, indices: np.ndarray, seed: int, seq_len: int) -> PairArrays:
+  """Random pairs of `seq_len` tokens whose two sequences share their first half (the prompt)."""
   tokens = np.stack([np.random.default_rng([seed, 1 << 20, int(i)]).integers(
       0, cfg.vocab_size, (2, seq_len), dtype=np.int32) for i in indices])
+  tokens[:, 1, :seq_len // 2] = tokens[:, 0, :seq_len // 2]
   n = len(indices)
   return PairArrays.from_lengths(tokens.reshape(-1), np.full((n, 2), seq_len),
                                  np.full((n, 2), seq_len // 2), np.zeros(n, np.float32))
@@ -312,6 +332,7 @@ class PairBatches:
     if self.pack:
       self.row_len = cfg.pack_row_len or 2 * seq_len
       self.pairs_per_row = cfg.pack_pairs_per_row
+      self.share_prompt = bool(cfg.get("pack_share_prompt", True))
       if self.pairs_per_row < 1:
         raise ValueError(f"data.pack_pairs_per_row must be at least 1, got {self.pairs_per_row}")
       self.row_multiple = row_multiple * local_batch_shards(sharding, process_count)
@@ -389,7 +410,7 @@ class PairBatches:
     (16 bytes a pair of the split), to pack any process's batch without reading its tokens."""
     if self._orders is None or self._orders[0] != epoch:
       if self._pack_sizes is None:
-        self._pack_sizes = [self._pairs.pack_sizes(*self._range(p))
+        self._pack_sizes = [self._pairs.pack_sizes(*self._range(p), self.share_prompt)
                             for p in range(self.process_count)]
       self._orders = (epoch, [self._order(epoch, p).astype(np.int32)
                               for p in range(self.process_count)])
@@ -403,10 +424,11 @@ class PairBatches:
 
   def _packed_host_batch(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
     shape = self.packed_shape(epoch, batch)
-    arrays = self._pairs.take(self._range(self.process_index)[0]
-                              + self._local_batch(epoch, batch, self.process_index))
+    local = self._local_batch(epoch, batch, self.process_index)
+    arrays = self._pairs.take(self._range(self.process_index)[0] + local)
     packed = packing.pack_pairs(arrays, row_len=self.row_len, max_pairs_per_row=self.pairs_per_row,
-                                pad_id=self._pairs.pad_id, shape=shape, order="balanced")
+                                pad_id=self._pairs.pad_id, shape=shape, order="balanced",
+                                shared_prompt=self._pack_sizes[self.process_index][local, 3])
     if packed.left_over.size:  # cannot happen: `shape` holds every process's packing
       raise RuntimeError(f"data[{self.split}]: {packed.left_over.size} pairs of batch {batch} "
                          f"(epoch {epoch}) did not fit {shape.rows} packed rows")

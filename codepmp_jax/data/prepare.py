@@ -49,7 +49,7 @@ from codepmp_jax.data.records import BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: the index holds each pair's shared prompt (shards.INDEX_DTYPE)
 HISTOGRAM_BIN = 64
 CHUNK = 512
 SHARD_PAIRS = 100_000  # default shard size
@@ -210,14 +210,15 @@ class _Staging:
 
 
 def _existing_shard(out: epath.Path, name: str, settings_hash: str) -> dict | None:
-  """The stats of a complete shard from an earlier run with the same settings, else None."""
+  """The stats of a complete shard from an earlier run with the same settings, else None (also
+  for a shard of an older format version, which is then written again)."""
   stats = out / f"{name}{shards.STATS}"
   if not (stats.exists() and all((out / f"{name}{s}").exists() for s in shards.SUFFIXES)):
     return None
   info = json.loads(stats.read_text())
   if info.get("settings_hash") != settings_hash:
     raise ValueError(f"{out / name} was prepared with other settings or inputs; use a new --out")
-  return info
+  return info if info.get("version") == MANIFEST_VERSION else None
 
 
 def _write_shard(staging: _Staging, name: str, spill: str, records: int, seed: int, pool,
@@ -252,7 +253,8 @@ def _write_shard(staging: _Staging, name: str, spill: str, records: int, seed: i
   os.remove(stream)
   np.save(staging.path(f"{name}{shards.INDEX}"), rows)
   np.save(staging.path(f"{name}{shards.LENGTHS}"), rows["lengths"].max(axis=1, initial=0).astype(np.int32))
-  info = {"file": name, "pairs": len(rows), "records": records, "tokens": written,
+  info = {"file": name, "version": MANIFEST_VERSION, "pairs": len(rows), "records": records,
+          "tokens": written,
           "sha256": digest.hexdigest(), "settings_hash": settings_hash,
           "encode": dataclasses.asdict(stats), "histogram": _histogram(rows["lengths"], seq_len).tolist()}
   with open(staging.path(f"{name}{shards.STATS}"), "w") as f:

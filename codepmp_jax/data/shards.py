@@ -3,14 +3,15 @@
 One shard `<split>-<i>-of-<K>` of a prepared directory is four files:
   `<name>.tokens`      every pair's chosen then rejected token ids back to back, little-endian int32
   `<name>.index.npy`   one `INDEX_DTYPE` row per pair: `offset` (in tokens, of the chosen sequence;
-                       the rejected one follows it), `lengths` [2], `response_start` [2], `margin`
+                       the rejected one follows it), `lengths` [2], `response_start` [2], `margin`,
+                       `shared_prompt` (`PairArrays.shared_prompt`: packing lays it out once)
   `<name>.lengths.npy` int32 max(chosen, rejected) length per pair (for bucketing without the index)
   `<name>.stats.json`  counts and hashes; written last, so its presence marks a complete shard.
 
 Why this and not ArrayRecord or TFRecord: a pair is a slice of one file at an offset the index gives,
 so reading a batch is one seek + read per pair (no parsing, no TensorFlow, no dependency beyond
 numpy), a process touches only the bytes of the pairs it trains on, and opening a shard costs the
-same whatever its size. The index (28 bytes a pair) is memory-mapped; token files are read, not
+same whatever its size. The index (32 bytes a pair) is memory-mapped; token files are read, not
 mapped (see `gather`). Local and remote (`gs://...`, through `etils.epath`) files read the same way.
 """
 from __future__ import annotations
@@ -24,7 +25,10 @@ from etils import epath
 from codepmp_jax.data.encode import PairArrays
 
 INDEX_DTYPE = np.dtype([("offset", "<i8"), ("lengths", "<i4", (2,)),
-                        ("response_start", "<i4", (2,)), ("margin", "<f4")])
+                        ("response_start", "<i4", (2,)), ("margin", "<f4"), ("shared_prompt", "<i4")])
+# Manifest version 2 wrote no `shared_prompt`; its shards are still read, as sharing nothing.
+V2_INDEX_DTYPE = np.dtype([(name, INDEX_DTYPE.fields[name][0]) for name in INDEX_DTYPE.names
+                           if name != "shared_prompt"])
 TOKENS, INDEX, LENGTHS, STATS = ".tokens", ".index.npy", ".lengths.npy", ".stats.json"
 SUFFIXES = (TOKENS, INDEX, LENGTHS, STATS)
 
@@ -44,6 +48,7 @@ def index_rows(arrays: PairArrays, first_offset: int = 0) -> np.ndarray:
   rows["lengths"] = arrays.lengths
   rows["response_start"] = arrays.response_start
   rows["margin"] = arrays.margin
+  rows["shared_prompt"] = arrays.shared_prompt()
   return rows
 
 
@@ -52,8 +57,8 @@ class Shard:
 
   opened: list[str] = []  # every token file any Shard opened in this process (for tests)
 
-  def __init__(self, base: epath.Path, pairs: int):
-    self.base, self.pairs = base, pairs
+  def __init__(self, base: epath.Path, pairs: int, index_dtype: np.dtype = INDEX_DTYPE):
+    self.base, self.pairs, self.index_dtype = base, pairs, index_dtype
     self._index = self._tokens = None
 
   def _open(self) -> None:
@@ -67,9 +72,9 @@ class Shard:
       with index_path.open("rb") as f:
         index = np.load(f)
     size = tokens_path.stat().length // 4
-    if index.dtype != INDEX_DTYPE or len(index) != self.pairs:
+    if index.dtype != self.index_dtype or len(index) != self.pairs:
       raise ValueError(f"{index_path}: {len(index)} rows of {index.dtype}, the manifest says "
-                       f"{self.pairs} of {INDEX_DTYPE}; prepare the data again")
+                       f"{self.pairs} of {self.index_dtype}; prepare the data again")
     end = int(index["offset"][-1] + index["lengths"][-1].sum()) if len(index) else 0
     if end != size:
       raise ValueError(f"{tokens_path}: {size} tokens, its index needs {end}; prepare the data again")
@@ -77,8 +82,8 @@ class Shard:
     self._index, self._tokens = index, tokens_path.open("rb")
 
   def index(self) -> np.ndarray:
-    """The index rows (offset, lengths, response_start, margin) alone: the token file stays
-    closed (memory-mapped where local)."""
+    """The index rows (`index_dtype`) alone: the token file stays closed (memory-mapped where
+    local)."""
     if self._index is not None:
       return self._index
     index_path = epath.Path(f"{self.base}{INDEX}")
