@@ -18,6 +18,7 @@ reduced by the global jit (or a `psum`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -122,9 +123,10 @@ def chunked_lm_cross_entropy(
 
   `hidden` is the final-normed `[B, L, D]` (ModelOutput.hidden_states, e.g. its chosen rows);
   `lm_head` is `[D, V]` (the `lm_head/kernel`, or `embed/embedding.T` when tied). Logits are
-  computed `chunk_len` positions at a time, with float32 accumulation, and recomputed in the
-  backward pass, so peak memory holds one `[B, chunk_len, V]` float32 block instead of the full
-  logits and their gradient: the difference between fitting and not at a 150k vocabulary.
+  computed `chunk_len` positions at a time, with float32 accumulation, and under differentiation
+  their gradients too (`chunked_cross_entropy`), so peak memory holds one `[B, chunk_len, V]`
+  float32 block instead of the full logits and their gradient: the difference between fitting and
+  not at a 150k vocabulary.
   """
   if hidden.shape[:2] != input_ids.shape or input_ids.shape != lm_mask.shape:
     raise ValueError(
@@ -139,33 +141,83 @@ def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Ar
 
   `hidden` [B, N, D] predicts `targets` [B, N] with `weights` [B, N]: already aligned, e.g. the
   hidden states gathered before each LM target of a packed row (`step.packed_microbatch_sums`).
-  Logits exist `chunk_len` positions at a time, as in `chunked_lm_cross_entropy`.
+  Logits exist `chunk_len` positions at a time, as in `chunked_lm_cross_entropy`. Differentiated,
+  each chunk's gradients are computed in the forward pass while its logits exist (a fused linear
+  cross-entropy), so the backward pass neither recomputes the logits nor keeps them.
   """
   if hidden.shape[:2] != targets.shape or targets.shape != weights.shape:
     raise ValueError(f"hidden {hidden.shape}, targets {targets.shape} and weights {weights.shape} "
                      "disagree")
   weights = weights.astype(jnp.float32)
-  batch, length, _ = hidden.shape
-  chunk_len = min(chunk_len, length)
+  chunk_len = min(chunk_len, hidden.shape[1])
+  return _linear_cross_entropy(hidden, lm_head, targets, weights, chunk_len), jnp.sum(weights)
+
+
+def _by_chunk(x: jax.Array, chunk_len: int) -> jax.Array:
+  """[B, N, ...] -> [chunks, B, chunk_len, ...], the last chunk padded with zeros."""
+  batch, length = x.shape[:2]
   chunks = -(-length // chunk_len)
-  pad = chunks * chunk_len - length
+  x = jnp.pad(x, [(0, 0), (0, chunks * chunk_len - length)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.swapaxes(x.reshape((batch, chunks, chunk_len) + x.shape[2:]), 0, 1)
 
-  def by_chunk(x):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.swapaxes(x.reshape((batch, chunks, chunk_len) + x.shape[2:]), 0, 1)
 
-  @jax.checkpoint
-  def chunk_loss(h, t, w):
-    logits = jnp.einsum("bld,dv->blv", h, lm_head.astype(h.dtype), preferred_element_type=jnp.float32)
-    target_logits = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logits) * w)
+def _from_chunks(x: jax.Array, length: int) -> jax.Array:
+  """The inverse of `_by_chunk`."""
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
+
+
+def _chunk_losses(h: jax.Array, head: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One chunk's float32 logits [B, C, V], their logsumexp and the per-token losses [B, C]."""
+  logits = jnp.einsum("bld,dv->blv", h, head, preferred_element_type=jnp.float32)
+  log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+  return logits, log_normalizer, log_normalizer - target_logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _linear_cross_entropy(hidden, lm_head, targets, weights, chunk_len):
+  head = lm_head.astype(hidden.dtype)
 
   def step(total, xs):
-    return total + chunk_loss(*xs), None
+    h, t, w = xs
+    return total + jnp.sum(_chunk_losses(h, head, t)[2] * w), None
 
-  total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32),
-                          (by_chunk(hidden), by_chunk(targets), by_chunk(weights)))
-  return total, jnp.sum(weights)
+  xs = tuple(_by_chunk(x, chunk_len) for x in (hidden, targets, weights))
+  return jax.lax.scan(step, jnp.zeros((), jnp.float32), xs)[0]
+
+
+def _linear_cross_entropy_fwd(hidden, lm_head, targets, weights, chunk_len):
+  head = lm_head.astype(hidden.dtype)
+
+  def step(carry, xs):
+    total, grad_head = carry
+    h, t, w = xs
+    logits, log_normalizer, token_losses = _chunk_losses(h, head, t)
+    # d loss / d logits = (softmax - one_hot(target)) * weight
+    target = jnp.arange(logits.shape[-1]) == t[..., None]
+    grad_logits = ((jnp.exp(logits - log_normalizer[..., None]) - target) * w[..., None]).astype(h.dtype)
+    grad_h = jnp.einsum("blv,dv->bld", grad_logits, head, preferred_element_type=jnp.float32)
+    grad_head = grad_head + jnp.einsum("bld,blv->dv", h, grad_logits,
+                                       preferred_element_type=jnp.float32)
+    return (total + jnp.sum(token_losses * w), grad_head), (grad_h.astype(h.dtype), token_losses)
+
+  xs = tuple(_by_chunk(x, chunk_len) for x in (hidden, targets, weights))
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(lm_head.shape, jnp.float32))
+  (total, grad_head), (grad_hidden, token_losses) = jax.lax.scan(step, init, xs)
+  length = hidden.shape[1]
+  return total, (_from_chunks(grad_hidden, length), grad_head.astype(lm_head.dtype),
+                 _from_chunks(token_losses, length))
+
+
+def _linear_cross_entropy_bwd(chunk_len, residuals, grad_total):
+  del chunk_len
+  grad_hidden, grad_head, token_losses = residuals
+  return ((grad_total * grad_hidden).astype(grad_hidden.dtype),
+          (grad_total * grad_head).astype(grad_head.dtype), None, grad_total * token_losses)
+
+
+_linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
 
 
 def pair_sums(

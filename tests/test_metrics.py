@@ -109,4 +109,4 @@ def test_device_peak_flops_table(kind, peak):
 
 def test_cpu_has_no_listed_peak_and_a_measured_one():
   assert metrics.device_peak_flops() is None  # tests run on CPU devices
-  assert metrics.measure_cpu_peak_flops(n=128, repeats=2) > 0
+  assert metrics.measure_cpu_peak_flops(sizes=(64, 128), repeats=2) > 0
