@@ -21,7 +21,8 @@ order, so every process's range is a uniform sample of the split.
 
 Config fields read (`default_data_config()` has them all):
   source          "prepared" (shards from `python -m codepmp_jax.data.prepare`), "synthetic"
-                  (random tokens, every sequence `seq_len` long) or "in_memory" (`records`).
+                  (random tokens, every sequence `seq_len` long, a pair's two sharing their first
+                  half as the prompt) or "in_memory" (`records`).
   path            prepared: the directory holding manifest.json.
   vocab_size      synthetic: tokens are drawn from [0, vocab_size).
   synthetic_pairs synthetic: pairs per split (the epoch length).
