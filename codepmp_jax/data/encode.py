@@ -199,10 +199,11 @@ class PairArrays:
     prompt a packed row can hold once for both (`packing.pack_pairs(shared_prompt=...)`)."""
     caps = np.maximum(np.minimum(self.response_start.min(axis=1), self.lengths.min(axis=1) - 1), 0)
     shared = caps.astype(np.int32)
-    for lo in range(0, len(self), 4096):  # bounds the index arrays at 4096 prompts
-      cap = caps[lo:lo + 4096]
+    chunk = 4096  # prompts at a time: bounds the index arrays
+    for lo in range(0, len(self), chunk):
+      cap = caps[lo:lo + chunk]
       within = np.arange(int(cap.sum())) - np.repeat(np.cumsum(cap) - cap, cap)
-      chosen, rejected = (self.tokens[np.repeat(self.offsets[lo:lo + 4096, which], cap) + within]
+      chosen, rejected = (self.tokens[np.repeat(self.offsets[lo:lo + chunk, which], cap) + within]
                           for which in (0, 1))
       differ = np.flatnonzero(chosen != rejected)
       np.minimum.at(shared, lo + np.repeat(np.arange(len(cap)), cap)[differ], within[differ])

@@ -227,12 +227,20 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   being listed there. Without a `shape`, the least that holds every pair (`PackedShape.of`) in
   rows of `row_len`; a row with more tokens, LM targets or sequences than `shape` allows is an
   error. With `shared_prompt` ([n], `PairArrays.shared_prompt` or less), each pair's shared
-  prompt is laid out once (see the module docstring); a pair whose sequences differ there is an
-  error.
+  prompt is laid out once (see the module docstring); more than `PairArrays.shared_prompt` is
+  an error.
   """
   num_rows = None if shape is None else shape.rows
   shared = np.zeros(len(arrays), np.int64) if shared_prompt is None else np.asarray(shared_prompt, np.int64)
   pair_lengths = arrays.lengths.astype(np.int64).sum(axis=1) - shared
+  if shared.any():
+    common = arrays.shared_prompt()
+    beyond = np.flatnonzero(shared > common)
+    if len(beyond):
+      i = int(beyond[0])
+      raise ValueError(f"pair {i}: shared_prompt={shared[i]} is more than the common beginning of "
+                       f"its {arrays.lengths[i, 0]}- and {arrays.lengths[i, 1]}-token sequences "
+                       f"({common[i]}; does the index match the tokens?)")
   rows = assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, order)
   visit = _visit_order(pair_lengths, order)
   placed = np.array([i for i in visit if rows[i] >= 0], np.int64)
@@ -253,12 +261,6 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   prompts = []  # (row, rejected slot, first column, tokens) of each shared prompt
   for i in placed:
     row = rows[i]
-    chosen, rejected = arrays.sequence(i, 0), arrays.sequence(i, 1)
-    if (shared[i] >= min(len(chosen), len(rejected))
-        or not np.array_equal(chosen[:shared[i]], rejected[:shared[i]])):
-      raise ValueError(f"pair {i}: shared_prompt={shared[i]} is not a common beginning of its "
-                       f"{len(chosen)}- and {len(rejected)}-token sequences (does the index "
-                       "match the tokens?)")
     for which in (0, 1):
       skip = int(shared[i]) if which == 1 else 0  # the rejected sequence's shared prompt is laid out once
       length = int(arrays.lengths[i, which])
