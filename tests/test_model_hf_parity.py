@@ -65,6 +65,23 @@ def test_converted_config_follows_hf(tmp_path):
   assert (config.sliding_window, config.resolved_head_dim) == (4, 16)
 
 
+@pytest.mark.parametrize("name", ["llama", "llama_llama3_rope"])
+def test_rope_tables_match_transformers(name, tmp_path):
+  """cos and sin as transformers' rotary embedding gives them, whether looked up in tables built
+  at trace time (numpy positions, or packed rows' positions restarting per segment under jit) or
+  computed in the program (decoding)."""
+  hf = hf_models.tiny_hf_model(name, tmp_path)
+  _, config = convert.load_hf(tmp_path)
+  positions = np.concatenate([np.arange(40), np.arange(24)])[None]  # two packed segments
+  with torch.no_grad():
+    expected = [t.numpy() for t in hf.model.rotary_emb(torch.zeros(1, 64, 32), torch.from_numpy(positions))]
+  looked_up = jax.jit(lambda p: transformer.rope_tables(config, p, 64))(jnp.asarray(positions))
+  computed = jax.jit(lambda p: transformer.rope_tables(config, p))(jnp.asarray(positions))
+  for ours in (transformer.rope_tables(config, positions, 64), looked_up, computed):
+    for got, want in zip(ours, expected):
+      np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- SmolLM2-135M GGUF
 
 @pytest.fixture(scope="module")
