@@ -417,8 +417,10 @@ def last_token_rewards(config: ModelConfig, params: dict, input_ids: jax.Array,
   cos, sin = rope_tables(cfg, np.arange(input_ids.shape[1])[None], input_ids.shape[1])
   lengths = attention_mask.sum(axis=-1).astype(jnp.int32)
   layer = DecoderLayer(cfg)
+  # No key-length mask: under causal attention a row's real tokens never see its right padding,
+  # and the padding's own outputs are never read (the last layer, too, masks by position only).
   run = lambda layer_params, x, **kwargs: layer.apply(  # noqa: E731
-      {"params": layer_params}, x, lengths, cos, sin, **kwargs)[0]
+      {"params": layer_params}, x, None, cos, sin, **kwargs)[0]
   stacked = 0
   if "layers" in params:
     stacked = jax.tree.leaves(params["layers"])[0].shape[0]
