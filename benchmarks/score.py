@@ -9,8 +9,10 @@ model is saved as our checkpoint and exported with `codepmp_jax.convert.save_hf`
 that `*ForSequenceClassification` directory. Both sides get the same token ids and batch size;
 the peer is given the same help ours has (sequences sorted by length, each batch padded to its
 longest, `torch.inference_mode`), so the comparison is of the forward passes. Each side scores the
-records once untimed (compiles every length bucket) and then `--repeats` times; the median is
-reported, with the largest reward difference between the sides as a correctness check.
+records once untimed (compiles every length bucket), then `--repeats` rounds score them once per
+side in turn; each side's median time is reported, and the ratio as the median of the rounds'
+ratios (a round's two sides see the same machine speed), with the largest reward difference
+between the sides as a correctness check.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pathlib
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -34,6 +37,9 @@ from codepmp_jax.data.tokenizer import train_sentencepiece
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
 from codepmp_jax.score import RewardScorer
+
+
+SETTLE_SECONDS = 0.5
 
 
 def gsm8k_texts(num_records: int) -> list[tuple[str, str]]:
@@ -76,14 +82,22 @@ class PeerScorer:
     return rewards
 
 
-def _timed(fn, repeats: int) -> tuple[float, np.ndarray]:
-  out = fn()  # untimed: compiles (ours) and warms up (peer)
-  times = []
+def _interleaved(sides: dict[str, Callable[[], np.ndarray]], repeats: int
+                 ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+  """Each side's seconds in `repeats` rounds, and its rewards. A round runs every side once in
+  turn, so a drift in the machine's speed (tens of percent over minutes on a shared VM) reaches
+  both sides of a round alike; each side first runs once untimed (compiles ours, warms the peer).
+  Each timed run starts `SETTLE_SECONDS` after the last, so that the other runtime's worker
+  threads, which spin a while after their work, have gone idle (`benchmarks.train_step`)."""
+  rewards = {name: fn() for name, fn in sides.items()}
+  times: dict[str, list[float]] = {name: [] for name in sides}
   for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), out
+    for name, fn in sides.items():
+      time.sleep(SETTLE_SECONDS)
+      start = time.perf_counter()
+      rewards[name] = fn()
+      times[name].append(time.perf_counter() - start)
+  return times, rewards
 
 
 FLAGS = flags.FLAGS
@@ -96,7 +110,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", 16, "Sequences per batch (both sides).")
   flags.DEFINE_integer("max_length", 512, "Tokens per sequence.")
   flags.DEFINE_integer("vocab_size", 2000, "Sentencepiece pieces.")
-  flags.DEFINE_integer("repeats", 3, "Timed scorings per side (the median is reported).")
+  flags.DEFINE_integer("repeats", 7, "Timed rounds (each scores the records once per side).")
   flags.DEFINE_multi_string("model", [], "FIELD=VALUE: a ModelConfig override (repeatable).")
 
 
@@ -121,24 +135,26 @@ def main(argv: list[str]) -> None:
     del params
 
     peer = PeerScorer(hf_dir, FLAGS.batch_size, tokenizer.pad_id)
-    peer_seconds, peer_rewards = _timed(lambda: peer.score_ids(sequences), FLAGS.repeats)
-    peer = None  # frees the torch model before ours loads
     ours = RewardScorer(ckpt, batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
                         mesh_shape=(1, 1, 1) if len(jax.devices()) == 1 else (-1, 1, 1),
                         show_progress=False)
-    ours_seconds, ours_rewards = _timed(lambda: ours.score_ids(sequences), FLAGS.repeats)
+    times, rewards = _interleaved({"ours": lambda: ours.score_ids(sequences),
+                                   "transformers": lambda: peer.score_ids(sequences)}, FLAGS.repeats)
 
   lengths = np.array([len(s) for s in sequences])
   tokens = int(lengths.sum())
-  rows = [("ours", ours_seconds, len(sequences) / ours_seconds, tokens / ours_seconds),
-          ("transformers", peer_seconds, len(sequences) / peer_seconds, tokens / peer_seconds)]
+  seconds = {name: statistics.median(t) for name, t in times.items()}
+  rows = [(name, seconds[name], len(sequences) / seconds[name], tokens / seconds[name]) for name in times]
+  ratios = np.array(times["transformers"]) / np.array(times["ours"])
   print("\n".join([
       f"score: {jax.default_backend()} ({jax.devices()[0].device_kind}), {FLAGS.shape}, "
       f"{len(sequences)} GSM8K records (length median {int(np.median(lengths))}, max {lengths.max()}), "
-      f"batch {FLAGS.batch_size}, median of {FLAGS.repeats}; jax {jax.__version__}, torch {torch.__version__}",
-      "", common.format_table(("side", "seconds", "records/s", "tokens/s"), rows), "",
-      f"ratio (ours / transformers): {peer_seconds / ours_seconds:.2f}x; "
-      f"max |reward difference| {float(np.abs(ours_rewards - peer_rewards).max()):.2e}"]))
+      f"batch {FLAGS.batch_size}, {FLAGS.repeats} interleaved rounds; jax {jax.__version__}, "
+      f"torch {torch.__version__}",
+      "", common.format_table(("side", "median s", "records/s", "tokens/s"), rows), "",
+      f"ratio (ours / transformers): {np.median(ratios):.2f}x, the median of the rounds' ratios "
+      f"(range {ratios.min():.2f}-{ratios.max():.2f}x); "
+      f"max |reward difference| {float(np.abs(rewards['ours'] - rewards['transformers']).max()):.2e}"]))
 
 
 if __name__ == "__main__":
