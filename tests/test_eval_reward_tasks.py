@@ -64,8 +64,10 @@ def test_mc_picks_the_highest_reward_and_reports_every_type(shared_data):
 def test_pairwise_accuracy_and_margin_on_gsm8k_pairs(shared_data):
   scorer = LengthScorer()
   report = reward_tasks.pairwise(scorer, str(shared_data / "gsm8k" / "test.jsonl"), "gsm8k", limit=40)
-  chosen, rejected = zip(*[(len(c), len(r)) for (_, c), (_, r) in zip(*scorer.calls)])
-  chosen, rejected = np.array(chosen), np.array(rejected)
+  (scored,) = scorer.calls  # one call: the 40 chosen responses, then the 40 rejected ones
+  assert [p for p, _ in scored[:40]] == [p for p, _ in scored[40:]]
+  chosen = np.array([len(c) for _, c in scored[:40]])
+  rejected = np.array([len(r) for _, r in scored[40:]])
   assert report["n"] == 40
   assert report["accuracy"] == pytest.approx(np.mean(chosen > rejected))  # ties count wrong
   assert report["mean_margin"] == pytest.approx(np.mean(chosen - rejected))

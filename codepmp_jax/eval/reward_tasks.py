@@ -45,9 +45,10 @@ def pairwise(scorer: Scorer, data: str, format: str, by: str = "source",
       loaders.load_records([data], format, bad, loaders.LoaderOptions(seed=seed)), limit))
   if not records:
     raise ValueError(f"{data}: no usable pairs in format {format!r}\n{bad.report()}")
-  prompts = [r.prompt for r in records]
-  chosen = scorer.score_texts(prompts, [r.chosen for r in records])
-  rejected = scorer.score_texts(prompts, [r.rejected for r in records])
+  # Both sides in one call, so the scorer's length buckets batch chosen and rejected together.
+  rewards = np.asarray(scorer.score_texts([r.prompt for r in records] * 2,
+                                          [r.chosen for r in records] + [r.rejected for r in records]))
+  chosen, rejected = rewards[:len(records)], rewards[len(records):]
   correct = stats.pairwise_correct(chosen, rejected)
   groups = [_labels((r.meta or {}).get(by)) for r in records]
   return {
