@@ -38,8 +38,7 @@ from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
 from codepmp_jax.score import RewardScorer
 
-
-SETTLE_SECONDS = 0.5
+SETTLE_SECONDS = 0.5  # pause before each timed run (`_interleaved`)
 
 
 def gsm8k_texts(num_records: int) -> list[tuple[str, str]]:
