@@ -140,14 +140,15 @@ def rope_tables(config: ModelConfig, positions: jax.Array | np.ndarray,
   Without `num_positions` (decoding, where positions are bounded only by the cache) they are
   computed in the program.
   """
-  if num_positions is None:
+  def angles_at(positions):
     freqs = positions[..., None].astype(jnp.float32) * rope_inverse_frequencies(config)
-    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.concatenate([freqs, freqs], axis=-1)
+
+  if num_positions is None:
+    angles = angles_at(positions)
     return jnp.cos(angles), jnp.sin(angles)
   with jax.ensure_compile_time_eval():
-    inv_freq = np.asarray(rope_inverse_frequencies(config), np.float32)
-  freqs = np.arange(num_positions, dtype=np.float32)[:, None] * inv_freq
-  angles = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)
+    angles = np.asarray(angles_at(jnp.arange(num_positions)), np.float64)
   tables = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
   if isinstance(positions, np.ndarray):
     return tables[0][positions], tables[1][positions]
