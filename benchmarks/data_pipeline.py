@@ -79,7 +79,7 @@ def _peer_map(batch: dict, tokenizer_path: str, seq_len: int) -> dict:
   joined = tokenizer.encode_joined_batch(batch["prompt"] * 2, batch["chosen"] + batch["rejected"])
   out = {"chosen_ids": [], "rejected_ids": [], "response_start": []}
   for i in range(n):
-    pair = fit_pair(joined[i], joined[n + i], None, tokenizer.eos_id, seq_len, "truncate", EncodeStats())
+    pair = fit_pair(joined[i], joined[n + i], None, tokenizer.eos_id, seq_len, "keep_end", EncodeStats())
     out["chosen_ids"].append(list(pair.chosen.ids))
     out["rejected_ids"].append(list(pair.rejected.ids))
     out["response_start"].append([pair.chosen.response_start, pair.rejected.response_start])

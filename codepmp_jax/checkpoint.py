@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from codepmp_jax.data import templates
+from codepmp_jax.data import encode, templates
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig
 from codepmp_jax.workdir import CHECKPOINTS, MODEL_CONFIG, TOKENIZER
@@ -48,9 +48,11 @@ def save_model_config(path: PathLike, model_config: ModelConfig) -> None:
 
 
 def save_model(path: PathLike, params: Any, model_config: ModelConfig,
-               tokenizer: Any = None, prompt_format: str | None = None) -> epath.Path:
+               tokenizer: Any = None, prompt_format: str | None = None,
+               truncation: str | None = None) -> epath.Path:
   """Writes params (canonical unscanned layout), model config, tokenizer and (when known) the
-  prompt format the model was trained on (`templates.FORMATS`) under `path`."""
+  prompt format the model was trained on (`templates.FORMATS`) and its data's truncation policy
+  (`encode.TRUNCATION`) under `path`."""
   path = as_path(path)
   path.mkdir(parents=True, exist_ok=True)
   if "layers" in params:
@@ -64,6 +66,8 @@ def save_model(path: PathLike, params: Any, model_config: ModelConfig,
       tokenizer.save(path / TOKENIZER)
     if prompt_format is not None:
       templates.save_prompt_format(path, prompt_format)
+    if truncation is not None:
+      encode.save_truncation(path, truncation)
   return path
 
 

@@ -10,6 +10,9 @@ Each input line is one of
                                        is the checkpoint's stored prompt format unless --template);
   {"prompt", "chosen", "rejected"}     both responses, as above.
 The output repeats each record with `"reward"` (or `"chosen_reward"` and `"rejected_reward"`) added.
+Texts longer than --max_length are cut by the checkpoint's truncation policy (`truncation.json`;
+`keep_end` by default: the prompt from the left, then the start of the response, so the answer
+stays); how many lost prompt or response tokens is printed.
 A bad line is reported with its line number and left out of the output; the counts are printed.
 `RewardScorer` is the same scorer as a Python object (the evaluation stages use it).
 """
@@ -31,7 +34,8 @@ from tqdm import tqdm
 
 from codepmp_jax import checkpoint, cli, sharding, workdir
 from codepmp_jax.data import templates
-from codepmp_jax.data.encode import bucket_length, encode_sequence
+from codepmp_jax.data import encode as encoding
+from codepmp_jax.data.encode import EncodedSequence, bucket_length, encode_sequence
 from codepmp_jax.data.tokenizer import load_tokenizer
 from codepmp_jax.model import attention, transformer
 
@@ -63,7 +67,8 @@ class RewardScorer:
   """
 
   def __init__(self, checkpoint_path: str | os.PathLike, batch_size: int = 16, max_length: int = 1024,
-               mesh_shape: Sequence[int] = (-1, 1, 1), show_progress: bool = True):
+               mesh_shape: Sequence[int] = (-1, 1, 1), show_progress: bool = True,
+               truncation: str | None = None):
     path = epath.Path(checkpoint_path)
     canonical = checkpoint.load_model_config(path).replace(scan_layers=False, remat_policy="none")
     self.config = canonical.replace(causal_block=SCORE_CAUSAL_BLOCK)
@@ -84,6 +89,11 @@ class RewardScorer:
     tokenizer_dir = path / workdir.TOKENIZER
     self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
     self.prompt_format = templates.load_prompt_format(path)  # None if the checkpoint records none
+    # How texts longer than max_length are cut: the checkpoint's policy unless given.
+    self.truncation = encoding.check_truncation(truncation or encoding.load_truncation(path))
+    if self.truncation == "drop":
+      raise ValueError(f"{path} records truncation 'drop'; scoring cannot drop a text: pass "
+                       "truncation='keep_end' or 'keep_head'")
     self._data_ways = data_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self.batch_size = -(-batch_size // data_ways) * data_ways
     self.max_length = max_length
@@ -152,18 +162,22 @@ class RewardScorer:
       batches += [(indices[s:s + rows], length, rows) for s in range(0, len(indices), rows)]
     return batches
 
-  def encode(self, prompt: str, response: str) -> tuple[list[int], bool]:
-    """prompt + response + end token, cut to `max_length` as training cuts it; and whether it was cut."""
+  def encode(self, prompt: str, response: str) -> EncodedSequence:
+    """prompt + response + end token, cut to `max_length` by the checkpoint's truncation policy
+    (its `prompt_cut` / `response_cut` say what was lost)."""
     if self.tokenizer is None:
       raise ValueError("this checkpoint has no tokenizer/; only token ids can be scored")
-    encoded = encode_sequence(self.tokenizer, prompt, response, self.max_length)
-    return list(encoded.ids), bool(encoded.prompt_cut or encoded.response_cut)
+    return encode_sequence(self.tokenizer, prompt, response, self.max_length, self.truncation)
+
+  def encode_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[EncodedSequence]:
+    """`encode` of each (prompt, response) (prompts already rendered with their template)."""
+    if len(prompts) != len(responses):
+      raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    return [self.encode(p, r) for p, r in zip(prompts, responses)]
 
   def score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     """Rewards of each `prompt + response + eos` (prompts already rendered with their template)."""
-    if len(prompts) != len(responses):
-      raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    return self.score_ids([self.encode(p, r)[0] for p, r in zip(prompts, responses)])
+    return self.score_ids([s.ids for s in self.encode_texts(prompts, responses)])
 
 
 def _prompt(record: dict, template: str, where: str) -> str:
@@ -188,8 +202,8 @@ def _string(record: dict, field: str, where: str) -> str:
   return record[field]
 
 
-def sequences_of(record: Any, scorer: RewardScorer, template: str, where: str) -> dict[str, tuple[list[int], bool]]:
-  """Output field -> (token ids, truncated) for one input record; ValueError names the problem."""
+def sequences_of(record: Any, scorer: RewardScorer, template: str, where: str) -> dict[str, EncodedSequence]:
+  """Output field -> the sequence to score, for one input record; ValueError names the problem."""
   if not isinstance(record, dict):
     raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
   if "input_ids" in record:
@@ -201,7 +215,7 @@ def sequences_of(record: Any, scorer: RewardScorer, template: str, where: str) -
       raise ValueError(f"{where}: field 'input_ids' has ids outside 0..{vocab - 1}")
     if len(ids) > scorer.max_length:
       raise ValueError(f"{where}: field 'input_ids' has {len(ids)} tokens, more than --max_length={scorer.max_length}")
-    return {"reward": (ids, False)}
+    return {"reward": EncodedSequence(tuple(ids), 0)}
   if "text" in record:
     return {"reward": scorer.encode("", _string(record, "text", where))}
   if "response" in record:
@@ -215,7 +229,9 @@ def sequences_of(record: Any, scorer: RewardScorer, template: str, where: str) -
 
 def score_file(scorer: RewardScorer, input_path: epath.Path, output_path: epath.Path,
                template: str) -> collections.Counter:
-  """Score every line of `input_path` into `output_path`; returns counts (records, bad lines, truncated)."""
+  """Score every line of `input_path` into `output_path`; returns counts (records, sequences, bad
+  lines, and the sequences that lost prompt or response tokens: `truncated_prompt`,
+  `truncated_response`). A file with no usable line is an error (nothing is written)."""
   counts: collections.Counter = collections.Counter()
   records, fields, sequences = [], [], []
   with input_path.open(encoding="utf-8") as f:
@@ -237,10 +253,14 @@ def score_file(scorer: RewardScorer, input_path: epath.Path, output_path: epath.
         continue
       records.append(record)
       fields.append(list(wanted))
-      for ids, truncated in wanted.values():
-        sequences.append(ids)
-        counts["truncated"] += truncated
-  rewards = iter(scorer.score_ids(sequences).tolist()) if sequences else iter(())
+      for sequence in wanted.values():
+        sequences.append(sequence.ids)
+        counts["truncated_prompt"] += bool(sequence.prompt_cut)
+        counts["truncated_response"] += bool(sequence.response_cut)
+  if not records:
+    raise ValueError(f"{input_path}: no usable lines ({counts['bad_lines']} bad); each line needs "
+                     "'input_ids', 'text', 'prompt'+'response' or 'prompt'+'chosen'+'rejected'")
+  rewards = iter(scorer.score_ids(sequences).tolist())
   output_path.parent.mkdir(parents=True, exist_ok=True)
   with output_path.open("w", encoding="utf-8") as out:
     for record, names in zip(records, fields):
@@ -277,8 +297,10 @@ def main(argv: list[str]) -> None:
     print(f"note: {path} records no prompt format; prompts are used verbatim (--template to choose)")
     template = "none"
   counts = score_file(scorer, epath.Path(FLAGS.input), epath.Path(FLAGS.output), template)
-  print(f"scored {counts['records']} records ({counts['sequences']} sequences, {counts['truncated']} "
-        f"truncated to {FLAGS.max_length} tokens) -> {FLAGS.output}; {counts['bad_lines']} bad lines skipped")
+  print(f"scored {counts['records']} records ({counts['sequences']} sequences; cut to {FLAGS.max_length} "
+        f"tokens by {scorer.truncation}: {counts['truncated_prompt']} lost prompt tokens, "
+        f"{counts['truncated_response']} lost response tokens) -> {FLAGS.output}; "
+        f"{counts['bad_lines']} bad lines skipped")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     model_config.json    the model's ModelConfig (so a workdir is a model checkpoint too)
     tokenizer/           the tokenizer the run trained with
     prompt_format.json   the template the data's prompts were rendered in (`data.templates`), when known
+    truncation.json      how the data's overlong sequences were cut (`data.encode.TRUNCATION`)
     metrics.jsonl        one JSON record a logged step: {"step": N, "loss": ..., "eval/...": ...}
     checkpoints/N/       orbax train-state checkpoints (params, optimizer state, data position)
     summary.json         written once at the end: {"step", "finished", **last logged metrics}
@@ -20,7 +21,7 @@ from typing import Any
 
 from etils import epath
 
-from codepmp_jax.data import templates
+from codepmp_jax.data import encode, templates
 
 CONFIG = "config.json"
 MODEL_CONFIG = "model_config.json"
@@ -29,7 +30,8 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 PROMPT_FORMAT = templates.PROMPT_FORMAT_FILE  # written and read by templates.save/load_prompt_format
-NAMES = (CONFIG, MODEL_CONFIG, TOKENIZER, PROMPT_FORMAT, METRICS, CHECKPOINTS, SUMMARY)
+TRUNCATION = encode.TRUNCATION_FILE  # written and read by encode.save/load_truncation
+NAMES = (CONFIG, MODEL_CONFIG, TOKENIZER, PROMPT_FORMAT, TRUNCATION, METRICS, CHECKPOINTS, SUMMARY)
 
 PathLike = str | epath.PathLike
 

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from codepmp_jax.data import gsm8k, loaders
-from codepmp_jax.data.encode import EncodeStats, bucket_length, encode_pair, fit_pair, fit_sequence
+from codepmp_jax.data.encode import (EncodeStats, bucket_length, encode_pair, encode_sequence, fit_pair,
+                                     fit_sequence)
 from codepmp_jax.data.records import BadRecordError, BadRecords, PairRecord, read_json_objects
 from codepmp_jax.data.templates import render
 from codepmp_jax.data.tokenizer import train_sentencepiece
@@ -207,32 +208,67 @@ def test_bad_records_are_counted_with_file_and_line_and_strict_raises(tmp_path):
     list(loaders.load_records(files, "pairs", BadRecords(strict=True)))
 
 
-def test_truncation_cuts_prompt_left_then_response_right_keeping_eos():
+def test_truncation_cuts_prompt_left_then_the_response_by_policy_keeping_eos():
   ids, start, eos = [1, 2, 3, 4, 5, 6, 7, 8, 9], 5, 0
-  assert fit_sequence(ids, start, eos, 10).ids == (1, 2, 3, 4, 5, 6, 7, 8, 9, 0)
-  cut = fit_sequence(ids, start, eos, 7)
-  assert (cut.ids, cut.response_start, cut.prompt_cut, cut.response_cut) == ((4, 5, 6, 7, 8, 9, 0), 2, 3, 0)
-  cut = fit_sequence(ids, start, eos, 5)
-  assert (cut.ids, cut.response_start, cut.prompt_cut) == ((6, 7, 8, 9, 0), 0, 5)
+  for truncation in ("keep_end", "keep_head"):
+    assert fit_sequence(ids, start, eos, 10, truncation).ids == (1, 2, 3, 4, 5, 6, 7, 8, 9, 0)
+    cut = fit_sequence(ids, start, eos, 7, truncation)
+    assert (cut.ids, cut.response_start, cut.prompt_cut, cut.response_cut) == ((4, 5, 6, 7, 8, 9, 0), 2, 3, 0)
+    cut = fit_sequence(ids, start, eos, 5, truncation)
+    assert (cut.ids, cut.response_start, cut.prompt_cut) == ((6, 7, 8, 9, 0), 0, 5)
+  # The prompt is gone; then keep_end loses the response's start, keep_head its end.
   cut = fit_sequence(ids, start, eos, 3)
+  assert (cut.ids, cut.response_cut) == ((8, 9, 0), 2)
+  cut = fit_sequence(ids, start, eos, 3, "keep_head")
   assert (cut.ids, cut.response_cut) == ((6, 7, 0), 2)
-  assert fit_sequence(ids, start, eos, 9, overlong="drop") is None
+  assert fit_sequence(ids, start, eos, 9, "drop") is None
+  with pytest.raises(ValueError, match="truncation must be one of"):
+    fit_sequence(ids, start, eos, 9, "truncate")
 
 
-def test_a_pair_keeps_one_prompt_after_truncation():
+def test_the_kept_response_end_holds_the_final_answer_line(shared_data, tmp_path):
+  """Real GSM8K solutions cut to a short length: keep_end keeps the `#### answer` line (and the
+  end token), keep_head loses it."""
+  rows = [json.loads(line) for line in open(shared_data / "gsm8k" / "test.jsonl")][:40]
+  tokenizer = train_sentencepiece([r["question"] + r["answer"] for r in rows] * 3, 400, tmp_path / "tok")
+  for row in rows:
+    prompt = render("math", question=row["question"])
+    final = row["answer"].rsplit("\n", 1)[1]
+    assert final.startswith("#### ")
+    end = encode_sequence(tokenizer, prompt, row["answer"], 40, "keep_end")
+    head = encode_sequence(tokenizer, prompt, row["answer"], 40, "keep_head")
+    assert end.ids[-1] == head.ids[-1] == tokenizer.eos_id and len(end.ids) == 40
+    assert tokenizer.decode(end.ids[:-1]).endswith(final)
+    assert final not in tokenizer.decode(head.ids[:-1])
+
+
+@pytest.mark.parametrize("truncation", ["keep_end", "keep_head"])
+def test_a_pair_keeps_one_prompt_after_truncation(truncation):
   rng = np.random.default_rng(0)
+  identical = 0
   for _ in range(500):
     prompt = list(rng.integers(10, 100, rng.integers(0, 12)))
-    chosen, rejected = (prompt + list(rng.integers(10, 100, rng.integers(1, 12))) for _ in range(2))
+    chosen, rejected = (prompt + list(rng.integers(10, 14, rng.integers(1, 12))) for _ in range(2))
     seq_len = int(rng.integers(2, 26))
     stats = EncodeStats()
-    pair = fit_pair((chosen, len(prompt)), (rejected, len(prompt)), None, 0, seq_len, "truncate", stats)
+    pair = fit_pair((chosen, len(prompt)), (rejected, len(prompt)), None, 0, seq_len, truncation, stats)
+    if pair is None:  # token-identical once cut: dropped and counted
+      identical += 1
+      assert stats.dropped_identical == 1 and stats.pairs == 0
+      both = [fit_sequence(s, len(prompt), 0, seq_len, truncation) for s in (chosen, rejected)]
+      assert len({s.ids for s in both}) == 1 or chosen == rejected
+      continue
     c, r = pair.chosen, pair.rejected
+    assert c.ids != r.ids
     assert c.ids[:c.response_start] == r.ids[:r.response_start]  # one prompt, cut alike
     assert c.prompt_cut == r.prompt_cut
     for seq, full in ((c, chosen), (r, rejected)):
       assert len(seq.ids) <= seq_len and seq.ids[-1] == 0
-      assert list(seq.ids[:-1]) == full[seq.prompt_cut:len(full) - seq.response_cut]
+      if truncation == "keep_head":
+        assert list(seq.ids[:-1]) == full[seq.prompt_cut:len(full) - seq.response_cut]
+      else:
+        kept_prompt = full[seq.prompt_cut:len(prompt)] if seq.prompt_cut < len(prompt) else []
+        assert list(seq.ids[:-1]) == kept_prompt + full[len(prompt) + seq.response_cut:]
     assert stats.truncated_prompt == (c.prompt_cut > 0)
     longest = max(len(chosen), len(rejected)) + 1
     # the prompt loses exactly the larger excess (all of it when that is not enough)
@@ -285,7 +321,7 @@ def test_encode_pair_round_trips_through_the_tokenizer(tmp_path):
     assert tokenizer.decode(seq.ids[seq.response_start:-1]) == response
   short = encode_pair(tokenizer, record, len(pair.chosen.ids) - 2, stats=stats)
   assert short.chosen.ids[-1] == tokenizer.eos_id and short.chosen.prompt_cut == 2
-  assert encode_pair(tokenizer, record, 8, overlong="drop", stats=stats) is None
+  assert encode_pair(tokenizer, record, 8, "drop", stats=stats) is None
   assert (stats.pairs, stats.truncated_prompt, stats.truncated_response, stats.dropped_overlong) == (2, 1, 0, 1)
 
 

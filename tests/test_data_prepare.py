@@ -210,3 +210,25 @@ def test_cli_missing_flag_is_one_error_line(capsys):
     cli.call(prepare.main, prepare.define_flags, ["--format=pairs", "--seq_len=8"])
   assert exit_.value.code == 2
   assert capsys.readouterr().err == "error: --input is required\n"
+
+
+@pytest.mark.parametrize("truncation", ["keep_head", "keep_end"])
+def test_pairs_identical_after_truncation_are_dropped_and_counted(tmp_path, tokenizer_path, truncation):
+  """Pairs that differ only after (keep_head) or before (keep_end) what a short seq_len keeps
+  become token-identical: prepare drops them, counts them, and records its truncation policy."""
+  differ_late = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f"It is {2 * i}. " * 6 + "Yes.",
+                  "rejected": f"It is {2 * i}. " * 6 + "No."} for i in range(10)]
+  differ_early = [{"prompt": f"Question {i}: what is {i} + {i}?", "chosen": "Yes. " + f"It is {2 * i}. " * 6,
+                   "rejected": "No. " + f"It is {2 * i}. " * 6} for i in range(10)]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in differ_late + differ_early + GOOD[:20]))
+  manifest = prepare.prepare(_settings(tmp_path, tokenizer_path, [str(path)], seq_len=16,
+                                       split="train:1", num_shards=1, truncation=truncation))
+  tokenizer = load_tokenizer(tokenizer_path)
+  identical = sum(
+      encode_pair(tokenizer, PairRecord(r["prompt"], r["chosen"], r["rejected"]), 16, truncation) is None
+      for r in differ_late + differ_early + GOOD[:20])
+  assert identical == 10  # the ones whose difference the policy cuts off
+  assert manifest["truncation"] == truncation == prepare.manifest_truncation(manifest)
+  assert manifest["dropped"] == {"overlong": 0, "identical_after_truncation": 10}
+  assert manifest["splits"]["train"]["pairs"] == 30

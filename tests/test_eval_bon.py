@@ -78,7 +78,7 @@ def run_bon(files, num_draws: int, seed: int = 0) -> dict:
   questions = bon.load_candidates(cand)
   unanswered = bon.grade(questions, answers.AnswerChecker("gsm8k"))
   assert unanswered == 1
-  return bon.best_of_n(questions, bon.load_scores(scores, questions), NS, num_draws, seed)
+  return bon.best_of_n(questions, bon.load_scores(scores, questions), NS, num_draws, seed)[0]
 
 
 def test_exact_enumeration_matches_brute_force(files):
@@ -97,8 +97,8 @@ def test_sampled_draws_match_closed_forms():
   rng = np.random.default_rng(0)
   rewards, correct = rng.permutation(30).astype(float), rng.random(30) < 0.3
   question = bon.Question("q", "?", "#### 1", ["x"] * 30, correct, np.arange(30))
-  result = bon.best_of_n([question], [rewards], ns=(5,), num_draws=20000, seed=0)["5"]
-  assert result == bon.best_of_n([question], [rewards], ns=(5,), num_draws=20000, seed=0)["5"]
+  result = bon.best_of_n([question], [rewards], ns=(5,), num_draws=20000, seed=0)[0]["5"]
+  assert result == bon.best_of_n([question], [rewards], ns=(5,), num_draws=20000, seed=0)[0]["5"]
   total = math.comb(30, 5)
   # The reward-ranked i-th candidate wins when the other 4 drawn all rank below it.
   rm_exact = sum(math.comb(int(r), 4) for r, c in zip(rewards, correct) if c) / total
@@ -116,7 +116,7 @@ def test_rm_pick_interval_is_a_bootstrap_over_questions():
   right_first = bon.Question("a", "?", "#### 1", ["x", "y"], np.array([True, False]), np.arange(2))
   tie = bon.Question("b", "?", "#### 1", ["x", "y"], np.array([False, True]), np.arange(2))
   result = bon.best_of_n([right_first, tie], [np.array([2.0, 1.0]), np.array([0.0, 0.0])],
-                         ns=(2,), num_draws=10)["2"]
+                         ns=(2,), num_draws=10)[0]["2"]
   assert result["rm"] == pytest.approx(0.75)
   low, high = result["rm_ci95"]
   assert (low, high) == stats.bootstrap_ci(np.array([1.0, 0.5]), seed=0)
@@ -185,3 +185,25 @@ def test_bad_input_names_file_line_and_field(tmp_path):
   scores.write_text('{"id": 1, "rewards": [0.5, 1]}\n{"id": 1, "rewards": [0.5, 1]}\n')
   with pytest.raises(ValueError, match=r"s.jsonl:2: duplicate id '1' \(first at .*s.jsonl:1\)"):
     bon.load_scores(scores, questions)
+
+
+def test_style_baselines_by_hand():
+  """Four candidates from models A and B; in question q1 A's are right, in q2 B's. With N=2 all six
+  pairs are drawn: "always pick A" is right in q1 unless the pair is B's two (5/6), and in q2 only
+  when A is absent (then a uniform pick between B's two: 1/6); longest/shortest likewise."""
+  sources = ["A|0-Shot", "B|0-Shot", "A|5-Shot", "B|5-Shot"]
+  q1 = bon.Question("q1", "?", "1", ["a" * 3, "b" * 9, "c" * 4, "d" * 1],
+                    np.array([True, False, True, False]), np.array([0, 1, 0, 1]), sources=sources)
+  q2 = bon.Question("q2", "?", "1", ["a" * 3, "b" * 9, "c" * 4, "d" * 1],
+                    np.array([False, True, False, True]), np.array([0, 1, 0, 1]), sources=sources)
+  results, per_item = bon.best_of_n([q1, q2], [np.zeros(4), np.arange(4.0)], ns=(2,), num_draws=10)
+  baselines = results["2"]["baselines"]
+  assert baselines["source:A"] == pytest.approx((5 / 6 + 1 / 6) / 2)
+  assert baselines["source:B"] == pytest.approx((1 / 6 + 5 / 6) / 2)
+  # Longest of each pair (lengths 3, 9, 4, 1): q1 right for {0,2},{0,3},{2,3} -> 3/6; q2 the rest.
+  assert baselines["longest"] == pytest.approx((3 / 6 + 3 / 6) / 2)
+  # Shortest: q1 right for {0,1},{0,2},{1,2} -> 3/6; q2 right for {0,3},{1,3},{2,3} -> 3/6.
+  assert baselines["shortest"] == pytest.approx(0.5)
+  # Per-question rm scores: q1 all rewards tie (a uniform pick: 1/2); q2 picks the higher index,
+  # right when it is 1 or 3: pairs {0,1},{0,3},{1,3},{2,3} -> 4/6.
+  assert per_item == {"id": ["q1", "q2"], "rm@2": [pytest.approx(0.5), pytest.approx(4 / 6)]}

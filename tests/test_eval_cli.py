@@ -31,11 +31,16 @@ def test_bon_from_scores_writes_report_table_and_plot(tmp_path, capsys):
             "--n=1,2,3", "--draws=10", f"--out={out}"])
   report = json.loads(out.read_text())
   assert set(report["bon"]) == {"1", "2", "3"}
-  assert set(report["bon"]["2"]) == {*bon.METHODS, "rm_ci95"}
+  assert set(report["bon"]["2"]) == {*bon.METHODS, "rm_ci95", "baselines"}
   # N=3 takes every candidate: rm picks "\boxed{1}" (wrong) and "no idea" (wrong) -> 0;
   # majority: a has 1/2 twice -> right, b has 3 and 4 once each, a uniform pick -> 1/2.
   assert report["bon"]["3"] == {"rm": 0.0, "random": pytest.approx(0.5), "majority": 0.75,
-                                "oracle": 1.0, "rm_ci95": [0.0, 0.0]}  # wrong in both questions
+                                "oracle": 1.0, "rm_ci95": [0.0, 0.0],  # wrong in both questions
+                                # a: "The answer is: 1/2" longest (right), "\boxed{1}" shortest;
+                                # b: "\boxed{3}" and "\boxed{4}" longest (a uniform pick: 1/2),
+                                # "no idea" shortest
+                                "baselines": {"longest": 0.75, "shortest": 0.0}}
+  assert report["truncation"] is None and report["per_item"]["rm@3"] == [0.0, 0.0]
   assert report["candidates_without_answer"] == 1
   assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
   printed = capsys.readouterr().out
@@ -80,7 +85,8 @@ def test_module_entry_point_runs_without_jax(tmp_path):
   assert "oracle" in result.stdout
   report = json.loads((tmp_path / "r.json").read_text())
   assert report["bon"]["2"] == {"rm": 0.0, "random": 0.5, "majority": 0.5, "oracle": 1.0,  # 4, 5 tie
-                                "rm_ci95": [0.0, 0.0]}  # one question: a point interval
+                                "rm_ci95": [0.0, 0.0],  # one question: a point interval
+                                "baselines": {"longest": 1.0, "shortest": 0.0}}
 
 
 def test_module_usage_error_is_one_line(tmp_path):

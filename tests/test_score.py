@@ -71,8 +71,11 @@ def test_score_texts_reads_reward_at_end_token(scorer, single):
   rewards = scorer.score_texts(prompts, responses)
   tok = scorer.tokenizer
   first = tok.encode(prompts[0] + responses[0]) + [tok.eos_id]  # one text, as transformers tokenizes it
-  ids, cut = scorer.encode(prompts[1], responses[1])
-  assert cut and len(ids) == 48 and ids[-1] == tok.eos_id
+  cut = scorer.encode(prompts[1], responses[1])
+  ids = list(cut.ids)
+  assert scorer.truncation == "keep_end"  # the checkpoint records none: the default
+  assert cut.prompt_cut and cut.response_cut and len(ids) == 48 and ids[-1] == tok.eos_id
+  assert tok.decode(ids[:-1]) == tok.decode(tok.encode(responses[1])[-47:])  # the response's end
   np.testing.assert_allclose(rewards, [single(first), single(ids)], atol=1e-5)
 
 

@@ -19,6 +19,8 @@ import os
 import ml_collections
 from etils import epath
 
+from codepmp_jax.data.encode import DEFAULT_TRUNCATION
+
 BUILTINS = ("stdlib_mutate",)
 
 
@@ -49,8 +51,11 @@ def ensure(data_cfg: ml_collections.ConfigDict) -> None:
 
   root = epath.Path(data_cfg.path)
   manifest = root / prepare.MANIFEST
-  if manifest.is_file() and json.loads(manifest.read_text()).get("version") == prepare.MANIFEST_VERSION:
-    return  # (an older version's shards are prepared again, from the kept pairs and tokenizer)
+  truncation = data_cfg.get("truncation") or DEFAULT_TRUNCATION
+  if manifest.is_file():
+    built = json.loads(manifest.read_text())
+    if built.get("version") == prepare.MANIFEST_VERSION and prepare.manifest_truncation(built) == truncation:
+      return  # (other versions or truncations are prepared again, from the kept pairs and tokenizer)
   pairs_dir = root / "pairs"
   synth_manifest = pairs_dir / "manifest.json"
   if not (synth_manifest.is_file() and json.loads(synth_manifest.read_text()).get("complete")):
@@ -65,5 +70,5 @@ def ensure(data_cfg: ml_collections.ConfigDict) -> None:
   logging.info("preparing the pairs into %s", root)
   prepare.prepare(prepare.PrepareSettings(
       inputs=(str(pairs_dir / "*.jsonl.gz"),), format="pairs", tokenizer=str(spm_model),
-      seq_len=spec.seq_len, out=str(root),
+      seq_len=spec.seq_len, out=str(root), truncation=truncation,
       split=f"train:{1 - spec.eval_fraction:.6g},eval:{spec.eval_fraction:.6g}", seed=spec.seed))

@@ -2,22 +2,32 @@
 
 Each sequence is tokenized as one text (`Tokenizer.encode_joined`), as transformers, TRL and
 RewardBench tokenize it, and the response boundary comes from the tokenizer's offsets.
-The reward is read at the last real token, so the end token must survive truncation: a pair that
-does not fit first loses prompt tokens from the left, the SAME number from both sequences (the
-larger of the two excesses), so chosen and rejected still see one prompt; then response tokens
-from the right (the end token stays last). With `overlong="drop"` the pair is dropped instead.
-Both are counted.
+
+One truncation policy (`TRUNCATION`) is chosen per data set, recorded with the prepared data and
+the checkpoint (`save_truncation`), and used by prepare, training, `score` and `eval` alike. The
+reward is read at the last real token, so the end token always survives. A sequence that does not
+fit first loses prompt tokens from the left, the SAME number from both sequences of a pair (the
+larger of the two excesses), so chosen and rejected still see one prompt; then response tokens:
+- `keep_end` (the default) cuts the response's START: a solution's answer is at its end, and a
+  reward model that never sees it can only judge style;
+- `keep_head` cuts the response's end (the reference CodePMP trainer's right truncation);
+- `drop` drops the pair instead.
+Cuts are counted; so are pairs whose two sequences become token-identical (no ranking signal:
+`fit_pair` drops them).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from codepmp_jax.data.records import PairRecord
 
-OVERLONG = ("truncate", "drop")
+TRUNCATION = ("keep_end", "keep_head", "drop")
+DEFAULT_TRUNCATION = "keep_end"
+TRUNCATION_FILE = "truncation.json"
 
 
 def bucket_length(length: int, minimum: int = 16, steps_per_octave: int = 1) -> int:
@@ -58,11 +68,13 @@ class EncodedPair:
 
 @dataclasses.dataclass
 class EncodeStats:
-  """Pairs kept, and how many needed their prompt or response cut or were dropped."""
+  """Pairs kept, how many needed their prompt or response cut, and how many were dropped: too
+  long under `truncation="drop"`, or token-identical sides after tokenization and truncation."""
   pairs: int = 0
   truncated_prompt: int = 0
   truncated_response: int = 0
   dropped_overlong: int = 0
+  dropped_identical: int = 0
 
   def add(self, other: EncodeStats) -> None:
     for field in dataclasses.fields(self):
@@ -72,56 +84,71 @@ class EncodeStats:
 Tokenized = tuple[Sequence[int], int]  # (ids of prompt + response, index where the response starts)
 
 
-def _cut(ids: Sequence[int], response_start: int, prompt_cut: int, total_cut: int,
-         eos_id: int) -> EncodedSequence:
-  """`ids` + eos with `total_cut` tokens removed: `prompt_cut` from the left, the rest from the response's end."""
+def check_truncation(truncation: str) -> str:
+  if truncation not in TRUNCATION:
+    raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
+  return truncation
+
+
+def _cut(ids: Sequence[int], response_start: int, prompt_cut: int, total_cut: int, eos_id: int,
+         truncation: str) -> EncodedSequence:
+  """`ids` + eos with `total_cut` tokens removed: `prompt_cut` from the left, the rest from the
+  response (its start for `keep_end`, its end for `keep_head`)."""
   response_len = len(ids) - response_start
   response_cut = total_cut - prompt_cut
   if response_cut > response_len:  # more than the response holds: the rest comes off the prompt
     prompt_cut += response_cut - response_len
     response_cut = response_len
-  kept = list(ids[prompt_cut:len(ids) - response_cut])
+  if truncation == "keep_end":
+    kept = [*ids[prompt_cut:response_start], *ids[response_start + response_cut:]]
+  else:
+    kept = list(ids[prompt_cut:len(ids) - response_cut])
   return EncodedSequence((*kept, eos_id), response_start - prompt_cut, prompt_cut, response_cut)
 
 
 def fit_sequence(ids: Sequence[int], response_start: int, eos_id: int, seq_len: int,
-                 overlong: str = "truncate") -> EncodedSequence | None:
-  """prompt + response + eos within `seq_len` tokens, or None if too long and `overlong="drop"`."""
-  return _fit([(ids, response_start)], eos_id, seq_len, overlong)[0]
+                 truncation: str = DEFAULT_TRUNCATION) -> EncodedSequence | None:
+  """prompt + response + eos within `seq_len` tokens, or None if too long under `truncation="drop"`."""
+  return _fit([(ids, response_start)], eos_id, seq_len, truncation)[0]
 
 
-def _fit(sequences: Sequence[Tokenized], eos_id: int, seq_len: int, overlong: str) -> list[EncodedSequence | None]:
+def _fit(sequences: Sequence[Tokenized], eos_id: int, seq_len: int,
+         truncation: str) -> list[EncodedSequence | None]:
   """Fit sequences that share a prompt: each loses the same number of prompt tokens."""
-  if overlong not in OVERLONG:
-    raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
+  check_truncation(truncation)
   if seq_len < 2:
     raise ValueError(f"seq_len must be at least 2, got {seq_len}")
   excess = [len(ids) + 1 - seq_len for ids, _ in sequences]
   if max(excess) <= 0:
     return [EncodedSequence((*ids, eos_id), start) for ids, start in sequences]
-  if overlong == "drop":
+  if truncation == "drop":
     return [None] * len(sequences)
   prompt_cut = min(max(excess), *(start for _, start in sequences))
-  return [_cut(ids, start, prompt_cut, max(e, prompt_cut), eos_id) for (ids, start), e in zip(sequences, excess)]
+  return [_cut(ids, start, prompt_cut, max(e, prompt_cut), eos_id, truncation)
+          for (ids, start), e in zip(sequences, excess)]
 
 
 def encode_sequence(tokenizer, prompt: str, response: str, seq_len: int,
-                    overlong: str = "truncate") -> EncodedSequence | None:
+                    truncation: str = DEFAULT_TRUNCATION) -> EncodedSequence | None:
   """Token ids of one prompt + response + eos (see `fit_sequence`)."""
   ids, start = tokenizer.encode_joined(prompt, response)
-  return fit_sequence(ids, start, tokenizer.eos_id, seq_len, overlong)
+  return fit_sequence(ids, start, tokenizer.eos_id, seq_len, truncation)
 
 
 def fit_pair(chosen: Tokenized, rejected: Tokenized, margin: float | None, eos_id: int, seq_len: int,
-             overlong: str, stats: EncodeStats) -> EncodedPair | None:
-  """One pair from its two tokenized sequences, counted in `stats`; None if dropped as overlong.
+             truncation: str, stats: EncodeStats) -> EncodedPair | None:
+  """One pair from its two tokenized sequences, counted in `stats`; None if dropped (too long
+  under `truncation="drop"`, or its two sequences token-identical once fitted).
 
   Both sequences lose the same number of prompt tokens (the larger excess, at most the prompt),
   so a pair's two sequences keep the same prompt tokens.
   """
-  fitted = _fit([chosen, rejected], eos_id, seq_len, overlong)
+  fitted = _fit([chosen, rejected], eos_id, seq_len, truncation)
   if None in fitted:
     stats.dropped_overlong += 1
+    return None
+  if fitted[0].ids == fitted[1].ids:
+    stats.dropped_identical += 1
     return None
   stats.pairs += 1
   stats.truncated_prompt += any(s.prompt_cut for s in fitted)
@@ -129,14 +156,15 @@ def fit_pair(chosen: Tokenized, rejected: Tokenized, margin: float | None, eos_i
   return EncodedPair(fitted[0], fitted[1], 0.0 if margin is None else float(margin))
 
 
-def encode_pair(tokenizer, record: PairRecord, seq_len: int, overlong: str = "truncate",
+def encode_pair(tokenizer, record: PairRecord, seq_len: int, truncation: str = DEFAULT_TRUNCATION,
                 stats: EncodeStats | None = None) -> EncodedPair | None:
-  """A tokenized pair (chosen and rejected keep one prompt), or None if dropped as overlong."""
-  pairs = encode_records(tokenizer, [record], seq_len, overlong, stats)
+  """A tokenized pair (chosen and rejected keep one prompt), or None if dropped (see `fit_pair`)."""
+  pairs = encode_records(tokenizer, [record], seq_len, truncation, stats)
   return pairs[0] if pairs else None
 
 
-def encode_records(tokenizer, records: Sequence[PairRecord], seq_len: int, overlong: str = "truncate",
+def encode_records(tokenizer, records: Sequence[PairRecord], seq_len: int,
+                   truncation: str = DEFAULT_TRUNCATION,
                    stats: EncodeStats | None = None) -> list[EncodedPair]:
   """`encode_pair` of many records with one batched tokenizer call (fast: all cores)."""
   stats = stats if stats is not None else EncodeStats()
@@ -146,7 +174,7 @@ def encode_records(tokenizer, records: Sequence[PairRecord], seq_len: int, overl
   pairs = []
   for i, record in enumerate(records):
     pair = fit_pair(encoded[2 * i], encoded[2 * i + 1], record.margin, tokenizer.eos_id, seq_len,
-                    overlong, stats)
+                    truncation, stats)
     if pair is not None:
       pairs.append(pair)
   return pairs
@@ -213,3 +241,36 @@ class PairArrays:
     """The token ids of pair `index`, chosen (`which=0`) or rejected (1)."""
     start = self.offsets[index, which]
     return self.tokens[start:start + self.lengths[index, which]]
+
+
+def truncation_report(sequences: Sequence[EncodedSequence]) -> dict:
+  """How many scored sequences lost tokens, and in which part: `{"sequences", "prompt", "response",
+  "share"}` (`share`: the fraction that lost any tokens). Every evaluation reports it."""
+  prompt = sum(1 for s in sequences if s.prompt_cut)
+  response = sum(1 for s in sequences if s.response_cut)
+  cut = sum(1 for s in sequences if s.prompt_cut or s.response_cut)
+  return {"sequences": len(sequences), "prompt": prompt, "response": response,
+          "share": cut / len(sequences) if sequences else 0.0}
+
+
+def save_truncation(directory, truncation: str) -> None:
+  """Record with prepared data, a workdir, a checkpoint or an export how its inputs are cut."""
+  from etils import epath
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / TRUNCATION_FILE).write_text(json.dumps({"truncation": check_truncation(truncation)}) + "\n")
+
+
+def load_truncation(directory) -> str:
+  """The truncation policy stored under `directory`, else `DEFAULT_TRUNCATION` (older runs)."""
+  from etils import epath
+  file = epath.Path(directory) / TRUNCATION_FILE
+  if not file.is_file():
+    return DEFAULT_TRUNCATION
+  try:
+    stored = json.loads(file.read_text())["truncation"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    raise ValueError(f"{file}: expected {{\"truncation\": one of {list(TRUNCATION)}}}") from None
+  if stored not in TRUNCATION:
+    raise ValueError(f"{file}: unknown truncation {stored!r}; known: {list(TRUNCATION)}")
+  return stored

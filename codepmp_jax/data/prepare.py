@@ -2,7 +2,7 @@
 
   python -m codepmp_jax.data.prepare --input='data/*.jsonl.gz' --format=codepmp \\
       --tokenizer=tok/tokenizer.model --seq_len=1024 --out=prepared/code \\
-      [--num_shards=K] [--split=train:0.98,eval:0.02] [--seed=0] [--strict] [--overlong=truncate]
+      [--num_shards=K] [--split=train:0.98,eval:0.02] [--seed=0] [--strict] [--truncation=keep_end]
 
 Records are split by a hash of (seed, prompt), so all pairs of one prompt land in one split and
 the split does not depend on file order. Memory stays bounded whatever the corpus size:
@@ -17,7 +17,8 @@ the split does not depend on file order. Memory stays bounded whatever the corpu
 Shards are `<split>-<i>-of-<K>.{tokens,index.npy,lengths.npy,stats.json}` (format: `shards.py`),
 staged under temporary names and published when complete (`.stats.json` last), so a rerun after
 a crash tokenizes only the shards that are missing. `manifest.json` records counts per split, bad
-records by kind (file:line), truncated/dropped pairs, a length histogram, the tokenizer's fingerprint
+records by kind (file:line), truncated pairs, dropped ones (too long under --truncation=drop, or
+token-identical once cut), a length histogram, the tokenizer's fingerprint
 (the tokenizer itself is saved in `<out>/tokenizer/`) and the source files with their sha256.
 Inputs and `--out` may be `gs://...` (through etils.epath); the spill directory must be local.
 """
@@ -44,7 +45,8 @@ from etils import epath
 
 from codepmp_jax import cli
 from codepmp_jax.data import loaders, registry, shards
-from codepmp_jax.data.encode import OVERLONG, EncodeStats, PairArrays, encode_records
+from codepmp_jax.data.encode import (DEFAULT_TRUNCATION, TRUNCATION, EncodeStats, PairArrays,
+                                     check_truncation, encode_records)
 from codepmp_jax.data.records import BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer
 
@@ -69,7 +71,7 @@ class PrepareSettings:
   split: str = "train:0.98,eval:0.02"
   seed: int = 0
   strict: bool = False
-  overlong: str = "truncate"
+  truncation: str = DEFAULT_TRUNCATION  # encode.TRUNCATION
   num_rejected: int = 1
   num_workers: int = 1  # 1: in this process (batch encoding is multithreaded); 0: one per core
   spill_dir: str = ""  # local scratch for the record texts ('': <out>, or the temp dir if remote)
@@ -130,14 +132,14 @@ def shard_name(split: str, index: int, count: int) -> str:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_path: str, seq_len: int, overlong: str) -> None:
-  _WORKER.update(tokenizer=load_tokenizer(tokenizer_path), seq_len=seq_len, overlong=overlong)
+def _init_worker(tokenizer_path: str, seq_len: int, truncation: str) -> None:
+  _WORKER.update(tokenizer=load_tokenizer(tokenizer_path), seq_len=seq_len, truncation=truncation)
 
 
 def _encode_chunk(rows: list[tuple]) -> tuple[PairArrays, EncodeStats]:
   stats = EncodeStats()
   records = [PairRecord(*row) for row in rows]
-  pairs = encode_records(_WORKER["tokenizer"], records, _WORKER["seq_len"], _WORKER["overlong"], stats)
+  pairs = encode_records(_WORKER["tokenizer"], records, _WORKER["seq_len"], _WORKER["truncation"], stats)
   return PairArrays.from_pairs(pairs), stats
 
 
@@ -231,7 +233,7 @@ def _write_shard(staging: _Staging, name: str, spill: str, records: int, seed: i
       arrays.tokens.tofile(f)
       parts.append(shards.index_rows(arrays))  # offsets relative to the chunk; fixed below
       stats.add(chunk_stats)
-      bar.update(chunk_stats.pairs + chunk_stats.dropped_overlong)
+      bar.update(chunk_stats.pairs + chunk_stats.dropped_overlong + chunk_stats.dropped_identical)
   starts = np.cumsum([0] + [int(p["lengths"].sum()) for p in parts])
   for start, part in zip(starts, parts):
     part["offset"] += start
@@ -304,8 +306,7 @@ def _route(spill: str, split: str, split_index: int, n: int, count: int, seed: i
 
 def prepare(settings: PrepareSettings) -> dict:
   """Load, split, tokenize and shard the inputs; returns the manifest (also written to disk)."""
-  if settings.overlong not in OVERLONG:
-    raise ValueError(f"--overlong must be one of {OVERLONG}")
+  check_truncation(settings.truncation)
   splits = parse_split(settings.split)
   files = expand_inputs(settings.inputs)
   tokenizer = load_tokenizer(settings.tokenizer)
@@ -353,10 +354,10 @@ def prepare(settings: PrepareSettings) -> dict:
     with tqdm.tqdm(total=sum(p[1] for p in plan), desc="tokenize", unit=" pairs") as bar:
       # forkserver: workers never inherit the threads of this process (JAX, tokenizers, tqdm).
       pool = multiprocessing.get_context("forkserver").Pool(
-          workers, _init_worker, (settings.tokenizer, settings.seq_len, settings.overlong)
+          workers, _init_worker, (settings.tokenizer, settings.seq_len, settings.truncation)
       ) if workers > 1 else None
       if pool is None:
-        _init_worker(settings.tokenizer, settings.seq_len, settings.overlong)
+        _init_worker(settings.tokenizer, settings.seq_len, settings.truncation)
       try:
         for name, records, shard_spill in plan:
           done[name] = _write_shard(staging, name, shard_spill, records, settings.seed, pool,
@@ -408,7 +409,7 @@ def _manifest(settings: PrepareSettings, splits, done: dict[str, dict], bad: Bad
                   "suffixes": list(shards.SUFFIXES)},
       "format": settings.format,
       "seq_len": settings.seq_len,
-      "overlong": settings.overlong,
+      "truncation": settings.truncation,
       "seed": settings.seed,
       "split": settings.split,
       "num_rejected": settings.num_rejected,
@@ -417,7 +418,8 @@ def _manifest(settings: PrepareSettings, splits, done: dict[str, dict], bad: Bad
       "bad_records": bad.to_dict(),
       "bad_record_examples": bad.examples,
       "truncated": {"prompt": totals.truncated_prompt, "response": totals.truncated_response},
-      "dropped": {"overlong": totals.dropped_overlong},
+      "dropped": {"overlong": totals.dropped_overlong,
+                  "identical_after_truncation": totals.dropped_identical},
       "length_histogram": {"bin_edges": edges, "counts": histogram.tolist(),
                            "of": "every chosen and rejected sequence, in tokens"},
       "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
@@ -434,6 +436,14 @@ def read_manifest(directory: str | os.PathLike) -> dict:
   if not path.exists():
     raise FileNotFoundError(f"{directory}: no {MANIFEST}; run python -m codepmp_jax.data.prepare")
   return json.loads(path.read_text())
+
+
+def manifest_truncation(manifest: dict) -> str:
+  """The truncation policy prepared data was cut with (manifests before it was recorded cut the
+  response's end: `keep_head`, or `drop`)."""
+  if "truncation" in manifest:
+    return manifest["truncation"]
+  return "drop" if manifest.get("overlong") == "drop" else "keep_head"
 
 
 def check_tokenizer(directory: str | os.PathLike, fingerprint: str) -> None:
@@ -458,7 +468,9 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   define("string", "split", "train:0.98,eval:0.02", "Splits as name:fraction, comma-separated.")
   define("integer", "seed", 0, "Seed of the split and of generated rejected responses (gsm8k).")
   define("bool", "strict", False, "Fail on the first malformed record instead of counting it.")
-  define("enum", "overlong", "truncate", "Overlong sequences: truncate or drop.", list(OVERLONG))
+  define("enum", "truncation", DEFAULT_TRUNCATION, "Sequences longer than --seq_len: keep_end cuts the "
+         "prompt from the left, then the start of the response (its answer stays); keep_head cuts "
+         "the response's end instead; drop drops the pair.", list(TRUNCATION))
   define("integer", "num_rejected", 1, "gsm8k: wrong solutions per question.")
   define("integer", "num_workers", 1, "Tokenizer processes: 1 tokenizes in this process (the "
          "tokenizer's batch encoding already uses every core), 0 starts one per core.")
@@ -476,7 +488,7 @@ def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
   manifest = prepare(PrepareSettings(
       inputs=tuple(values.input), format=values.format, tokenizer=values.tokenizer,
       seq_len=values.seq_len, out=values.out, num_shards=values.num_shards, split=values.split,
-      seed=values.seed, strict=values.strict, overlong=values.overlong,
+      seed=values.seed, strict=values.strict, truncation=values.truncation,
       num_rejected=values.num_rejected, num_workers=values.num_workers, spill_dir=values.spill_dir))
   summary = {k: manifest[k] for k in ("splits", "bad_records", "truncated", "dropped")}
   for split in summary["splits"].values():

@@ -1,10 +1,14 @@
-"""`python -m codepmp_jax.eval pairwise|bon|mc ... --out=REPORT.json`: evaluate a reward model.
+"""`python -m codepmp_jax.eval pairwise|bon|mc|compare ... --out=REPORT.json`: evaluate a reward model.
 
   pairwise --checkpoint=CKPT --data=FILE --format=F [--by=source]
   bon      --candidates=FILE --task=gsm8k|math|champ (--checkpoint=CKPT | --scores=FILE) --n=1,2,4,...
   mc       --checkpoint=CKPT --data=FILE --format=logiqa2|reclor [--by=type]
+  compare  --reports=A.json,B.json [--score=tie_aware|strict|rm@N]
 
-Every mode prints a table and writes its report as JSON (accuracies are fractions).
+Every mode prints a table and writes its report as JSON (accuracies are fractions). The first three
+say how many scored sequences were cut (and in which part), report ties beside the strict accuracy
+and keep per-item scores; `compare` reads two such reports of the same items and prints A minus B
+with a paired bootstrap interval over the items.
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ from etils import epath
 
 from codepmp_jax import cli
 from codepmp_jax.data import loaders, registry
-from codepmp_jax.eval import answers, bon, reward_tasks
+from codepmp_jax.eval import answers, bon, reward_tasks, stats
 
-MODES = ("pairwise", "bon", "mc")
+MODES = ("pairwise", "bon", "mc", "compare")
 # The flags each mode needs (bon needs one of --checkpoint and --scores too).
 REQUIRED = {"pairwise": ("out", "checkpoint", "data", "format"),
-            "mc": ("out", "checkpoint", "data", "format"), "bon": ("out", "candidates", "task")}
+            "mc": ("out", "checkpoint", "data", "format"), "bon": ("out", "candidates", "task"),
+            "compare": ("out", "reports")}
 MC_FORMATS = ("logiqa2", "reclor")
 DEFAULT_BY = {"pairwise": "source", "mc": "type"}
 
@@ -66,6 +71,10 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   string("plot", "bon: PNG of accuracy against N (default: beside --out).")
   string("save_scores", "bon: write the rewards used, in the --scores format.")
   flags.DEFINE_float("sympy_timeout", 5.0, "bon: seconds per MATH comparison.", flag_values=values)
+  # compare.
+  flags.DEFINE_list("reports", None, "compare: two reports of the same items, A,B.", flag_values=values)
+  string("score", "compare: the per-item score compared: tie_aware (default) or strict (pairwise, "
+         "mc), rm@N (bon; default the largest N).")
 
 
 def mode_of(argv: Sequence[str], values: flags.FlagValues) -> str:
@@ -79,6 +88,8 @@ def mode_of(argv: Sequence[str], values: flags.FlagValues) -> str:
       raise app.UsageError(f"{mode}: --{name} is required")
   if mode == "mc" and values.format not in MC_FORMATS:
     raise app.UsageError(f"mc: --format must be one of {MC_FORMATS}, got {values.format!r}")
+  if mode == "compare" and len(values.reports) != 2:
+    raise app.UsageError(f"compare: --reports needs two report files, got {values.reports}")
   if mode == "bon":
     if (values.checkpoint is None) == (values.scores is None):
       raise app.UsageError("bon: give one of --checkpoint and --scores")
@@ -99,20 +110,44 @@ def _pct(x: float) -> str:
   return f"{100 * x:.1f}"
 
 
+def _interval(ci: Sequence[float]) -> str:
+  return f"[{_pct(ci[0])}, {_pct(ci[1])}]"
+
+
+def truncation_line(truncation: dict | None) -> str:
+  """One line on what scoring cut: the share of sequences and the parts they lost."""
+  if truncation is None:
+    return "truncation: unknown (rewards read from a file)"
+  return (f"truncation: {_pct(truncation['share'])}% of "
+          f"{truncation['sequences']} scored sequences cut ({truncation['prompt']} lost prompt tokens, "
+          f"{truncation['response']} lost response tokens)")
+
+
 def render(report: dict) -> str:
   """The human-readable table of a report."""
+  if report["mode"] == "compare":
+    c = report["comparison"]
+    return (f"{report['score']}: A - B = {_pct(c['difference'])} points, 95% CI {_interval(c['ci95'])} "
+            f"(paired bootstrap over {c['n']} items; one-sided p {c['one_sided_p']:.3f})\n"
+            f"A: {report['a']}\nB: {report['b']}")
   if report["mode"] == "bon":
-    rows = [[n] + [_pct(acc[m]) for m in bon.METHODS] for n, acc in report["bon"].items()]
+    baselines = list(next(iter(report["bon"].values()))["baselines"])
+    rows = [[n] + [_pct(acc[m]) for m in bon.METHODS] + [_interval(acc["rm_ci95"])]
+            + [_pct(acc["baselines"][b]) for b in baselines] for n, acc in report["bon"].items()]
     head = (f"Best-of-N on {report['task']}: {report['questions']} questions, "
-            f"{report['candidates_without_answer']} candidates without an answer (accuracy %)")
-    return head + "\n" + format_table(["N"] + list(bon.METHODS), rows)
-  rows = [["all", report["n"], _pct(report["accuracy"]),
-           f"[{_pct(report['ci95'][0])}, {_pct(report['ci95'][1])}]"]]
-  rows += [[name, g["n"], _pct(g["accuracy"]), f"[{_pct(g['ci95'][0])}, {_pct(g['ci95'][1])}]"]
+            f"{report['candidates_without_answer']} candidates without an answer (accuracy %; "
+            "style baselines after the rm interval)\n" + truncation_line(report["truncation"]))
+    return head + "\n" + format_table(["N", *bon.METHODS, "rm 95% CI", *baselines], rows)
+  rows = [["all", report["n"], _pct(report["accuracy"]), _interval(report["ci95"])]]
+  rows += [[name, g["n"], _pct(g["accuracy"]), _interval(g["ci95"])]
            for name, g in report["breakdown"].items()]
-  head = f"{report['mode']} accuracy on {report['data']} (%, by {report['by']})"
+  head = (f"{report['mode']} accuracy on {report['data']} (%, strict: a tie is wrong; by {report['by']})\n"
+          f"tie-aware accuracy {_pct(report['accuracy_tie_aware'])} {_interval(report['ci95_tie_aware'])}; "
+          f"{report['ties']} ties")
   if report["mode"] == "pairwise":
-    head += f"; mean margin {report['mean_margin']:.4f}"
+    head += (f"; {report['identical_after_truncation']} pairs token-identical at this length, skipped; "
+             f"mean margin {report['mean_margin']:.4f}")
+  head += "\n" + truncation_line(report["truncation"])
   bad = sum(report["bad_records"].values())
   if bad:
     head += f"; {bad} bad records: " + ", ".join(
@@ -120,8 +155,22 @@ def render(report: dict) -> str:
   return head + "\n" + format_table(["group", "n", "accuracy", "95% CI"], rows)
 
 
+def compare(paths: Sequence[str], score: str | None, seed: int) -> dict:
+  """The paired comparison of two reports (A minus B) by their per-item `score`."""
+  reports = [json.loads(epath.Path(p).read_text()) for p in paths]
+  modes = {r.get("mode") for r in reports}
+  if len(modes) != 1 or None in modes:
+    raise ValueError(f"compare needs two reports of one mode; got modes {sorted(map(str, modes))}")
+  if score is None:
+    score = (f"rm@{max(int(n) for n in reports[0]['bon'])}" if modes == {"bon"} else "tie_aware")
+  return {"mode": "compare", "score": score, "a": str(paths[0]), "b": str(paths[1]),
+          "comparison": stats.compare(reports[0], reports[1], score, seed=seed)}
+
+
 def run(mode: str, values: flags.FlagValues) -> dict:
   """Runs one mode from parsed flags and returns its report."""
+  if mode == "compare":
+    return compare(values.reports, values.score, values.seed)
   data = None if values.data is None else str(registry.resolve(values.data, values.data_dir))
   by = values.by or DEFAULT_BY.get(mode)
   scorer = None

@@ -9,6 +9,11 @@ extracted answers (candidates without an answer don't vote; a draw where none an
 uniform pick: among the candidates sharing the top reward, and among the answers sharing the top
 vote count. Breaking them by draw order instead would tie the score to the candidates' order in
 the file (GSM8K-style files list one model's sample first), which put majority@2 below random.
+
+Beside them, style baselines pick by something other than correctness, on the same draws: the
+longest and the shortest candidate, and "always pick source model X" (a drawn candidate of X
+when there is one, else a uniform pick) for every model the file's `sources` name. A reward model
+that learned only a style (one model's phrasing, or length) scores no better than these.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class Question:
   correct: np.ndarray | None = None
   answer_ids: np.ndarray | None = None
   finals: list[str] | None = None
+  sources: list[str] | None = None
 
 
 def _field(record: dict, name: str, kind: type | tuple[type, ...], where: str):
@@ -62,7 +68,8 @@ def load_candidates(path: str | pathlib.Path) -> list[Question]:
 
   Lines as `codepmp_jax.generate` writes them also work: `answer` (GSM8K's and MATH-500's field)
   stands in for `reference`, and a `prompt` without `question` is scored verbatim. An optional
-  `finals` list (one string per candidate) holds the text each answer is read from.
+  `finals` list (one string per candidate) holds the text each answer is read from, and an optional
+  `sources` list (one per candidate, `model` or `model|setting`) names who wrote each.
   """
   questions, seen = [], set()
   for line_no, record in read_json_objects(path):
@@ -89,7 +96,12 @@ def load_candidates(path: str | pathlib.Path) -> list[Question]:
                                or not all(isinstance(f, str) for f in finals)):
       raise ValueError(f"{where}: field 'finals' must be a list of {len(candidates)} strings "
                        "(one per candidate)")
-    questions.append(Question(qid, prompt, str(reference), candidates, finals=finals))
+    sources = record.get("sources")
+    if sources is not None and (not isinstance(sources, list) or len(sources) != len(candidates)
+                                or not all(isinstance(s, str) for s in sources)):
+      raise ValueError(f"{where}: field 'sources' must be a list of {len(candidates)} strings "
+                       "(one per candidate)")
+    questions.append(Question(qid, prompt, str(reference), candidates, finals=finals, sources=sources))
   if not questions:
     raise ValueError(f"{path}: no records")
   return questions
@@ -185,37 +197,67 @@ def answer_correctness(correct: np.ndarray, answer_ids: np.ndarray) -> np.ndarra
   return out
 
 
+def top_pick_accuracy(keys: np.ndarray, correct: np.ndarray, picks: np.ndarray) -> float:
+  """Mean accuracy over the draws `picks` [D, N] of picking the highest `keys`, ties split uniformly."""
+  drawn_keys = keys[picks]
+  top = drawn_keys == drawn_keys.max(axis=1, keepdims=True)
+  return float(((top & correct[picks]).sum(axis=1) / top.sum(axis=1)).mean())
+
+
+def source_model(source: str) -> str:
+  """The model of a `sources` entry (`model|setting` or `model`)."""
+  return source.partition("|")[0]
+
+
+def style_keys(question: Question, models: Sequence[str]) -> dict[str, np.ndarray]:
+  """Per baseline, the key it picks the highest of: length in characters (longest; shortest by its
+  negation) and, per model, 1 for that model's candidates (none drawn: all tie, a uniform pick)."""
+  lengths = np.array([len(c) for c in question.candidates], np.float64)
+  keys = {"longest": lengths, "shortest": -lengths}
+  for model in models:
+    keys[f"source:{model}"] = np.array([float(source_model(s) == model)
+                                        for s in (question.sources or [""] * len(lengths))])
+  return keys
+
+
 def question_accuracy(rewards: np.ndarray, correct: np.ndarray, answer_ids: np.ndarray,
                       picks: np.ndarray) -> dict[str, float]:
   """Mean accuracy of each method over the draws `picks` [D, N] of one question."""
   drawn_correct = correct[picks]
-  drawn_rewards = rewards[picks]
-  top = drawn_rewards == drawn_rewards.max(axis=1, keepdims=True)
-  rm = (top & drawn_correct).sum(axis=1) / top.sum(axis=1)
   majority = majority_accuracy(answer_ids[picks], answer_correctness(correct, answer_ids))
-  return {"rm": float(rm.mean()), "random": float(drawn_correct.mean()),
+  return {"rm": top_pick_accuracy(rewards, correct, picks), "random": float(drawn_correct.mean()),
           "majority": float(majority.mean()), "oracle": float(drawn_correct.any(axis=1).mean())}
 
 
 def best_of_n(questions: Sequence[Question], rewards: Sequence[np.ndarray], ns: Sequence[int],
-              num_draws: int = 100, seed: int = 0) -> dict[str, dict]:
-  """`{"<N>": {"rm", "random", "majority", "oracle", "rm_ci95"}}`: accuracies (fractions) averaged
-  over questions, and a 95% bootstrap interval over questions of the reward model's pick.
+              num_draws: int = 100, seed: int = 0) -> tuple[dict[str, dict], dict[str, list]]:
+  """(`{"<N>": {"rm", "random", "majority", "oracle", "rm_ci95", "baselines": {name: acc}}}`,
+  per-question scores `{"id": [...], "rm@<N>": [...]}`): accuracies (fractions) averaged over
+  questions, a 95% bootstrap interval over questions of the reward model's pick, the style
+  baselines (`style_keys`) on the same draws, and each question's reward-model accuracy (for a
+  paired comparison of two reward models, `stats.compare`).
 
   Questions must be graded (`grade`); every question needs at least max(ns) candidates.
   """
-  out = {}
+  models = sorted({source_model(s) for q in questions for s in (q.sources or [])})
+  keys = [style_keys(q, models) for q in questions]
+  out, per_item = {}, {"id": [q.id for q in questions]}
   for n in ns:
     per_question = {method: [] for method in METHODS}
+    baselines = {name: [] for name in keys[0]} if keys else {}
     for index, (q, r) in enumerate(zip(questions, rewards)):
       if n > len(q.candidates):
         raise ValueError(f"N={n} but question {q.id!r} has only {len(q.candidates)} candidates")
       if not np.isfinite(r).all():
         raise ValueError(f"question {q.id!r} has non-finite rewards: {r.tolist()}")
-      acc = question_accuracy(r, q.correct, q.answer_ids, draws(len(q.candidates), n, num_draws,
-                                                                (seed, n, index)))
+      picks = draws(len(q.candidates), n, num_draws, (seed, n, index))
+      acc = question_accuracy(r, q.correct, q.answer_ids, picks)
       for method in METHODS:
         per_question[method].append(acc[method])
+      for name, key in keys[index].items():
+        baselines[name].append(top_pick_accuracy(key, q.correct, picks))
     out[str(n)] = {m: sum(per_question[m]) / len(questions) for m in METHODS}
     out[str(n)]["rm_ci95"] = list(stats.bootstrap_ci(np.asarray(per_question["rm"]), seed=seed))
-  return out
+    out[str(n)]["baselines"] = {name: sum(v) / len(questions) for name, v in baselines.items()}
+    per_item[f"rm@{n}"] = per_question["rm"]
+  return out, per_item

@@ -1,8 +1,12 @@
 """The reward-model evaluations (pairwise, multiple choice, Best-of-N) as functions returning
 JSON-ready reports; `python -m codepmp_jax.eval MODE` is their command line.
 
-Each takes a `scorer`: anything with `score_texts(prompts, responses) -> np.ndarray` (normally a
-`codepmp_jax.score.RewardScorer` on a checkpoint), so one loaded model serves every mode.
+Each takes a `scorer`: anything with `encode_texts(prompts, responses) -> [EncodedSequence]` and
+`score_ids(token sequences) -> np.ndarray` (normally a `codepmp_jax.score.RewardScorer` on a
+checkpoint, which cuts overlong texts by the checkpoint's truncation policy), so one loaded model
+serves every mode. Every report says how many scored sequences lost prompt or response tokens
+(`truncation`), reports ties beside the strict accuracy, and lists per-item scores (`per_item`)
+so two reward models are compared by a paired bootstrap over the same items (`stats.compare`).
 """
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 import tqdm
+from etils import epath
 
 from codepmp_jax.data import loaders
+from codepmp_jax.data.encode import EncodedSequence, truncation_report
 from codepmp_jax.data.records import BadRecords
 from codepmp_jax.eval import answers, bon, plots, stats
 
@@ -22,8 +28,24 @@ NO_GROUP = "(none)"
 
 
 class Scorer(Protocol):
-  def score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+  def encode_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[EncodedSequence]:
     ...
+
+  def score_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    ...
+
+
+def _score(scorer: Scorer, prompts: Sequence[str], responses: Sequence[str]) -> tuple[np.ndarray, dict]:
+  """Rewards of each (prompt, response) and the truncation report of what was scored."""
+  encoded = scorer.encode_texts(prompts, responses)
+  return np.asarray(scorer.score_ids([s.ids for s in encoded])), truncation_report(encoded)
+
+
+def _accuracies(strict: np.ndarray, tie_aware: np.ndarray, seed: int) -> dict:
+  """Strict accuracy (ties wrong) with its interval, and the tie-aware one with its interval."""
+  tie_aware_summary = stats.summarize(tie_aware, seed=seed)
+  return {**stats.summarize(strict, seed=seed), "accuracy_tie_aware": tie_aware_summary["accuracy"],
+          "ci95_tie_aware": tie_aware_summary["ci95"]}
 
 
 def _labels(value: Any) -> list[str]:
@@ -37,35 +59,64 @@ def _labels(value: Any) -> list[str]:
   return [str(value)]
 
 
+def _no_records(data: str, what: str, bad: BadRecords) -> ValueError:
+  counts = ", ".join(f"{k}={v}" for k, v in bad.to_dict().items() if v) or "none"
+  return ValueError(f"{data}: no usable {what} (bad records: {counts}); check --data and --format")
+
+
+def _item_ids(records: Sequence[Any], kept: Sequence[int]) -> list[str]:
+  """The records' ids where every record has a distinct one, else their positions in the data."""
+  ids = [r.id for r in records]
+  if None in ids or len(set(ids)) < len(ids):
+    return [str(i) for i in kept]
+  return [str(ids[i]) for i in kept]
+
+
 def pairwise(scorer: Scorer, data: str, format: str, by: str = "source",
              limit: int | None = None, strict: bool = False, seed: int = 0) -> dict:
-  """Pairwise accuracy (strict `>`), mean margin and bootstrap CI, with a breakdown by `meta[by]`."""
+  """Pairwise accuracy, strict (ties wrong, as RewardBench) and tie-aware (a tie scores 0.5), with
+  bootstrap intervals, the tie count, mean margin and a breakdown by `meta[by]`.
+
+  Pairs whose two sequences are token-identical once cut to the scorer's length carry no
+  preference: they are skipped and counted (`identical_after_truncation`), not scored.
+  """
   bad = BadRecords(strict=strict)
   records = list(itertools.islice(
       loaders.load_records([data], format, bad, loaders.LoaderOptions(seed=seed)), limit))
   if not records:
-    raise ValueError(f"{data}: no usable pairs in format {format!r}\n{bad.report()}")
+    raise _no_records(data, f"pairs in format {format!r}", bad)
+  encoded = scorer.encode_texts([r.prompt for r in records] * 2,
+                                [r.chosen for r in records] + [r.rejected for r in records])
+  sides = list(zip(encoded[:len(records)], encoded[len(records):]))
+  kept = [i for i, (c, r) in enumerate(sides) if c.ids != r.ids]
+  if not kept:
+    raise ValueError(f"{data}: all {len(records)} pairs are token-identical at the scored length; "
+                     "score at a longer --max_length")
   # Both sides in one call, so the scorer's length buckets batch chosen and rejected together.
-  rewards = np.asarray(scorer.score_texts([r.prompt for r in records] * 2,
-                                          [r.chosen for r in records] + [r.rejected for r in records]))
-  chosen, rejected = rewards[:len(records)], rewards[len(records):]
-  correct = stats.pairwise_correct(chosen, rejected)
-  groups = [_labels((r.meta or {}).get(by)) for r in records]
+  rewards = np.asarray(scorer.score_ids([sides[i][0].ids for i in kept] + [sides[i][1].ids for i in kept]))
+  chosen, rejected = rewards[:len(kept)], rewards[len(kept):]
+  strict_scores, tie_aware = stats.pairwise_scores(chosen, rejected)
+  groups = [_labels((records[i].meta or {}).get(by)) for i in kept]
   return {
       "mode": "pairwise", "data": str(data), "format": format,
-      **stats.summarize(correct, seed=seed),
+      **_accuracies(strict_scores, tie_aware, seed),
+      "ties": int((chosen == rejected).sum()),
+      "identical_after_truncation": len(records) - len(kept),
       "mean_margin": float(np.mean(chosen - rejected)),
-      "by": by, "breakdown": stats.breakdown(correct, groups, seed=seed),
+      "truncation": truncation_report([s for i in kept for s in sides[i]]),
+      "by": by, "breakdown": stats.breakdown(strict_scores, groups, seed=seed),
       "bad_records": bad.to_dict(),
+      "per_item": {"id": _item_ids(records, kept), "strict": strict_scores.tolist(),
+                   "tie_aware": tie_aware.tolist()},
   }
 
 
-def _question_rewards(scorer: Scorer, questions: Sequence[bon.Question]) -> list[np.ndarray]:
-  """Rewards of every candidate under its question's prompt."""
-  prompts = [q.prompt for q in questions for _ in q.candidates]
-  flat = np.asarray(scorer.score_texts(prompts, [c for q in questions for c in q.candidates]))
-  splits = np.cumsum([len(q.candidates) for q in questions])[:-1]
-  return np.split(flat, splits)
+def _grouped_rewards(scorer: Scorer, prompts: Sequence[str],
+                     groups: Sequence[Sequence[str]]) -> tuple[list[np.ndarray], dict]:
+  """Rewards of every response of each group under its prompt, and the truncation report."""
+  flat, truncation = _score(scorer, [p for p, g in zip(prompts, groups) for _ in g],
+                            [text for g in groups for text in g])
+  return np.split(flat, np.cumsum([len(g) for g in groups])[:-1]), truncation
 
 
 def best_of_n(candidates: str, task: str, ns: Sequence[int], scorer: Scorer | None = None,
@@ -81,24 +132,27 @@ def best_of_n(candidates: str, task: str, ns: Sequence[int], scorer: Scorer | No
   if (scorer is None) == (scores is None):
     raise ValueError("give exactly one of a scorer (--checkpoint) or --scores")
   questions = bon.load_candidates(candidates)[:limit]
-  rewards = (bon.load_scores(scores, questions) if scores is not None
-             else _question_rewards(scorer, questions))
+  truncation = None  # unknown when the rewards come from a file
+  if scores is not None:
+    rewards = bon.load_scores(scores, questions)
+  else:
+    rewards, truncation = _grouped_rewards(scorer, [q.prompt for q in questions],
+                                           [q.candidates for q in questions])
   if save_scores is not None:
-    with open(save_scores, "w") as f:
-      for q, r in zip(questions, rewards):
-        f.write(json.dumps({"id": q.id, "rewards": [float(x) for x in r]}) + "\n")
+    epath.Path(save_scores).write_text("".join(
+        json.dumps({"id": q.id, "rewards": [float(x) for x in r]}) + "\n" for q, r in zip(questions, rewards)))
   with answers.AnswerChecker(task, sympy_timeout_s) as checker:
     unanswered = 0
     for q in tqdm.tqdm(questions, desc="grading", unit="question", leave=False):
       unanswered += bon.grade([q], checker)
     sympy_counts = checker.sympy_counts()
-  results = bon.best_of_n(questions, rewards, ns, num_draws, seed)
+  results, per_item = bon.best_of_n(questions, rewards, ns, num_draws, seed)
   report = {
       "mode": "bon", "candidates": str(candidates), "task": task,
       "rewards_from": str(scores) if scores is not None else "checkpoint",
       "questions": len(questions), "draws": num_draws, "seed": seed,
       "candidates_without_answer": unanswered, **sympy_counts,
-      "bon": results,
+      "truncation": truncation, "bon": results, "per_item": per_item,
   }
   if plot_path is not None:
     report["plot"] = str(plots.plot_bon(results, plot_path, title=f"Best-of-N on {task}"))
@@ -117,27 +171,28 @@ def _row_field(path: str, by: str) -> dict[str, Any]:
 
 def multiple_choice(scorer: Scorer, data: str, format: str, by: str = "type",
                     limit: int | None = None, strict: bool = False, seed: int = 0) -> dict:
-  """Accuracy of picking the highest-reward option (logic template), overall and by `row[by]`.
-
-  Ties between options go to the first. A LogiQA 2.0 question of several reasoning types counts
-  in each of them.
+  """Accuracy of picking the highest-reward option (logic template), overall and by `row[by]`:
+  strict (a tie at the top is wrong) and tie-aware (a uniform pick among the tied), with the tie
+  count. A LogiQA 2.0 question of several reasoning types counts in each of them.
   """
   if format not in ("logiqa2", "reclor"):
     raise ValueError(f"mc needs format logiqa2 or reclor, got {format!r}")
   bad = BadRecords(strict=strict)
   items = list(itertools.islice(loaders.load_multiple_choice([data], bad), limit))
   if not items:
-    raise ValueError(f"{data}: no usable questions\n{bad.report()}")
-  prompts = [item.prompt for item in items for _ in item.options]
-  flat = np.asarray(scorer.score_texts(prompts, [o for item in items for o in item.options]))
-  splits = np.cumsum([len(item.options) for item in items])[:-1]
-  picks = np.array([int(np.argmax(r)) for r in np.split(flat, splits)])
-  correct = picks == np.array([item.answer for item in items])
+    raise _no_records(data, "questions", bad)
+  rewards, truncation = _grouped_rewards(scorer, [item.prompt for item in items],
+                                         [item.options for item in items])
+  strict_scores, tie_aware = stats.top_pick_scores(rewards, [item.answer for item in items])
   field = _row_field(data, by)
   groups = [_labels(field.get(item.id)) for item in items]
   return {
       "mode": "mc", "data": str(data), "format": format,
-      **stats.summarize(correct, seed=seed),
-      "by": by, "breakdown": stats.breakdown(correct, groups, seed=seed),
+      **_accuracies(strict_scores, tie_aware, seed),
+      "ties": int(sum((r == r.max()).sum() > 1 for r in rewards)),
+      "truncation": truncation,
+      "by": by, "breakdown": stats.breakdown(strict_scores, groups, seed=seed),
       "bad_records": bad.to_dict(),
+      "per_item": {"id": [item.id for item in items], "strict": strict_scores.tolist(),
+                   "tie_aware": tie_aware.tolist()},
   }

@@ -1,4 +1,10 @@
-"""Accuracy with a bootstrap confidence interval, and its breakdown by a record field."""
+"""Accuracy with a bootstrap confidence interval, its breakdown by a record field, and the paired
+bootstrap that compares two reward models over the same items.
+
+Ties are reported, never hidden: pairwise accuracy is RewardBench's strict one (a tie is wrong)
+beside the tie-aware one (a tie scores 1/t for t options sharing the top reward: 0.5 for a pair,
+as Best-of-N ties score), and the tie count.
+"""
 from __future__ import annotations
 
 from typing import Hashable, Iterable, Sequence
@@ -6,9 +12,24 @@ from typing import Hashable, Iterable, Sequence
 import numpy as np
 
 
-def pairwise_correct(chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
-  """Per pair, whether the chosen reward is strictly higher (ties count wrong, as RewardBench)."""
-  return np.asarray(chosen) > np.asarray(rejected)
+def pairwise_scores(chosen: np.ndarray, rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(strict, tie_aware) per pair: 1 when chosen's reward is higher; a tie scores 0 / 0.5."""
+  chosen, rejected = np.asarray(chosen), np.asarray(rejected)
+  strict = (chosen > rejected).astype(np.float64)
+  return strict, strict + 0.5 * (chosen == rejected)
+
+
+def top_pick_scores(rewards: Sequence[np.ndarray], answers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(strict, tie_aware) per question of picking the highest-reward option: strict is 1 only when
+  the right option alone has the top reward; tie_aware is its chance under a uniform pick among
+  the options sharing the top reward."""
+  strict, tie_aware = [], []
+  for r, answer in zip(rewards, answers):
+    r = np.asarray(r)
+    top = np.flatnonzero(r == r.max())
+    strict.append(float(len(top) == 1 and top[0] == answer))
+    tie_aware.append(float(answer in top) / len(top))
+  return np.asarray(strict), np.asarray(tie_aware)
 
 
 def bootstrap_ci(values: np.ndarray, num_resamples: int = 1000, confidence: float = 0.95,
@@ -51,3 +72,45 @@ def breakdown(correct: np.ndarray, groups: Sequence[Hashable | Iterable[Hashable
       members.setdefault(str(label), []).append(i)
   return {name: summarize(correct[idx], num_resamples, seed)
           for name, idx in sorted(members.items())}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, num_resamples: int = 2000, confidence: float = 0.95,
+                     seed: int = 0) -> dict:
+  """`mean(a - b)` over the same items with a percentile bootstrap interval that resamples items
+  (both models together, so what the items share cancels), and the share of resamples on the
+  other side of zero from the estimate (`one_sided_p`)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"paired scores need the same items; got {a.shape} and {b.shape}")
+  diff = a - b
+  if diff.size == 0:
+    raise ValueError("paired bootstrap of no items")
+  rng = np.random.default_rng(seed)
+  means = np.concatenate([diff[rng.integers(0, diff.size, (min(100, num_resamples - start), diff.size))]
+                          .mean(axis=1) for start in range(0, num_resamples, 100)])
+  tail = (1.0 - confidence) / 2 * 100
+  low, high = np.percentile(means, [tail, 100 - tail])
+  estimate = float(diff.mean())
+  other_side = (means <= 0) if estimate > 0 else (means >= 0)
+  return {"difference": estimate, "ci95": [float(low), float(high)], "n": int(diff.size),
+          "one_sided_p": float(other_side.mean())}
+
+
+def compare(report_a: dict, report_b: dict, score: str = "tie_aware", num_resamples: int = 2000,
+            seed: int = 0) -> dict:
+  """The paired bootstrap of two evaluation reports of the same mode and items (their `per_item`
+  ids and scores, `score` = strict | tie_aware): A minus B."""
+  items = []
+  for report in (report_a, report_b):
+    per_item = report.get("per_item")
+    if not per_item or score not in per_item:
+      raise ValueError(f"report of {report.get('checkpoint', report.get('mode'))!r} has no per_item "
+                       f"{score!r} scores; rerun its evaluation")
+    items.append(dict(zip(per_item["id"], per_item[score])))
+  if set(items[0]) != set(items[1]):
+    only_a, only_b = len(set(items[0]) - set(items[1])), len(set(items[1]) - set(items[0]))
+    raise ValueError(f"the reports cover different items ({only_a} only in A, {only_b} only in B); "
+                     "a paired comparison needs the same ones")
+  ids = sorted(items[0])
+  return paired_bootstrap([items[0][i] for i in ids], [items[1][i] for i in ids], num_resamples,
+                          seed=seed)
