@@ -29,7 +29,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   model: ModelConfig fields (vocab_size 0 = the tokenizer's). With `init_from` only the numerics
     (`train.NUMERICS_FIELDS`: dtype, param_dtype, remat_policy, scan_layers, attention,
-    causal_block) are taken from here, the rest from the checkpoint.
+    causal_block, lora) are taken from here, the rest from the checkpoint. `model.lora`: LoRA
+    adapters (`model.config.LoraConfig`: rank 0 = off, alpha, targets: projection names), e.g.
+    `--config.model.lora.rank=8 --config.model.lora.targets=q_proj,v_proj`; a model field, not a
+    training one, so a checkpoint's model config says its params hold adapters.
   init_from: a model checkpoint or training workdir to take params from (not the optimizer state),
     cast to model.param_dtype; "" or "scratch" = fresh params. A recipe that must start from a
     checkpoint sets it to `config_dict.placeholder(str)` (None): the run then refuses to start.
@@ -45,7 +48,10 @@ def default_config() -> ml_collections.ConfigDict:
   loss: `rm_coef * BT + lm_coef * LM + center_coef * centering`; loss_type sigmoid | logexp.
   train: global_batch pairs per step, split into `microbatches`; total_steps 0 = `epochs` over the
     data (the full batches of each epoch); eval_microbatches 0 = microbatches; lm_chunk: the LM
-    loss runs the head this many positions at a time (0 = full logits).
+    loss runs the head this many positions at a time (0 = full logits); trainable: which
+    parameters train (`optim.trainable_mask`): `all` (with LoRA: adapters + score head),
+    `top:N` (the top N layers + score; needs model.scan_layers=False) or `regex:PATTERN` over
+    parameter paths such as `layers_11/mlp/up_proj/kernel`; frozen ones get no optimizer state.
   mesh_shape: (data, fsdp, tensor) sizes, one may be -1; logical_rules: None = sharding.DEFAULT_RULES.
   dcn_mesh_shape: slices along each mesh axis for a multi-slice pod (product = number of slices,
     e.g. (2, 1, 1): data parallel across 2 slices, FSDP inside each); (1, 1, 1) = one slice.
@@ -68,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       global_batch=1024, microbatches=1, seq_len=1024, total_steps=0, epochs=1.0,
       log_every=10, eval_every=100, eval_batch=0, eval_batches=0, eval_microbatches=0,
-      decay_steps=0, lm_chunk=256))
+      decay_steps=0, lm_chunk=256, trainable="all"))
   config.mesh_shape = (1, -1, 1)
   config.dcn_mesh_shape = (1, 1, 1)
   config.compilation_cache_dir = "auto"

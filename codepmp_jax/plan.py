@@ -10,7 +10,9 @@ per-device memory: parameters and optimizer state (from their shardings), and ea
 program's arguments, outputs and temporaries (XLA's memory analysis), plus FLOPs per step.
 `--hardware` names a machine (`HARDWARE`: chips and memory per chip). Try
 `--config.model.remat_policy`, `--config.mesh_shape`, `--config.train.microbatches` and
-`--config.train.lm_chunk=0` (full LM logits) to see what each does to the numbers. XLA's CPU
+`--config.train.lm_chunk=0` (full LM logits), and for parameter-efficient training
+`--config.train.trainable=top:2` or `--config.model.lora.rank=8` (frozen parameters have no
+optimizer state), to see what each does to the numbers. XLA's CPU
 memory analysis stands in for the accelerator's: the sizes of arguments are exact, temporaries
 are what the CPU compiler schedules (a guide, not a promise).
 """
@@ -70,6 +72,8 @@ class Plan:
   eval_temp_bytes: float
   flops_per_step: float  # model FLOPs (6N + attention), whole step, all devices
   compiled_flops: float | None  # XLA's count for one device's program
+  trainable_params: int = 0  # parameters that train (`train.trainable`, LoRA), whole model
+  total_params: int = 0  # all parameters, LoRA adapters included
 
   @property
   def peak_bytes(self) -> float:
@@ -109,7 +113,7 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
   mesh = sharding.make_mesh(config.mesh_shape)
   rules = sharding.rules_from_config(config.logical_rules)
   tc = config.train
-  optimizer = optim.make_optimizer(config.optimizer, tc.total_steps or 1000)
+  optimizer = optim.make_optimizer(config.optimizer, tc.total_steps or 1000, tc.trainable)
   abstract, state_sharding = step.state_shardings(model_config, optimizer, mesh, rules)
   packed = config.data.pack
   batch_sharding = (step.packed_batch_shardings if packed else step.batch_shardings)(mesh, rules)
@@ -143,7 +147,7 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
   make_eval = step.make_packed_eval_step if packed else step.make_eval_step
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = step.jit_train_step(
-        make_train(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk),
+        make_train(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk, tc.trainable),
         state_sharding, batch_sharding, mesh)
     compiled = train_step.lower(state, batch_of(tc.global_batch, tc.microbatches)).compile()
     eval_step = step.jit_eval_step(
@@ -155,6 +159,8 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
+  sizes = [math.prod(a.shape) for a in jax.tree.leaves(abstract.params)]
+  trains = jax.tree.leaves(optim.trainable_mask(abstract.params, tc.trainable))
   return Plan(
       devices=jax.device_count(), mesh_shape=tuple(mesh.devices.shape),
       params_bytes=_per_device_bytes(abstract.params, state_sharding.params),
@@ -166,13 +172,16 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
       eval_temp_bytes=float(eval_memory.temp_size_in_bytes),
       flops_per_step=flops.pair_step_flops(model_config, tc.global_batch, tc.seq_len,
                                            lm_loss=config.loss.lm_coef != 0),
-      compiled_flops=(cost or {}).get("flops"))
+      compiled_flops=(cost or {}).get("flops"),
+      trainable_params=sum(n for n, t in zip(sizes, trains) if t), total_params=sum(sizes))
 
 
 def format_plan(p: Plan, device_memory: float | None) -> str:
   rows = [
       ("devices / mesh (data, fsdp, tensor)", f"{p.devices} / {p.mesh_shape}"),
       ("parameters per device", _format_bytes(p.params_bytes)),
+      ("trainable parameters", f"{p.trainable_params:,} of {p.total_params:,}"
+                               f" ({p.trainable_params / max(1, p.total_params):.2%})"),
       ("optimizer state per device", _format_bytes(p.optimizer_bytes)),
       ("program arguments per device", _format_bytes(p.argument_bytes)),
       ("program outputs per device (donated)", _format_bytes(p.output_bytes)),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from codepmp_jax import losses, sharding
+from codepmp_jax import losses, optim, sharding
 from codepmp_jax.data import packing
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig
@@ -44,9 +44,8 @@ def state_shardings(model_config: ModelConfig, optimizer: optax.GradientTransfor
   param_shardings = sharding.logical_sharding(nn.get_partition_spec(boxed), mesh, rules)
   params = nn.unbox(boxed)
   opt_state = jax.eval_shape(optimizer.init, params)
-  opt_shardings = optax.tree_map_params(
-      optimizer, lambda _, s: s, opt_state, param_shardings,
-      transform_non_params=lambda _: sharding.replicated(mesh))
+  opt_shardings = optim.opt_state_shardings(opt_state, params, param_shardings,
+                                            sharding.replicated(mesh))
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
   shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
   return abstract, shardings
@@ -96,6 +95,42 @@ def _microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, 
   return losses.pair_sums(chosen, rejected, lm_sum, lm_count, batch["margin"], loss_cfg)
 
 
+def trainable_grad(loss_fn: Callable, params: Any, trainable: str
+                   ) -> tuple[Callable, Callable, Callable]:
+  """(grad_fn, complete, keep_frozen) for training only the leaves of `params` (arrays or
+  shapes) that `optim.trainable_mask(params, trainable)` marks.
+
+  `grad_fn(params, *args)` is `jax.grad(loss_fn, has_aux=True)` over the trainable leaves only,
+  returning (their gradients as a list, aux): frozen weights' gradients are never computed, nor
+  accumulated over microbatches, and backpropagation stops below the lowest trainable layer
+  (`top:N`). `complete(grads, params)` puts zeros in the frozen places (for the optimizer, which
+  ignores them: `optim.make_optimizer`); `keep_frozen(new, old)` takes the frozen leaves from
+  `old`, so they stay bit-for-bit what they were.
+  """
+  treedef = jax.tree.structure(params)
+  flags = jax.tree.leaves(optim.trainable_mask(params, trainable))
+
+  def grad_fn(params, *args):
+    leaves = treedef.flatten_up_to(params)
+
+    def partial_loss(train, *args):
+      train = iter(train)
+      return loss_fn(treedef.unflatten([next(train) if f else x for x, f in zip(leaves, flags)]), *args)
+
+    return jax.grad(partial_loss, has_aux=True)([x for x, f in zip(leaves, flags) if f], *args)
+
+  def complete(grads, params):
+    grads = iter(grads)
+    return treedef.unflatten([next(grads) if f else jnp.zeros_like(x)
+                              for x, f in zip(treedef.flatten_up_to(params), flags)])
+
+  def keep_frozen(new, old):
+    return treedef.unflatten([n if f else o for n, o, f in zip(
+        treedef.flatten_up_to(new), treedef.flatten_up_to(old), flags)])
+
+  return grad_fn, complete, keep_frozen
+
+
 def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
   """[B, ...] -> [M, B/M, ...] taking every M-th pair, so each microbatch spans all devices."""
   def split(x):
@@ -106,10 +141,13 @@ def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
 
 
 def make_train_step(model: transformer.RewardModel, optimizer: optax.GradientTransformation,
-                    loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK
-                    ) -> Callable[[TrainState, Batch], tuple]:
+                    loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK,
+                    trainable: str = "all") -> Callable[[TrainState, Batch], tuple]:
   """(state, batch) -> (new state, metrics); jit it with `jit_train_step`.
 
+  `trainable` (`train.trainable`, the optimizer's too): gradients are computed, accumulated and
+  measured (`grad_norm`) for the trainable parameters only (`trainable_grad`); the others stay
+  as they are.
   Metrics: those of `losses.metrics_from_sums`, `grad_norm`, and `pad_fraction` (padding tokens
   over all positions of the batch's `[B, 2, L]` arrays: the compute spent on padding).
   """
@@ -118,9 +156,8 @@ def make_train_step(model: transformer.RewardModel, optimizer: optax.GradientTra
     sums = _microbatch_sums(model, params, microbatch, loss_cfg, lm_chunk)
     return losses.loss_from_sums(sums, loss_cfg, num_pairs, lm_count), sums
 
-  grad_fn = jax.grad(loss_fn, has_aux=True)
-
   def train_step(state: TrainState, batch: Batch):
+    grad_fn, complete, keep_frozen = trainable_grad(loss_fn, state.params, trainable)
     num_pairs = jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
     lm_count = losses.count_lm_tokens(batch["lm_mask"][:, 0])
     if microbatches == 1:
@@ -133,8 +170,9 @@ def make_train_step(model: transformer.RewardModel, optimizer: optax.GradientTra
           grad_fn, state.params, jax.tree.map(lambda x: x[0], _split_microbatches(batch, microbatches)),
           num_pairs, lm_count))
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, _split_microbatches(batch, microbatches))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = optimizer.update(complete(grads, state.params), state.opt_state,
+                                          state.params)
+    params = keep_frozen(optax.apply_updates(state.params, updates), state.params)
     metrics = losses.metrics_from_sums(sums, loss_cfg)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["pad_fraction"] = pad_fraction(batch)
@@ -227,8 +265,8 @@ def packed_microbatch_sums(model: transformer.RewardModel, params: Any, batch: B
 
 
 def make_packed_train_step(model: transformer.RewardModel, optimizer: optax.GradientTransformation,
-                           loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK
-                           ) -> Callable[[TrainState, Batch], tuple]:
+                           loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK,
+                           trainable: str = "all") -> Callable[[TrainState, Batch], tuple]:
   """`make_train_step` for packed batches; microbatches split the rows (every M-th row).
 
   The loss divides by the whole batch's valid pairs and LM tokens, so loss and gradients equal
@@ -240,9 +278,8 @@ def make_packed_train_step(model: transformer.RewardModel, optimizer: optax.Grad
     sums = packed_microbatch_sums(model, params, microbatch, loss_cfg, lm_chunk)
     return losses.loss_from_sums(sums, loss_cfg, num_pairs, lm_count), sums
 
-  grad_fn = jax.grad(loss_fn, has_aux=True)
-
   def train_step(state: TrainState, batch: Batch):
+    grad_fn, complete, keep_frozen = trainable_grad(loss_fn, state.params, trainable)
     num_pairs = jnp.maximum(jnp.sum(batch["pair_valid"].astype(jnp.float32)), 1.0)
     lm_count = losses.count_lm_tokens(batch["lm_mask"])
     if microbatches == 1:
@@ -255,8 +292,9 @@ def make_packed_train_step(model: transformer.RewardModel, optimizer: optax.Grad
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
           grad_fn, state.params, jax.tree.map(lambda x: x[0], split), num_pairs, lm_count))
       (grads, sums), _ = jax.lax.scan(accumulate, zeros, split)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = optimizer.update(complete(grads, state.params), state.opt_state,
+                                          state.params)
+    params = keep_frozen(optax.apply_updates(state.params, updates), state.params)
     metrics = losses.metrics_from_sums(sums, loss_cfg)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["packing_efficiency"] = jnp.mean((batch["segment_ids"] > 0).astype(jnp.float32))

@@ -34,12 +34,13 @@ from codepmp_jax import checkpoint, cli, losses, metrics, optim, sharding, step
 from codepmp_jax import workdir as layout
 from codepmp_jax.data import builtin, loaders, pipeline, prepare, templates
 from codepmp_jax.data.tokenizer import Tokenizer, load_tokenizer
-from codepmp_jax.model import flops, transformer
+from codepmp_jax.model import flops, lora, transformer
 from codepmp_jax.model.config import ModelConfig
 
 # Fields of the model config that a run sets on top of an `init_from` checkpoint: how the model is
-# computed, not what it is. Every other ModelConfig field is the checkpoint's.
-NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention", "causal_block")
+# computed (and adapted: `lora`), not what it is. Every other ModelConfig field is the checkpoint's.
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention", "causal_block",
+                   "lora")
 # `init_from` values that mean "no checkpoint": fresh random parameters.
 SCRATCH = ("", "scratch")
 COMPILE_CACHE_DIR = "compile_cache"
@@ -219,7 +220,8 @@ def initial_params(config: ml_collections.ConfigDict, model_config: ModelConfig,
   """`init_from`'s params in the run's layout, dtype and shardings, or fresh ones.
 
   The checkpoint is read shard by shard onto the devices (`checkpoint.restore_params`); only the
-  subtrees it lacks (e.g. an LM head a converted classifier did not have) are initialised fresh.
+  subtrees it lacks (e.g. an LM head a converted classifier did not have) and the run's LoRA
+  adapters (`model.lora`) are initialised fresh.
   """
   canonical = model_config.replace(scan_layers=False)
 
@@ -230,9 +232,15 @@ def initial_params(config: ml_collections.ConfigDict, model_config: ModelConfig,
   source = init_source(config)
   if not source:
     return jax.jit(fresh, out_shardings=param_shardings)()
+  if checkpoint.load_model_config(source).lora.rank:
+    raise ValueError(f"init_from {source} holds LoRA adapters: merge them into a plain model first "
+                     "(convert --to_hf=DIR, then convert --from_hf=DIR --output=CKPT)")
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_params, param_shardings)
+                        lora.strip(abstract_params), lora.strip(param_shardings))
   loaded, _ = checkpoint.restore_params(source, target)
+  if model_config.lora.rank:  # fresh adapters on the checkpoint's weights (B = 0: the same model)
+    loaded = lora.graft(loaded, jax.jit(lambda: lora.adapters(fresh()),
+                                        out_shardings=lora.adapters(param_shardings))())
   missing = sorted(set(abstract_params) - set(loaded))
   if not missing:
     return loaded
@@ -418,7 +426,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
     if prompt_format is not None:
       templates.save_prompt_format(workdir, prompt_format)
 
-  optimizer = optim.make_optimizer(config.optimizer, total_steps)
+  optimizer = optim.make_optimizer(config.optimizer, total_steps, tc.trainable)
   model = transformer.RewardModel(model_config)
   abstract_state, state_sharding = step.state_shardings(model_config, optimizer, mesh, rules)
   checkpoints = checkpoint.TrainCheckpoints(
@@ -456,10 +464,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
 
     if packed:
       train_fn = step.make_packed_train_step(model, optimizer, config.loss, tc.microbatches,
-                                             tc.lm_chunk)
+                                             tc.lm_chunk, tc.trainable)
       eval_fn = step.make_packed_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk)
     else:
-      train_fn = step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk)
+      train_fn = step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk,
+                                      tc.trainable)
       eval_fn = step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk)
     train_step = step.jit_train_step(train_fn, state_sharding, batch_sharding, mesh)
     if tc.eval_every:
