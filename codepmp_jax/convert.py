@@ -4,6 +4,8 @@
   python -m codepmp_jax.convert --from_gguf=FILE --output=CKPT
   python -m codepmp_jax.convert --to_hf=OUT --checkpoint=CKPT [--template=math]
 
+`--to_hf` of a LoRA checkpoint (`model.lora`) merges the adapters into the weights.
+
 `--to_hf` carries the model's prompt format (stored with the checkpoint, or --template) into the
 export: a `chat_template` rendering the training text, `prompt_format.json` and a model card.
 
@@ -459,7 +461,12 @@ def save_hf(out: str | os.PathLike, params: dict, config: ModelConfig,
   With a prompt format (`templates.FORMATS`) the tokenizer gets a `chat_template` rendering a
   user/assistant conversation into the training text (ending in the end token), the format is
   stored (`prompt_format.json`), and the model card (README.md) says how to score with it.
+  LoRA adapters (`model.lora`) are merged into their kernels first (`lora.merge`): the export is a
+  plain model with no adapter tensors.
   """
+  if config.lora.rank:
+    from codepmp_jax.model import lora  # jax only when there is something to merge
+    params, config = lora.merge(params, config)
   out = epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   pad_id = export_pad_id(tokenizer, config)
@@ -606,6 +613,9 @@ def main(argv: list[str]) -> None:
     template = FLAGS.template or templates.load_prompt_format(source)
     if template is None:
       print(f"note: {source} records no prompt format (--template to give one); the export has no chat_template")
+    if config.lora.rank:
+      print(f"note: merging the LoRA adapters (rank {config.lora.rank}, alpha {config.lora.alpha}, "
+            f"{', '.join(config.lora.targets)}) into the exported weights")
     out = save_hf(FLAGS.to_hf, params, config, tokenizer, template)
     print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, prompt format {template})")
     return

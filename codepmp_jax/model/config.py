@@ -10,6 +10,44 @@ ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_IMPLEMENTATIONS = ("plain", "fused", "splash", "auto")  # see model/attention.py
+# The projections LoRA can adapt: the names of the model's `Linear` layers (as in transformers).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the projections in `targets` (`codepmp_jax.model.lora`); rank 0 = off.
+
+  Each adapted kernel W [in, out] computes `x @ W + (alpha / rank) * (x @ A) @ B` with A [in, rank]
+  random and B [rank, out] zero at init (PEFT's init: the initial model is the base model). It is a
+  model field, not a training one, so a checkpoint's `model_config.json` says its params hold
+  adapters and every reader (score, eval, convert) builds the same model; a run sets it on top of
+  an `init_from` base (`train.NUMERICS_FIELDS`). Default targets: all seven projections
+  ("all-linear", as OpenRLHF's `--target_modules all-linear` and the QLoRA recipe).
+  """
+
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = LORA_TARGETS
+
+  def __post_init__(self):
+    # "q_proj,v_proj" (a string, or one element: what --config.model.lora.targets=q_proj,v_proj
+    # gives) means the same as ("q_proj", "v_proj").
+    targets = [self.targets] if isinstance(self.targets, str) else self.targets
+    targets = tuple(t.strip() for text in targets for t in text.split(",") if t.strip())
+    object.__setattr__(self, "targets", targets)
+    unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+    if unknown:
+      raise ValueError(f"lora targets {unknown} are not among the model's projections {LORA_TARGETS}")
+    if self.rank < 0:
+      raise ValueError(f"lora rank must be >= 0 (0 = off), got {self.rank}")
+    if self.rank and (self.alpha <= 0 or not self.targets):
+      raise ValueError(f"lora rank {self.rank} needs alpha > 0 and at least one target")
+
+  @property
+  def scale(self) -> float:
+    """The adapters' multiplier alpha / rank (PEFT's `scaling`)."""
+    return self.alpha / self.rank if self.rank else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +85,11 @@ class ModelConfig:
   # plain attention: causal self-attention over >= 2 blocks runs in query blocks of this many
   # tokens (smaller blocks skip more of the masked triangle and compile longer; model/attention.py)
   causal_block: int = 256
+  lora: LoraConfig = LoraConfig()  # low-rank adapters; rank 0 (the default) = none
 
   def __post_init__(self):
+    if isinstance(self.lora, dict):  # from to_dict / JSON / a ConfigDict
+      object.__setattr__(self, "lora", LoraConfig(**self.lora))
     if self.architecture not in ARCHITECTURES:
       raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
     if self.num_heads % self.num_kv_heads:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codepmp_jax.model import attention as attention_lib
+from codepmp_jax.model import lora as lora_lib
 from codepmp_jax.model.config import ModelConfig
 
 _REMAT_POLICIES = {
@@ -48,7 +49,12 @@ def _normal(stddev: float):
 
 
 class Linear(nn.Module):
-  """y = x @ kernel (+ bias) over the last axis, on a 2-D view of the activations."""
+  """y = x @ kernel (+ bias) over the last axis, on a 2-D view of the activations.
+
+  With `lora_rank > 0` it also holds LoRA adapters `lora_a` [in, rank] and `lora_b` [rank, out]
+  (`model.lora`) and adds `lora_scale * (x @ lora_a) @ lora_b`; their logical axes are the
+  kernel's, with `lora` for the rank.
+  """
 
   features: int
   axes: tuple[str | None, str | None]
@@ -56,13 +62,25 @@ class Linear(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   stddev: float = 0.02
+  lora_rank: int = 0
+  lora_scale: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(_normal(self.stddev), self.axes),
         (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+    x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    y = jnp.dot(x2, kernel.astype(self.dtype))
+    if self.lora_rank:
+      lora_a = self.param(
+          lora_lib.A, nn.with_logical_partitioning(lora_lib.init_a, (self.axes[0], "lora")),
+          (x.shape[-1], self.lora_rank), self.param_dtype)
+      lora_b = self.param(
+          lora_lib.B, nn.with_logical_partitioning(nn.initializers.zeros, ("lora", self.axes[1])),
+          (self.lora_rank, self.features), self.param_dtype)
+      low = jnp.dot(x2, lora_a.astype(self.dtype))
+      y = y + jnp.dot(low, lora_b.astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
     if self.use_bias:
       bias = self.param(
           "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
@@ -194,6 +212,13 @@ def _write_cache(module: nn.Module, name: str, new: jax.Array, positions: jax.Ar
   return cache.value
 
 
+def _lora_fields(cfg: ModelConfig, name: str) -> dict:
+  """The `Linear` fields that put `cfg.lora`'s adapters on the projection `name` (if targeted)."""
+  if not cfg.lora.rank or name not in cfg.lora.targets:
+    return {}
+  return {"lora_rank": cfg.lora.rank, "lora_scale": cfg.lora.scale}
+
+
 class Attention(nn.Module):
   config: ModelConfig
 
@@ -212,7 +237,8 @@ class Attention(nn.Module):
     batch, length, _ = x.shape
     hd, heads, kv_heads = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
     dense = lambda n, axes, name, bias_=cfg.qkv_bias: Linear(  # noqa: E731
-        n, axes, use_bias=bias_, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        n, axes, use_bias=bias_, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        **_lora_fields(cfg, name))
 
     q_cos, q_sin, q_x = cos, sin, x
     if query_index is not None:
@@ -253,7 +279,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     dense = lambda n, axes, name: Linear(  # noqa: E731
-        n, axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        n, axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name, **_lora_fields(cfg, name))
     gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
     up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
     hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
