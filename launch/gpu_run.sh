@@ -4,7 +4,8 @@
 # two device calls on one H200, made back to back so the machine stays warm (30 s) between them.
 #
 #   launch/gpu_run.sh stage      # HERE (network, pip): wheels into .whl/ (0.4 MiB), the
-#                                # travelling files into .gpu/ (57 MiB) and .gpu.part2/ (47 MiB)
+#                                # travelling files into .gpu/ (57 MiB) and .gpu.part2/ (47 MiB);
+#                                # with the working tree (1.5 MiB) call 1 carries 58 of 64 MiB
 #   launch/gpu_run.sh rehearse   # HERE: call1 and call2 themselves at a tiny size on CPU (a tiny
 #                                # GGUF, the GPU-absent modules hidden, the benchmark's DRY_RUN)
 #   launch/gpu_run.sh call1      # THERE, device call 1: run(carry=[".whl", ".gpu"], timeout_s=330)
@@ -15,19 +16,21 @@
 #   call 1  ~290 s (limit 330): wheels (5 s); code pairs synthesized from the stdlib and big
 #           packages of the machine's site-packages (mutate, 14 cores) and tokenized, IN THE
 #           BACKGROUND while the train-step benchmark runs on the GPU (2 shapes x plain/fused
-#           attention, the PyTorch peer once per shape; 4 processes of at most RUN_SECONDS=75 s).
-#           Returns gpu_benchmark.txt and two logs.
+#           attention: per shape one process of the PyTorch peer, ours padded and ours packed
+#           with plain attention, at most FIRST_SECONDS=100 s, and one of ours with fused
+#           attention, at most RUN_SECONDS=55 s). Returns gpu_benchmark.txt and two logs.
 #   call 2  ~430 s (limit 480), within 30 s of call 1's end: the GGUF joined from its parts
 #           (sha256 checked) and converted (float32 masters, 20 s); PMP, one epoch over up to 60k
 #           pairs x 512 tokens at batch 64 (~940 steps, ~200 s: an estimate at ~40% MFU, not a
 #           reading); RM fine-tuning of base and PMP at k=256 and 2048, 2 seeds each (8 RMs), each
 #           evaluated on all 1,319 GSM8K pairs, all 1,572 LogiQA 2.0 questions and CHAMP Best-of-8
 #           (~180 s); the generation benchmark (~40 s). Returns results.md/.json/.png,
-#           gpu_benchmark_generate.txt and a log (never checkpoints).
+#           gpu_benchmark_generate.txt and a log (never checkpoints); results.json also holds
+#           each RM's ties, tie-aware accuracies and truncation, and the CHAMP style baselines.
 # If call 2 finds the machine cold (call 1's files gone) it stops at once, saying so: then run
 # call1 again with REPRO_ONLY=1 (no benchmark), and call2 right after it.
 # Sizes: GPU_REPRO_FLAGS (e.g. "--code_pairs=40000 --seeds=0,1,2 --pretrain_epochs=0.5"), and
-# gpu_benchmark.sh's RUN_SECONDS, SHAPES, ATTENTIONS.
+# gpu_benchmark.sh's FIRST_SECONDS, RUN_SECONDS, GEN_SECONDS, SHAPES, ATTENTIONS.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -80,7 +80,15 @@ def test_gpu_run_rehearses_both_device_calls(tmp_path):
     for arm in g.ARMS:
       assert row[arm]["n"] == 2 and 0 <= row[arm]["mean"] <= 1
     assert set(row) == {"base", "pmp", "pmp-base"}
-  assert "| gsm8k_pairwise | 8 |" in (tmp_path / "results" / "results.md").read_text()
+  # style baselines beside random/majority/oracle; what each evaluation tied, skipped and cut
+  assert {"random", "oracle", "longest", "shortest"} <= set(results["champ_baselines"])
+  notes = results["eval_notes"]["pmp/k8/seed0"]
+  assert {"ties", "accuracy_tie_aware", "identical_after_truncation", "truncation"} <= set(
+      notes["pairwise"])
+  assert "truncation" in notes["bon"]
+  assert results["pairs_dropped"] is not None
+  md = (tmp_path / "results" / "results.md").read_text()
+  assert "| gsm8k_pairwise | 8 |" in md and "longest" in md
   assert (tmp_path / "results" / "results.png").stat().st_size > 0
   assert "pmp vs base" in (tmp_path / "results" / "call2.log").read_text()
 

@@ -126,7 +126,7 @@ class GpuSettings:
 def rehearsal_settings(out: str, files: str, source: str) -> GpuSettings:
   """The same stages at a size a loaded CPU runs in a few minutes (the tiny GGUF in `files`)."""
   return GpuSettings(
-      out=out, files=files, sources=(source,), code_pairs=48, synth_workers=2, seq_len=64,
+      out=out, files=files, sources=(source,), code_pairs=128, synth_workers=2, seq_len=128,
       pretrain_batch=8, pretrain_epochs=1.0, ks=(8,), seeds=(0, 1), rm_batch=8, rm_min_steps=2,
       param_dtype="float32", dtype="float32", eval_limit=8, bon_ns=(1, 2), score_batch=8,
       score_length=512, hide_absent=True)
@@ -412,6 +412,14 @@ def fine_tune_and_evaluate(s: GpuSettings, out: epath.Path, inits: dict[str, epa
   return {"per_run": per_run, "reports": reports}
 
 
+def eval_notes(report: dict) -> dict:
+  """What one RM's evaluation cut, skipped and tied, beside its strict accuracies: the tie-aware
+  accuracies, tie counts, pairs identical once truncated, and the truncation reports."""
+  keep = ("accuracy_tie_aware", "ties", "identical_after_truncation", "truncation")
+  return {task: {k: report[task][k] for k in keep if k in report[task]}
+          for task in ("pairwise", "mc", "bon") if task in report}
+
+
 def run(s: GpuSettings) -> dict:
   """The stages in `s.stages`; with "rm" the report (results.json/.md/.png), which it returns."""
   unknown = set(s.stages) - set(STAGES)
@@ -453,19 +461,25 @@ def run(s: GpuSettings) -> dict:
     top = str(max(s.bon_ns))
     first = next(iter(runs["reports"].values()))
     cut = out / "pairs" / "time_limit.json"
+    manifest = json.loads((out / "prepared_pairs" / "manifest.json").read_text())
     results.update(
-        pairs=json.loads((out / "prepared_pairs" / "manifest.json").read_text()).get("splits"),
+        pairs=manifest.get("splits"),
+        pairs_dropped=manifest.get("dropped"), pairs_truncated=manifest.get("truncated"),
         synthesis_cut_by_time=json.loads(cut.read_text()) if cut.exists() else None,
-        champ_baselines={m: first["bon"]["bon"][top][m] for m in ("random", "majority", "oracle")},
+        # random, majority, oracle and the style baselines (longest, shortest, source:<model>)
+        champ_baselines={**{m: first["bon"]["bon"][top][m] for m in ("random", "majority", "oracle")},
+                         **first["bon"]["bon"][top].get("baselines", {})},
         runs={f"{a}/k{k}/seed{seed}": v for (a, k, seed), v in runs["per_run"].items()},
+        eval_notes={name: eval_notes(report) for name, report in runs["reports"].items()},
         summary=summary)
     table = pmp_control.markdown_table(summary, ARMS)
     words = pmp_control.conclusion(summary, len(s.seeds), ARMS)
-    (out / "results.md").write_text(table + "\n\n" + words + "\n")
+    baselines = (f"CHAMP Best-of-{top} without a reward model (same draws): "
+                 + ", ".join(f"{m} {100 * v:.1f}" for m, v in results["champ_baselines"].items()))
+    (out / "results.md").write_text(table + "\n\n" + baselines + "\n\n" + words + "\n")
     pmp_control.plot(summary, out / "results.png", ARMS)
     print("\n" + table + "\n")
-    print(f"CHAMP Best-of-{top} without a reward model (same draws): "
-          + ", ".join(f"{m} {100 * v:.1f}" for m, v in results["champ_baselines"].items()))
+    print(baselines)
     print(words)
   timings["total_s"] = round(time.time() - start, 1)
   results["timings"] = timings
