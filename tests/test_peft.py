@@ -208,6 +208,27 @@ def test_lora_starts_as_the_base_model():
 LORA = {"rank": 4, "alpha": 8.0, "targets": ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")}
 
 
+def test_init_from_a_base_checkpoint_adds_fresh_adapters(tmp_path):
+  """The usual LoRA recipe: a plain (converted) checkpoint plus `model.lora` from the run."""
+  base = get_preset("tiny", **MODEL)
+  saved = _initial(base, seed=5)
+  checkpoint.save_model(tmp_path / "base", saved, base)
+  config = _config()
+  config.init_from = str(tmp_path / "base")
+  config.model.lora.update(rank=2, targets=("v_proj",))
+  model_config = train.resolve_model_config(config, tokenizer=None)
+  assert model_config.lora.rank == 2 and model_config.lora.targets == ("v_proj",)
+  params = _run_start(config, model_config)
+  jax.tree.map(np.testing.assert_array_equal, lora.strip(params), jax.device_get(saved))
+  v = params["layers_1"]["attn"]["v_proj"]
+  assert v["lora_a"].shape == (32, 2) and np.abs(v["lora_a"]).max() > 0 and not np.any(v["lora_b"])
+  # A checkpoint that holds adapters itself must be merged before it is built on.
+  checkpoint.save_model(tmp_path / "adapted", params, model_config)
+  config.init_from = str(tmp_path / "adapted")
+  with pytest.raises(ValueError, match="holds LoRA adapters"):
+    _run_start(config, train.resolve_model_config(config, tokenizer=None))
+
+
 def _assert_hf_export_scores_like_ours(params, model_config, out):
   """The export has no adapter tensors, and transformers scores it as our unmerged model."""
   with safe_open(out / "model.safetensors", "np") as f:
