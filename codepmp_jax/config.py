@@ -44,7 +44,8 @@ def default_config() -> ml_collections.ConfigDict:
   data: the input pipeline (`data.pipeline`), plus `data.builtin` (`data.builtin`): data that
     builds itself on first use, and `data.prompt_format`: the template the data's prompts are
     rendered in, recorded with the model (`templates.FORMATS`; "" = from the data,
-    `train.resolve_prompt_format`).
+    `train.resolve_prompt_format`), and `data.truncation`: how sequences longer than seq_len are
+    cut (`encode.TRUNCATION`; "" = the prepared data's, else keep_end; `train.resolve_truncation`).
   loss: `rm_coef * BT + lm_coef * LM + center_coef * centering`; loss_type sigmoid | logexp.
   train: global_batch pairs per step, split into `microbatches`; total_steps 0 = `epochs` over the
     data (the full batches of each epoch); eval_microbatches 0 = microbatches; lm_chunk: the LM
@@ -69,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.data = pipeline.default_data_config()
   config.data.builtin = builtin.default_builtin_config()
   config.data.prompt_format = ""
+  config.data.truncation = ""
   config.loss = losses.default_loss_config()
   config.optimizer = default_optimizer_config()
   config.train = ml_collections.ConfigDict(dict(

@@ -30,7 +30,7 @@ from etils import epath
 from tqdm import tqdm
 
 from codepmp_jax import cli
-from codepmp_jax.data import templates
+from codepmp_jax.data import encode, templates
 from codepmp_jax.data import tokenizer as tokenizer_lib
 from codepmp_jax.model.config import ModelConfig
 
@@ -617,6 +617,7 @@ def main(argv: list[str]) -> None:
       print(f"note: merging the LoRA adapters (rank {config.lora.rank}, alpha {config.lora.alpha}, "
             f"{', '.join(config.lora.targets)}) into the exported weights")
     out = save_hf(FLAGS.to_hf, params, config, tokenizer, template)
+    encode.save_truncation(out, encode.load_truncation(source))  # how our score/eval cut its inputs
     print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, prompt format {template})")
     return
   if not FLAGS.output:
@@ -632,7 +633,9 @@ def main(argv: list[str]) -> None:
   else:
     params, config, tokenizer = load_gguf(FLAGS.from_gguf, FLAGS.seed, FLAGS.param_dtype)
     template = FLAGS.template
-  out = checkpoint.save_model(FLAGS.output, params, config, tokenizer, prompt_format=template)
+  truncation = encode.load_truncation(source) if modes[0] == "from_hf" else None
+  out = checkpoint.save_model(FLAGS.output, params, config, tokenizer, prompt_format=template,
+                              truncation=truncation)
   print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, "
         f"{sum(x.size for x in _leaves(params)) / 1e6:.1f}M parameters)")
 

@@ -8,8 +8,9 @@ from a checkpoint -- this workdir's newest, or `decay_from`'s --, initialised fr
 fresh), then the loop, whose cadence (log, eval, save, preemption, throughput) is decided by `Due`.
 A preemption saves the step every process agreed on and exits 0; a non-finite loss stops without
 saving. The workdir's layout is `codepmp_jax.workdir`'s; beside the model it records the prompt
-format the model learned (`prompt_format.json`, see `resolve_prompt_format`), which `score`,
-`eval`, `generate` and `convert --to_hf` then use by default.
+format the model learned (`prompt_format.json`, see `resolve_prompt_format`) and the truncation
+policy of its data (`truncation.json`, `resolve_truncation`), which `score`, `eval`, `generate`
+and `convert --to_hf` then use by default.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ml_collections import config_flags
 
 from codepmp_jax import checkpoint, cli, losses, metrics, optim, sharding, step
 from codepmp_jax import workdir as layout
-from codepmp_jax.data import builtin, loaders, pipeline, prepare, templates
+from codepmp_jax.data import builtin, encode, loaders, pipeline, prepare, templates
 from codepmp_jax.data.tokenizer import Tokenizer, load_tokenizer
 from codepmp_jax.model import flops, lora, transformer
 from codepmp_jax.model.config import ModelConfig
@@ -176,6 +177,25 @@ def resolve_prompt_format(config: ml_collections.ConfigDict) -> str | None:
       _made_by_synth(source["path"]) for source in manifest["sources"]):
     return "code"
   return loaders.FORMAT_TEMPLATES[manifest["format"]]
+
+
+def resolve_truncation(config: ml_collections.ConfigDict) -> str:
+  """The truncation policy (`encode.TRUNCATION`) the run's data was cut with, recorded with the
+  model so `score` and `eval` cut their inputs the same way.
+
+  Prepared data records it in its manifest (`data.truncation`, when set, must agree); synthetic
+  and in-memory data take `data.truncation` or the default, `keep_end`.
+  """
+  wanted = config.data.truncation
+  if wanted:
+    encode.check_truncation(wanted)
+  if config.data.source != "prepared":
+    return wanted or encode.DEFAULT_TRUNCATION
+  prepared = prepare.manifest_truncation(prepare.read_manifest(config.data.path))
+  if wanted and wanted != prepared:
+    raise ValueError(f"config.data.truncation={wanted!r} but {config.data.path} was prepared with "
+                     f"{prepared!r}; prepare it again with --truncation={wanted}")
+  return prepared
 
 
 def _made_by_synth(pair_file: str) -> bool:
@@ -392,6 +412,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
   tokenizer = resolve_tokenizer(config)
   model_config = resolve_model_config(config, tokenizer)
   prompt_format = resolve_prompt_format(config)
+  truncation = resolve_truncation(config)
   if config.data.source == "synthetic" and config.data.vocab_size > model_config.vocab_size:
     raise ValueError(f"config.data.vocab_size={config.data.vocab_size} exceeds the model's "
                      f"vocab_size={model_config.vocab_size}")
@@ -425,6 +446,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
       tokenizer.save(layout.path(workdir, layout.TOKENIZER))
     if prompt_format is not None:
       templates.save_prompt_format(workdir, prompt_format)
+    encode.save_truncation(workdir, truncation)
 
   optimizer = optim.make_optimizer(config.optimizer, total_steps, tc.trainable)
   model = transformer.RewardModel(model_config)

@@ -158,6 +158,9 @@ def test_trains_on_real_gsm8k_pairs(tmp_path, shared_data):
   assert json.loads((tmp_path / "run" / "prompt_format.json").read_text())["template"] == "math"
   scorer = score.RewardScorer(tmp_path / "run", batch_size=2, max_length=256, show_progress=False)
   assert scorer.prompt_format == "math"
+  # ... and the truncation policy its prepared data were cut with, which scoring applies too.
+  assert json.loads((tmp_path / "run" / "truncation.json").read_text()) == {"truncation": "keep_end"}
+  assert scorer.truncation == "keep_end"
   records = tmp_path / "score_in.jsonl"
   records.write_text("".join(json.dumps({"prompt": q["question"], "response": q["answer"]}) + "\n"
                              for q in questions[:2]))
@@ -187,3 +190,21 @@ def test_decay_from_a_stable_checkpoint_equals_a_run_decaying_there(tmp_path):
     assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                checkpoint.load_model(tmp_path / "decayed")[0], checkpoint.load_model(tmp_path / "short")[0])
+
+
+def test_the_truncation_policy_comes_from_the_prepared_data(tmp_path):
+  from codepmp_jax.config import default_config
+  config = default_config()
+  config.data.source = "prepared"
+  config.data.path = str(tmp_path)
+  (tmp_path / "manifest.json").write_text(json.dumps({"truncation": "keep_head"}))
+  assert train.resolve_truncation(config) == "keep_head"
+  (tmp_path / "manifest.json").write_text(json.dumps({"overlong": "truncate"}))  # before it was recorded
+  assert train.resolve_truncation(config) == "keep_head"
+  config.data.truncation = "keep_end"
+  with pytest.raises(ValueError, match="prepared with 'keep_head'; prepare it again with --truncation=keep_end"):
+    train.resolve_truncation(config)
+  config.data.source = "synthetic"
+  assert train.resolve_truncation(config) == "keep_end"
+  config.data.truncation = ""
+  assert train.resolve_truncation(config) == "keep_end"
