@@ -61,13 +61,14 @@ def top_rewards(config: ModelConfig, params: dict, states: jax.Array, lengths: j
 def top_lm_hidden(config: ModelConfig, params: dict, states: jax.Array, lengths: jax.Array,
                   lm_index: jax.Array, num_frozen: int) -> tuple[jax.Array, jax.Array]:
   """([B] rewards, [B, K, D] final hidden states at `lm_index`) from the trunk's `states`: what the
-  reward and the LM loss read (`losses.chunked_cross_entropy` against the LM head)."""
-  x = _layers(config, params, states, num_frozen, config.num_layers)
+  reward and the LM loss read (`losses.chunked_cross_entropy` against the LM head). The last
+  layer runs only at each row's reward token and its `lm_index` positions."""
+  last = jnp.maximum(lengths - 1, 0)[:, None]
+  x = _layers(config, params, states, num_frozen, config.num_layers,
+              query_index=jnp.concatenate([last, lm_index], axis=1))
   hidden = _final_norm(config).apply({"params": params["final_norm"]}, x)
-  last = jnp.maximum(lengths - 1, 0)
-  at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-  rewards = _score_head(config).apply({"params": params["score"]}, at_last.astype(jnp.float32))[..., 0]
-  return rewards, jnp.take_along_axis(hidden, lm_index[..., None], axis=1)
+  rewards = _score_head(config).apply({"params": params["score"]}, hidden[:, 0].astype(jnp.float32))[..., 0]
+  return rewards, hidden[:, 1:]
 
 
 def top_params(params: dict, config: ModelConfig, num_frozen: int) -> dict:

@@ -16,12 +16,16 @@ ties, token-identical pairs skipped) and on CHAMP Best-of-N with the style basel
 shortest, always-pick-model-X), at a length that cuts nothing or reports what it cut.
 
 Parameter-efficient by a cached frozen trunk (`model/frozen_trunk.py`): only the top
-`trainable_layers` layers, the final norm and the score head train (`train.trainable=top:N`), so
-the embedding and the layers below are the same in every model of the experiment and their
-hidden states are computed once for every sequence it uses (`trunk/`), then every model (2 pretrained arms, the
-RM fine-tunes, the learning-rate search) trains and scores on those states at the cost of its top
-layers. Why (measured on this machine, Dec 7): the whole model scores ~590 tokens/s, so the
-evaluations alone would cost ~2.6 hours if every RM ran the whole model.
+`trainable_layers` layers (default 1), the final norm and the score head train
+(`train.trainable=top:N`), so the embedding and the layers below are the same in every model of
+the experiment and their hidden states are computed once for every sequence it uses (`trunk/`).
+Every model (2 pretrained arms, the learning-rate search, the RM fine-tunes) then trains and
+scores on those states; with one top layer a reward needs that layer only at the reward token
+(plus its keys and values), so scoring and BT training cost a few percent of a layer per token.
+Why (measured on this machine, Dec 7): the whole model scores ~590 tokens/s, so the evaluations
+alone would cost ~2.6 hours if every RM ran the whole model, and with the top 2 layers trained
+the arms' training and evaluation were estimated at ~95 minutes after a ~50-minute trunk, over
+the 2-hour budget.
 
 Every stage's output is kept under --out and reused on rerun (the trunk's states resume where
 they stopped). The RMs are full checkpoints, `rm/<arm>/k<k>/seed<seed>/`, loadable by `score` and
@@ -62,6 +66,9 @@ ARMS = ("base", "lm_only", "pmp")
 PRETRAINED = {"lm_only": dict(rm_coef=0.0, lm_coef=1.0), "pmp": dict(rm_coef=1.0, lm_coef=1.0)}
 TRUNCATION = "keep_end"
 TOKENS_PER_BATCH = 4096  # trunk and scoring batches: rows x padded length
+# LM loss positions per chosen response and step (a weighted uniform sample beyond it): the LM
+# head (49,152 x 576) at every response token would cost more than the trainable top itself.
+LM_POSITIONS = 64
 BUCKETS_PER_OCTAVE = 2  # padded lengths 16, 24, 32, 48, ...: one compile each, under 1/2 padding
 
 
@@ -69,7 +76,7 @@ BUCKETS_PER_OCTAVE = 2  # padded lengths 16, 24, 32, 48, ...: one compile each, 
 class RealBackboneSettings:
   out: str = setting("runs/real_backbone", "Directory for every stage's output.")
   data_dir: str = setting("", "Where GSM8K lives (default: the data registry's search).")
-  trainable_layers: int = setting(2, "Top layers that train (with the final norm and score head).")
+  trainable_layers: int = setting(1, "Top layers that train (with the final norm and score head).")
   code_pairs: int = setting(2000, "Code pairs for pretraining, each fitting code_length untruncated.")
   code_length: int = setting(256, "Tokens per code sequence (pairs that need a cut are left out).")
   code_eval_pairs: int = setting(200, "Held-out code pairs: each arm's code pairwise accuracy.")
@@ -295,13 +302,21 @@ class TopScorer:
     return rewards
 
 
-def _lm_positions(seq: EncodedSequence, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(positions, targets, weights) [count]: each response token (and the end token) predicted
-  from the position before it, as the PMP LM loss reads the chosen response."""
-  positions = np.arange(max(seq.response_start - 1, 0), len(seq.ids) - 1)[:count]
-  targets = np.asarray(seq.ids, np.int32)[positions + 1]
+def _lm_positions(seq: EncodedSequence, count: int, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(positions, targets, weights) [count] of the chosen response's LM loss: each response token
+  (and the end token) predicted from the position before it. A response with more than `count`
+  of them gives a uniform sample of `count`, each weighted by (tokens / count), so the weighted
+  mean over a batch estimates the loss's mean over all its response tokens without bias."""
+  positions = np.arange(max(seq.response_start - 1, 0), len(seq.ids) - 1)
+  weight = 1.0
+  if len(positions) > count:
+    weight = len(positions) / count
+    positions = np.sort(rng.choice(positions, count, replace=False))
   out = [np.zeros(count, np.int32), np.zeros(count, np.int32), np.zeros(count, np.float32)]
-  out[0][:len(positions)], out[1][:len(positions)], out[2][:len(positions)] = positions, targets, 1.0
+  out[0][:len(positions)] = positions
+  out[1][:len(positions)] = np.asarray(seq.ids, np.int32)[positions + 1]
+  out[2][:len(positions)] = weight
   return out[0], out[1], out[2]
 
 
@@ -313,7 +328,8 @@ def train_top(trunk: Trunk, embedding: np.ndarray, top: dict, pairs: Sequence[En
   batch shape; returns the trained top and the per-step losses."""
   config, num_frozen = trunk.config, trunk.num_frozen
   length = bucket_length(max(max(len(p.chosen.ids), len(p.rejected.ids)) for p in pairs), steps_per_octave=4)
-  lm_count = bucket_length(max(len(p.chosen.ids) - p.chosen.response_start + 1 for p in pairs), steps_per_octave=4)
+  lm_count = min(LM_POSITIONS, bucket_length(max(len(p.chosen.ids) - p.chosen.response_start + 1 for p in pairs),
+                                             steps_per_octave=4))
   cfg = optim.default_optimizer_config()
   cfg.update(lr=lr, schedule=schedule, warmup_ratio=warmup, weight_decay=weight_decay, grad_clip=1.0)
   optimizer = optim.make_optimizer(cfg, steps)
@@ -345,7 +361,7 @@ def train_top(trunk: Trunk, embedding: np.ndarray, top: dict, pairs: Sequence[En
       order += rng.permutation(len(pairs)).tolist()
     picked, order = [pairs[i] for i in order[:batch]], order[batch:]
     states, lengths = trunk.batch([s.ids for p in picked for s in (p.chosen, p.rejected)], length)
-    lm = [_lm_positions(p.chosen, lm_count) for p in picked]
+    lm = [_lm_positions(p.chosen, lm_count, rng) for p in picked]
     lm_index = np.zeros((2 * batch, lm_count), np.int32)
     lm_index[0::2] = [x[0] for x in lm]
     top, opt_state, loss = step(top, opt_state, states, lengths, lm_index,
