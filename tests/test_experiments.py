@@ -46,6 +46,11 @@ def test_demo_runs_end_to_end_at_a_tiny_size_and_reuses_its_stages(tmp_path, sha
       code_pairs_file=str(_code_pairs(tmp_path / "code.jsonl")), base_steps=2, pmp_steps=2,
       rm_questions=16, eval_questions=6, size_overrides=TINY)
   reports = demo.run(settings)
+  printed = capsys.readouterr().out
+  # TINY scores at 64 tokens: most sequences are cut, and each evaluation says so.
+  assert printed.count("WARNING: ") == 2 and "truncated share" in printed
+  assert "GSM8K RM pairs: 16 pairs at seq_len 64" in printed
+  assert "CHAMP Best-of-4 without a reward model" in printed and "source:GPT-4" in printed
   assert list(reports) == ["base LM -> RM", "base + PMP -> RM"]
   out = tmp_path / "demo"
   for column, arm in zip(reports, ("base", "pmp")):
@@ -54,7 +59,8 @@ def test_demo_runs_end_to_end_at_a_tiny_size_and_reuses_its_stages(tmp_path, sha
     for task in ("pairwise", "mc"):
       low, high = r[task]["ci95"]
       assert r[task]["n"] == 6 and low <= r[task]["accuracy"] <= high
-    assert set(r["bon"]) == {"1", "2", "4"}
+      assert r[task]["truncation"]["share"] > 0.5 and "accuracy_tie_aware" in r[task]
+    assert set(r["bon"]["bon"]) == {"1", "2", "4"} and r["score_length"] == 64
     config = json.loads((out / f"rm_{arm}" / "config.json").read_text())
     assert config["init_from"] == str(out / arm)  # both arms start from a pretrained checkpoint
     assert (config["loss"]["rm_coef"], config["loss"]["lm_coef"]) == (1.0, 0.0)
@@ -63,7 +69,8 @@ def test_demo_runs_end_to_end_at_a_tiny_size_and_reuses_its_stages(tmp_path, sha
   assert (base["init_from"], base["loss"]["rm_coef"]) == ("", 0.0)  # the base LM: LM loss only
   assert (pmp["init_from"], pmp["loss"]["rm_coef"]) == (str(out / "base"), 1.0)
   table = (out / "results.md").read_text().splitlines()
-  assert table[0] == "| metric (points) | base LM -> RM | base + PMP -> RM |" and len(table[:5]) == 5
+  assert table[0] == ("| metric (points) | base LM -> RM | base + PMP -> RM "
+                      "| base + PMP - base LM (paired) |") and len(table[:6]) == 6
   assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
   results = json.loads((out / "results.json").read_text())
   assert results["arms"] == json.loads(json.dumps(reports))
@@ -180,16 +187,35 @@ def test_the_command_line_of_an_experiment_is_its_settings():
     sample_efficiency.run(cls(preset="smollm2_135m", out="unused"))
 
 
+def _arm(strict, tie_aware, options, bon):
+  """An arm's report: pairwise on items a-d, multiple choice on m, n, Best-of-4 on x, y."""
+  mean = lambda v: sum(v) / len(v)  # noqa: E731
+  return {"pairwise": {"accuracy": mean(strict), "ci95": [0.1, 0.9],
+                       "accuracy_tie_aware": mean(tie_aware), "ci95_tie_aware": [0.2, 0.8],
+                       "per_item": {"id": list("abcd"), "strict": strict, "tie_aware": tie_aware}},
+          "mc": {"accuracy": 0.0, "ci95": [0.0, 0.0], "accuracy_tie_aware": mean(options),
+                 "ci95_tie_aware": [0.0, 1.0],
+                 "per_item": {"id": ["m", "n"], "strict": [0, 0], "tie_aware": options}},
+          "bon": {"bon": {"4": {"rm": mean(bon), "rm_ci95": [0.0, 1.0]}},
+                  "per_item": {"id": ["x", "y"], "rm@4": bon}}}
+
+
 def test_demo_table_and_plot_of_two_arms(tmp_path):
-  arm = {"pairwise": {"accuracy": 0.7, "ci95": [0.62, 0.775]},
-         "mc": {"accuracy": 0.25, "ci95": [0.2, 0.3]}, "bon": {"4": {"rm": 0.5, "rm_ci95": [0.375, 0.625]}}}
-  table = demo.results_table({"base": arm, "pmp": {**arm, "mc": {"accuracy": 0.3, "ci95": [0.2, 0.4]}}})
-  assert table.splitlines() == [
-      "| metric (points) | base | pmp |", "|---|---:|---:|",
-      "| GSM8K pairwise accuracy (held-out test) | 70.0 [62.0, 77.5] | 70.0 [62.0, 77.5] |",
-      "| LogiQA 2.0 multiple-choice accuracy (chance 0.25) | 25.0 [20.0, 30.0] | 30.0 [20.0, 40.0] |",
-      "| CHAMP Best-of-4 accuracy (real candidates) | 50.0 [37.5, 62.5] | 50.0 [37.5, 62.5] |"]
-  path = demo.plot_results({"a": arm, "b": arm}, tmp_path / "r.png")
+  base = _arm([1, 0, 0, 0], [1, 0.5, 0, 0], [0.25, 0.5], [0.0, 1.0])
+  pmp = _arm([1, 1, 0, 1], [1, 1, 0, 1], [0.25, 0.5], [1.0, 1.0])
+  table = demo.results_table({"base LM -> RM": base, "base + PMP -> RM": pmp})
+  # The paired column is pmp - base over the same items: 0.5 strict, 0.375 tie-aware, 0 for the
+  # multiple choice (every item equal, so every resample is 0), 0.5 for Best-of-4.
+  assert table.splitlines()[:3] == [
+      "| metric (points) | base LM -> RM | base + PMP -> RM | base + PMP - base LM (paired) |",
+      "|---|---:|---:|---:|",
+      "| GSM8K pairwise accuracy, strict (held-out test) | 25.0 [10.0, 90.0] | 75.0 [10.0, 90.0] "
+      "| +50.0 [0.0, 100.0] |"]
+  rows = [line.split(" | ") for line in table.splitlines()[3:]]
+  assert [row[-1] for row in rows] == ["+37.5 [0.0, 75.0] |", "+0.0 [0.0, 0.0] |",
+                                       "+50.0 [0.0, 100.0] |"]
+  assert rows[1][1:3] == ["37.5 [0.0, 100.0]", "37.5 [0.0, 100.0]"]  # LogiQA, tie-aware
+  path = demo.plot_results({"a": base, "b": pmp}, tmp_path / "r.png")
   assert path.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -15,9 +15,16 @@ seeds), built from its stages:
 3. **base + PMP**: continued from the base on the second half with the paper's BT + LM loss.
 4. Two reward models fine-tuned on the same GSM8K pairs, steps and seed (as released: BT only,
    cosine, weight decay 0, clipping 1.0): one from the base, one from base + PMP.
-5. Both evaluated on held-out GSM8K test pairs and LogiQA 2.0 multiple choice (accuracy with a 95%
-   bootstrap interval over questions) and Best-of-4 on real model-written CHAMP candidates (with
-   the random-pick and majority-vote baselines); a table and its plot.
+5. Both evaluated on held-out GSM8K test pairs (accuracy strict, a tie wrong, and tie-aware, a tie
+   half right), LogiQA 2.0 multiple choice (tie-aware) and Best-of-4 on real model-written CHAMP
+   candidates, with 95% bootstrap intervals over questions, and pmp - base as a paired bootstrap
+   over the same items; beside them the Best-of-4 picks without a reward model (random, majority,
+   oracle, longest, shortest, always one source model); a table and its plot.
+Sequences are seen whole: training at 384 tokens (`keep_end`: the prompt is cut first, then the
+response's start; pairs identical once cut are dropped, and the shares cut and dropped are
+printed from the prepare manifests), scoring at a length measured from the data that cuts under
+1% of each evaluation's sequences (`pmp_control.choose_score_length`); every evaluation prints the
+share it cut, a WARNING at 1% or more.
 The LM-only continuation arm (more LM without preferences) and intervals over seeds are in
 `python -m launch.experiments.pmp_control`. Each stage skips itself when its output is complete.
 """
@@ -43,14 +50,17 @@ from launch.experiments.settings_flags import setting  # noqa: E402
 DATASETS = ("gsm8k/train", "gsm8k/test", "logiqa2/test")
 ARMS = (("base", "base LM -> RM"), ("pmp", "base + PMP -> RM"))
 BON_N = 4
-ROWS = (("GSM8K pairwise accuracy (held-out test)", ("pairwise",)),
-        ("LogiQA 2.0 multiple-choice accuracy (chance 0.25)", ("mc",)),
-        (f"CHAMP Best-of-{BON_N} accuracy (real candidates)", ("bon", str(BON_N))))
+# (row name, evaluation mode, per-item score): the table's rows and the paired comparison's scores.
+ROWS = (("GSM8K pairwise accuracy, strict (held-out test)", "pairwise", "strict"),
+        ("GSM8K pairwise accuracy, tie-aware", "pairwise", "tie_aware"),
+        ("LogiQA 2.0 multiple-choice accuracy, tie-aware (chance 0.25)", "mc", "tie_aware"),
+        (f"CHAMP Best-of-{BON_N} accuracy (real candidates)", "bon", f"rm@{BON_N}"))
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-  """What the demo runs; the defaults are `make demo` (about 12 minutes on 2 idle cores)."""
+  """What the demo runs; the defaults are `make demo` (20 minutes on this 2-core machine while
+  other jobs shared it, 2026-12-07; README)."""
   out: str = setting("demo_out", "Directory for every stage's output.")
   data_dir: str = setting("", "Directory holding gsm8k/ and logiqa2/ (default: $CODEPMP_DATA, "
                           "../shared/data, the cache, else a verified download).")
@@ -104,24 +114,29 @@ def synthesize_code_pairs(max_pairs: int, data: Mapping[str, epath.Path], out: e
 
 
 def control_settings(settings: DemoSettings) -> pmp_control.ControlSettings:
-  """The demo as a one-k, one-seed `pmp_control` design at the tiny model's sequence length."""
+  """The demo as a one-k, one-seed `pmp_control` design: 384-token training sequences (of
+  pmp_control's 6,000 stdlib code pairs, 22% lose part of their description and 2.3% become
+  identical, against 42% and 5.5% at 256: `pmp_control.ControlSettings`), LogiQA included, the
+  scoring length measured from the data."""
   control = pmp_control.ControlSettings(
-      out=settings.out, seq_len=256, code_pairs=settings.code_pairs,
+      out=settings.out, seq_len=384, code_pairs=settings.code_pairs,
       code_pairs_file=settings.code_pairs_file, base_steps=settings.base_steps,
       continue_steps=settings.pmp_steps, ks=(settings.rm_questions,), seeds=(settings.seed,),
-      rm_epochs=settings.rm_epochs, eval_limit=settings.eval_questions,
+      rm_epochs=settings.rm_epochs, eval_limit=settings.eval_questions, logiqa=True,
       champ_models=("GPT-3.5", "GPT-4", "GPT-4 Turbo", "PaLM 2 Medium"), champ_settings=("0-Shot",),
-      bon_ns=(1, 2, BON_N), score_batch=32, score_length=512)
+      bon_ns=(1, 2, BON_N), score_batch=32, score_length=0)
   return dataclasses.replace(control, **settings.size_overrides)
 
 
-def _metric(arm_report: Mapping[str, Any], keys: tuple[str, ...]) -> Mapping[str, Any]:
-  """An evaluation (`accuracy` and `ci95`) deep in an arm's report; for Best-of-N, the RM's pick."""
-  for key in keys:
-    arm_report = arm_report[key]
-  if "rm" in arm_report:
-    return {"accuracy": arm_report["rm"], "ci95": arm_report["rm_ci95"]}
-  return arm_report
+def _metric(arm_report: Mapping[str, Any], mode: str, score: str) -> Mapping[str, Any]:
+  """`{"accuracy", "ci95"}` of one row in an arm's report (for Best-of-N, the RM's pick)."""
+  report = arm_report[mode]
+  if mode == "bon":
+    row = report["bon"][score.removeprefix("rm@")]
+    return {"accuracy": row["rm"], "ci95": row["rm_ci95"]}
+  if score == "tie_aware":
+    return {"accuracy": report["accuracy_tie_aware"], "ci95": report["ci95_tie_aware"]}
+  return report
 
 
 def _cell(value: Mapping[str, Any]) -> str:
@@ -130,31 +145,48 @@ def _cell(value: Mapping[str, Any]) -> str:
   return f"{100 * value['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def paired_difference(reports: dict[str, dict], mode: str, score: str) -> dict:
+  """The last arm minus the first over the same items (`stats.compare`, a paired bootstrap)."""
+  from codepmp_jax.eval import stats
+  first, last = (reports[arm] for arm in (list(reports)[0], list(reports)[-1]))
+  return stats.compare(last[mode], first[mode], score)
+
+
 def results_table(reports: dict[str, dict]) -> str:
-  """A Markdown table: one row per metric, one column per arm, accuracy [95% interval] in points."""
-  rows = [[name, *[_cell(_metric(reports[arm], keys)) for arm in reports]]
-          for name, keys in ROWS]
-  return report.to_markdown(["metric (points)", *reports], rows,
-                            align=["---", *["---:"] * len(reports)]).rstrip("\n")
+  """A Markdown table: one row per metric, one column per arm, accuracy [95% interval] in points,
+  then the last arm minus the first as a paired bootstrap over the same items."""
+  names = list(reports)
+  rows = []
+  for name, mode, score in ROWS:
+    if mode not in reports[names[0]]:
+      continue
+    diff = paired_difference(reports, mode, score)
+    rows.append([name, *[_cell(_metric(reports[arm], mode, score)) for arm in names],
+                 f"{100 * diff['difference']:+.1f} [{100 * diff['ci95'][0]:.1f}, "
+                 f"{100 * diff['ci95'][1]:.1f}]"])
+  short = [name.split(" ->")[0] for name in names]
+  header = ["metric (points)", *names, f"{short[-1]} - {short[0]} (paired)"]
+  return report.to_markdown(header, rows, align=["---", *["---:"] * (len(names) + 1)]).rstrip("\n")
 
 
 def plot_results(reports: dict[str, dict], path: epath.Path) -> epath.Path:
   """Grouped bars per metric, one per arm, with the 95% bootstrap intervals as error bars."""
-  fig, ax = report.pyplot().subplots(figsize=(7.5, 3.8), dpi=120)
+  rows = [(name, mode, score) for name, mode, score in ROWS if mode in next(iter(reports.values()))]
+  fig, ax = report.pyplot().subplots(figsize=(8.5, 3.8), dpi=120)
   width = 0.8 / len(reports)
   for i, (arm, arm_report) in enumerate(reports.items()):
     values, errors = [], [[], []]
-    for _, keys in ROWS:
-      value = _metric(arm_report, keys)
+    for _, mode, score in rows:
+      value = _metric(arm_report, mode, score)
       mean, (low, high) = value["accuracy"], value["ci95"]
       values.append(mean)
       errors[0].append(mean - low)
       errors[1].append(high - mean)
-    bars = ax.bar([j + i * width for j in range(len(ROWS))], values, width, yerr=errors, capsize=3,
+    bars = ax.bar([j + i * width for j in range(len(rows))], values, width, yerr=errors, capsize=3,
                   label=arm)
     ax.bar_label(bars, fmt="%.2f", fontsize=8, label_type="center")
-  ax.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(ROWS))],
-                [name.split(" (")[0] for name, _ in ROWS], fontsize=8)
+  ax.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(rows))],
+                [name.split(" (")[0].replace(" accuracy", "") for name, _, _ in rows], fontsize=7)
   ax.set_ylabel("accuracy")
   ax.set_ylim(0, 1)
   ax.set_title("RMs from the base LM and from base + PMP (95% bootstrap intervals)")
@@ -171,7 +203,7 @@ def run(settings: DemoSettings) -> dict[str, dict]:
     print(f"  {name}: {file}", flush=True)
   s = control_settings(settings)
   out = epath.Path(s.out)
-  out.mkdir(parents=True, exist_ok=True)
+  pmp_control.check_out_dir(s, out)
   champ, champ_counts = pmp_control.champ_file(s, out)
   if not champ_counts["questions"]:
     raise ValueError(f"no CHAMP question has {BON_N} candidates from {s.champ_models} "
@@ -186,6 +218,10 @@ def run(settings: DemoSettings) -> dict[str, dict]:
   if not s.code_pairs_file:
     s = dataclasses.replace(s, code_pairs_file=str(synthesize_code_pairs(s.code_pairs, data, out)))
   tokenizer, base_data, continue_data = pmp_control.code_data(s, out)
+  prepared = {"code pairs, base half": pmp_control.prepared_summary(base_data),
+              "code pairs, PMP half": pmp_control.prepared_summary(continue_data)}
+  for name, summary in prepared.items():
+    print("  " + pmp_control.prepared_line(name, summary), flush=True)
   stage("code_data_s", t)
   t = time.time()
   print(f"[2/5] base LM ({s.base_steps} LM-only steps) -> {out / 'base'}", flush=True)
@@ -203,7 +239,14 @@ def run(settings: DemoSettings) -> dict[str, dict]:
   subset = recipes.first_lines(data["gsm8k/train"], out / f"gsm8k_train_first{k}.jsonl", k)
   pairs = recipes.prepare_once([subset], "gsm8k", tokenizer, out / "gsm8k_pairs",
                                seq_len=s.seq_len, split="train:1")
-  reports = {}
+  prepared["GSM8K RM pairs"] = pmp_control.prepared_summary(pairs)
+  print("  " + pmp_control.prepared_line("GSM8K RM pairs", prepared["GSM8K RM pairs"]), flush=True)
+  score_length, lengths = pmp_control.choose_score_length(s, tokenizer, pmp_control.scored_texts(
+      s, champ, data["gsm8k/test"], data["logiqa2/test"]))
+  print(f"  scoring at {score_length} tokens: " + "; ".join(
+      f"{pmp_control.EVAL_NAMES[m]} {v['sequences']:,} sequences, max {v['max']}, "
+      f"{100 * v['cut_share']:.2f}% cut" for m, v in lengths.items()), flush=True)
+  reports, warnings = {}, []
   for arm, column in ARMS:
     workdir = out / f"rm_{arm}"
     t = time.time()
@@ -214,23 +257,30 @@ def run(settings: DemoSettings) -> dict[str, dict]:
     stage(f"rm_{arm}_s", t)
     t = time.time()
     print(f"[5/5] evaluating {arm} -> {workdir / 'eval.json'}", flush=True)
-    arm_report = recipes.evaluate_rm(
-        workdir, workdir / "eval.json", gsm8k_pairs=data["gsm8k/test"], logiqa=data["logiqa2/test"],
-        candidates=champ, bon_task="champ", ns=s.bon_ns, limit=settings.eval_questions,
-        batch_size=s.score_batch, max_length=s.score_length)
+    arm_report = pmp_control.evaluate(s, workdir, champ, score_length, data["gsm8k/test"],
+                                      data["logiqa2/test"])
+    line = pmp_control.truncation_line(arm, arm_report, s.max_truncated_share)
+    print("  " + line, flush=True)
+    if line.startswith("WARNING"):
+      warnings.append(line)
     stage(f"eval_{arm}_s", t)
     reports[column] = {**arm_report, "train": train_summary}
 
   table = results_table(reports)
-  baselines = reports[ARMS[0][1]]["bon"][str(BON_N)]
-  words = (f"CHAMP Best-of-{BON_N} without a reward model ({champ_counts['questions']} questions, "
-           f"same draws): random pick {100 * baselines['random']:.1f}, majority vote "
-           f"{100 * baselines['majority']:.1f}, oracle {100 * baselines['oracle']:.1f}.\n"
-           "Intervals overlapping means no difference is shown at this size; "
-           "`python -m launch.experiments.pmp_control` adds the LM-only control and seeds.")
+  facts = pmp_control.evaluation_facts(list(reports.values()))
+  words = "\n\n".join([
+      "Training data (prepare manifests, keep_end truncation):\n" + "\n".join(
+          f"- {pmp_control.prepared_line(n, p)}" for n, p in prepared.items()),
+      "Evaluations:\n" + pmp_control.facts_table(facts),
+      pmp_control.baselines_line(reports[ARMS[0][1]]["bon"], BON_N) + ".",
+      "Intervals: 95% bootstrap over questions; the paired column resamples the same items for both "
+      "arms (one pretraining run and one RM seed per arm, so no interval covers seeds). "
+      "`python -m launch.experiments.pmp_control` adds the LM-only control and seeds."])
   timings["total_s"] = round(time.time() - start, 1)
   results = {"settings": dataclasses.asdict(s), "data": {n: str(p) for n, p in data.items()},
-             "champ": champ_counts, "timings": timings,
+             "champ": champ_counts, "timings": timings, "prepared": prepared,
+             "score_length": score_length, "scored_lengths": lengths, "evaluation": facts,
+             "warnings": warnings,
              "pretraining": {arm: summary for arm, summary in pretraining.items()},
              "arms": reports}
   (out / "results.md").write_text(table + "\n\n" + words + "\n")
