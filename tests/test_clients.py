@@ -86,7 +86,7 @@ def test_transformers_scores_like_ours_one_by_one_and_batched(exported, shared_d
     single = []
     for (prompt, response), conversation in zip(texts, conversations):
       ids = hf_tok.apply_chat_template(conversation, return_tensors="pt", return_dict=True)
-      assert ids["input_ids"][0].tolist() == scorer.encode(prompt, response)[0]
+      assert ids["input_ids"][0].tolist() == list(scorer.encode(prompt, response).ids)
       single.append(model(**ids).logits[0, 0].item())
     full = [p + s + hf_tok.eos_token for p, s in texts]
     batch = hf_tok(full, padding=True, return_tensors="pt", add_special_tokens=False)
