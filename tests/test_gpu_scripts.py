@@ -75,7 +75,7 @@ def test_gpu_run_rehearses_both_device_calls(tmp_path):
   assert (pathlib.Path(f"{files}.part2") / "gguf.part2").exists()
   results = json.loads((tmp_path / "results" / "results.json").read_text())
   assert results["pretraining"]["step"] >= 1
-  for metric in ("gsm8k_pairwise", "logiqa2_mc", "champ_bon2"):
+  for metric in ("gsm8k_pairwise", "gsm8k_pairwise_tie_aware", "logiqa2_mc_tie_aware", "champ_bon2"):
     row = results["summary"][metric]["8"]
     for arm in g.ARMS:
       assert row[arm]["n"] == 2 and 0 <= row[arm]["mean"] <= 1

@@ -274,7 +274,7 @@ def _control(s: GpuSettings, batch: int):
       rm_epochs=s.rm_epochs, rm_min_steps=s.rm_min_steps, rm_lr=s.rm_lr,
       rm_warmup_ratio=s.rm_warmup_ratio, eval_limit=s.eval_limit, champ_models=s.champ_models,
       champ_settings=s.champ_settings, bon_ns=s.bon_ns, score_batch=s.score_batch,
-      score_length=s.score_length)
+      score_length=s.score_length, logiqa=True)  # evaluate() scores LogiQA 2.0 too
 
 
 def _real_backbone(s: GpuSettings, config):
