@@ -37,7 +37,7 @@ from codepmp_jax.data import templates
 from codepmp_jax.data import encode as encoding
 from codepmp_jax.data.encode import EncodedSequence, bucket_length, encode_sequence
 from codepmp_jax.data.tokenizer import load_tokenizer
-from codepmp_jax.model import attention, transformer
+from codepmp_jax.model import attention, frozen_trunk, transformer
 
 EXAMPLES_SHOWN = 10
 MAX_ROWS_FACTOR = 8  # short buckets batch up to 8x the rows of the longest one
@@ -63,7 +63,7 @@ class RewardScorer:
   `attention.CPU_SCORE_BYTES`), so a batch holds about the same number of tokens and each bucket
   is one compiled shape. All layers but the last run under `lax.scan` (params stacked once at
   load), so a compile traces two layers, not all of them; the last runs at each row's reward token
-  only (`transformer.last_token_rewards`). The batch is split over the mesh's data axes.
+  only (`frozen_trunk.last_token_rewards`). The batch is split over the mesh's data axes.
   """
 
   def __init__(self, checkpoint_path: str | os.PathLike, batch_size: int = 16, max_length: int = 1024,
@@ -78,7 +78,7 @@ class RewardScorer:
         lambda: transformer.init_params(config, jax.random.key(0)))), self.mesh, self.rules)
     param_shardings = shardings_of(canonical)
     params, _ = checkpoint.load_model(path, shardings=param_shardings)
-    # All layers but the last stacked (`transformer.last_token_rewards`'s layout).
+    # All layers but the last stacked (`frozen_trunk.last_token_rewards`'s layout).
     scanned = self.config.num_layers - 1
     if scanned:
       param_shardings = {k: v for k, v in param_shardings.items()
@@ -101,7 +101,7 @@ class RewardScorer:
     self.pad_id = self.tokenizer.pad_id if self.tokenizer else (self.config.pad_token_id or 0)
     self._batch_sharding = batch_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)
     self._forward = jax.jit(
-        lambda params, ids, mask: transformer.last_token_rewards(self.config, params, ids, mask),
+        lambda params, ids, mask: frozen_trunk.last_token_rewards(self.config, params, ids, mask),
         in_shardings=(param_shardings, batch_sharding, batch_sharding),
         out_shardings=sharding.replicated(self.mesh))
 

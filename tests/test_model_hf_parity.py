@@ -11,7 +11,7 @@ import torch
 
 from codepmp_jax import convert
 from codepmp_jax.data import tokenizer as tok_lib
-from codepmp_jax.model import transformer
+from codepmp_jax.model import frozen_trunk, transformer
 from codepmp_jax.model.transformer import RewardModel
 from tests import hf_models
 
@@ -48,7 +48,7 @@ def test_tiny_model_matches_transformers(name, tmp_path):
   # Scoring's forward: all layers but the last scanned, the last at the reward token only.
   scoring_params = transformer.stack_layers(params, config.num_layers - 1)
   assert f"layers_{config.num_layers - 1}" in scoring_params and "layers_0" not in scoring_params
-  scored = transformer.last_token_rewards(config, scoring_params, jnp.asarray(ids), jnp.asarray(mask))
+  scored = frozen_trunk.last_token_rewards(config, scoring_params, jnp.asarray(ids), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(scored), expected_rewards, atol=1e-4, rtol=0)
 
 

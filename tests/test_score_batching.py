@@ -14,7 +14,7 @@ def test_buckets_compile_once_each_and_match_one_at_a_time(tmp_path):
   params = nn.unbox(transformer.init_params(config, jax.random.key(2)))
   scorer = score.RewardScorer(checkpoint.save_model(tmp_path / "ckpt", params, config),
                               batch_size=2, max_length=64, show_progress=False)
-  # Layers 0 and 1 stacked for lax.scan, the last apart (`transformer.last_token_rewards`).
+  # Layers 0 and 1 stacked for lax.scan, the last apart (`frozen_trunk.last_token_rewards`).
   assert jax.tree.leaves(scorer.params["layers"])[0].shape[0] == 2 and "layers_2" in scorer.params
   lengths = [64, 3, 40, 17, 16, 5, 33, 60, 2, 9, 12, 20]
   batches = scorer.length_batches(lengths)

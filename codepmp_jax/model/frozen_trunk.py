@@ -10,6 +10,7 @@ right-padded: under causal attention a real token never sees its row's padding.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,16 +37,18 @@ def _layers(config: ModelConfig, params: dict, x: jax.Array, start: int, stop: i
 def trunk_states(config: ModelConfig, params: dict, input_ids: jax.Array, num_frozen: int) -> jax.Array:
   """[B, L, D] hidden states after the embedding and layers 0 .. num_frozen - 1.
 
-  With those layers stacked under `layers` (`transformer.stack_layers(params, num_frozen)`) they
-  run under `lax.scan`, so a compile traces one layer, not all of them.
+  Layers stacked under `layers` (`transformer.stack_layers(params, n)`) run under `lax.scan`, so
+  a compile traces one layer, not all of them; the rest up to `num_frozen` follow unrolled.
   """
-  x = _embed(config).apply({"params": params["embed"]}, input_ids)
+  x = nn.with_logical_constraint(_embed(config).apply({"params": params["embed"]}, input_ids),
+                                 ("batch", "length", "act_embed"))
   if "layers" not in params:
     return _layers(config, params, x, 0, num_frozen)
   cos, sin = _rope(config, x.shape[1])
   layer = DecoderLayer(config)
   step = lambda x, layer_params: (layer.apply({"params": layer_params}, x, None, cos, sin)[0], None)  # noqa: E731
-  return jax.lax.scan(step, x, params["layers"])[0]
+  x = jax.lax.scan(step, x, params["layers"])[0]
+  return _layers(config, params, x, jax.tree.leaves(params["layers"])[0].shape[0], num_frozen)
 
 
 def top_rewards(config: ModelConfig, params: dict, states: jax.Array, lengths: jax.Array,
@@ -69,6 +72,18 @@ def top_lm_hidden(config: ModelConfig, params: dict, states: jax.Array, lengths:
   hidden = _final_norm(config).apply({"params": params["final_norm"]}, x)
   rewards = _score_head(config).apply({"params": params["score"]}, hidden[:, 0].astype(jnp.float32))[..., 0]
   return rewards, hidden[:, 1:]
+
+
+def last_token_rewards(config: ModelConfig, params: dict, input_ids: jax.Array,
+                       attention_mask: jax.Array) -> jax.Array:
+  """[B] rewards of right-padded rows, `RewardModel(config)(input_ids, attention_mask).rewards`,
+  with the last layer's queries, output projection and MLP run at each row's last token only
+  (its keys and values still cover the row): the trunk is every layer but the last. How `score`
+  reads rewards; `params` as `trunk_states` takes them (the first N - 1 layers stacked under
+  `layers` run under `lax.scan`, or unrolled), the last as `layers_{N-1}`."""
+  num_frozen = config.num_layers - 1
+  states = trunk_states(config, params, input_ids, num_frozen)
+  return top_rewards(config, params, states, attention_mask.sum(axis=-1).astype(jnp.int32), num_frozen)
 
 
 def top_params(params: dict, config: ModelConfig, num_frozen: int) -> dict:

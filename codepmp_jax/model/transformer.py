@@ -427,39 +427,6 @@ def init_cache(config: ModelConfig, batch_size: int, length: int) -> dict:
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
 
 
-def last_token_rewards(config: ModelConfig, params: dict, input_ids: jax.Array,
-                       attention_mask: jax.Array) -> jax.Array:
-  """[B] rewards of right-padded rows, `RewardModel(config)(input_ids, attention_mask).rewards`
-  computed with the last layer's queries, output projection and MLP at each row's last token only
-  (its keys and values still cover the row): a reward needs nothing else of that layer, so this
-  saves about 1/N of an N-layer forward.
-
-  `params`: the first N - 1 layers stacked under `layers` (`stack_layers(params, N - 1)`, run
-  under `lax.scan`, so one layer is traced) or unrolled as `layers_{i}`, and the last one as
-  `layers_{N-1}`.
-  """
-  cfg = config
-  x = nn.with_logical_constraint(_embed(cfg).apply({"params": params["embed"]}, input_ids),
-                                 ("batch", "length", "act_embed"))
-  cos, sin = rope_tables(cfg, np.arange(input_ids.shape[1])[None], input_ids.shape[1])
-  lengths = attention_mask.sum(axis=-1).astype(jnp.int32)
-  layer = DecoderLayer(cfg)
-  # No key-length mask: under causal attention a row's real tokens never see its right padding,
-  # and the padding's own outputs are never read (the last layer, too, masks by position only).
-  run = lambda layer_params, x, **kwargs: layer.apply(  # noqa: E731
-      {"params": layer_params}, x, None, cos, sin, **kwargs)[0]
-  stacked = 0
-  if "layers" in params:
-    stacked = jax.tree.leaves(params["layers"])[0].shape[0]
-    x, _ = jax.lax.scan(lambda x, layer_params: (run(layer_params, x), None), x, params["layers"])
-  for i in range(stacked, cfg.num_layers - 1):
-    x = run(params[f"layers_{i}"], x)
-  last = jnp.maximum(lengths - 1, 0)[:, None]
-  x = run(params[f"layers_{cfg.num_layers - 1}"], x, query_index=last)
-  hidden = _final_norm(cfg).apply({"params": params["final_norm"]}, x)[:, 0]
-  return _score_head(cfg).apply({"params": params["score"]}, hidden.astype(jnp.float32))[..., 0]
-
-
 def stack_layers(params: dict, num_layers: int) -> dict:
   """Canonical `layers_0` .. `layers_{num_layers-1}` subtrees -> one `layers` subtree with a
   leading layer axis (later layers, if any, stay as they are)."""

@@ -57,9 +57,9 @@ from codepmp_jax.data.encode import (EncodedPair, EncodedSequence, EncodeStats, 
                                      encode_sequence)
 from codepmp_jax.data.records import BadRecords, PairRecord, read_json_objects
 from codepmp_jax.data.tokenizer import load_tokenizer
-from codepmp_jax.eval import bon, candidates, reward_tasks, stats
+from codepmp_jax.eval import candidates, reward_tasks, stats
 from codepmp_jax.model import frozen_trunk, transformer
-from launch.experiments import demo, pmp_control, report
+from launch.experiments import demo, pmp_control
 from launch.experiments.settings_flags import run_program, setting
 
 ARMS = ("base", "lm_only", "pmp")
