@@ -141,14 +141,13 @@ def code_pairs(s: RealBackboneSettings, out: epath.Path, tokenizer) -> tuple[lis
   random.Random(0).shuffle(records)
   encode_stats = EncodeStats()
   encoded = encode_records(tokenizer, records, s.code_length, "drop", encode_stats)
-  fitting = [p for p in encoded if len(p.chosen.ids) <= s.code_length and len(p.rejected.ids) <= s.code_length]
-  if len(fitting) < wanted:
-    raise ValueError(f"only {len(fitting)} of {len(records)} code pairs fit {s.code_length} tokens; "
+  if len(encoded) < wanted:  # "drop": every pair kept fits uncut
+    raise ValueError(f"only {len(encoded)} of {len(records)} code pairs fit {s.code_length} tokens; "
                      f"{wanted} wanted")
   counts = {"synthesized": len(records), "too_long": encode_stats.dropped_overlong,
             "identical": encode_stats.dropped_identical, "kept_train": s.code_pairs,
             "kept_heldout": s.code_eval_pairs, "seq_len": s.code_length, "truncated": 0}
-  return fitting[:s.code_pairs], fitting[s.code_pairs:wanted], counts
+  return encoded[:s.code_pairs], encoded[s.code_pairs:wanted], counts
 
 
 def gsm8k_pairs(s: RealBackboneSettings, tokenizer) -> tuple[dict, dict]:
@@ -247,8 +246,9 @@ class Trunk:
         bar.update(int(self.lengths[rows].sum()))
         if number % 20 == 19 or number == len(batches) - 1:
           self.states.flush()
-          _json(meta, {**_json(meta), "done": int(rows[-1]) + 1,
-                       "seconds": round(_json(meta).get("seconds", 0) + time.perf_counter() - started, 1)})
+          record = _json(meta)
+          _json(meta, {**record, "done": int(rows[-1]) + 1,
+                       "seconds": round(record.get("seconds", 0) + time.perf_counter() - started, 1)})
           started = time.perf_counter()
 
   def batch(self, sequences: Sequence[Sequence[int]], length: int,
