@@ -97,8 +97,8 @@ def test_transformers_scores_like_ours_one_by_one_and_batched(exported, shared_d
 
 
 def test_trl_reward_trainer_fine_tunes_the_export(exported, tmp_path):
-  datasets = pytest.importorskip("datasets")
-  trl = pytest.importorskip("trl")
+  import datasets  # pinned in requirements-test.txt: missing, the test fails (imported here, being slow)
+  import trl
   _, out, records = exported
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   model = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
@@ -121,11 +121,10 @@ def test_trl_reward_trainer_fine_tunes_the_export(exported, tmp_path):
 
 @pytest.mark.slow
 def test_trl_example_script_trains_and_saves(exported, tmp_path):
-  pytest.importorskip("trl")
   _, out, _ = exported
   run = subprocess.run([sys.executable, "launch/examples/trl_reward_trainer.py", f"--model={out}",
                         f"--output_dir={tmp_path / 'trl'}", "--max_steps=2"],
-                       cwd=ROOT, capture_output=True, text=True)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-2000:]
   assert "TRL's text of the first pair: 'Instruction:What is 0 + 0?\\n\\nResponse: 0</s>'" in run.stdout
   trained = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "trl", dtype=torch.float32)

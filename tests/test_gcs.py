@@ -12,11 +12,10 @@ import socket
 import subprocess
 import sys
 
+import gcsfs
 import pytest
-
-gcsfs = pytest.importorskip("gcsfs")
-emulator_server = pytest.importorskip("gcp_storage_emulator.server")
-from gcp_storage_emulator.handlers import objects  # noqa: E402
+from gcp_storage_emulator import server as emulator_server
+from gcp_storage_emulator.handlers import objects
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUCKET = "bucket"
