@@ -1,6 +1,6 @@
 r"""Sample N candidates per prompt from a checkpoint: the input of Best-of-N evaluation.
 
-  python -m codepmp_jax.generate --checkpoint=CKPT --input=IN.jsonl --output=OUT.jsonl \
+  python -m codepmp_jax.sample_candidates --checkpoint=CKPT --input=IN.jsonl --output=OUT.jsonl \
       --n=8 --temperature=0.7 --top_p=1.0 --max_new_tokens=512 [--template=gsm8k|math|code|logic|chat|none] \
       [--batch_size=8] [--top_k=0] [--stop=STR ...] [--seed=0] [--add_bos] [--mesh=-1,1,1] \
       [--scan_layers]

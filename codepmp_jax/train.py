@@ -269,7 +269,7 @@ def initial_params(config: ml_collections.ConfigDict, model_config: ModelConfig,
   return {k: loaded.get(k, v) for k, v in params.items()}
 
 
-class Evaluator:
+class HeldOutLoss:
   """Metrics over the held-out split (or its first `eval_batches` batches).
 
   The eval pipeline is built once and rewound to its start for every evaluation; the eval step
@@ -494,7 +494,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
       eval_fn = step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk)
     train_step = step.jit_train_step(train_fn, state_sharding, batch_sharding, mesh)
     if tc.eval_every:
-      evaluator = Evaluator(step.jit_eval_step(eval_fn, state_sharding.params, batch_sharding, mesh),
+      evaluator = HeldOutLoss(step.jit_eval_step(eval_fn, state_sharding.params, batch_sharding, mesh),
                             eval_data, tc.eval_batches, config.loss)
 
     schedule = optim.make_schedule(config.optimizer, total_steps)

@@ -44,7 +44,7 @@ def test_convert_errors(tmp_path):
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
 
-@pytest.mark.parametrize("module", [pytest.param("score", marks=pytest.mark.slow), "generate"])
+@pytest.mark.parametrize("module", [pytest.param("score", marks=pytest.mark.slow), "sample_candidates"])
 def test_wrong_checkpoint_path(module, tmp_path):
   prompts = tmp_path / "in.jsonl"
   prompts.write_text('{"prompt": "p", "response": "r"}\n')

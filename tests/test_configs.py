@@ -112,7 +112,7 @@ def test_parse_arg_one_way_for_every_config():
 
 
 def test_short_rm_is_the_demo_fine_tuning_of_the_tiny_model():
-  """The demo's RM recipe, field by field as it was (`stages.rm_config` before the move)."""
+  """The demo's RM recipe, field by field as it was (`recipes.rm_config` before the move)."""
   config = load_config("short_rm:base=tiny,steps=80,lr=0.001")
   tiny = load_config("tiny")
   assert config.model.to_dict() == tiny.model.to_dict()

@@ -219,20 +219,20 @@ def test_demo_table_and_plot_of_two_arms(tmp_path):
   assert path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_recipes_reuse_finished_work_and_build_best_of_n_candidates(tmp_path, shared_data):
+def test_stages_reuse_finished_work_and_build_best_of_n_candidates(tmp_path, shared_data):
   from etils import epath
 
-  from launch.experiments import recipes
+  from launch.experiments import stages
 
   workdir = epath.Path(tmp_path / "run")
   workdir.mkdir()
   (workdir / "summary.json").write_text(json.dumps({"step": 3, "finished": True, "loss": 0.5}))
-  assert recipes.train_once(None, workdir) == {"step": 3, "finished": True, "loss": 0.5}
+  assert stages.train_once(None, workdir) == {"step": 3, "finished": True, "loss": 0.5}
   source = epath.Path(shared_data) / "gsm8k" / "test.jsonl"
-  subset = recipes.first_lines(source, epath.Path(tmp_path / "first.jsonl"), 5)
+  subset = stages.first_lines(source, epath.Path(tmp_path / "first.jsonl"), 5)
   rows = [json.loads(line) for line in subset.read_text().splitlines()]
   assert rows == [json.loads(line) for line in source.read_text().splitlines()[:5]]
-  path = recipes.bon_candidates(source, epath.Path(tmp_path / "bon.jsonl"), limit=20, n=4)
+  path = stages.bon_candidates(source, epath.Path(tmp_path / "bon.jsonl"), limit=20, n=4)
   questions = [json.loads(line) for line in path.read_text().splitlines()]
   assert 0 < len(questions) <= 20
   for q in questions:  # the reference solution once among four distinct candidates

@@ -239,14 +239,14 @@ def test_cli_writes_candidates_and_resumes(tmp_path, tiny_checkpoint):
              {"question": questions[1]}, {"id": 7, "question": questions[2]}]
   (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   out = tmp_path / "out.jsonl"
-  command = [sys.executable, "-m", "codepmp_jax.generate", f"--checkpoint={ckpt}",
+  command = [sys.executable, "-m", "codepmp_jax.sample_candidates", f"--checkpoint={ckpt}",
              f"--input={tmp_path / 'in.jsonl'}", f"--output={out}", "--n=3", "--temperature=1.0",
              "--max_new_tokens=6", "--template=gsm8k", "--batch_size=2"]
 
   env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device: the mesh is tested above, compiles faster
 
   def run():
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
   run()

@@ -66,7 +66,7 @@ def _field(record: dict, name: str, kind: type | tuple[type, ...], where: str):
 def load_candidates(path: str | pathlib.Path) -> list[Question]:
   """Questions from a candidates file: lines `{"id", "question", "reference", "candidates"}`.
 
-  Lines as `codepmp_jax.generate` writes them also work: `answer` (GSM8K's and MATH-500's field)
+  Lines as `codepmp_jax.sample_candidates` writes them also work: `answer` (GSM8K's and MATH-500's field)
   stands in for `reference`, and a `prompt` without `question` is scored verbatim. An optional
   `finals` list (one string per candidate) holds the text each answer is read from, and an optional
   `sources` list (one per candidate, `model` or `model|setting`) names who wrote each.

@@ -44,7 +44,7 @@ if __name__ == "__main__" and not __package__:  # `python launch/experiments/dem
   sys.path.insert(0, str(epath.Path(__file__).resolve().parents[2]))
 
 from codepmp_jax.data import registry  # noqa: E402  (after the path set-up above)
-from launch.experiments import pmp_control, recipes, report, settings_flags  # noqa: E402
+from launch.experiments import pmp_control, report, settings_flags, stages  # noqa: E402
 from launch.experiments.settings_flags import setting  # noqa: E402
 
 DATASETS = ("gsm8k/train", "gsm8k/test", "logiqa2/test")
@@ -225,19 +225,19 @@ def run(settings: DemoSettings) -> dict[str, dict]:
   stage("code_data_s", t)
   t = time.time()
   print(f"[2/5] base LM ({s.base_steps} LM-only steps) -> {out / 'base'}", flush=True)
-  pretraining = {"base": recipes.train_once(
+  pretraining = {"base": stages.train_once(
       pmp_control.pretrain_config(s, base_data, tokenizer, "", 0.0, s.base_steps), out / "base")}
   stage("base_lm_s", t)
   t = time.time()
   print(f"[3/5] base + PMP ({s.continue_steps} BT + LM steps) -> {out / 'pmp'}", flush=True)
-  pretraining["pmp"] = recipes.train_once(
+  pretraining["pmp"] = stages.train_once(
       pmp_control.pretrain_config(s, continue_data, tokenizer, str(out / "base"), 1.0,
                                   s.continue_steps), out / "pmp")
   stage("pmp_s", t)
 
   k = settings.rm_questions
-  subset = recipes.first_lines(data["gsm8k/train"], out / f"gsm8k_train_first{k}.jsonl", k)
-  pairs = recipes.prepare_once([subset], "gsm8k", tokenizer, out / "gsm8k_pairs",
+  subset = stages.first_lines(data["gsm8k/train"], out / f"gsm8k_train_first{k}.jsonl", k)
+  pairs = stages.prepare_once([subset], "gsm8k", tokenizer, out / "gsm8k_pairs",
                                seq_len=s.seq_len, split="train:1")
   prepared["GSM8K RM pairs"] = pmp_control.prepared_summary(pairs)
   print("  " + pmp_control.prepared_line("GSM8K RM pairs", prepared["GSM8K RM pairs"]), flush=True)
@@ -252,7 +252,7 @@ def run(settings: DemoSettings) -> dict[str, dict]:
     t = time.time()
     print(f"[4/5] RM fine-tuning from {arm} ({pmp_control.rm_steps(s, k)} steps on {k} GSM8K "
           f"questions) -> {workdir}", flush=True)
-    train_summary = recipes.train_once(
+    train_summary = stages.train_once(
         pmp_control.rm_config(s, pairs, str(out / arm), k, settings.seed), workdir)
     stage(f"rm_{arm}_s", t)
     t = time.time()

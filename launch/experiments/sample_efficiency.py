@@ -27,7 +27,7 @@ from absl import logging  # noqa: E402  (after the path set-up above)
 
 from codepmp_jax.config import load_config  # noqa: E402
 from codepmp_jax.data import registry  # noqa: E402
-from launch.experiments import recipes, report, settings_flags  # noqa: E402
+from launch.experiments import report, settings_flags, stages  # noqa: E402
 from launch.experiments.settings_flags import setting  # noqa: E402
 
 ARMS = ("base", "pmp")
@@ -88,14 +88,14 @@ def run(settings: SampleEfficiencySettings) -> dict[int, dict[str, dict]]:
   pmp = settings.pmp or str(out / "pmp")
   if settings.preset == "tiny" and not settings.pmp:
     base_config.data.path = str(out / "code_pairs")
-    recipes.train_once(base_config, out / "pmp")
+    stages.train_once(base_config, out / "pmp")
   lr = settings.lr or base_config.optimizer.lr
-  candidates = recipes.bon_candidates(gsm8k_test, out / "bon_candidates.jsonl",
+  candidates = stages.bon_candidates(gsm8k_test, out / "bon_candidates.jsonl",
                                       settings.eval_questions, n=4)
   results: dict[int, dict[str, dict]] = {}
   for k in sorted(settings.ks):
-    subset = recipes.first_lines(gsm8k_train, out / f"gsm8k_{k}.jsonl", k)
-    data = recipes.prepare_once([subset], "gsm8k", pmp, out / f"pairs_{k}",
+    subset = stages.first_lines(gsm8k_train, out / f"gsm8k_{k}.jsonl", k)
+    data = stages.prepare_once([subset], "gsm8k", pmp, out / f"pairs_{k}",
                                 seq_len=base_config.train.seq_len, split="train:0.95,eval:0.05")
     steps = max(settings.min_steps, math.ceil(settings.epochs * k / base_config.train.global_batch))
     results[k] = {}
@@ -105,8 +105,8 @@ def run(settings: SampleEfficiencySettings) -> dict[int, dict[str, dict]]:
       config = load_config(f"short_rm:base={name},steps={steps},lr={lr!r}")
       config.update(init_from=init_from, tokenizer=pmp)
       config.data.path = str(data)
-      recipes.train_once(config, workdir)
-      results[k][arm] = recipes.evaluate_rm(
+      stages.train_once(config, workdir)
+      results[k][arm] = stages.evaluate_rm(
           workdir, workdir / "eval.json", gsm8k_pairs=gsm8k_test, candidates=candidates,
           limit=settings.eval_questions)
   print("\n" + write_results(results, out) + f"\n\nwrote {out}/results.md, results.json, results.png")

@@ -54,7 +54,7 @@ def bon_candidates(source: epath.Path, out: epath.Path, limit: int, n: int, seed
   solution and up to n-1 consistently wrong variants of it (`data.gsm8k`), in a seeded order.
 
   On a CPU this stands in for sampling N solutions from a generator model; the file has the
-  format `python -m codepmp_jax.generate` writes, so the real thing drops in unchanged.
+  format `python -m codepmp_jax.sample_candidates` writes, so the real thing drops in unchanged.
   """
   if out.is_file():
     return out
