@@ -41,7 +41,7 @@ def exported(tmp_path_factory, shared_data):
   templates.save_prompt_format(ckpt, "math")
   out = tmp / "hf"
   subprocess.run([sys.executable, "-m", "codepmp_jax.convert", f"--to_hf={out}", f"--checkpoint={ckpt}"],
-                 cwd=ROOT, check=True, capture_output=True, text=True)
+                 cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
   bad = BadRecords()
   records = list(loaders.load_records([shared_data / "gsm8k" / "test.jsonl"], "gsm8k", bad))[:4]
   return ckpt, out, records

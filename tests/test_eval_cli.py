@@ -81,7 +81,7 @@ def test_module_entry_point_runs_without_jax(tmp_path):
   result = subprocess.run(
       [sys.executable, "-c", code, "bon", f"--candidates={candidates}", f"--scores={scores}",
        "--task=gsm8k", "--n=1,2", f"--out={tmp_path / 'r.json'}"],
-      capture_output=True, text=True, cwd=ROOT, check=True)
+      capture_output=True, text=True, cwd=ROOT, check=True, timeout=120)
   assert "oracle" in result.stdout
   report = json.loads((tmp_path / "r.json").read_text())
   assert report["bon"]["2"] == {"rm": 0.0, "random": 0.5, "majority": 0.5, "oracle": 1.0,  # 4, 5 tie

@@ -41,7 +41,8 @@ def test_hidden_module_fails_to_import_in_the_child():
           "from launch.experiments import gpu_reproduction as g; g.hide_absent_modules()\n"
           "try:\n  import champ_dataset\nexcept ModuleNotFoundError as e:\n  print('hidden', e.name)\n"
           "import numpy, etils")
-  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
   assert done.returncode == 0, done.stderr
   assert done.stdout.strip() == "hidden champ_dataset"
 

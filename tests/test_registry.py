@@ -107,9 +107,9 @@ def test_server_down_is_one_clear_line(isolated):
 def test_cli_prints_paths_or_one_error_line(shared_data):
   root = pathlib.Path(__file__).resolve().parents[1]
   command = [sys.executable, "-m", "codepmp_jax.data.registry", f"--data_dir={shared_data}"]
-  ok = subprocess.run(command + [NAME], capture_output=True, text=True, cwd=root)
+  ok = subprocess.run(command + [NAME], capture_output=True, text=True, cwd=root, timeout=120)
   assert ok.returncode == 0 and ok.stdout == f"{NAME}\t{shared_data / 'gsm8k' / 'test.jsonl'}\n", ok.stderr
-  bad = subprocess.run(command + ["gsm8k/dev"], capture_output=True, text=True, cwd=root)
+  bad = subprocess.run(command + ["gsm8k/dev"], capture_output=True, text=True, cwd=root, timeout=120)
   assert bad.returncode == 2 and bad.stderr.startswith("error: unknown data set 'gsm8k/dev'")
   assert len(bad.stderr.splitlines()) == 1
 

@@ -264,7 +264,7 @@ def test_kill_and_rerun_gives_the_uninterrupted_records(tmp_path, monkeypatch):
     while len(list(killed.glob("pairs-*.jsonl.gz"))) < 3 and time.time() < deadline:
       time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     written = len(list(killed.glob("pairs-*.jsonl.gz")))
     assert 3 <= written < 11
     assert not json.loads((killed / "manifest.json").read_text())["complete"]

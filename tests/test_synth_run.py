@@ -82,7 +82,7 @@ def test_full_run(full):
 
 def test_help_documents_flags():
   proc = subprocess.run([sys.executable, "-m", "codepmp_jax.synth", "--help"], capture_output=True,
-                        text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+                        text=True, cwd=pathlib.Path(__file__).resolve().parents[1], timeout=120)
   assert proc.returncode == 1, proc.stderr  # absl's --help exit status
   for flag in ("--source", "--strategy", "--max_pairs", "--shard_index", "--num_shards", "--[no]merge", "--stage",
                "--[no]check", "--base_url", "--api_key_env", "--near_dup_threshold", "--decontam_sets",
@@ -234,12 +234,12 @@ def test_slurm_launcher_chains_the_four_stages():
   script = root / "launch" / "synth_slurm.sbatch"
   env = {"PATH": "/usr/bin:/bin", "CODEPMP_ROOT": str(root), "PYTHON": "py"}
   lines = subprocess.run(["bash", str(script), "--submit", "3", "--dry-run", "--out=/s/p"], env=env,
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+                         capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
   assert lines == [
       f"sbatch --parsable --array=0-2 {script} --task signatures 3 --out=/s/p",
       f"sbatch --parsable --dependency=afterok:JOB_signatures {script} --task dedup 3 --out=/s/p",
       f"sbatch --parsable --dependency=afterok:JOB_dedup --array=0-2 {script} --task pairs 3 --out=/s/p",
       f"sbatch --parsable --dependency=afterok:JOB_pairs {script} --task merge 3 --out=/s/p"]
   task = subprocess.run(["bash", str(script), "--task", "pairs", "3", "--dry-run", "--out=/s/p"],
-                        env={**env, "SLURM_ARRAY_TASK_ID": "1"}, capture_output=True, text=True, check=True)
+                        env={**env, "SLURM_ARRAY_TASK_ID": "1"}, capture_output=True, text=True, check=True, timeout=60)
   assert task.stdout.strip() == "py -m codepmp_jax.synth --out=/s/p --stage=pairs --shard_index=1 --num_shards=3"

@@ -60,7 +60,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
   proc = _train(resumed, *common, wait=False)
   _wait_for(lambda: (resumed / "checkpoints" / "10").is_dir(), proc)
   proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  proc.wait(timeout=60)
   killed_at = checkpoint.latest_train_step(resumed)
   assert killed_at is not None and killed_at < 20
   _train(resumed, *common)
