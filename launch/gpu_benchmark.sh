@@ -55,7 +55,7 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   fi
   if [[ " $PARTS " == *" generate "* ]]; then
     "$PYTHON" -c "import benchmarks.generate"  # its imports resolve (absl --help exits 1)
-    echo "generation: benchmarks/generate.py ${GEN_FLAGS[*]}"
+    echo "generation: -m benchmarks.generate ${GEN_FLAGS[*]}"
   fi
   exit 0
 fi
@@ -87,7 +87,7 @@ fi
 if [[ " $PARTS " == *" generate "* ]]; then
   echo "== generation" | tee -a "$OUT"
   set +o pipefail  # the table is what it printed; a failure is said in it
-  timeout "$GEN_SECONDS" "$PYTHON" benchmarks/generate.py "${GEN_FLAGS[@]}" | tee -a "$OUT"
+  timeout "$GEN_SECONDS" "$PYTHON" -m benchmarks.generate "${GEN_FLAGS[@]}" | tee -a "$OUT"
   [[ ${PIPESTATUS[0]} == 0 ]] || echo "generation: failed or ran past ${GEN_SECONDS}s" | tee -a "$OUT"
   set -o pipefail
 fi

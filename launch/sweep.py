@@ -40,12 +40,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from absl import app, flags
 
-if not __package__:  # `python launch/sweep.py`: configs import codepmp_jax from the repository
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from codepmp_jax import cli  # noqa: E402  (after the path set-up above)
-from codepmp_jax import workdir as workdir_lib  # noqa: E402
-from launch.experiments import report  # noqa: E402
+from codepmp_jax import cli
+from codepmp_jax import workdir as workdir_lib
+from launch.experiments import report
 
 MANIFEST = "sweep.json"
 SLURM_SCRIPT = "launch/gpu_slurm.sbatch"

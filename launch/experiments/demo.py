@@ -33,19 +33,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from etils import epath
 
-if __name__ == "__main__" and not __package__:  # `python launch/experiments/demo.py`
-  sys.path.insert(0, str(epath.Path(__file__).resolve().parents[2]))
-
-from codepmp_jax.data import registry  # noqa: E402  (after the path set-up above)
-from launch.experiments import pmp_control, report, settings_flags, stages  # noqa: E402
-from launch.experiments.settings_flags import setting  # noqa: E402
+from codepmp_jax.data import registry
+from launch.experiments import pmp_control, report, settings_flags, stages
+from launch.experiments.settings_flags import setting
 
 DATASETS = ("gsm8k/train", "gsm8k/test", "logiqa2/test")
 ARMS = (("base", "base LM -> RM"), ("pmp", "base + PMP -> RM"))

@@ -16,19 +16,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 
 from etils import epath
 
-if __name__ == "__main__" and not __package__:  # `python launch/experiments/sample_efficiency.py`
-  sys.path.insert(0, str(epath.Path(__file__).resolve().parents[2]))
+from absl import logging
 
-from absl import logging  # noqa: E402  (after the path set-up above)
-
-from codepmp_jax.config import load_config  # noqa: E402
-from codepmp_jax.data import registry  # noqa: E402
-from launch.experiments import report, settings_flags, stages  # noqa: E402
-from launch.experiments.settings_flags import setting  # noqa: E402
+from codepmp_jax.config import load_config
+from codepmp_jax.data import registry
+from launch.experiments import report, settings_flags, stages
+from launch.experiments.settings_flags import setting
 
 ARMS = ("base", "pmp")
 METRICS = (("pairwise accuracy", ("pairwise", "accuracy")), ("Best-of-4 accuracy", ("bon", "4", "rm")))

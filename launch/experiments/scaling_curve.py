@@ -34,13 +34,10 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-if not __package__:  # `python launch/experiments/scaling_curve.py`: import from the repository
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from codepmp_jax import cli  # noqa: E402  (after the path set-up above)
-from codepmp_jax import workdir as workdir_lib  # noqa: E402
-from launch import sweep  # noqa: E402
-from launch.experiments import report  # noqa: E402
+from codepmp_jax import cli
+from codepmp_jax import workdir as workdir_lib
+from launch import sweep
+from launch.experiments import report
 
 MANIFEST = "curve.json"
 EVAL_REPORT = "eval.json"
