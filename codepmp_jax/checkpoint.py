@@ -2,7 +2,9 @@
 
 Two kinds share one layout for the model part:
 - a model checkpoint (`save_model`), written by `convert`: `params/` (canonical, unscanned
-  layout), `model_config.json`, `tokenizer/`, `prompt_format.json` (the template it was trained on);
+  layout), `model_config.json`, `tokenizer/`, `prompt_format.json` (the template it was trained on),
+  `truncation.json` and, once measured, `reward_stats.json` (the reward mean and std over a
+  reference split, for normalized rewards: `save_reward_stats`);
 - a training workdir (layout in `codepmp_jax.workdir`), whose `checkpoints/<step>/` (orbax
   CheckpointManager) hold the whole train state (in the run's layout, scanned or not) plus the data
   position, next to `model_config.json`, `tokenizer/` and `prompt_format.json` in the workdir.
@@ -14,6 +16,7 @@ absolute (orbax needs that), never the other way round.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -29,6 +32,7 @@ from codepmp_jax.model.config import ModelConfig
 from codepmp_jax.workdir import CHECKPOINTS, MODEL_CONFIG, TOKENIZER
 
 PARAMS_DIR = "params"  # a model checkpoint's params (a workdir keeps them in CHECKPOINTS/<step>/)
+REWARD_STATS_FILE = "reward_stats.json"  # beside truncation.json, in a checkpoint or a workdir
 
 PathLike = str | os.PathLike
 
@@ -49,10 +53,10 @@ def save_model_config(path: PathLike, model_config: ModelConfig) -> None:
 
 def save_model(path: PathLike, params: Any, model_config: ModelConfig,
                tokenizer: Any = None, prompt_format: str | None = None,
-               truncation: str | None = None) -> epath.Path:
+               truncation: str | None = None, reward_stats: dict | None = None) -> epath.Path:
   """Writes params (canonical unscanned layout), model config, tokenizer and (when known) the
-  prompt format the model was trained on (`templates.FORMATS`) and its data's truncation policy
-  (`encode.TRUNCATION`) under `path`."""
+  prompt format the model was trained on (`templates.FORMATS`), its data's truncation policy
+  (`encode.TRUNCATION`) and its reward statistics (`save_reward_stats`) under `path`."""
   path = as_path(path)
   path.mkdir(parents=True, exist_ok=True)
   if "layers" in params:
@@ -68,7 +72,66 @@ def save_model(path: PathLike, params: Any, model_config: ModelConfig,
       templates.save_prompt_format(path, prompt_format)
     if truncation is not None:
       encode.save_truncation(path, truncation)
+    if reward_stats is not None:
+      save_reward_stats(path, **reward_stats)
   return path
+
+
+def save_reward_stats(directory: PathLike, mean: float, std: float, **info: Any) -> dict:
+  """Record the reward mean and standard deviation over a reference split beside the model (a
+  checkpoint or a training workdir), for normalized rewards `(r - mean) / std` (`score`, `serve`
+  and `eval --normalize`; a Hugging Face export carries them as config.json's `mean` and `std`,
+  where OpenRLHF's `--normalize_reward` reads them). `info` says where they came from
+  (`source`, `sequences`). Returns what was written."""
+  mean, std = float(mean), float(std)
+  if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+    raise ValueError(f"reward stats need a finite mean and a positive std, got mean={mean} std={std}")
+  stats = {"mean": mean, "std": std, **info}
+  directory = as_path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / REWARD_STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+  return stats
+
+
+def load_reward_stats(directory: PathLike) -> dict | None:
+  """The reward stats stored beside a model (`save_reward_stats`), or None when never measured."""
+  file = as_path(directory) / REWARD_STATS_FILE
+  if not file.is_file():
+    return None
+  try:
+    stats = json.loads(file.read_text())
+    mean, std = float(stats["mean"]), float(stats["std"])
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    raise ValueError(f"{file}: expected {{\"mean\": number, \"std\": positive number}}") from None
+  if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+    raise ValueError(f"{file}: mean={mean} std={std}; the std must be positive and both finite")
+  return {**stats, "mean": mean, "std": std}
+
+
+def reward_stats_of(rewards: Any, **info: Any) -> dict:
+  """Mean and standard deviation of `rewards` as OpenRLHF's reward trainer computes them at the
+  end of training (`torch.std`, ddof 1, clamped to at least 1e-8), with `sequences` counted."""
+  import numpy as np
+  rewards = np.asarray(rewards, np.float64).ravel()
+  if rewards.size < 2:
+    raise ValueError(f"reward stats need at least 2 rewards, got {rewards.size}")
+  return {"mean": float(rewards.mean()), "std": max(float(rewards.std(ddof=1)), 1e-8),
+          "sequences": int(rewards.size), **info}
+
+
+def reward_stats_from_eval(metrics: dict, step: int) -> dict | None:
+  """Reward stats over the held-out split from a training run's last evaluation (`eval/` chosen
+  and rejected reward means and population stds: chosen and rejected pooled, equally many), or
+  None when that step logged no evaluation."""
+  names = [f"eval/{side}_reward_{m}" for side in ("chosen", "rejected") for m in ("mean", "std")]
+  if not all(n in metrics for n in names):
+    return None
+  mc, sc, mr, sr = (float(metrics[n]) for n in names)
+  mean = (mc + mr) / 2
+  std = math.sqrt(max((sc * sc + mc * mc + sr * sr + mr * mr) / 2 - mean * mean, 0.0))
+  if not (math.isfinite(mean) and std > 0):
+    return None
+  return {"mean": mean, "std": std, "source": f"held-out split, training step {step}"}
 
 
 def latest_train_step(workdir: PathLike) -> int | None:

@@ -56,8 +56,15 @@ def top_rewards(config: ModelConfig, params: dict, states: jax.Array, lengths: j
   """[B] rewards at `lengths - 1` from the trunk's `states`: the top layers, the last of them
   only at each row's reward token (a reward needs nothing else of it)."""
   last = jnp.maximum(lengths - 1, 0)[:, None]
-  x = _layers(config, params, states, num_frozen, config.num_layers, query_index=last)
-  hidden = _final_norm(config).apply({"params": params["final_norm"]}, x)[:, 0]
+  return top_rewards_at(config, params, states, last, num_frozen)[:, 0]
+
+
+def top_rewards_at(config: ModelConfig, params: dict, states: jax.Array, positions: jax.Array,
+                   num_frozen: int) -> jax.Array:
+  """[B, K] rewards at token `positions` [B, K] from the trunk's `states`: the top layers, the
+  last of them only at those positions."""
+  x = _layers(config, params, states, num_frozen, config.num_layers, query_index=positions)
+  hidden = _final_norm(config).apply({"params": params["final_norm"]}, x)
   return _score_head(config).apply({"params": params["score"]}, hidden.astype(jnp.float32))[..., 0]
 
 
@@ -74,16 +81,30 @@ def top_lm_hidden(config: ModelConfig, params: dict, states: jax.Array, lengths:
   return rewards, hidden[:, 1:]
 
 
-def last_token_rewards(config: ModelConfig, params: dict, input_ids: jax.Array,
-                       attention_mask: jax.Array) -> jax.Array:
-  """[B] rewards of right-padded rows, `RewardModel(config)(input_ids, attention_mask).rewards`,
-  with the last layer's queries, output projection and MLP run at each row's last token only
-  (its keys and values still cover the row): the trunk is every layer but the last. How `score`
-  reads rewards; `params` as `trunk_states` takes them (the first N - 1 layers stacked under
-  `layers` run under `lax.scan`, or unrolled), the last as `layers_{N-1}`."""
+def rewards_at(config: ModelConfig, params: dict, input_ids: jax.Array,
+               positions: jax.Array) -> jax.Array:
+  """[B, K] rewards of right-padded rows read at token `positions` [B, K], in one forward pass.
+
+  The reward at position p is `RewardModel`'s reward of the row cut after token p (causal
+  attention: nothing after p reaches it), so one pass gives the rewards of K prefixes of a row,
+  e.g. every step of a solution (`score.RewardScorer.score_steps`). The last layer's queries,
+  output projection and MLP run at the K positions only (its keys and values still cover the
+  row). `params` as `trunk_states` takes them (the first N - 1 layers stacked under `layers` run
+  under `lax.scan`, or unrolled), the last as `layers_{N-1}`. Padding after a row's last real
+  token changes nothing before it, so no mask is needed.
+  """
   num_frozen = config.num_layers - 1
   states = trunk_states(config, params, input_ids, num_frozen)
-  return top_rewards(config, params, states, attention_mask.sum(axis=-1).astype(jnp.int32), num_frozen)
+  return top_rewards_at(config, params, states, positions.astype(jnp.int32), num_frozen)
+
+
+def last_token_rewards(config: ModelConfig, params: dict, input_ids: jax.Array,
+                       attention_mask: jax.Array) -> jax.Array:
+  """[B] rewards of right-padded rows, `RewardModel(config)(input_ids, attention_mask).rewards`:
+  `rewards_at` each row's last real token (`attention_mask.sum(-1) - 1`). How `score` reads
+  rewards."""
+  last = jnp.maximum(attention_mask.sum(axis=-1).astype(jnp.int32) - 1, 0)[:, None]
+  return rewards_at(config, params, input_ids, last)[:, 0]
 
 
 def top_params(params: dict, config: ModelConfig, num_frozen: int) -> dict:
