@@ -202,7 +202,7 @@ def test_bad_records_are_counted_with_file_and_line_and_strict_raises(tmp_path):
   assert len(records) == 1
   assert bad.counts == {"invalid_json": 1, "missing_field": 1, "non_string_field": 1,
                         "identical_pair": 1, "invalid_utf8": 1, "bad_value": 1, "empty_file": 1}
-  assert bad.examples["missing_field"] == [f"{path}:3: field 'rejected' is missing"]
+  assert bad.examples["missing_field"] == [f"{path}:3: field 'rejected' is missing (the record has: chosen, prompt)"]
   assert bad.examples["invalid_utf8"][0].startswith(f"{path}:6: ")
   with pytest.raises(BadRecordError, match=r"bad\.jsonl:2: invalid_json"):
     list(loaders.load_records(files, "pairs", BadRecords(strict=True)))

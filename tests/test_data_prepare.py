@@ -64,7 +64,7 @@ def test_every_kind_of_bad_line_is_counted_exactly_in_the_manifest(tmp_path, tok
       "invalid_json": 1, "invalid_utf8": 1, "missing_field": 1, "non_string_field": 1,
       "bad_value": 1, "identical_pair": 1, "empty_file": 1, "corrupt_file": 0, "empty_response": 0,
       "no_valid_perturbation": 0, "fewer_rejected_than_asked": 0}
-  assert manifest["bad_record_examples"]["missing_field"] == [f"{tmp_path}/bad.jsonl:5: field 'rejected' is missing"]
+  assert manifest["bad_record_examples"]["missing_field"] == [f"{tmp_path}/bad.jsonl:5: field 'rejected' is missing (the record has: chosen, prompt)"]
   assert manifest["records_loaded"] == len(GOOD) - 1  # GOOD[7] was given a bad margin
   splits = manifest["splits"]
   assert splits["train"]["pairs"] + splits["eval"]["pairs"] == len(GOOD) - 1

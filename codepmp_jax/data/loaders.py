@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 
 from codepmp_jax.data import gsm8k
-from codepmp_jax.data.records import (BadRecords, PairRecord, get_str, make_pair, read_json_lines,
+from codepmp_jax.data.records import (BadRecords, PairRecord, get_strs, make_pair, read_json_lines,
                                       read_parquet_rows)
 from codepmp_jax.data.templates import render, render_chat
 
@@ -70,8 +70,8 @@ def load_pairs(path: str, bad: BadRecords, options: LoaderOptions) -> Iterator[P
   """The interchange format itself."""
   del options
   for where, obj in rows(path, bad):
-    fields = [get_str(obj, name, where, bad) for name in ("prompt", "chosen", "rejected")]
-    if None in fields:
+    fields = get_strs(obj, ("prompt", "chosen", "rejected"), where, bad)
+    if fields is None:
       continue
     record = make_pair(*fields, where, bad, margin=obj.get("margin"), id=obj.get("id"),
                        meta=obj.get("meta"))
@@ -88,8 +88,8 @@ def load_codepmp(path: str, bad: BadRecords, options: LoaderOptions) -> Iterator
   """CodePMP's synthesized pairs: a code description and a strong / weak model's code."""
   del options
   for where, obj in rows(path, bad):
-    fields = [get_str(obj, name, where, bad) for name in ("query", "better", "worse")]
-    if None in fields:
+    fields = get_strs(obj, ("query", "better", "worse"), where, bad)
+    if fields is None:
       continue
     query, better, worse = fields
     empty = [name for name, text in (("better", better), ("worse", worse)) if is_empty_response(text)]
@@ -106,8 +106,8 @@ def load_math_shepherd(path: str, bad: BadRecords, options: LoaderOptions) -> It
   """Math-Shepherd pairs with the step tags removed."""
   del options
   for where, obj in rows(path, bad):
-    fields = [get_str(obj, name, where, bad) for name in ("question", "chosen", "rejected")]
-    if None in fields:
+    fields = get_strs(obj, ("question", "chosen", "rejected"), where, bad)
+    if fields is None:
       continue
     question, chosen, rejected = (_STEP_TAG.sub("", text) for text in fields)
     record = make_pair(render("math", question=question), chosen, rejected, where, bad,
@@ -119,10 +119,10 @@ def load_math_shepherd(path: str, bad: BadRecords, options: LoaderOptions) -> It
 def load_gsm8k(path: str, bad: BadRecords, options: LoaderOptions) -> Iterator[PairRecord]:
   """GSM8K: the reference solution vs `options.num_rejected` consistently wrong ones."""
   for where, obj in rows(path, bad):
-    question = get_str(obj, "question", where, bad)
-    answer = get_str(obj, "answer", where, bad)
-    if question is None or answer is None:
+    fields = get_strs(obj, ("question", "answer"), where, bad)
+    if fields is None:
       continue
+    question, answer = fields
     try:
       pairs = gsm8k.make_pairs(answer, options.seed, question, options.num_rejected)
     except gsm8k.NoPerturbation as e:
@@ -148,10 +148,10 @@ def _logic_question(obj: dict, where: str, bad: BadRecords) -> MultipleChoice | 
   context_field = "text" if "text" in obj else "context"
   options_field = "options" if "options" in obj else "answers"
   answer_field = "answer" if "answer" in obj else "label"
-  context = get_str(obj, context_field, where, bad)
-  question = get_str(obj, "question", where, bad)
-  if context is None or question is None:
+  fields = get_strs(obj, (context_field, "question"), where, bad)
+  if fields is None:
     return None
+  context, question = fields
   options = obj.get(options_field)
   if options is None:
     bad.add("missing_field", where, f"field {options_field!r} is missing")
@@ -221,12 +221,12 @@ def implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 def _load_trl_standard(obj: dict, where: str, bad: BadRecords) -> PairRecord | None:
   """TRL standard pairs: `prompt` + `chosen` / `rejected` strings, or the two whole texts."""
   if "prompt" in obj:
-    fields = [get_str(obj, name, where, bad) for name in ("prompt", "chosen", "rejected")]
-    if None in fields:
+    fields = get_strs(obj, ("prompt", "chosen", "rejected"), where, bad)
+    if fields is None:
       return None
   else:
-    texts = [get_str(obj, name, where, bad) for name in ("chosen", "rejected")]
-    if None in texts:
+    texts = get_strs(obj, ("chosen", "rejected"), where, bad)
+    if texts is None:
       return None
     fields = implicit_prompt(*texts)
   return make_pair(*fields, where, bad, margin=obj.get("margin"), id=_row_id(obj, where, "id"))
@@ -248,6 +248,8 @@ def load_trl(path: str, bad: BadRecords, options: LoaderOptions) -> Iterator[Pai
       if record is not None:
         yield record
       continue
+    if obj.get("chosen") is None or obj.get("rejected") is None:
+      bad.field_sets[tuple(sorted(obj))] += 1
     chosen = _messages(obj.get("chosen"), "chosen", where, bad)
     if chosen is None:
       continue
@@ -292,6 +294,48 @@ FORMAT_TEMPLATES: dict[str, str] = {
     "pairs": "none", "codepmp": "code", "math_shepherd": "math", "gsm8k": "math", "logiqa2": "logic",
     "reclor": "logic", "trl": "chat",
 }
+
+
+# The fields each format needs in a record (one of the alternatives), to suggest the format that
+# records lacking a field look like (`nothing_loaded`).
+FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "pairs": (("prompt", "chosen", "rejected"),),
+    "codepmp": (("query", "better", "worse"),),
+    "math_shepherd": (("question", "chosen", "rejected"),),
+    "gsm8k": (("question", "answer"),),
+    "logiqa2": (("text", "question", "options", "answer"),),
+    "reclor": (("context", "question", "answers", "label"), ("context", "question", "options", "label")),
+    "trl": (("chosen", "rejected"),),
+}
+
+
+def formats_for(fields: Iterable[str]) -> list[str]:
+  """The formats whose needed fields a record with `fields` has, most specific first."""
+  have = set(fields)
+  fits = [(max(len(f) for f in alts if set(f) <= have), name) for name, alts in FORMAT_FIELDS.items()
+          if any(set(f) <= have for f in alts)]
+  return [name for _, name in sorted(fits, key=lambda t: -t[0])]
+
+
+def nothing_loaded(paths: Iterable[str], format: str, bad: BadRecords) -> str:
+  """The one-line error for input that gave no pair at all: what went wrong (the commonest kind of
+  bad record and where) and what to do (for records lacking fields, the format they look like)."""
+  paths = [str(p) for p in paths]
+  where = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
+  if not bad.total:
+    return f"no pairs loaded from {where} with --format={format}"
+  kind, count = bad.counts.most_common(1)[0]
+  first = bad.examples.get(kind, [""])[0]
+  message = (f"no pairs loaded from {where} with --format={format}: {bad.total} bad records, "
+             f"{count} {kind} (first: {first})")
+  if bad.field_sets:
+    fields = bad.field_sets.most_common(1)[0][0]
+    suggested = [f for f in formats_for(fields) if f != format]
+    needs = " or ".join(", ".join(alt) for alt in FORMAT_FIELDS[format])
+    message += f"; --format={format} reads {needs}"
+    if suggested:
+      message += f"; the records' fields ({', '.join(fields)}) fit --format={suggested[0]}"
+  return message
 
 
 def load_records(paths: Iterable[str], format: str, bad: BadRecords,

@@ -330,6 +330,8 @@ def prepare(settings: PrepareSettings) -> dict:
   done: dict[str, dict] = {}
   try:
     counts = _spill_records(settings, files, splits, spill, bad)
+    if not sum(counts.values()):  # nothing usable: say why and which format the records fit
+      raise ValueError(loaders.nothing_loaded(files, settings.format, bad))
     if bad.total:
       logging.warning("%s", bad.report())
     plan = []  # (name, records, spill file) of each shard still to write
@@ -380,6 +382,12 @@ def prepare(settings: PrepareSettings) -> dict:
         f.copy(out / "tokenizer" / f.name, overwrite=True)
   manifest = _manifest(settings, splits, done, bad, sum(counts.values()), sources, tokenizer,
                        settings_hash)
+  if not sum(info["pairs"] for info in manifest["splits"].values()):
+    dropped = manifest["dropped"]
+    raise ValueError(f"no pairs kept: all {sum(counts.values())} loaded pairs were dropped at "
+                     f"--seq_len={settings.seq_len} (overlong: {dropped['overlong']}, identical once "
+                     f"cut: {dropped['identical_after_truncation']}); raise --seq_len or use "
+                     f"--truncation=keep_end")
   manifest["throughput"] = {"pairs_encoded": sum(p[1] for p in plan), "seconds": round(elapsed, 3),
                             "workers": workers}
   with open(staging.path(MANIFEST), "w") as f:

@@ -12,6 +12,7 @@ import dataclasses
 import gzip
 import io
 import json
+import math
 import os
 import zlib
 from collections.abc import Iterator
@@ -57,6 +58,9 @@ class BadRecords:
   strict: bool = False
   counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  # The field names of records that lacked a field a format reads (how many records had each set):
+  # what `loaders.nothing_loaded` reads to suggest the format the records look like.
+  field_sets: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   def add(self, kind: str, where: str, message: str) -> None:
     """Count one unusable input at `where` ("file:line"); raise if strict and it is malformed."""
@@ -171,18 +175,47 @@ def read_json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 
 
 def read_parquet_rows(path: str | os.PathLike, bad: BadRecords) -> Iterator[tuple[str, dict]]:
-  """(`file:row`, row) for each row of a Parquet file (rows numbered from 1)."""
-  import pyarrow.parquet as pq  # only Parquet input needs it
-  table = pq.read_table(path)
+  """(`file:row`, row) for each row of a Parquet file (rows numbered from 1); a file pyarrow
+  cannot read (truncated, not Parquet) is counted as `corrupt_file`."""
+  import pyarrow  # only Parquet input needs it
+  import pyarrow.parquet as pq
+  try:
+    with epath.Path(path).open("rb") as f:
+      table = pq.read_table(f)
+  except (pyarrow.ArrowException, OSError, ValueError) as e:
+    if isinstance(e, FileNotFoundError):
+      raise
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    bad.add("corrupt_file", f"{path}:0", f"not a readable Parquet file ({first})")
+    return
   if not table.num_rows:
     bad.add("empty_file", f"{path}:0", "the file holds no rows")
   for number, row in enumerate(table.to_pylist(), start=1):
     yield f"{path}:{number}", row
 
 
+def get_strs(obj: dict, fields: tuple[str, ...] | list[str], where: str, bad: BadRecords) -> list[str] | None:
+  """`[obj[f] for f in fields]` if every one is a string, else None after counting the RECORD once
+  (missing fields before wrong types), its message naming every field at fault."""
+  missing = [f for f in fields if obj.get(f) is None]
+  if missing:
+    bad.field_sets[tuple(sorted(obj))] += 1
+    names = ", ".join(repr(f) for f in missing)
+    bad.add("missing_field", where, f"field{'s' if len(missing) > 1 else ''} {names} "
+            f"{'are' if len(missing) > 1 else 'is'} missing (the record has: {', '.join(sorted(obj)) or 'nothing'})")
+    return None
+  wrong = [f for f in fields if not isinstance(obj[f], str)]
+  if wrong:
+    bad.add("non_string_field", where, ", ".join(f"field {f!r} is {type(obj[f]).__name__}" for f in wrong)
+            + ", not a string")
+    return None
+  return [obj[f] for f in fields]
+
+
 def get_str(obj: dict, field: str, where: str, bad: BadRecords, *, allow_empty: bool = True) -> str | None:
   """`obj[field]` if it is a string, else None after counting the record as bad."""
   if field not in obj or obj[field] is None:
+    bad.field_sets[tuple(sorted(obj))] += 1
     bad.add("missing_field", where, f"field {field!r} is missing")
     return None
   value = obj[field]
@@ -201,8 +234,9 @@ def make_pair(prompt: str, chosen: str, rejected: str, where: str, bad: BadRecor
   if chosen == rejected:
     bad.add("identical_pair", where, "chosen and rejected are identical")
     return None
-  if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-    bad.add("bad_value", where, f"field 'margin' is {margin!r}, not a number")
+  if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                             or not math.isfinite(margin)):
+    bad.add("bad_value", where, f"field 'margin' is {margin!r}, not a finite number")
     return None
   if meta is not None and not isinstance(meta, dict):
     bad.add("bad_value", where, f"field 'meta' is {type(meta).__name__}, not an object")
