@@ -408,7 +408,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
   lead = jax.process_index() == 0
 
   # Data and tokenizer (the built-in default builds its data on first use).
-  builtin.ensure(config.data)
+  builtin.ensure(config.data, only_at_home=True)  # elsewhere data.path must be prepared data
   tokenizer = resolve_tokenizer(config)
   model_config = resolve_model_config(config, tokenizer)
   prompt_format = resolve_prompt_format(config)

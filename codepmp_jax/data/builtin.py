@@ -22,6 +22,7 @@ from etils import epath
 from codepmp_jax.data.encode import DEFAULT_TRUNCATION
 
 BUILTINS = ("stdlib_mutate",)
+_MANIFEST = "manifest.json"  # prepared data's manifest (data.prepare), written last
 
 
 def default_builtin_config() -> ml_collections.ConfigDict:
@@ -38,24 +39,62 @@ def _pair_texts(pairs_dir: epath.Path):
         yield record["prompt"] + record["chosen"]
 
 
-def ensure(data_cfg: ml_collections.ConfigDict) -> None:
-  """Builds the built-in data set named by `data_cfg.builtin.name` unless it is already complete."""
+def home(name: str) -> str:
+  """Where built-in data set `name` is built (relative to the working directory): the only place."""
+  return f"data_cache/{name}"
+
+
+def _is_home(path: str, name: str) -> bool:
+  return epath.Path(path).parts[-2:] == ("data_cache", name)
+
+
+def _not_prepared(path: str, why: str, builtin: bool = False) -> ValueError:
+  """The one-line refusal of a `data.path` that does not hold prepared data."""
+  root = epath.Path(path)
+  raw = sorted(p.name for p in root.glob("*.jsonl*"))[:1] if root.is_dir() else []
+  found = f"; it holds {raw[0]}, ...: raw pairs?" if raw else ""
+  inputs = f"{path}/*.jsonl*" if raw else "PAIRS.jsonl.gz"
+  return ValueError(
+      f"--config.data.path={path} is not prepared data ({why}{found}): run `python -m "
+      f"codepmp_jax.data.prepare --input='{inputs}' --format=pairs --tokenizer=TOKENIZER.model "
+      f"--seq_len=N --out=prepared/mine`, then train with --config.data.path=prepared/mine"
+      + (" --config.data.builtin.name=" if builtin else ""))
+
+
+def ensure(data_cfg: ml_collections.ConfigDict, only_at_home: bool = False) -> None:
+  """Builds the built-in data set named by `data_cfg.builtin.name` unless it is already complete
+  (saying so on screen), at `data_cfg.path`.
+
+  `only_at_home` (training): it is built only at its home (`home(name)`, where the built-in default
+  config puts it); another `data.path` must hold prepared data (a `manifest.json`), else the run is
+  refused with the `prepare` command to run; with no built-in, prepared data is checked alike."""
   spec = data_cfg.builtin
   if not spec.name:
+    if (only_at_home and data_cfg.get("source", "prepared") == "prepared"
+        and not (epath.Path(data_cfg.path) / _MANIFEST).is_file()):
+      raise _not_prepared(data_cfg.path, f"no {_MANIFEST}" if epath.Path(data_cfg.path).is_dir() else "no such directory")
     return
   if spec.name not in BUILTINS:
     raise ValueError(f"data.builtin.name={spec.name!r} is not one of {BUILTINS}")
-  from codepmp_jax.data import prepare
+  if only_at_home and not _is_home(data_cfg.path, spec.name):
+    if (epath.Path(data_cfg.path) / _MANIFEST).is_file():
+      return  # prepared data of the user's: trained on as it is (the built-in one is not built)
+    raise _not_prepared(data_cfg.path, f"no {_MANIFEST}; the built-in data set {spec.name} is built "
+                        f"only in {home(spec.name)}, with data.path left at its default", builtin=True)
+  from codepmp_jax.data import prepare, prepared
   from codepmp_jax.data.tokenizer import train_sentencepiece
   from codepmp_jax.synth.synthesize import SynthSettings, synthesize
 
   root = epath.Path(data_cfg.path)
-  manifest = root / prepare.MANIFEST
+  manifest = root / prepared.MANIFEST
   truncation = data_cfg.get("truncation") or DEFAULT_TRUNCATION
   if manifest.is_file():
     built = json.loads(manifest.read_text())
-    if built.get("version") == prepare.MANIFEST_VERSION and prepare.manifest_truncation(built) == truncation:
+    if built.get("version") == prepared.MANIFEST_VERSION and built.get("truncation") == truncation:
       return  # (other versions or truncations are prepared again, from the kept pairs and tokenizer)
+  print(f"building the built-in data set {spec.name} in {root} ({spec.max_pairs} code pairs "
+        f"synthesized from the standard library, a tokenizer, prepared shards; reused once complete)",
+        flush=True)
   pairs_dir = root / "pairs"
   synth_manifest = pairs_dir / "manifest.json"
   if not (synth_manifest.is_file() and json.loads(synth_manifest.read_text()).get("complete")):

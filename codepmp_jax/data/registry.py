@@ -30,6 +30,7 @@ import hashlib
 import http.client
 import os
 import pathlib
+import re
 import tempfile
 import urllib.request
 
@@ -153,11 +154,17 @@ def path(name: str, explicit: str | os.PathLike | None = None, data_dir: str | o
                        f"({e}); {how}") from None
 
 
+_NAME_LIKE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_-]+$")  # `family/split`: a mistyped name, not a file
+
+
 def resolve(spec: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> epath.Path:
   """A command line's data argument: a registered name (`gsm8k/test`) is found by `path`, anything
   else is a path, used as given."""
   if isinstance(spec, str) and spec in DATASETS:
     return path(spec, data_dir=data_dir)
+  if isinstance(spec, str) and _NAME_LIKE.match(spec) and not os.path.exists(spec):
+    raise FileNotFoundError(f"{spec}: not a registered data set and no such file; registered: "
+                            f"{', '.join(sorted(DATASETS))} (or give a file's path)")
   return epath.Path(spec)
 
 

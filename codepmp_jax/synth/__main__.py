@@ -22,6 +22,7 @@ from typing import Any
 from absl import flags
 
 from codepmp_jax import cli
+from codepmp_jax.data import registry
 from codepmp_jax.synth import backends
 from codepmp_jax.synth import classify
 from codepmp_jax.synth import merge
@@ -193,6 +194,12 @@ def main(argv: list[str], values: flags.FlagValues = flags.FLAGS) -> None:
       print(json.dumps({"counts": m["counts"], "lengths": m["lengths"]}, indent=1))
   except backends.BackendError as e:  # a server that cannot be reached: the user's to fix
     raise ValueError(str(e)) from e
+  except registry.DataNotFound as e:  # the evaluation test sets that decontamination reads
+    raise FileNotFoundError(
+        f"synth decontaminates its pairs against the evaluation test sets (--decontam_sets="
+        f"{values.decontam_sets}), every strategy, offline ones too: "
+        + str(e).replace("--data_dir=DIR (or CODEPMP_DATA=DIR)", "--eval_data_dir=DIR (or CODEPMP_DATA=DIR)")
+        + "; or --decontam_sets= to skip decontamination") from None
 
 
 if __name__ == "__main__":
