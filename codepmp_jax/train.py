@@ -288,8 +288,9 @@ class HeldOutLoss:
         break
       sums = jax.device_get(self.eval_step(params, batch))
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    if totals is None:
-      return {}
+    if totals is None:  # (prepared unpacked data is checked at the start: builtin.check_eval_split)
+      raise ValueError("the held-out split gave no batch of train.eval_batch pairs: lower "
+                       "--config.train.eval_batch, hold out more data, or set --config.train.eval_every=0")
     return {f"eval/{k}": float(v) for k, v in losses.metrics_from_sums(totals, self.loss_cfg).items()}
 
   def close(self) -> None:
@@ -457,6 +458,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
   evaluator = None
   if tc.eval_every:
     eval_batch = tc.eval_batch or tc.global_batch
+    builtin.check_eval_split(config.data, eval_batch)  # a split with no whole batch is an error
     if eval_batch % eval_microbatches:
       raise ValueError(f"train.eval_batch={eval_batch} does not split into "
                        f"train.eval_microbatches={eval_microbatches}")

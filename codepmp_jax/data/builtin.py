@@ -111,3 +111,20 @@ def ensure(data_cfg: ml_collections.ConfigDict, only_at_home: bool = False) -> N
       inputs=(str(pairs_dir / "*.jsonl.gz"),), format="pairs", tokenizer=str(spm_model),
       seq_len=spec.seq_len, out=str(root), truncation=truncation,
       split=f"train:{1 - spec.eval_fraction:.6g},eval:{spec.eval_fraction:.6g}", seed=spec.seed))
+
+
+def check_eval_split(data_cfg: ml_collections.ConfigDict, eval_batch: int, split: str = "eval") -> None:
+  """Refuses a held-out split of prepared (unpacked) data smaller than one eval batch, which the
+  held-out evaluation would silently skip for the whole run; the message says what to change."""
+  if data_cfg.get("source", "prepared") != "prepared" or data_cfg.get("pack"):
+    return
+  manifest = epath.Path(data_cfg.path) / _MANIFEST
+  if not manifest.is_file():
+    return
+  pairs = json.loads(manifest.read_text()).get("splits", {}).get(split, {}).get("pairs")
+  if pairs is not None and pairs < eval_batch:
+    raise ValueError(
+        f"the held-out split {split!r} of {data_cfg.path} has {pairs} pairs, fewer than one eval batch "
+        f"(train.eval_batch={eval_batch}), so the evaluation would yield nothing: set "
+        f"--config.train.eval_batch={pairs} or less (a multiple of the devices), hold out more "
+        f"(prepare --split), or turn evaluation off (--config.train.eval_every=0)")
