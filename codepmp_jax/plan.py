@@ -4,7 +4,8 @@
   python -m codepmp_jax.plan --config=configs/pmp_qwen2_7b.py --hardware=v5p-64
 
 Lowers and compiles the real train step and eval step for N fake CPU devices with the config's
-mesh (the packed steps with `data.pack`, on the most rows a batch can pack into: one pair a row),
+mesh (with `data.pack`, the packed steps on the one shape the run packs into, derived from the
+data's pair sizes as the input pipeline derives it),
 from abstract shapes only (nothing the size of the model is allocated), and prints
 per-device memory: parameters and optimizer state (from their shardings), and each compiled
 program's arguments, outputs and temporaries (XLA's memory analysis), plus FLOPs per step.
@@ -51,7 +52,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from codepmp_jax import cli, optim, sharding, step
-from codepmp_jax.data import packing, pipeline
+from codepmp_jax.data import pipeline
 from codepmp_jax.model import flops, transformer
 from codepmp_jax.model.config import ModelConfig
 
@@ -118,20 +119,12 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
   packed = config.data.pack
   batch_sharding = (step.packed_batch_shardings if packed else step.batch_shardings)(mesh, rules)
 
-  def batch_of(pairs, microbatches):
-    if packed:
-      row_len, k = config.data.pack_row_len or 2 * tc.seq_len, config.data.pack_pairs_per_row
-      # The most rows a batch of `pairs` pairs can need: one pair a row (2 sequences, at most
-      # seq_len tokens and LM targets each). A row of many short pairs beside rows of one long
-      # pair can have more sequence slots (up to 2K) and so more attention work than this.
-      worst = packing.PackedShape(pairs, tc.seq_len, 2, tc.seq_len, row_len).rounded(
-          row_len, microbatches * pipeline.local_batch_shards(batch_sharding["input_ids"], 1))
-      rows = worst.rows
-      shapes = {"input_ids": (rows, row_len), "segment_ids": (rows, row_len),
-                "positions": (rows, row_len), "lm_mask": (rows, row_len),
-                "lm_index": (rows, worst.lm_slots),
-                "sequence_index": (rows, worst.sequence_slots, worst.sequence_len),
-                "reward_index": (rows, 2 * k), "pair_valid": (rows, k), "margin": (rows, k)}
+  def batch_of(split, pairs, microbatches):
+    if packed:  # the shape the run packs every step into (`pipeline.packed_shape`)
+      shards = pipeline.local_batch_shards(batch_sharding["input_ids"], 1)
+      shapes = pipeline.packed_shape(
+          config.data, split=split, global_batch=pairs, seq_len=tc.seq_len, seed=config.seed,
+          row_multiple=microbatches, batch_shards=shards).array_shapes(config.data.pack_pairs_per_row)
     else:
       shapes = {"input_ids": (pairs, 2, tc.seq_len), "attention_mask": (pairs, 2, tc.seq_len),
                 "lm_mask": (pairs, 2, tc.seq_len), "margin": (pairs,)}
@@ -149,11 +142,11 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
     train_step = step.jit_train_step(
         make_train(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk, tc.trainable),
         state_sharding, batch_sharding, mesh)
-    compiled = train_step.lower(state, batch_of(tc.global_batch, tc.microbatches)).compile()
+    compiled = train_step.lower(state, batch_of("train", tc.global_batch, tc.microbatches)).compile()
     eval_step = step.jit_eval_step(
         make_eval(model, config.loss, eval_microbatches, tc.lm_chunk),
         state_sharding.params, batch_sharding, mesh)
-    eval_memory = eval_step.lower(state.params, batch_of(tc.eval_batch or tc.global_batch,
+    eval_memory = eval_step.lower(state.params, batch_of("eval", tc.eval_batch or tc.global_batch,
                                                          eval_microbatches)
                                   ).compile().memory_analysis()
   memory = compiled.memory_analysis()

@@ -1,4 +1,5 @@
-"""`python -m codepmp_jax.data.prepare`: exact bad-record counts, shard contents, crash-safe reruns."""
+"""`python -m codepmp_jax.data.prepare`: exact bad-record counts, shard contents read by TFDS and
+Grain, crash-safe reruns."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,10 @@ import numpy as np
 import pytest
 
 from codepmp_jax import cli
-from codepmp_jax.data import pipeline, prepare, registry, shards
+import grain
+import tensorflow_datasets as tfds
+
+from codepmp_jax.data import pipeline, prepare, prepared, registry
 from codepmp_jax.data.encode import encode_pair
 from codepmp_jax.data.records import BadRecordError, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -93,7 +97,7 @@ def test_shards_hold_exactly_the_encoded_pairs(tmp_path, tokenizer_path):
   out = pathlib.Path(settings.out)
   for split, pairs in expected.items():
     assert len(manifest["splits"][split]["shards"]) == 3
-    source = pipeline._Prepared(_cfg(out), split, 20)
+    source = pipeline.open_source(_cfg(out), split, 20, seed=0)
     arrays = source.take(np.arange(source.num_pairs))
     assert len(arrays) == len(pairs) == manifest["splits"][split]["pairs"]
     stored = {(tuple(arrays.sequence(i, 0)), tuple(arrays.sequence(i, 1)),
@@ -101,17 +105,27 @@ def test_shards_hold_exactly_the_encoded_pairs(tmp_path, tokenizer_path):
     assert stored == {(p.chosen.ids, p.rejected.ids, (p.chosen.response_start, p.rejected.response_start),
                        p.margin) for p in pairs}
     assert [tuple(arrays.sequence(i, 0)) for i in range(len(arrays))] != [p.chosen.ids for p in pairs]
-    np.testing.assert_array_equal(source.lengths(0, source.num_pairs), arrays.lengths.max(axis=1))
-    # The index holds each pair's shared prompt (the common beginning of both prompts' tokens).
-    shared = source.pack_sizes(0, source.num_pairs, True)[:, 3]
+    np.testing.assert_array_equal(source.sizes["lengths"], arrays.lengths)
+    np.testing.assert_array_equal(source.sizes["response_start"], arrays.response_start)
+    # The sizes hold each pair's shared prompt (the common beginning of both prompts' tokens).
+    shared = source.sizes["shared_prompt"]
     np.testing.assert_array_equal(shared, arrays.shared_prompt())
     assert (shared > 0).all() and (shared <= arrays.response_start.min(axis=1)).all()
-    assert not source.pack_sizes(0, source.num_pairs, False)[:, 3].any()
+    # TFDS opens the directory as it is, and Grain reads its ArrayRecord files: the same records.
+    tfds_split = tfds.builder_from_directory(out).as_data_source(split)
+    assert len(tfds_split) == len(arrays)
+    by_tfds = prepared.decode([tfds_split[i] for i in range(len(tfds_split))])
+    by_grain = prepared.decode(grain.sources.ArrayRecordDataSource(
+        prepared.shard_paths(out, manifest, split)).__getitems__(list(range(len(arrays)))))
+    for other in (by_tfds, by_grain):
+      np.testing.assert_array_equal(other.tokens, arrays.tokens)
+      np.testing.assert_array_equal(other.lengths, arrays.lengths)
+      np.testing.assert_array_equal(other.margin, arrays.margin)
   histogram = manifest["length_histogram"]
   assert sum(histogram["counts"]) == 2 * len(GOOD) and histogram["bin_edges"][-1] == 20
-  prepare.check_tokenizer(out, tokenizer.fingerprint)
+  prepared.check_tokenizer(out, tokenizer.fingerprint)
   with pytest.raises(ValueError, match="prepared with tokenizer"):
-    prepare.check_tokenizer(out, "0" * 64)
+    prepared.check_tokenizer(out, "0" * 64)
 
 
 def test_rerun_after_a_crash_redoes_only_the_missing_shard(tmp_path, tokenizer_path):
@@ -120,57 +134,40 @@ def test_rerun_after_a_crash_redoes_only_the_missing_shard(tmp_path, tokenizer_p
   settings = _settings(tmp_path, tokenizer_path, [str(path)])
   first = prepare.prepare(settings)
   out = pathlib.Path(settings.out)
-  lost = out / (first["splits"]["train"]["shards"][1]["file"] + ".stats.json")
+  lost = out / "stats" / "train-00001-of-00003.json"
   lost.unlink()  # as if the run died before publishing the shard's last file
-  kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tokens")}
+  kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.array_record-*")}
   scratch = tmp_path / "scratch"
   scratch.mkdir()
   (scratch / "keep.txt").write_text("not prepare's")
   second = prepare.prepare(dataclasses.replace(settings, spill_dir=str(scratch)))
   assert [p.name for p in scratch.iterdir()] == ["keep.txt"]
   assert second["throughput"]["pairs_encoded"] == first["splits"]["train"]["shards"][1]["pairs"]
-  changed = {p.name for p in out.glob("*.tokens") if p.stat().st_mtime_ns != kept[p.name]}
-  assert changed == {first["splits"]["train"]["shards"][1]["file"] + ".tokens"}
+  changed = {p.name for p in out.glob("*.array_record-*") if p.stat().st_mtime_ns != kept[p.name]}
+  assert changed == {first["splits"]["train"]["shards"][1]["file"]}
   assert {k: v for k, v in second.items() if k != "throughput"} == {
       k: v for k, v in first.items() if k != "throughput"}
   with pytest.raises(ValueError, match="other settings"):
     prepare.prepare(_settings(tmp_path, tokenizer_path, [str(path)], seq_len=32))
 
 
-def test_version_2_shards_are_read_sharing_no_prompt_and_prepared_again(tmp_path, tokenizer_path,
-                                                                        caplog):
-  """Shards of manifest version 2 (no `shared_prompt` in the index) still train, packed without
-  sharing prompts; preparing into their directory again rewrites them in the current format."""
+def test_data_of_an_older_format_is_refused_and_prepared_again(tmp_path, tokenizer_path):
+  """A manifest of an older format version names what to do; preparing into its directory again
+  rewrites every shard in the current format."""
   path = tmp_path / "good.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
   settings = _settings(tmp_path, tokenizer_path, [str(path)])
   current = prepare.prepare(settings)
   out = pathlib.Path(settings.out)
-  want = pipeline._Prepared(_cfg(out), "train", 24)
-  want = want.take(np.arange(want.num_pairs))
-  for index in out.glob("*.index.npy"):  # what version 2 wrote
-    rows = np.load(index)
-    np.save(index, rows[list(shards.V2_INDEX_DTYPE.names)].astype(shards.V2_INDEX_DTYPE))
-    stats = pathlib.Path(str(index).replace(".index.npy", ".stats.json"))
-    stats.write_text(json.dumps({k: v for k, v in json.loads(stats.read_text()).items()
-                                 if k != "version"}))
+  for stats in (out / "stats").iterdir():  # as format version 3 left them
+    stats.write_text(json.dumps({**json.loads(stats.read_text()), "version": 3}))
   manifest = json.loads((out / "manifest.json").read_text())
-  (out / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
-
-  old = pipeline._Prepared(_cfg(out), "train", 24)
-  got = old.take(np.arange(old.num_pairs))
-  np.testing.assert_array_equal(got.tokens, want.tokens)
-  np.testing.assert_array_equal(got.lengths, want.lengths)
-  with caplog.at_level("WARNING"):
-    sizes = old.pack_sizes(0, old.num_pairs, True)
-  assert "manifest version 2" in caplog.text
-  assert not sizes[:, 3].any() and (sizes[:, 0] == got.lengths.sum(axis=1)).all()
-
+  (out / "manifest.json").write_text(json.dumps({**manifest, "version": 3}))
+  with pytest.raises(ValueError, match="format version 3.*prepare the data again"):
+    pipeline.open_source(_cfg(out), "train", 24, seed=0)
   again = prepare.prepare(settings)
-  assert again["version"] == prepare.MANIFEST_VERSION == 3
+  assert again["version"] == prepared.MANIFEST_VERSION == 4
   assert again["throughput"]["pairs_encoded"] == sum(s["pairs"] for s in current["splits"].values())
-  for index in out.glob("*.index.npy"):
-    assert np.load(index).dtype == shards.INDEX_DTYPE
 
 
 def test_cli_with_worker_processes_and_strict_failure(tmp_path, tokenizer_path):
@@ -188,11 +185,13 @@ def test_cli_with_worker_processes_and_strict_failure(tmp_path, tokenizer_path):
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["splits"]["train"]["pairs"] == 30 and manifest["throughput"]["workers"] == 2
   assert load_tokenizer(out / "tokenizer").fingerprint == manifest["tokenizer"]["fingerprint"]
-  assert sorted(p.name for p in out.glob("train-*")) == [
-      f"train-0000{i}-of-00002{suffix}" for i in range(2)
-      for suffix in (".index.npy", ".lengths.npy", ".stats.json", ".tokens")]
+  assert sorted(p.name for p in out.glob("codepmp_pairs-train*")) == [
+      f"codepmp_pairs-train.array_record-0000{i}-of-00002" for i in range(2)]
+  assert sorted(p.name for p in (out / "sizes").iterdir()) == [
+      f"train-0000{i}-of-00002.npy" for i in range(2)]
+  assert {"dataset_info.json", "features.json"} <= {p.name for p in out.iterdir()}
   assert not list(out.glob(".*"))
-  lengths = np.concatenate([np.load(f"{out / s['file']}.lengths.npy")
+  lengths = np.concatenate([np.load(out / s["sizes"])["lengths"]
                             for s in manifest["splits"]["train"]["shards"]])
   assert len(lengths) == 30 and lengths.max() <= 64
 
@@ -229,6 +228,6 @@ def test_pairs_identical_after_truncation_are_dropped_and_counted(tmp_path, toke
       encode_pair(tokenizer, PairRecord(r["prompt"], r["chosen"], r["rejected"]), 16, truncation) is None
       for r in differ_late + differ_early + GOOD[:20])
   assert identical == 10  # the ones whose difference the policy cuts off
-  assert manifest["truncation"] == truncation == prepare.manifest_truncation(manifest)
+  assert manifest["truncation"] == truncation
   assert manifest["dropped"] == {"overlong": 0, "identical_after_truncation": 10}
   assert manifest["splits"]["train"]["pairs"] == 30

@@ -124,6 +124,15 @@ class PackedShape:
                sequence_len=int(sizes[:, 2].max(initial=0)),
                columns=int(np.bincount(rows, sizes[:, 0]).max(initial=0)))
 
+  def array_shapes(self, max_pairs_per_row: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each array of a packed batch of this shape (`PACKED_KEYS`)."""
+    r, k = self.rows, max_pairs_per_row
+    return {"input_ids": (r, self.columns), "segment_ids": (r, self.columns),
+            "positions": (r, self.columns), "lm_mask": (r, self.columns),
+            "lm_index": (r, self.lm_slots),
+            "sequence_index": (r, self.sequence_slots, self.sequence_len),
+            "reward_index": (r, 2 * k), "pair_valid": (r, k), "margin": (r, k)}
+
   def union(self, other: PackedShape) -> PackedShape:
     """Sizes that hold both (every process packs its own pairs into the same shape)."""
     return PackedShape(*(max(a, b) for a, b in zip(dataclasses.astuple(self),
@@ -161,7 +170,8 @@ def batch_shape(sizes: Sequence[np.ndarray], row_len: int, max_pairs_per_row: in
 
 
 def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
-                num_rows: int | None = None, order: str = "ffd") -> np.ndarray:
+                num_rows: int | None = None, order: str = "ffd",
+                lm_targets: np.ndarray | None = None, lm_slots: int | None = None) -> np.ndarray:
   """Row of each pair (-1: did not fit in `num_rows` rows); `pair_lengths` [n] are chosen + rejected.
 
   First-fit: every pair goes to the lowest-numbered row with room for its tokens and a free slot;
@@ -171,7 +181,8 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
   holds the fewest pairs (then the most free tokens, then the lowest number), so sequences spread
   evenly over the rows and no row needs many sequence slots (`sequence_index`, the attention
   work); where that leaves a pair out it is `ffd` instead, which fits in `num_rows` rows whatever
-  `ffd` without `num_rows` packs into as many.
+  `ffd` without `num_rows` packs into as many. With `lm_targets` (per pair) and `lm_slots`, a row
+  also holds at most `lm_slots` LM targets.
   """
   if order not in ORDERS:
     raise ValueError(f"packing order must be one of {ORDERS}, got {order!r}")
@@ -190,10 +201,13 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
   capacity = n if num_rows is None else num_rows
   free = np.full(capacity, row_len, np.int64)
   slots = np.zeros(capacity, np.int64)
+  lm_free = np.full(capacity, np.iinfo(np.int64).max if lm_slots is None else lm_slots, np.int64)
+  lm = np.zeros(n, np.int64) if lm_targets is None else np.asarray(lm_targets, np.int64)
   rows = np.full(n, -1, np.int64)
   opened = 0 if num_rows is None else capacity
   for i in visit:
-    fits = np.flatnonzero((free[:opened] >= pair_lengths[i]) & (slots[:opened] < max_pairs_per_row))
+    fits = np.flatnonzero((free[:opened] >= pair_lengths[i]) & (slots[:opened] < max_pairs_per_row)
+                          & (lm_free[:opened] >= lm[i]))
     if len(fits) and order == "balanced":
       row = int(fits[np.lexsort((-free[fits], slots[fits]))[0]])
     elif len(fits):
@@ -205,8 +219,9 @@ def assign_rows(pair_lengths: np.ndarray, row_len: int, max_pairs_per_row: int,
     rows[i] = row
     free[row] -= pair_lengths[i]
     slots[row] += 1
+    lm_free[row] -= lm[i]
   if order == "balanced" and (rows < 0).any():
-    return assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, "ffd")
+    return assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, "ffd", lm_targets, lm_slots)
   return rows
 
 
@@ -218,7 +233,7 @@ def _visit_order(pair_lengths: np.ndarray, order: str) -> np.ndarray:
 
 def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,
                shape: PackedShape | None = None, order: str = "ffd",
-               shared_prompt: np.ndarray | None = None) -> PackResult:
+               shared_prompt: np.ndarray | None = None, rows: np.ndarray | None = None) -> PackResult:
   """Packs `arrays` into `[shape.rows, shape.columns]` rows (see the module docstring for the
   layout; rows are assigned as if `row_len` long).
 
@@ -228,7 +243,8 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
   rows of `row_len`; a row with more tokens, LM targets or sequences than `shape` allows is an
   error. With `shared_prompt` ([n], `PairArrays.shared_prompt` or less), each pair's shared
   prompt is laid out once (see the module docstring); more than `PairArrays.shared_prompt` is
-  an error.
+  an error. With `rows` (the row of each pair, as `sampler.PackPlan` planned them; needs a
+  `shape`), pairs are placed there, in the given order, instead of by `order`.
   """
   num_rows = None if shape is None else shape.rows
   shared = np.zeros(len(arrays), np.int64) if shared_prompt is None else np.asarray(shared_prompt, np.int64)
@@ -241,8 +257,11 @@ def pack_pairs(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_
       raise ValueError(f"pair {i}: shared_prompt={shared[i]} is more than the common beginning of "
                        f"its {arrays.lengths[i, 0]}- and {arrays.lengths[i, 1]}-token sequences "
                        f"({common[i]}; does the index match the tokens?)")
-  rows = assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, order)
-  visit = _visit_order(pair_lengths, order)
+  if rows is None:
+    rows = assign_rows(pair_lengths, row_len, max_pairs_per_row, num_rows, order)
+    visit = _visit_order(pair_lengths, order)
+  else:
+    rows, visit = np.asarray(rows, np.int64), np.arange(len(pair_lengths))
   placed = np.array([i for i in visit if rows[i] >= 0], np.int64)
   num_rows = (int(rows.max()) + 1 if len(placed) else 0) if num_rows is None else num_rows
   k = max_pairs_per_row

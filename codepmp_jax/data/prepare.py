@@ -1,4 +1,4 @@
-"""Tokenize preference data into random-access token shards: `python -m codepmp_jax.data.prepare`.
+"""Tokenize preference data into a TFDS dataset of ArrayRecord shards: `python -m codepmp_jax.data.prepare`.
 
   python -m codepmp_jax.data.prepare --input='data/*.jsonl.gz' --format=codepmp \\
       --tokenizer=tok/tokenizer.model --seq_len=1024 --out=prepared/code \\
@@ -14,9 +14,11 @@ the split does not depend on file order. Memory stays bounded whatever the corpu
   pass 2  tokenizes each unfinished shard's spill in chunks (in `--num_workers` forkserver processes
           when > 1), appending tokens to a staging file, then writes the pairs in an order seeded by
           (seed, shard), so every contiguous range of a shard is a uniform sample too.
-Shards are `<split>-<i>-of-<K>.{tokens,index.npy,lengths.npy,stats.json}` (format: `shards.py`),
-staged under temporary names and published when complete (`.stats.json` last), so a rerun after
-a crash tokenizes only the shards that are missing. `manifest.json` records counts per split, bad
+The output is a TFDS dataset directory (format: `prepared.py`): per shard an ArrayRecord file
+named as TFDS names them, a sizes sidecar and `stats/<split>-<i>-of-<K>.json`, each staged under
+a temporary name and published when complete (the stats last), so a rerun after a crash
+tokenizes only the shards that are missing; TFDS's `dataset_info.json` and `features.json` are
+written with the manifest, at the end. `manifest.json` records counts per split, bad
 records by kind (file:line), truncated pairs, dropped ones (too long under --truncation=drop, or
 token-identical once cut), a length histogram, the tokenizer's fingerprint
 (the tokenizer itself is saved in `<out>/tokenizer/`) and the source files with their sha256.
@@ -44,14 +46,13 @@ from absl import app, flags, logging
 from etils import epath
 
 from codepmp_jax import cli
-from codepmp_jax.data import loaders, registry, shards
+from codepmp_jax.data import loaders, prepared, registry
 from codepmp_jax.data.encode import (DEFAULT_TRUNCATION, TRUNCATION, EncodeStats, PairArrays,
                                      check_truncation, encode_records)
 from codepmp_jax.data.records import BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 3  # 3: the index holds each pair's shared prompt (shards.INDEX_DTYPE)
+STATS_DIR = "stats"
 HISTOGRAM_BIN = 64
 CHUNK = 512
 SHARD_PAIRS = 100_000  # default shard size
@@ -110,7 +111,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
   """Sorted files matching each glob (local or `gs://...`); an error names a pattern matching none."""
   files = []
   for pattern in patterns:
-    if shards.is_local(pattern):
+    if prepared.is_local(pattern):
       matched = sorted(glob.glob(pattern))
     else:  # split at the first component with a wildcard: epath globs below a fixed root
       parts = pattern.split("/")
@@ -122,10 +123,6 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
       raise FileNotFoundError(f"--input pattern {pattern!r} matches no file")
     files.extend(m for m in matched if m not in files)
   return files
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-  return shards.shard_name(split, index, count)
 
 
 # Per-process tokenizer for the worker pool (set by `_init_worker`).
@@ -193,7 +190,7 @@ class _Staging:
 
   def __init__(self, out: epath.Path):
     self.out = out
-    self.local = shards.is_local(out)
+    self.local = prepared.is_local(out)
     self.dir = str(out / ".staging") if self.local else tempfile.mkdtemp(prefix="prepare-")
     os.makedirs(self.dir, exist_ok=True)
 
@@ -201,6 +198,7 @@ class _Staging:
     return os.path.join(self.dir, name)
 
   def publish(self, name: str) -> None:
+    (self.out / name).parent.mkdir(parents=True, exist_ok=True)
     if self.local:
       os.replace(self.path(name), self.out / name)
     else:
@@ -211,59 +209,81 @@ class _Staging:
     shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _existing_shard(out: epath.Path, name: str, settings_hash: str) -> dict | None:
+def _existing_shard(out: epath.Path, split: str, index: int, count: int,
+                    settings_hash: str) -> dict | None:
   """The stats of a complete shard from an earlier run with the same settings, else None (also
   for a shard of an older format version, which is then written again)."""
-  stats = out / f"{name}{shards.STATS}"
-  if not (stats.exists() and all((out / f"{name}{s}").exists() for s in shards.SUFFIXES)):
+  stats = out / _stats_file(split, index, count)
+  files = (prepared.shard_file(split, index, count), prepared.sizes_file(split, index, count))
+  if not (stats.exists() and all((out / f).exists() for f in files)):
     return None
   info = json.loads(stats.read_text())
   if info.get("settings_hash") != settings_hash:
-    raise ValueError(f"{out / name} was prepared with other settings or inputs; use a new --out")
-  return info if info.get("version") == MANIFEST_VERSION else None
+    raise ValueError(f"{out / files[0]} was prepared with other settings or inputs; use a new --out")
+  return info if info.get("version") == prepared.MANIFEST_VERSION else None
 
 
-def _write_shard(staging: _Staging, name: str, spill: str, records: int, seed: int, pool,
-                 depth: int, settings_hash: str, seq_len: int, bar: tqdm.tqdm) -> dict:
-  """Tokenize one shard's spill file into its four files (published `.stats.json` last)."""
-  stream = staging.path(f"{name}.stream")
-  parts, stats = [], EncodeStats()
-  with open(stream, "wb") as f:
+def _stats_file(split: str, index: int, count: int) -> str:
+  return f"{STATS_DIR}/{prepared.shard_stem(split, index, count)}.json"
+
+
+def _write_shard(staging: _Staging, split: str, index: int, count: int, spill: str, records: int,
+                 seed: int, pool, depth: int, settings_hash: str, seq_len: int,
+                 bar: tqdm.tqdm) -> dict:
+  """Tokenize one shard's spill file into its records and sizes (its stats published last).
+
+  The records are first written in the order they were encoded, then copied in an order seeded
+  by (seed, shard) in bounded slices, so every contiguous range of a shard is a uniform sample.
+  """
+  import grain
+  stem = prepared.shard_stem(split, index, count)
+  stream = staging.path(f"{stem}.stream")
+  spec = prepared.features()
+  sizes, stats = [], EncodeStats()
+  from array_record.python import array_record_module
+  writer = array_record_module.ArrayRecordWriter(stream, prepared.WRITER_OPTIONS)
+  try:
     for arrays, chunk_stats in _bounded_map(pool, _encode_chunk, _load_chunks(spill), depth):
-      arrays.tokens.tofile(f)
-      parts.append(shards.index_rows(arrays))  # offsets relative to the chunk; fixed below
+      for record in prepared.serialize(arrays, spec):
+        writer.write(record)
+      sizes.append(prepared.sizes_of(arrays))
       stats.add(chunk_stats)
       bar.update(chunk_stats.pairs + chunk_stats.dropped_overlong + chunk_stats.dropped_identical)
-  starts = np.cumsum([0] + [int(p["lengths"].sum()) for p in parts])
-  for start, part in zip(starts, parts):
-    part["offset"] += start
-  stream_rows = np.concatenate(parts) if parts else np.zeros(0, shards.INDEX_DTYPE)
-  name_key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-  order = np.random.default_rng([seed, name_key]).permutation(len(stream_rows))
-  rows = stream_rows[order]
-  digest, written = hashlib.sha256(), 0
-  # Reads, not a memory map: mapped pages would count in this process's RSS.
-  with open(stream, "rb") as source, open(staging.path(f"{name}{shards.TOKENS}"), "wb") as f:
-    for i in range(0, len(rows), GATHER):
-      tokens = shards.gather(stream_rows, source, order[i:i + GATHER]).tokens
-      rows["offset"][i:i + GATHER] = written + np.concatenate(
-          [[0], np.cumsum(rows["lengths"][i:i + GATHER].sum(axis=1))[:-1]])
-      written += len(tokens)
-      data = tokens.astype("<i4").tobytes()
-      digest.update(data)
-      f.write(data)
+  finally:
+    writer.close()
+  stream_sizes = np.concatenate(sizes) if sizes else np.zeros(0, prepared.SIZES_DTYPE)
+  order = np.random.default_rng([seed, _name_key(stem)]).permutation(len(stream_sizes))
+  digest, tokens = hashlib.sha256(), int(stream_sizes["lengths"].sum())
+  source = grain.sources.ArrayRecordDataSource([stream]) if len(order) else None
+
+  def shuffled():
+    for i in range(0, len(order), GATHER):
+      for record in source.__getitems__(order[i:i + GATHER].tolist()):
+        digest.update(record)
+        yield record
+  records_file = prepared.shard_file(split, index, count)
+  prepared.write_records(staging.path(records_file), shuffled())
+  del source
   os.remove(stream)
-  np.save(staging.path(f"{name}{shards.INDEX}"), rows)
-  np.save(staging.path(f"{name}{shards.LENGTHS}"), rows["lengths"].max(axis=1, initial=0).astype(np.int32))
-  info = {"file": name, "version": MANIFEST_VERSION, "pairs": len(rows), "records": records,
-          "tokens": written,
+  os.makedirs(staging.path(prepared.SIZES_DIR), exist_ok=True)
+  os.makedirs(staging.path(STATS_DIR), exist_ok=True)
+  sizes_file = prepared.sizes_file(split, index, count)
+  np.save(staging.path(sizes_file), stream_sizes[order])
+  info = {"file": records_file, "sizes": sizes_file, "version": prepared.MANIFEST_VERSION,
+          "pairs": len(order), "records": records, "tokens": tokens,
           "sha256": digest.hexdigest(), "settings_hash": settings_hash,
-          "encode": dataclasses.asdict(stats), "histogram": _histogram(rows["lengths"], seq_len).tolist()}
-  with open(staging.path(f"{name}{shards.STATS}"), "w") as f:
+          "encode": dataclasses.asdict(stats),
+          "histogram": _histogram(stream_sizes["lengths"], seq_len).tolist()}
+  stats_file = _stats_file(split, index, count)
+  with open(staging.path(stats_file), "w") as f:
     f.write(json.dumps(info, indent=1) + "\n")
-  for suffix in shards.SUFFIXES:  # STATS last: it marks the shard complete
-    staging.publish(f"{name}{suffix}")
+  for name in (records_file, sizes_file, stats_file):  # the stats last: they mark it complete
+    staging.publish(name)
   return info
+
+
+def _name_key(name: str) -> int:
+  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
 def _spill_records(settings: PrepareSettings, files: list[str], splits, spill: str,
@@ -320,7 +340,7 @@ def prepare(settings: PrepareSettings) -> dict:
   ).hexdigest()
 
   # A directory of its own below --spill_dir (which it deletes when done), redone on a rerun.
-  scratch = settings.spill_dir or (str(out) if shards.is_local(out) else tempfile.gettempdir())
+  scratch = settings.spill_dir or (str(out) if prepared.is_local(out) else tempfile.gettempdir())
   spill = os.path.join(scratch, f".spill-{settings_hash[:16]}")
   shutil.rmtree(spill, ignore_errors=True)
   os.makedirs(spill)
@@ -334,26 +354,25 @@ def prepare(settings: PrepareSettings) -> dict:
       raise ValueError(loaders.nothing_loaded(files, settings.format, bad))
     if bad.total:
       logging.warning("%s", bad.report())
-    plan = []  # (name, records, spill file) of each shard still to write
+    plan = []  # (split, index, count, records, spill file) of each shard still to write
     for split_index, (split, _) in enumerate(splits):
       n = counts[split]
       count = max(1, min(settings.num_shards or -(-n // SHARD_PAIRS), n))
       wanted = set()
       for index in range(count):
-        name = shard_name(split, index, count)
-        info = _existing_shard(out, name, settings_hash)
+        info = _existing_shard(out, split, index, count, settings_hash)
         if info is not None:
-          done[name] = info
+          done[prepared.shard_stem(split, index, count)] = info
         else:
           wanted.add(index)
-          plan.append((name, (index + 1) * n // count - index * n // count,
+          plan.append((split, index, count, (index + 1) * n // count - index * n // count,
                        os.path.join(spill, f"{split}.{index}.pkl")))
       _route(spill, split, split_index, max(n, 1), count, settings.seed, wanted)
     if done:
       logging.info("reusing %d complete shards from an earlier run", len(done))
 
     start = time.perf_counter()
-    with tqdm.tqdm(total=sum(p[1] for p in plan), desc="tokenize", unit=" pairs") as bar:
+    with tqdm.tqdm(total=sum(p[3] for p in plan), desc="tokenize", unit=" pairs") as bar:
       # forkserver: workers never inherit the threads of this process (JAX, tokenizers, tqdm).
       pool = multiprocessing.get_context("forkserver").Pool(
           workers, _init_worker, (settings.tokenizer, settings.seq_len, settings.truncation)
@@ -361,9 +380,10 @@ def prepare(settings: PrepareSettings) -> dict:
       if pool is None:
         _init_worker(settings.tokenizer, settings.seq_len, settings.truncation)
       try:
-        for name, records, shard_spill in plan:
-          done[name] = _write_shard(staging, name, shard_spill, records, settings.seed, pool,
-                                    2 * workers, settings_hash, settings.seq_len, bar)
+        for split, index, count, records, shard_spill in plan:
+          done[prepared.shard_stem(split, index, count)] = _write_shard(
+              staging, split, index, count, shard_spill, records, settings.seed, pool,
+              2 * workers, settings_hash, settings.seq_len, bar)
           pathlib.Path(shard_spill).unlink(missing_ok=True)
       finally:
         if pool is not None:
@@ -373,7 +393,7 @@ def prepare(settings: PrepareSettings) -> dict:
   finally:
     shutil.rmtree(spill, ignore_errors=True)
 
-  if shards.is_local(out):
+  if prepared.is_local(out):
     tokenizer.save(out / "tokenizer")
   else:
     with tempfile.TemporaryDirectory() as local:
@@ -388,11 +408,15 @@ def prepare(settings: PrepareSettings) -> dict:
                      f"--seq_len={settings.seq_len} (overlong: {dropped['overlong']}, identical once "
                      f"cut: {dropped['identical_after_truncation']}); raise --seq_len or use "
                      f"--truncation=keep_end")
-  manifest["throughput"] = {"pairs_encoded": sum(p[1] for p in plan), "seconds": round(elapsed, 3),
+  manifest["throughput"] = {"pairs_encoded": sum(p[3] for p in plan), "seconds": round(elapsed, 3),
                             "workers": workers}
-  with open(staging.path(MANIFEST), "w") as f:
+  prepared.write_tfds_metadata(
+      out, {split: [s["pairs"] for s in info["shards"]] for split, info in manifest["splits"].items()},
+      description=f"CodePMP preference pairs prepared from {settings.format} data "
+                  f"(codepmp_jax.data.prepare; manifest.json has the counts)")
+  with open(staging.path(prepared.MANIFEST), "w") as f:
     f.write(json.dumps(manifest, indent=1) + "\n")
-  staging.publish(MANIFEST)
+  staging.publish(prepared.MANIFEST)  # last: its presence marks the directory complete
   staging.cleanup()
   return manifest
 
@@ -406,15 +430,16 @@ def _manifest(settings: PrepareSettings, splits, done: dict[str, dict], bad: Bad
     infos = [done[name] for name in sorted(done) if name.rpartition("-of-")[0].rpartition("-")[0] == split]
     split_info[split] = {"pairs": sum(s["pairs"] for s in infos),
                          "records": sum(s["records"] for s in infos),
-                         "shards": [{k: s[k] for k in ("file", "pairs", "tokens", "sha256")} for s in infos]}
+                         "shards": [{k: s[k] for k in ("file", "sizes", "pairs", "tokens", "sha256")}
+                                    for s in infos]}
     for shard in infos:
       totals.add(EncodeStats(**shard["encode"]))
       histogram += np.asarray(shard["histogram"], np.int64)
   edges = [i * HISTOGRAM_BIN for i in range(len(histogram))] + [settings.seq_len]
   return {
-      "version": MANIFEST_VERSION,
-      "storage": {"layout": "flat int32 tokens + index (codepmp_jax/data/shards.py)",
-                  "suffixes": list(shards.SUFFIXES)},
+      "version": prepared.MANIFEST_VERSION,
+      "storage": {"layout": "TFDS dataset of ArrayRecord shards (codepmp_jax/data/prepared.py)",
+                  "tfds_name": prepared.DATASET_NAME},
       "format": settings.format,
       "seq_len": settings.seq_len,
       "truncation": settings.truncation,
@@ -436,30 +461,6 @@ def _manifest(settings: PrepareSettings, splits, done: dict[str, dict], bad: Bad
       "sources": sources,
       "settings_hash": settings_hash,
   }
-
-
-def read_manifest(directory: str | os.PathLike) -> dict:
-  """The manifest of a prepared directory (FileNotFoundError names the directory)."""
-  path = epath.Path(directory) / MANIFEST
-  if not path.exists():
-    raise FileNotFoundError(f"{directory}: no {MANIFEST}; run python -m codepmp_jax.data.prepare")
-  return json.loads(path.read_text())
-
-
-def manifest_truncation(manifest: dict) -> str:
-  """The truncation policy prepared data was cut with (manifests before it was recorded cut the
-  response's end: `keep_head`, or `drop`)."""
-  if "truncation" in manifest:
-    return manifest["truncation"]
-  return "drop" if manifest.get("overlong") == "drop" else "keep_head"
-
-
-def check_tokenizer(directory: str | os.PathLike, fingerprint: str) -> None:
-  """Refuse data prepared with a different tokenizer than the one a run uses."""
-  prepared = read_manifest(directory)["tokenizer"]["fingerprint"]
-  if prepared != fingerprint:
-    raise ValueError(f"{directory} was prepared with tokenizer {prepared[:12]}, but this run uses "
-                     f"{fingerprint[:12]}; prepare the data again with the run's tokenizer")
 
 
 def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:

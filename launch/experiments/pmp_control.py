@@ -50,6 +50,7 @@ from absl import flags
 from etils import epath
 
 from codepmp_jax.data import builtin, registry
+from codepmp_jax.data.prepared import MANIFEST
 
 ARMS = ("base", "lm", "pmp")
 COMPARISONS = (("pmp", "base"), ("pmp", "lm"), ("lm", "base"))
@@ -156,7 +157,7 @@ def _train_once(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
 def _prepare_once(inputs: Sequence[epath.Path], fmt: str, tokenizer: epath.Path,
                   out: epath.Path, seq_len: int, split: str) -> epath.Path:
   from codepmp_jax.data import prepare
-  if not (out / prepare.MANIFEST).exists():
+  if not (out / MANIFEST).exists():
     prepare.prepare(prepare.PrepareSettings(
         inputs=tuple(str(p) for p in inputs), format=fmt, tokenizer=str(tokenizer),
         seq_len=seq_len, out=str(out), split=split))
@@ -279,7 +280,7 @@ def prepared_summary(prepared: epath.Path) -> dict:
   `response_cut` of the kept pairs (a code pair's prompt is its description), `identical` the
   pairs dropped as token-identical once cut (no ranking signal)."""
   from codepmp_jax.data import prepare
-  manifest = json.loads((prepared / prepare.MANIFEST).read_text())
+  manifest = json.loads((prepared / MANIFEST).read_text())
   kept = sum(split["pairs"] for split in manifest["splits"].values())
   read = kept + sum(manifest["dropped"].values())
   return {"seq_len": manifest["seq_len"], "truncation": manifest.get("truncation"), "pairs": read,

@@ -17,6 +17,7 @@ from etils import epath
 from codepmp_jax import checkpoint, train
 from codepmp_jax import workdir as workdir_lib
 from codepmp_jax.data import gsm8k, prepare
+from codepmp_jax.data.prepared import MANIFEST
 
 
 def train_once(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
@@ -41,7 +42,7 @@ def first_lines(source: epath.Path, out: epath.Path, limit: int) -> epath.Path:
 def prepare_once(inputs: list[epath.Path], fmt: str, tokenizer: str | epath.Path,
                  out: epath.Path, seq_len: int, split: str, num_rejected: int = 1) -> epath.Path:
   """Prepared shards of `inputs` in `out` (skipped when its manifest exists)."""
-  if not (out / prepare.MANIFEST).is_file():
+  if not (out / MANIFEST).is_file():
     prepare.prepare(prepare.PrepareSettings(
         inputs=tuple(str(p) for p in inputs), format=fmt, tokenizer=str(tokenizer), seq_len=seq_len,
         out=str(out), split=split, num_rejected=num_rejected))

@@ -1,0 +1,198 @@
+"""Prepared data on disk: a TFDS dataset directory of ArrayRecord shards, plus a sidecar of pair sizes.
+
+`python -m codepmp_jax.data.prepare` writes one directory that the JAX data stack opens as it is:
+
+  dataset_info.json, features.json           TFDS metadata (`tfds.builder_from_directory(dir)`)
+  codepmp_pairs-<split>.array_record-<i>-of-<K>  the records (TFDS's shard names), one per pair:
+      tokens          int32 [chosen + rejected]  the chosen sequence's ids, then the rejected one's
+      lengths         int32 [2]                  tokens of the chosen and the rejected sequence
+      response_start  int32 [2]                  where each sequence's response begins
+      margin          float32                    the pair's margin (0 when the data has none)
+      shared_prompt   int32                      the tokens both sequences begin with (packing
+                                                 lays them out once, `packing.pair_sizes`)
+  sizes/<split>-<i>-of-<K>.npy              `SIZES_DTYPE` per pair of that shard, in record order:
+                                            the fields above but tokens and margin, so batching and
+                                            packing plan whole epochs without reading a record
+  manifest.json                             counts, bad records, truncation, tokenizer (prepare.py)
+
+Read it with TFDS (`tfds.builder_from_directory(dir).as_data_source("train")`), with Grain
+(`grain.sources.ArrayRecordDataSource(shard_paths(dir, manifest, "train"))` and `decode`), or
+through `PreparedSplit`, which the training input pipeline uses. Records are serialized by TFDS's
+own feature encoder, without TensorFlow; reading needs neither TensorFlow nor a TFDS builder.
+Local and `gs://` directories read the same way (paths through `etils.epath`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from etils import epath
+
+from codepmp_jax.data.encode import PairArrays
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 4  # 4: a TFDS dataset of ArrayRecord shards
+DATASET_NAME = "codepmp_pairs"
+FILE_FORMAT = "array_record"
+SIZES_DIR = "sizes"
+SIZES_DTYPE = np.dtype([("lengths", "<i4", (2,)), ("response_start", "<i4", (2,)),
+                        ("shared_prompt", "<i4")])
+# ArrayRecord options: one record per chunk group keeps random reads to one record's bytes.
+WRITER_OPTIONS = "group_size:1"
+
+
+def features():
+  """The TFDS feature spec of one record (see the module docstring)."""
+  import tensorflow_datasets as tfds  # pure Python; it imports TensorFlow only when asked to
+  return tfds.features.FeaturesDict({
+      "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+      "lengths": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+      "response_start": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+      "margin": tfds.features.Scalar(dtype=np.float32),
+      "shared_prompt": tfds.features.Scalar(dtype=np.int32),
+  })
+
+
+def is_local(path: epath.Path | str) -> bool:
+  return "://" not in str(path)
+
+
+def shard_stem(split: str, index: int, count: int) -> str:
+  """`<split>-<i>-of-<K>`: the name prepare tracks a shard by (its stats, its sizes file)."""
+  return f"{split}-{index:05d}-of-{count:05d}"
+
+
+def shard_file(split: str, index: int, count: int) -> str:
+  """The shard's records, named as TFDS names ArrayRecord shards."""
+  return f"{DATASET_NAME}-{split}.{FILE_FORMAT}-{index:05d}-of-{count:05d}"
+
+
+def sizes_file(split: str, index: int, count: int) -> str:
+  return f"{SIZES_DIR}/{shard_stem(split, index, count)}.npy"
+
+
+def sizes_of(arrays: PairArrays) -> np.ndarray:
+  rows = np.zeros(len(arrays), SIZES_DTYPE)
+  rows["lengths"] = arrays.lengths
+  rows["response_start"] = arrays.response_start
+  rows["shared_prompt"] = arrays.shared_prompt()
+  return rows
+
+
+def serialize(arrays: PairArrays, feature_spec=None) -> list[bytes]:
+  """One TFDS-serialized record per pair of `arrays`."""
+  spec = feature_spec or features()
+  shared = arrays.shared_prompt()
+  return [spec.serialize_example({
+      "tokens": np.concatenate([arrays.sequence(i, 0), arrays.sequence(i, 1)]).astype(np.int32),
+      "lengths": arrays.lengths[i].astype(np.int32),
+      "response_start": arrays.response_start[i].astype(np.int32),
+      "margin": np.float32(arrays.margin[i]),
+      "shared_prompt": np.int32(shared[i])}) for i in range(len(arrays))]
+
+
+def decode(records: Sequence[bytes | Mapping], feature_spec=None) -> PairArrays:
+  """`PairArrays` of serialized records (or of records TFDS already decoded), in order."""
+  spec = feature_spec or features()
+  examples = [r if isinstance(r, Mapping) else spec.deserialize_example_np(r) for r in records]
+  if not examples:
+    return PairArrays.from_lengths(np.zeros(0, np.int32), np.zeros((0, 2), np.int32),
+                                   np.zeros((0, 2), np.int32), np.zeros(0, np.float32))
+  return PairArrays.from_lengths(
+      np.concatenate([e["tokens"] for e in examples]).astype(np.int32),
+      np.stack([e["lengths"] for e in examples]), np.stack([e["response_start"] for e in examples]),
+      np.asarray([e["margin"] for e in examples], np.float32))
+
+
+def write_records(path: str, records: Sequence[bytes]) -> None:
+  """An ArrayRecord file of `records` (a local path: prepare stages shards locally)."""
+  from array_record.python import array_record_module
+  writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
+  try:
+    for record in records:
+      writer.write(record)
+  finally:
+    writer.close()
+
+
+def write_tfds_metadata(directory: epath.Path, split_shards: Mapping[str, Sequence[int]],
+                        description: str) -> None:
+  """`dataset_info.json` and `features.json` for splits of shards with these pair counts, so
+  that `tfds.builder_from_directory(directory)` opens the prepared data."""
+  import tensorflow_datasets as tfds
+  template = tfds.core.ShardedFileTemplate(data_dir=directory, dataset_name=DATASET_NAME,
+                                           filetype_suffix=FILE_FORMAT)
+  infos = [tfds.core.SplitInfo(name=split, shard_lengths=[int(n) for n in lengths], num_bytes=0,
+                               filename_template=template.replace(split=split))
+           for split, lengths in split_shards.items()]
+  tfds.folder_dataset.write_metadata(data_dir=directory, features=features(), split_infos=infos,
+                                     filename_template=template, check_data=False,
+                                     description=description)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+  """The manifest of a prepared directory; an error says what to run when there is none, or when
+  it was written by an older version of `prepare`."""
+  path = epath.Path(directory) / MANIFEST
+  if not path.exists():
+    raise FileNotFoundError(f"{directory}: no {MANIFEST}, so this is not prepared data; run "
+                            f"python -m codepmp_jax.data.prepare --out={directory} ...")
+  manifest = json.loads(path.read_text())
+  if manifest.get("version") != MANIFEST_VERSION:
+    raise ValueError(f"{directory} was prepared in format version {manifest.get('version')}, this "
+                     f"version reads {MANIFEST_VERSION} (TFDS ArrayRecord); prepare the data again")
+  return manifest
+
+
+def check_tokenizer(directory: str | os.PathLike, fingerprint: str) -> None:
+  """Refuse data prepared with a different tokenizer than the one a run uses."""
+  used = read_manifest(directory)["tokenizer"]["fingerprint"]
+  if used != fingerprint:
+    raise ValueError(f"{directory} was prepared with tokenizer {used[:12]}, but this run uses "
+                     f"{fingerprint[:12]}; prepare the data again with the run's tokenizer")
+
+
+def shard_paths(directory: epath.Path | str, manifest: Mapping, split: str) -> list[str]:
+  """The split's ArrayRecord files, in the order their records are numbered."""
+  return [str(epath.Path(directory) / s["file"]) for s in manifest["splits"][split]["shards"]]
+
+
+class PreparedSplit:
+  """One split of a prepared directory: pair sizes in memory (20 bytes a pair), records read on
+  demand through Grain's ArrayRecord source (a global index numbers the split's shards' records
+  in manifest order)."""
+
+  def __init__(self, directory: epath.Path | str, manifest: Mapping, split: str):
+    self.directory = epath.Path(directory)
+    if split not in manifest["splits"]:
+      raise ValueError(f"{directory} has no split {split!r}; it has {sorted(manifest['splits'])}")
+    shards = manifest["splits"][split]["shards"]
+    parts = []
+    for shard in shards:
+      path = self.directory / shard["sizes"]
+      with path.open("rb") as f:
+        sizes = np.load(f)
+      if sizes.dtype != SIZES_DTYPE or len(sizes) != shard["pairs"]:
+        raise ValueError(f"{path}: {len(sizes)} rows of {sizes.dtype}, the manifest says "
+                         f"{shard['pairs']} of {SIZES_DTYPE}; prepare the data again")
+      parts.append(sizes)
+    self.sizes = np.concatenate(parts) if parts else np.zeros(0, SIZES_DTYPE)
+    self.num_pairs = len(self.sizes)
+    self.pad_id = int(manifest["tokenizer"]["pad_id"])
+    self._paths = shard_paths(directory, manifest, split)
+    self._source = None
+    self._features = None
+
+  def take(self, indices: np.ndarray) -> PairArrays:
+    """Pairs `indices` (global within the split) in the given order."""
+    if self._source is None:  # opened on first read: planning an epoch needs only the sizes
+      import grain
+      self._source = grain.sources.ArrayRecordDataSource(self._paths)
+      self._features = features()
+      if len(self._source) != self.num_pairs:
+        raise ValueError(f"{self.directory}: its shards hold {len(self._source)} records, the "
+                         f"manifest says {self.num_pairs}; prepare the data again")
+    records = self._source.__getitems__([int(i) for i in indices])
+    return decode(records, self._features)
