@@ -1,7 +1,9 @@
 """Score JSONL records with a reward model checkpoint.
 
   python -m codepmp_jax.score --checkpoint=CKPT --input=IN.jsonl --output=OUT.jsonl \
-      [--batch_size=16] [--max_length=1024] [--template=none|code|math|logic|chat] [--mesh=-1,1,1]
+      [--batch_size=16] [--max_length=1024] [--template=none|code|math|logic|chat] [--mesh=-1,1,1] \
+      [--normalize]
+  python -m codepmp_jax.score --checkpoint=CKPT --calibrate=DATA.jsonl    # reward mean/std -> CKPT
 
 Each input line is one of
   {"input_ids": [...]}                 scored verbatim (no template, nothing added);
@@ -14,11 +16,18 @@ Texts longer than --max_length are cut by the checkpoint's truncation policy (`t
 `keep_end` by default: the prompt from the left, then the start of the response, so the answer
 stays); how many lost prompt or response tokens is printed.
 A bad line is reported with its line number and left out of the output; the counts are printed.
-`RewardScorer` is the same scorer as a Python object (the evaluation stages use it).
+`--calibrate=DATA` scores every sequence of DATA (same line formats; a pair file gives both sides)
+and stores their mean and std with the checkpoint (`checkpoint.save_reward_stats`, as OpenRLHF
+computes them); `--normalize` then writes `(reward - mean) / std`. Training stores them itself
+from its held-out split when it ends with an evaluation.
+`RewardScorer` is the same scorer as a Python object (the evaluation stages and `serve` use it);
+`RewardScorer.score_steps` reads the reward at the end of every step of a solution in one forward
+pass (`frozen_trunk.rewards_at`).
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import sys
@@ -37,6 +46,7 @@ from codepmp_jax.data import templates
 from codepmp_jax.data import encode as encoding
 from codepmp_jax.data.encode import EncodedSequence, bucket_length, encode_sequence
 from codepmp_jax.data.tokenizer import load_tokenizer
+from codepmp_jax.eval import bon
 from codepmp_jax.model import attention, frozen_trunk, transformer
 
 EXAMPLES_SHOWN = 10
@@ -52,6 +62,19 @@ SCORE_CAUSAL_BLOCK = 64
 # each batch back before sending the next made the tiny model's scoring of 256 GSM8K records
 # 1.15-1.2x slower (interleaved in one process, Dec 3).
 BATCHES_IN_FLIGHT = 3
+MIN_POSITIONS = 4  # step positions per row are padded to a power of two, at least this
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSequence:
+  """A solution encoded for step-level scores: `sequence` (prompt + response + end token, cut by
+  the truncation policy) and `positions`, the token index of each step's last token that survived
+  the cut (the last step's is the end token, where the solution's reward is read); `steps` counts
+  the text's steps, `steps_cut` those lost to truncation."""
+  sequence: EncodedSequence
+  positions: tuple[int, ...]
+  steps: int
+  steps_cut: int = 0
 
 
 class RewardScorer:
@@ -63,13 +86,24 @@ class RewardScorer:
   `attention.CPU_SCORE_BYTES`), so a batch holds about the same number of tokens and each bucket
   is one compiled shape. All layers but the last run under `lax.scan` (params stacked once at
   load), so a compile traces two layers, not all of them; the last runs at each row's reward token
-  only (`frozen_trunk.last_token_rewards`). The batch is split over the mesh's data axes.
+  only (`frozen_trunk.last_token_rewards`), or at given positions (`score_positions`, one row per
+  sequence). The batch is split over the mesh's data axes.
+
+  With `normalize`, rewards are `(r - mean) / std` by the checkpoint's reward stats
+  (`checkpoint.load_reward_stats`; `reward_stats` holds them, or None when never measured).
+  `forwarded` counts the batches and sequences run through the model.
   """
 
   def __init__(self, checkpoint_path: str | os.PathLike, batch_size: int = 16, max_length: int = 1024,
                mesh_shape: Sequence[int] = (-1, 1, 1), show_progress: bool = True,
-               truncation: str | None = None):
+               truncation: str | None = None, normalize: bool = False):
     path = epath.Path(checkpoint_path)
+    self.reward_stats = checkpoint.load_reward_stats(path)
+    if normalize and self.reward_stats is None:
+      raise ValueError(f"{path} has no reward stats ({checkpoint.REWARD_STATS_FILE}) to normalize with; "
+                       f"measure them: python -m codepmp_jax.score --checkpoint={path} --calibrate=DATA")
+    self.normalize = normalize
+    self.forwarded: collections.Counter = collections.Counter()
     canonical = checkpoint.load_model_config(path).replace(scan_layers=False, remat_policy="none")
     self.config = canonical.replace(causal_block=SCORE_CAUSAL_BLOCK)
     self.mesh = sharding.make_mesh(mesh_shape)
@@ -104,19 +138,57 @@ class RewardScorer:
         lambda params, ids, mask: frozen_trunk.last_token_rewards(self.config, params, ids, mask),
         in_shardings=(param_shardings, batch_sharding, batch_sharding),
         out_shardings=sharding.replicated(self.mesh))
+    self._forward_at = jax.jit(
+        lambda params, ids, positions: frozen_trunk.rewards_at(self.config, params, ids, positions),
+        in_shardings=(param_shardings, batch_sharding, batch_sharding),
+        out_shardings=sharding.replicated(self.mesh))
 
-  def score_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-    """float32 rewards of token sequences, each read at its last token (nothing is added)."""
+  def normalized(self, rewards: np.ndarray) -> np.ndarray:
+    """`(rewards - mean) / std` by the checkpoint's reward stats (float32)."""
+    if self.reward_stats is None:
+      raise ValueError("this checkpoint has no reward stats to normalize with (score --calibrate)")
+    return ((np.asarray(rewards, np.float64) - self.reward_stats["mean"])
+            / self.reward_stats["std"]).astype(np.float32)
+
+  def _check_lengths(self, sequences: Sequence[Sequence[int]]) -> None:
     for i, seq in enumerate(sequences):
       if not 0 < len(seq) <= self.max_length:
         raise ValueError(f"sequence {i} has {len(seq)} tokens; scoring needs 1..{self.max_length}")
-    rewards = np.zeros(len(sequences), np.float32)
+
+  def score_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    """float32 rewards of token sequences, each read at its last token (nothing is added);
+    normalized when the scorer was made with `normalize`."""
+    self._check_lengths(sequences)
+    rewards = np.concatenate([np.zeros(0, np.float32), *self._run(sequences, None)])
+    return self.normalized(rewards) if self.normalize else rewards
+
+  def score_positions(self, sequences: Sequence[Sequence[int]],
+                      positions: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """float32 rewards of each token sequence read at its `positions` (token indices), one
+    forward pass per sequence: the reward at position p is the reward of the sequence cut after
+    token p (`frozen_trunk.rewards_at`). Normalized when the scorer was made with `normalize`."""
+    if len(positions) != len(sequences):
+      raise ValueError(f"{len(sequences)} sequences but {len(positions)} position lists")
+    self._check_lengths(sequences)
+    for i, (seq, where) in enumerate(zip(sequences, positions)):
+      if not len(where) or not all(0 <= int(p) < len(seq) for p in where):
+        raise ValueError(f"sequence {i}: positions must be 1 or more indices in 0..{len(seq) - 1}")
+    out = self._run(sequences, positions)
+    return [self.normalized(r) for r in out] if self.normalize else out
+
+  def _run(self, sequences: Sequence[Sequence[int]],
+           positions: Sequence[Sequence[int]] | None) -> list[np.ndarray]:
+    """Each sequence's rewards, read at its last token (`positions` None: one each) or at its
+    positions, from length-bucketed batches (`length_batches`) of one row per sequence."""
+    results: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
     bar = tqdm(total=len(sequences), unit="seq", desc="score", disable=not self.show_progress)
     in_flight: collections.deque = collections.deque()
 
     def collect():
       rows, out = in_flight.popleft()
-      rewards[rows] = np.asarray(out)[:len(rows)]
+      out = np.asarray(out, np.float32)
+      for row, index in enumerate(rows):
+        results[index] = out[row:row + 1] if positions is None else out[row, :len(positions[index])]
       bar.update(len(rows))
 
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -127,14 +199,24 @@ class RewardScorer:
         for row, index in enumerate(rows):
           ids[row, :len(sequences[index])] = sequences[index]
           mask[row, :len(sequences[index])] = 1
-        ids, mask = jax.device_put((ids, mask), self._batch_sharding)
-        in_flight.append((rows, self._forward(self.params, ids, mask)))
+        self.forwarded.update(batches=1, sequences=len(rows))
+        if positions is None:
+          ids, mask = jax.device_put((ids, mask), self._batch_sharding)
+          in_flight.append((rows, self._forward(self.params, ids, mask)))
+        else:  # K positions a row, K a power of two (one compile per bucket and K)
+          widest = max(len(positions[index]) for index in rows)
+          at = np.zeros((batch_rows, max(MIN_POSITIONS, 1 << (widest - 1).bit_length())), np.int32)
+          for row, index in enumerate(rows):
+            where = np.asarray(positions[index], np.int32)
+            at[row, :len(where)], at[row, len(where):] = where, where[-1]
+          ids, at = jax.device_put((ids, at), self._batch_sharding)
+          in_flight.append((rows, self._forward_at(self.params, ids, at)))
         if len(in_flight) == BATCHES_IN_FLIGHT:
           collect()
       while in_flight:
         collect()
     bar.close()
-    return rewards
+    return results
 
   def length_batches(self, lengths: Sequence[int]) -> list[tuple[list[int], int, int]]:
     """(indices, padded length, rows) of each batch: longest first, each bucket's rows scaled up
@@ -178,6 +260,61 @@ class RewardScorer:
   def score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     """Rewards of each `prompt + response + eos` (prompts already rendered with their template)."""
     return self.score_ids([s.ids for s in self.encode_texts(prompts, responses)])
+
+  def encode_steps(self, prompts: Sequence[str], responses: Sequence[str],
+                   delimiter: str = bon.DEFAULT_STEP_DELIMITER) -> list[StepSequence]:
+    """Each (prompt, response) encoded as `encode` does, with the token index of every step's last
+    token (steps: `bon.split_steps(response, delimiter)`; the last step's index is the end token's).
+
+    The token holding a step's last character ends the step (one that also holds the delimiter's
+    first characters still does), found from the tokenizer's offsets of the ONE tokenization of
+    prompt + response; steps whose last token the truncation policy cut are left out and counted.
+    """
+    if self.tokenizer is None:
+      raise ValueError("this checkpoint has no tokenizer/; only token ids can be scored")
+    if len(prompts) != len(responses):
+      raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    ends = [bon.split_steps(r, delimiter) for r in responses]
+    # prompt + response split at each step's last character: the boundary token is the one that
+    # holds it (`Tokenizer.encode_joined`), in the same token ids as the whole text's.
+    splits = [(p + r[:e - 1], r[e - 1:]) for p, r, item in zip(prompts, responses, ends) for e in item[:-1]]
+    whole = self.tokenizer.encode_joined_batch(prompts, responses)
+    boundaries = iter(self.tokenizer.encode_joined_batch([a for a, _ in splits], [b for _, b in splits]))
+    out = []
+    for (ids, start), item in zip(whole, ends):
+      sequence = encoding.fit_sequence(ids, start, self.tokenizer.eos_id, self.max_length, self.truncation)
+      kept = _kept_indices(len(ids), start, sequence, self.truncation)
+      positions = []
+      for _ in item[:-1]:
+        split_ids, last = next(boundaries)
+        if list(split_ids) != list(ids):
+          raise AssertionError("one text tokenized two ways")
+        if last in kept:
+          positions.append(kept[last])
+      positions.append(len(sequence.ids) - 1)
+      out.append(StepSequence(sequence, tuple(positions), len(item), len(item) - len(positions)))
+    return out
+
+  def score_steps(self, prompts: Sequence[str], responses: Sequence[str],
+                  delimiter: str = bon.DEFAULT_STEP_DELIMITER) -> list[np.ndarray]:
+    """The reward at the end of every step of each response (`encode_steps`), one forward pass
+    per response; the last is the whole response's reward (`score_texts`'s)."""
+    steps = self.encode_steps(prompts, responses, delimiter)
+    return self.score_positions([s.sequence.ids for s in steps], [s.positions for s in steps])
+
+
+def _kept_indices(length: int, response_start: int, sequence: EncodedSequence,
+                  truncation: str) -> dict[int, int]:
+  """Where each token of the uncut prompt + response (`length` tokens) is in the cut `sequence`
+  (tokens the cut removed are absent), as `encode.fit_sequence` cuts."""
+  cut_prompt, cut_response = sequence.prompt_cut, sequence.response_cut
+  if truncation == "keep_end":
+    kept = [*range(cut_prompt, response_start), *range(response_start + cut_response, length)]
+  else:
+    kept = list(range(cut_prompt, length - cut_response))
+  if len(kept) != len(sequence.ids) - 1:
+    raise AssertionError(f"{len(kept)} kept tokens for a sequence of {len(sequence.ids) - 1}")
+  return {old: new for new, old in enumerate(kept)}
 
 
 def _prompt(record: dict, template: str, where: str) -> str:
@@ -227,11 +364,11 @@ def sequences_of(record: Any, scorer: RewardScorer, template: str, where: str) -
                    f"'prompt'+'chosen'+'rejected'; got fields {sorted(record)}")
 
 
-def score_file(scorer: RewardScorer, input_path: epath.Path, output_path: epath.Path,
-               template: str) -> collections.Counter:
-  """Score every line of `input_path` into `output_path`; returns counts (records, sequences, bad
-  lines, and the sequences that lost prompt or response tokens: `truncated_prompt`,
-  `truncated_response`). A file with no usable line is an error (nothing is written)."""
+def read_file(scorer: RewardScorer, input_path: epath.Path, template: str
+              ) -> tuple[list[dict], list[list[str]], list[tuple[int, ...]], collections.Counter]:
+  """(records, each record's output fields, the sequences to score in order, counts) of every
+  usable line of `input_path`; bad lines are printed (the first few) and counted. A file with no
+  usable line is an error."""
   counts: collections.Counter = collections.Counter()
   records, fields, sequences = [], [], []
   with input_path.open(encoding="utf-8") as f:
@@ -260,6 +397,15 @@ def score_file(scorer: RewardScorer, input_path: epath.Path, output_path: epath.
   if not records:
     raise ValueError(f"{input_path}: no usable lines ({counts['bad_lines']} bad); each line needs "
                      "'input_ids', 'text', 'prompt'+'response' or 'prompt'+'chosen'+'rejected'")
+  return records, fields, sequences, counts
+
+
+def score_file(scorer: RewardScorer, input_path: epath.Path, output_path: epath.Path,
+               template: str) -> collections.Counter:
+  """Score every line of `input_path` into `output_path`; returns counts (records, sequences, bad
+  lines, and the sequences that lost prompt or response tokens: `truncated_prompt`,
+  `truncated_response`). A file with no usable line is an error (nothing is written)."""
+  records, fields, sequences, counts = read_file(scorer, input_path, template)
   rewards = iter(scorer.score_ids(sequences).tolist())
   output_path.parent.mkdir(parents=True, exist_ok=True)
   with output_path.open("w", encoding="utf-8") as out:
@@ -270,37 +416,57 @@ def score_file(scorer: RewardScorer, input_path: epath.Path, output_path: epath.
   return counts
 
 
-FLAGS = flags.FLAGS
+def calibrate(scorer: RewardScorer, data_path: epath.Path, template: str) -> dict:
+  """The raw reward mean and std (`checkpoint.reward_stats_of`) over every sequence of
+  `data_path` (score's line formats: a pair gives its chosen and rejected sequences)."""
+  _, _, sequences, counts = read_file(scorer, data_path, template)
+  rewards = scorer.score_ids(sequences)
+  if scorer.normalize:
+    raise ValueError("calibrate needs raw rewards: a scorer made without normalize")
+  return checkpoint.reward_stats_of(rewards, source=str(data_path), bad_lines=counts["bad_lines"],
+                                    max_length=scorer.max_length)
 
 
-def define_flags() -> None:
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   """The command-line flags (defined only when run as a program, so other programs can import this module)."""
-  flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.")
-  flags.DEFINE_string("input", None, "Input JSONL.")
-  flags.DEFINE_string("output", None, "Output JSONL (input records with rewards added).")
-  flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
-  flags.DEFINE_integer("max_length", 1024, "Longest sequence; longer texts are cut as in training.")
+  flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.", flag_values=values)
+  flags.DEFINE_string("input", None, "Input JSONL.", flag_values=values)
+  flags.DEFINE_string("output", None, "Output JSONL (input records with rewards added).", flag_values=values)
+  flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.", flag_values=values)
+  flags.DEFINE_integer("max_length", 1024, "Longest sequence; longer texts are cut as in training.", flag_values=values)
   flags.DEFINE_enum("template", None, list(templates.FORMATS),
-                    "Prompt template for 'prompt' records (default: the checkpoint's prompt format, else none).")
-  flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh shape (data, fsdp, tensor); -1 = the rest.")
+                    "Prompt template for 'prompt' records (default: the checkpoint's prompt format, else none).", flag_values=values)
+  flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh shape (data, fsdp, tensor); -1 = the rest.", flag_values=values)
+  flags.DEFINE_string("calibrate", None, "Measure the reward mean and std over this JSONL (score's "
+                      "line formats) and store them with the checkpoint (reward_stats.json).", flag_values=values)
+  flags.DEFINE_bool("normalize", False, "Write (reward - mean) / std by the checkpoint's reward stats.", flag_values=values)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], values: flags.FlagValues = flags.FLAGS) -> None:
   del argv
-  for name in ("checkpoint", "input", "output"):
-    if not getattr(FLAGS, name):
+  for name in ("checkpoint",) + (() if values.calibrate else ("input", "output")):
+    if not getattr(values, name):
       raise app.UsageError(f"--{name} is required")
-  path = epath.Path(FLAGS.checkpoint)
-  scorer = RewardScorer(path, FLAGS.batch_size, FLAGS.max_length, [int(s) for s in FLAGS.mesh])
-  template = FLAGS.template or scorer.prompt_format
+  if values.calibrate and values.normalize:
+    raise app.UsageError("--calibrate measures raw rewards; --normalize does not apply")
+  path = epath.Path(values.checkpoint)
+  scorer = RewardScorer(path, values.batch_size, values.max_length, [int(s) for s in values.mesh],
+                        normalize=values.normalize)
+  template = values.template or scorer.prompt_format
   if template is None:
     print(f"note: {path} records no prompt format; prompts are used verbatim (--template to choose)")
     template = "none"
-  counts = score_file(scorer, epath.Path(FLAGS.input), epath.Path(FLAGS.output), template)
-  print(f"scored {counts['records']} records ({counts['sequences']} sequences; cut to {FLAGS.max_length} "
+  if values.calibrate:
+    stats = checkpoint.save_reward_stats(path, **calibrate(scorer, epath.Path(values.calibrate), template))
+    print(f"reward mean {stats['mean']:.6g}, std {stats['std']:.6g} over {stats['sequences']} sequences "
+          f"of {values.calibrate} -> {path / checkpoint.REWARD_STATS_FILE}")
+    return
+  counts = score_file(scorer, epath.Path(values.input), epath.Path(values.output), template)
+  print(f"scored {counts['records']} records ({counts['sequences']} sequences; cut to {values.max_length} "
         f"tokens by {scorer.truncation}: {counts['truncated_prompt']} lost prompt tokens, "
-        f"{counts['truncated_response']} lost response tokens) -> {FLAGS.output}; "
-        f"{counts['bad_lines']} bad lines skipped")
+        f"{counts['truncated_response']} lost response tokens) -> {values.output}; "
+        f"{counts['bad_lines']} bad lines skipped" + ("; rewards normalized" if values.normalize else ""))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
   pairwise --checkpoint=CKPT --data=FILE --format=F [--by=source]
   bon      --candidates=FILE --task=gsm8k|math|champ (--checkpoint=CKPT | --scores=FILE) --n=1,2,4,...
+           [--aggregate=min|max|sum|mean|last|product [--step_delimiter=TEXT]]
   mc       --checkpoint=CKPT --data=FILE --format=logiqa2|reclor [--by=type]
   compare  --reports=A.json,B.json [--score=tie_aware|strict|rm@N]
 
@@ -9,6 +10,9 @@ Every mode prints a table and writes its report as JSON (accuracies are fraction
 say how many scored sequences were cut (and in which part), report ties beside the strict accuracy
 and keep per-item scores; `compare` reads two such reports of the same items and prints A minus B
 with a paired bootstrap interval over the items.
+`--normalize` scores with the checkpoint's reward normalization ((r - mean) / std, `score
+--calibrate`); `bon --aggregate=HOW` scores each candidate by its step rewards (the reward at the
+end of every step, one forward pass per candidate) aggregated by HOW (`bon.AGGREGATES`).
 """
 from __future__ import annotations
 
@@ -71,6 +75,11 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   string("plot", "bon: PNG of accuracy against N (default: beside --out).")
   string("save_scores", "bon: write the rewards used, in the --scores format.")
   flags.DEFINE_float("sympy_timeout", 5.0, "bon: seconds per MATH comparison.", flag_values=values)
+  flags.DEFINE_enum("aggregate", None, bon.AGGREGATES, "bon: score each candidate by its step rewards "
+                    "(one per step, read at the step's last token) aggregated this way.", flag_values=values)
+  string("step_delimiter", "bon --aggregate: the text between steps.", bon.DEFAULT_STEP_DELIMITER)
+  flags.DEFINE_bool("normalize", False, "Normalize rewards by the checkpoint's reward mean and std "
+                    "(reward_stats.json; score --calibrate).", flag_values=values)
   # compare.
   flags.DEFINE_list("reports", None, "compare: two reports of the same items, A,B.", flag_values=values)
   string("score", "compare: the per-item score compared: tie_aware (default) or strict (pairwise, "
@@ -94,6 +103,10 @@ def mode_of(argv: Sequence[str], values: flags.FlagValues) -> str:
     if (values.checkpoint is None) == (values.scores is None):
       raise app.UsageError("bon: give one of --checkpoint and --scores")
     _ns(values.n)
+    if values.aggregate is not None and values.scores is not None:
+      raise app.UsageError("bon: --aggregate scores step rewards from --checkpoint, not --scores")
+  if values.normalize and values.checkpoint is None:
+    raise app.UsageError(f"{mode}: --normalize needs --checkpoint")
   return mode
 
 
@@ -176,7 +189,8 @@ def run(mode: str, values: flags.FlagValues) -> dict:
   scorer = None
   if values.checkpoint is not None:
     from codepmp_jax.score import RewardScorer  # JAX and the model load only when scoring.
-    scorer = RewardScorer(values.checkpoint, values.batch_size, values.max_length)
+    scorer = RewardScorer(values.checkpoint, values.batch_size, values.max_length,
+                          normalize=values.normalize)
     data_format = {"pairwise": values.format, "mc": "logiqa2", "bon": "gsm8k"}[mode]
     expected = loaders.FORMAT_TEMPLATES.get(data_format)
     if scorer.prompt_format not in (None, expected):
@@ -189,12 +203,17 @@ def run(mode: str, values: flags.FlagValues) -> dict:
     report = reward_tasks.multiple_choice(scorer, data, values.format, by, values.limit,
                                           values.strict, values.seed)
   else:
+    if values.aggregate is not None:
+      scorer = bon.StepAggregateScorer(scorer, values.aggregate, values.step_delimiter)
     plot = values.plot or epath.Path(values.out).with_suffix(".png")
     report = reward_tasks.best_of_n(values.candidates, values.task, _ns(values.n), scorer,
                                     values.scores, values.draws, values.seed, values.limit,
                                     values.sympy_timeout, plot, values.save_scores)
   if values.checkpoint is not None:
     report["checkpoint"] = str(values.checkpoint)
+    report["normalized"] = bool(values.normalize)
+  if mode == "bon" and values.aggregate is not None:
+    report["step_aggregate"] = {"aggregate": values.aggregate, "delimiter": values.step_delimiter}
   return report
 
 

@@ -30,6 +30,13 @@ from codepmp_jax.data.records import read_json_objects
 from codepmp_jax.eval import answers, stats
 
 METHODS = ("rm", "random", "majority", "oracle")
+# Step-level scores (`--aggregate`): a solution's steps are the text between delimiters; each step's
+# reward is read at its last token in one forward pass (`score.RewardScorer.score_steps`) and the
+# steps' rewards are aggregated into the solution's reward, as the released CodePMP Best-of-N
+# evaluation does (its `min`, `max`, `sum`, `only_last` = `last`; `mean`; `product`: of
+# sigmoid(reward), each step's probability of being right, as a process reward model's).
+AGGREGATES = ("min", "max", "sum", "mean", "last", "product")
+DEFAULT_STEP_DELIMITER = "\n\n"
 
 
 @dataclasses.dataclass
@@ -261,3 +268,72 @@ def best_of_n(questions: Sequence[Question], rewards: Sequence[np.ndarray], ns: 
     out[str(n)]["baselines"] = {name: sum(v) / len(questions) for name, v in baselines.items()}
     per_item[f"rm@{n}"] = per_question["rm"]
   return out, per_item
+
+
+def split_steps(response: str, delimiter: str = DEFAULT_STEP_DELIMITER) -> list[int]:
+  """Where each step of `response` ends (character offsets, exclusive): steps are the pieces
+  between `delimiter`s that hold more than whitespace, each ending at its last non-space
+  character; the last step ends at the end of the response (its reward is read at the end token).
+  A response without a delimiter (or without text) is one step."""
+  if not delimiter:
+    raise ValueError("the step delimiter must be a non-empty string")
+  ends, start = [], 0
+  for piece in response.split(delimiter):
+    if piece.strip():
+      ends.append(start + len(piece.rstrip()))
+    start += len(piece) + len(delimiter)
+  return ends[:-1] + [len(response)]
+
+
+def aggregate_steps(rewards: Sequence[float] | np.ndarray, how: str) -> float:
+  """One reward from a solution's step rewards (`AGGREGATES`)."""
+  r = np.asarray(rewards, np.float64)
+  if r.size == 0:
+    raise ValueError("no step rewards to aggregate")
+  if how == "min":
+    return float(r.min())
+  if how == "max":
+    return float(r.max())
+  if how == "sum":
+    return float(r.sum())
+  if how == "mean":
+    return float(r.mean())
+  if how == "last":
+    return float(r[-1])
+  if how == "product":
+    return float(np.exp(-np.logaddexp(0.0, -r).sum()))  # prod(sigmoid(r)), without overflow
+  raise ValueError(f"unknown step aggregate {how!r}; one of {AGGREGATES}")
+
+
+class _StepIds(tuple):
+  """Token ids that carry the positions of their steps' last tokens (`StepAggregateScorer`)."""
+  positions: tuple[int, ...]
+
+
+class StepAggregateScorer:
+  """A scorer (`reward_tasks.Scorer`) whose reward of a (prompt, response) is `aggregate` of its
+  step rewards: `encode_texts` splits responses into steps (`split_steps` by `delimiter`) and
+  `score_ids` reads every step's reward in one forward pass per response
+  (`RewardScorer.score_positions`). The last call's step rewards stay in `step_rewards`."""
+
+  def __init__(self, scorer, aggregate: str, delimiter: str = DEFAULT_STEP_DELIMITER):
+    if aggregate not in AGGREGATES:
+      raise ValueError(f"unknown step aggregate {aggregate!r}; one of {AGGREGATES}")
+    self.scorer, self.aggregate, self.delimiter = scorer, aggregate, delimiter
+    self.step_rewards: list[np.ndarray] = []
+
+  def __getattr__(self, name):  # everything else (prompt_format, max_length, ...) is the scorer's
+    return getattr(self.scorer, name)
+
+  def encode_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list:
+    out = []
+    for steps in self.scorer.encode_steps(prompts, responses, self.delimiter):
+      ids = _StepIds(steps.sequence.ids)
+      ids.positions = steps.positions
+      out.append(dataclasses.replace(steps.sequence, ids=ids))
+    return out
+
+  def score_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    positions = [getattr(s, "positions", None) or (len(s) - 1,) for s in sequences]
+    self.step_rewards = self.scorer.score_positions(sequences, positions)
+    return np.asarray([aggregate_steps(r, self.aggregate) for r in self.step_rewards], np.float64)
