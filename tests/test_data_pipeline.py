@@ -1,4 +1,5 @@
-"""The input pipeline: batch layout, epochs, buckets, per-process parts, exact resume, global arrays."""
+"""The input pipeline, unpacked: batch layout, epochs, buckets, per-process parts, exact resume
+(Grain and tf.data readers), global arrays. Packed steps: test_packed_pipeline.py."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from codepmp_jax.data import pipeline, prepare
+from codepmp_jax.data import pipeline, prepare, sampler
 from codepmp_jax.data.encode import EncodedPair, EncodedSequence, PairArrays
 from codepmp_jax.data.tokenizer import train_sentencepiece
 
@@ -63,21 +64,21 @@ def test_epochs_are_permutations_deterministic_in_the_seed_and_stop_when_asked()
   with pytest.raises(StopIteration):
     next(it)
   seen = [i for b in batches for i in _ids(b)]
-  assert len(seen) == len(set(seen)) == 48 and it.dropped_pairs == 2 and it.num_pairs == 50
-  assert it.get_state()["finished"]
+  assert len(seen) == len(set(seen)) == 48 and it.left_over_pairs == 2 and it.num_pairs == 50
+  assert it.get_state()["next_index"] == 6
   _, again = _batches(cfg, 12)
   _, other = _batches(cfg, 6, seed=1)
   assert [_ids(b) for b in again[:6]] == [_ids(b) for b in batches]
   assert [_ids(b) for b in other] != [_ids(b) for b in batches]
   assert [_ids(b) for b in again[6:]] != [_ids(b) for b in batches]  # a new order each epoch
   too_small, _ = _batches(pipeline.in_memory_config(_pairs(5), pad_id=0), 0, repeat=False)
-  assert list(too_small) == [] and too_small.dropped_pairs == 5
+  assert list(too_small) == [] and too_small.left_over_pairs == 5
   cfg.shuffle_buffer = 0
   _, ordered = _batches(cfg, 2)
   assert [_ids(b) for b in ordered] == [list(range(8)), list(range(8, 16))]
 
 
-def test_buckets_are_multiples_of_128_shared_by_all_processes():
+def test_buckets_are_a_few_fixed_lengths_shared_by_all_processes():
   cfg = pipeline.in_memory_config(_pairs(64, max_len=300, seed=3), pad_id=0, bucket=True)
   lengths = []
   for index in range(2):
@@ -86,7 +87,9 @@ def test_buckets_are_multiples_of_128_shared_by_all_processes():
     for b in batches:
       assert b["attention_mask"].sum(-1).max() <= b["input_ids"].shape[-1]
   assert lengths[0] == lengths[1]
-  assert set(lengths[0]) <= {128, 256, 384} and len(set(lengths[0])) > 1
+  assert set(lengths[0]) <= {128, 256, 512} and len(set(lengths[0])) > 1
+  assert sampler.bucket_lengths(512) == (128, 256, 512)
+  assert sampler.bucket_lengths(1000) == (128, 256, 512, 1000)
 
 
 def test_two_processes_read_disjoint_contiguous_parts():
@@ -99,7 +102,7 @@ def test_two_processes_read_disjoint_contiguous_parts():
     parts.append([_ids(b) for b in batches])
     assert all(len(ids) == 4 for ids in parts[-1]) and it.steps_per_epoch == 5
     assert {min(i // 20, 1) for ids in parts[-1] for i in ids} == {index}  # pairs [0, 20), [20, 41)
-  assert it.dropped_pairs == 1  # process 0 holds 20 pairs: 5 full batches; process 1 holds 21
+  assert it.left_over_pairs == 1  # process 0 holds 20 pairs: 5 full batches; process 1 holds 21
   all_ids = [i for part in parts for ids in part for i in ids]
   assert len(all_ids) == len(set(all_ids)) == 40
 
@@ -135,9 +138,10 @@ np.savez(sys.argv[3], **out)
 """
 
 
-def test_resume_in_a_new_process_gives_the_same_next_batches(prepared, tmp_path):
+@pytest.mark.parametrize("reader", pipeline.READERS)
+def test_resume_in_a_new_process_gives_the_same_next_batches(prepared, tmp_path, reader):
   cfg = pipeline.default_data_config()
-  cfg.update(path=prepared, bucket=True, prefetch=3)
+  cfg.update(path=prepared, bucket=True, prefetch=3, reader=reader)
   runs, specs = {}, {}
   for name, index, count in (("single", 0, 1), ("p0", 0, 2), ("p1", 1, 2)):
     full_it, full = _batches(cfg, 12, seq_len=32, seed=7, index=index, count=count)
@@ -150,7 +154,7 @@ def test_resume_in_a_new_process_gives_the_same_next_batches(prepared, tmp_path)
   assert full_it.steps_per_epoch == 5  # the 12 batches cross two epoch boundaries
   out = tmp_path / "resumed.npz"
   env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", _RESUME, json.dumps({"path": prepared, "bucket": True}),
+  result = subprocess.run([sys.executable, "-c", _RESUME, json.dumps({"path": prepared, "bucket": True, "reader": reader}),
                            json.dumps(specs), str(out)], capture_output=True, text=True, env=env,
                           timeout=300)
   assert result.returncode == 0, result.stderr
