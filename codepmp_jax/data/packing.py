@@ -41,12 +41,11 @@ and `sequence_index` listing the prompt's columns in BOTH sequences' slots. Dens
 on `c + r - p` tokens a pair instead of `c + r`; the loss and gradients are unchanged. Such rows
 need `sequence_index` (a segment mask alone would hide the prompt from the rejected response).
 
-`pack_batch` is the form a training pipeline wants: ALL of a batch's pairs (so a step still trains
-on a fixed number of pairs, as the padded step does, and resuming stays exact), in as many rows as
-they need, the row count rounded up to a multiple of `row_multiple` (the devices the rows are split
-over, times the microbatches) in a few sizes per octave, and `M`, `S` and `T` to a few sizes
-too (`PackedShape.rounded`), so only a few shapes are compiled.
-`codepmp_jax.step.make_packed_train_step` trains on it with the same loss and gradients as the
+The input pipeline packs every step into ONE shape (`sampler.PackPlan` plans each step's pairs
+and their rows from sizes alone; `pack_pairs(rows=...)` lays them out), so a run compiles its step
+once. `pack_batch` packs a given set of pairs whole into the least rounded shape that holds them
+(benchmarks and tests that compare packed with padded steps on the same pairs).
+`codepmp_jax.step.make_packed_train_step` trains on either with the same loss and gradients as the
 padded step on the same pairs.
 """
 from __future__ import annotations
