@@ -494,6 +494,27 @@ def save_hf(out: str | os.PathLike, params: dict, config: ModelConfig,
   return out
 
 
+def write_hf_reward_stats(out: str | os.PathLike, stats: dict | None) -> None:
+  """Put a checkpoint's reward stats (`checkpoint.load_reward_stats`) in an export's config.json
+  as `mean` and `std`, where OpenRLHF's reward model reads them (`--normalize_reward`: its
+  `get_llm_for_sequence_regression` loads `config.mean` / `config.std`, as its reward trainer
+  saves them); nothing when the checkpoint has none."""
+  if stats is None:
+    return
+  file = epath.Path(out) / "config.json"
+  hf = json.loads(file.read_text())
+  hf.update(mean=stats["mean"], std=stats["std"])
+  file.write_text(json.dumps(hf, indent=2) + "\n")
+
+
+def read_hf_reward_stats(directory: str | os.PathLike) -> dict | None:
+  """The reward stats (`mean`, `std`) of a Hugging Face model's config.json, or None."""
+  hf = json.loads((epath.Path(directory) / "config.json").read_text())
+  if hf.get("mean") is None or hf.get("std") is None:
+    return None
+  return {"mean": float(hf["mean"]), "std": float(hf["std"]), "source": f"{directory}/config.json"}
+
+
 def model_card(config: ModelConfig, template: str | None, has_tokenizer: bool) -> str:
   """The README.md of an export: what the model is, its prompt format, and how to score with it."""
   name = "MODEL_DIR"
@@ -618,6 +639,7 @@ def main(argv: list[str]) -> None:
             f"{', '.join(config.lora.targets)}) into the exported weights")
     out = save_hf(FLAGS.to_hf, params, config, tokenizer, template)
     encode.save_truncation(out, encode.load_truncation(source))  # how our score/eval cut its inputs
+    write_hf_reward_stats(out, checkpoint.load_reward_stats(source))
     print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, prompt format {template})")
     return
   if not FLAGS.output:
@@ -634,8 +656,9 @@ def main(argv: list[str]) -> None:
     params, config, tokenizer = load_gguf(FLAGS.from_gguf, FLAGS.seed, FLAGS.param_dtype)
     template = FLAGS.template
   truncation = encode.load_truncation(source) if modes[0] == "from_hf" else None
+  reward_stats = read_hf_reward_stats(source) if modes[0] == "from_hf" else None
   out = checkpoint.save_model(FLAGS.output, params, config, tokenizer, prompt_format=template,
-                              truncation=truncation)
+                              truncation=truncation, reward_stats=reward_stats)
   print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, "
         f"{sum(x.size for x in _leaves(params)) / 1e6:.1f}M parameters)")
 

@@ -164,3 +164,34 @@ def test_calibrate_normalize_and_eval_bon_aggregate(ckpt, scorer, tmp_path, caps
     expected = [float(np.sum(r)) for r in normalized.score_steps([prompt] * len(cands), cands)]
     np.testing.assert_allclose(got[qid], expected, rtol=1e-5, atol=1e-5)
   capsys.readouterr()
+
+
+def test_reward_stats_round_trip_through_hf_export_and_transformers(ckpt, tmp_path):
+  """convert --to_hf puts the stats in config.json (`mean`, `std`: where OpenRLHF's reward model
+  reads them), transformers loads them with the model, convert --from_hf brings them back."""
+  import shutil
+  import subprocess
+  import sys
+
+  import torch
+  import transformers
+  work = tmp_path / "ckpt"
+  shutil.copytree(ckpt, work)
+  stats = checkpoint.save_reward_stats(work, mean=0.125, std=1.5, source="test")
+  root = pathlib.Path(__file__).resolve().parents[1]
+
+  def convert(*args):
+    result = subprocess.run([sys.executable, "-m", "codepmp_jax.convert", *args], cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  convert(f"--to_hf={tmp_path / 'hf'}", f"--checkpoint={work}")
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+  assert (model.config.mean, model.config.std) == (stats["mean"], stats["std"])
+  assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").to_dict()["std"] == 1.5
+  convert(f"--from_hf={tmp_path / 'hf'}", f"--output={tmp_path / 'back'}")
+  back = checkpoint.load_reward_stats(tmp_path / "back")
+  assert (back["mean"], back["std"]) == (0.125, 1.5)
+  # A checkpoint without stats exports a config without them.
+  convert(f"--to_hf={tmp_path / 'plain'}", f"--checkpoint={ckpt}")
+  assert "mean" not in json.loads((tmp_path / "plain" / "config.json").read_text())
