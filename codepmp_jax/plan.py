@@ -124,7 +124,7 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
       shards = pipeline.local_batch_shards(batch_sharding["input_ids"], 1)
       shapes = pipeline.packed_shape(
           config.data, split=split, global_batch=pairs, seq_len=tc.seq_len, seed=config.seed,
-          row_multiple=microbatches, batch_shards=shards).array_shapes(config.data.pack_pairs_per_row)
+          row_multiple=microbatches, local_shards=shards).array_shapes(config.data.pack_pairs_per_row)
     else:
       shapes = {"input_ids": (pairs, 2, tc.seq_len), "attention_mask": (pairs, 2, tc.seq_len),
                 "lm_mask": (pairs, 2, tc.seq_len), "margin": (pairs,)}

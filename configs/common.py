@@ -11,8 +11,9 @@ The published (Yu et al. 2024) and released (github.com/FAMOR-FY/CodePMP) hyperp
   RM fine-tuning: BT only, cosine schedule, weight decay 0, gradient clipping 1.0, one epoch;
     Math-Shepherd lr 3e-7 with 3% warmup, ReClor / LogiQA 2.0 lr 3e-6 with 25% warmup.
 Both bucket the pairs by length (`data.bucket`), so short pairs are not padded to 1024 tokens;
-PMP packs them (`data.pack`: several pairs per row of 2 x 1024 tokens, the same pairs per step and
-the same loss as padded; `--config.data.pack=False` falls back to the buckets).
+PMP packs them (`data.pack`: several pairs per row of 2 x 1024 tokens, every step of one shape, about
+`global_batch` pairs a step with the rest carried to the next; `--config.data.pack=False` falls back
+to the buckets).
 """
 from __future__ import annotations
 

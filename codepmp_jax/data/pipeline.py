@@ -182,6 +182,12 @@ def pair_sizes(sizes: np.ndarray, share_prompt: bool) -> np.ndarray:
                             sizes["shared_prompt"] if share_prompt else None)
 
 
+def rows_multiple(groups: int, process_count: int, row_multiple: int, local_shards: int) -> int:
+  """What the packed rows of a step must be a multiple of: the read groups (each fills its share)
+  and every process's devices times the step's microbatches."""
+  return math.lcm(groups, process_count * row_multiple * local_shards)
+
+
 def pack_settings(cfg: ml_collections.ConfigDict, sizes: np.ndarray, global_batch: int,
                   seq_len: int, multiple: int) -> sampler.PackSettings:
   """The run's one packed shape: `cfg.pack_rows` rows (0: enough for `global_batch` pairs of the
@@ -201,15 +207,21 @@ def pack_settings(cfg: ml_collections.ConfigDict, sizes: np.ndarray, global_batc
 
 
 def packed_shape(cfg: ml_collections.ConfigDict, *, split: str, global_batch: int, seq_len: int,
-                 seed: int, row_multiple: int, batch_shards: int, process_count: int = 1
+                 seed: int, row_multiple: int, local_shards: int, process_count: int = 1
                  ) -> packing.PackedShape:
   """The one packed shape of every step of `split` (one process's part of `process_count`), as
-  `PairBatches` derives it (`plan` compiles it): `batch_shards` is how many pieces the batch
-  sharding cuts the rows into, `row_multiple` the step's microbatches."""
-  source = open_source(cfg, split, seq_len, seed)
-  groups = cfg.read_groups or process_count
-  multiple = math.lcm(groups, process_count * row_multiple * max(batch_shards // process_count, 1))
-  sizes = pair_sizes(source.sizes, bool(cfg.pack_share_prompt))
+  `PairBatches` derives it (`plan` compiles it): `local_shards` is how many pieces the batch
+  sharding cuts a process's rows into, `row_multiple` the step's microbatches."""
+  multiple = rows_multiple(cfg.read_groups or process_count, process_count, row_multiple, local_shards)
+  if cfg.pack_rows:  # the data's sizes are needed only to derive the rows
+    sizes = np.zeros((0, 4), np.int32)
+  else:
+    try:
+      source = open_source(cfg, split, seq_len, seed)
+    except (FileNotFoundError, ValueError) as e:
+      raise ValueError(f"data.pack_rows=0 derives the packed rows from the data's pair sizes, and "
+                       f"the data cannot be read ({e}); set --config.data.pack_rows") from e
+    sizes = pair_sizes(source.sizes, bool(cfg.pack_share_prompt))
   return pack_settings(cfg, sizes, global_batch, seq_len, multiple).shape(process_count)
 
 
@@ -241,8 +253,8 @@ class PairBatches:
     if self.pack:
       self._share_prompt = bool(cfg.pack_share_prompt)
       sizes = pair_sizes(self._source.sizes, self._share_prompt)
-      multiple = math.lcm(groups.groups,
-                          process_count * row_multiple * local_batch_shards(sharding, process_count))
+      multiple = rows_multiple(groups.groups, process_count, row_multiple,
+                               local_batch_shards(sharding, process_count))
       self.settings = pack_settings(cfg, sizes, global_batch, seq_len, multiple)
       self.shape = self.settings.shape(process_count)
       self._plan = sampler.PackPlan(groups, sizes, self.settings, seed, shuffle)
