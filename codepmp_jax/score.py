@@ -371,7 +371,8 @@ def read_file(scorer: RewardScorer, input_path: epath.Path, template: str
   usable line is an error."""
   counts: collections.Counter = collections.Counter()
   records, fields, sequences = [], [], []
-  with input_path.open(encoding="utf-8") as f:
+  first_bad = ""
+  with input_path.open("rb") as f:  # bytes: a line that is not UTF-8 is one bad line
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -381,10 +382,13 @@ def read_file(scorer: RewardScorer, input_path: epath.Path, template: str
         wanted = sequences_of(record, scorer, template, where)
       except json.JSONDecodeError as e:
         wanted, message = None, f"{where}: invalid JSON ({e.msg} at column {e.colno})"
+      except UnicodeDecodeError as e:
+        wanted, message = None, f"{where}: not UTF-8 ({e.reason} at byte {e.start})"
       except ValueError as e:
         wanted, message = None, str(e)
       if wanted is None:
         counts["bad_lines"] += 1
+        first_bad = first_bad or message
         if counts["bad_lines"] <= EXAMPLES_SHOWN:
           print(f"bad line: {message}", file=sys.stderr)
         continue
@@ -395,7 +399,7 @@ def read_file(scorer: RewardScorer, input_path: epath.Path, template: str
         counts["truncated_prompt"] += bool(sequence.prompt_cut)
         counts["truncated_response"] += bool(sequence.response_cut)
   if not records:
-    raise ValueError(f"{input_path}: no usable lines ({counts['bad_lines']} bad); each line needs "
+    raise ValueError(f"{input_path}: no usable lines ({counts['bad_lines']} bad, the first {first_bad}); each line needs "
                      "'input_ids', 'text', 'prompt'+'response' or 'prompt'+'chosen'+'rejected'")
   return records, fields, sequences, counts
 

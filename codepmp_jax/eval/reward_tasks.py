@@ -59,9 +59,9 @@ def _labels(value: Any) -> list[str]:
   return [str(value)]
 
 
-def _no_records(data: str, what: str, bad: BadRecords) -> ValueError:
-  counts = ", ".join(f"{k}={v}" for k, v in bad.to_dict().items() if v) or "none"
-  return ValueError(f"{data}: no usable {what} (bad records: {counts}); check --data and --format")
+def _no_records(data: str, format: str, bad: BadRecords) -> ValueError:
+  """One line: the commonest bad kind with its first file:line, the format the records fit."""
+  return ValueError(f"{loaders.nothing_loaded([data], format, bad)}; check --data and --format")
 
 
 def _item_ids(records: Sequence[Any], kept: Sequence[int]) -> list[str]:
@@ -84,7 +84,7 @@ def pairwise(scorer: Scorer, data: str, format: str, by: str = "source",
   records = list(itertools.islice(
       loaders.load_records([data], format, bad, loaders.LoaderOptions(seed=seed)), limit))
   if not records:
-    raise _no_records(data, f"pairs in format {format!r}", bad)
+    raise _no_records(data, format, bad)
   encoded = scorer.encode_texts([r.prompt for r in records] * 2,
                                 [r.chosen for r in records] + [r.rejected for r in records])
   sides = list(zip(encoded[:len(records)], encoded[len(records):]))
@@ -180,7 +180,7 @@ def multiple_choice(scorer: Scorer, data: str, format: str, by: str = "type",
   bad = BadRecords(strict=strict)
   items = list(itertools.islice(loaders.load_multiple_choice([data], bad), limit))
   if not items:
-    raise _no_records(data, "questions", bad)
+    raise _no_records(data, format, bad)
   rewards, truncation = _grouped_rewards(scorer, [item.prompt for item in items],
                                          [item.options for item in items])
   strict_scores, tie_aware = stats.top_pick_scores(rewards, [item.answer for item in items])
