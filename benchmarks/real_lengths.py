@@ -47,7 +47,7 @@ from codepmp_jax.data.encode import PairArrays, encode_records
 from codepmp_jax.data.records import BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from codepmp_jax.model import transformer
-from codepmp_jax.model.config import ModelConfig, get_preset
+from codepmp_jax.model.config import ModelConfig, get_preset, resolve_attention
 
 MODES = ("padded", "bucketed", "packed", "shared", "peer")
 BUCKET = 128
@@ -212,8 +212,9 @@ def main(argv: list[str]) -> None:
   import torch
   torch.set_num_threads(os.cpu_count())
   data = load_data(pathlib.Path(FLAGS.cache), FLAGS.num_pairs, FLAGS.seq_len, FLAGS.vocab_size)
-  config = get_preset(FLAGS.shape, vocab_size=FLAGS.vocab_size, dtype=FLAGS.dtype, param_dtype="float32",
-                      pad_token_id=0, **dict(common.parse_overrides(FLAGS.model)))
+  config = resolve_attention(get_preset(
+      FLAGS.shape, vocab_size=FLAGS.vocab_size, dtype=FLAGS.dtype, param_dtype="float32",
+      pad_token_id=0, **dict(common.parse_overrides(FLAGS.model))), jax.default_backend())
   lines = [f"real_lengths: {jax.default_backend()} ({jax.devices()[0].device_kind}), {FLAGS.shape}, "
            f"{FLAGS.dtype}, seq_len {FLAGS.seq_len}, {FLAGS.pairs} pairs (rows) per step, "
            f"{FLAGS.num_pairs} pairs per data set; jax {jax.__version__}, torch {torch.__version__}"]

@@ -44,7 +44,7 @@ from codepmp_jax.data import packing, pipeline
 from codepmp_jax.data.encode import PairArrays
 from codepmp_jax.model import flops as flops_lib
 from codepmp_jax.model import transformer
-from codepmp_jax.model.config import ModelConfig, get_preset
+from codepmp_jax.model.config import ModelConfig, get_preset, resolve_attention
 
 CPU_SHAPES = ("tiny", "smollm2_135m")
 GPU_SHAPES = ("qwen2_0_5b", "qwen2_1_5b")
@@ -226,8 +226,9 @@ def measure_shape(shape: str, args: flags.FlagValues, platform: str) -> dict[str
   """Step times (median) of ours and the peer at one shape, and the peak FLOP/s for MFU (`args`:
   the parsed flags)."""
   overrides = dict(common.parse_overrides(args.model))
-  config = get_preset(shape, dtype=args.dtype, param_dtype="float32",
-                      remat_policy="full" if args.remat else "none", **overrides)
+  config = resolve_attention(get_preset(shape, dtype=args.dtype, param_dtype="float32",
+                                        remat_policy="full" if args.remat else "none", **overrides),
+                             platform)
   batch = synthetic_batch(config, args.pairs, args.seq_len)
   packed = packed_synthetic_batch(config, args.pairs, args.seq_len)
   makers = {"ours": lambda: Ours(config, batch), "packed": lambda: Ours(config, packed),

@@ -28,6 +28,7 @@ from codepmp_jax import checkpoint, cli, sharding
 from codepmp_jax.data import registry, templates
 from codepmp_jax.data.records import read_json_objects
 from codepmp_jax.data.tokenizer import load_tokenizer
+from codepmp_jax.model.config import resolve_attention
 from codepmp_jax.model.generate import Generator, SamplingConfig
 
 # GSM8K questions use the math template (`Instruction:{question}\n\nResponse:`).
@@ -111,9 +112,11 @@ def main(argv: list[str]) -> None:
         f"(prompt format {template})")
 
   params, config = checkpoint.load_model(source)
-  config = config.replace(scan_layers=FLAGS.scan_layers)
   tokenizer = load_tokenizer(source / checkpoint.TOKENIZER)
   mesh = sharding.make_mesh([int(s) for s in FLAGS.mesh])
+  # The attention of this device (a checkpoint records the one it was trained with).
+  config = resolve_attention(config.replace(scan_layers=FLAGS.scan_layers, attention="auto"),
+                             mesh.devices.flat[0].platform)
   generator = Generator(params, config, tokenizer=tokenizer, mesh=mesh)
   sampling = SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                             top_k=FLAGS.top_k, top_p=FLAGS.top_p, n=FLAGS.n, seed=FLAGS.seed,

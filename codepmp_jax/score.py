@@ -48,14 +48,15 @@ from codepmp_jax.data.encode import EncodedSequence, bucket_length, encode_seque
 from codepmp_jax.data.tokenizer import load_tokenizer
 from codepmp_jax.eval import bon
 from codepmp_jax.model import attention, frozen_trunk, transformer
+from codepmp_jax.model.config import resolve_attention
 
 EXAMPLES_SHOWN = 10
 MAX_ROWS_FACTOR = 8  # short buckets batch up to 8x the rows of the longest one
 BUCKETS_PER_OCTAVE = 4  # padded lengths 128, 160, 192, 224, 256, 320, ...: under 25% padding
-# Scoring compiles once per bucket and runs many batches, so its plain attention uses short causal
-# blocks (more of the masked triangle skipped), and on CPU a batch is cut so that one block's
-# float32 scores ([rows, heads, queries, keys]) stay within `attention.CPU_SCORE_BYTES`: the tiny
-# model scored 512-token rows 1.8x faster per row at 4 rows than at 8 (2 MB vs 4 MB of scores).
+# Scoring compiles once per bucket and runs many batches, so blocked attention uses short causal
+# blocks (more of the masked triangle skipped); where the resolved attention caps a block's scores
+# (`model.attention_block_bytes`: auto on CPU), a batch is cut so that one block's float32 scores
+# ([rows, heads, queries, keys]) stay within that cap (docs/performance.md, scoring).
 SCORE_CAUSAL_BLOCK = 64
 # Batches dispatched and not yet read back, at most: the host pads and sends the next batches while
 # the device runs the oldest, and no more than these batches' inputs are held at once. Reading
@@ -82,8 +83,8 @@ class RewardScorer:
 
   Sequences are sorted by length and padded to `BUCKETS_PER_OCTAVE` lengths per octave
   (`bucket_length`); shorter buckets take proportionally more rows (up to `MAX_ROWS_FACTOR` x
-  `batch_size`, and on CPU no more than keeps attention's scores cache-sized,
-  `attention.CPU_SCORE_BYTES`), so a batch holds about the same number of tokens and each bucket
+  `batch_size`, and no more than keeps a block of attention scores within the resolved
+  `attention_block_bytes`, if any), so a batch holds about the same number of tokens and each bucket
   is one compiled shape. All layers but the last run under `lax.scan` (params stacked once at
   load), so a compile traces two layers, not all of them; the last runs at each row's reward token
   only (`frozen_trunk.last_token_rewards`), or at given positions (`score_positions`, one row per
@@ -105,8 +106,10 @@ class RewardScorer:
     self.normalize = normalize
     self.forwarded: collections.Counter = collections.Counter()
     canonical = checkpoint.load_model_config(path).replace(scan_layers=False, remat_policy="none")
-    self.config = canonical.replace(causal_block=SCORE_CAUSAL_BLOCK)
     self.mesh = sharding.make_mesh(mesh_shape)
+    # A reader picks the attention of its own device, whatever the checkpoint was trained with.
+    self.config = resolve_attention(canonical.replace(attention="auto"),
+                                    self.mesh.devices.flat[0].platform).replace(causal_block=SCORE_CAUSAL_BLOCK)
     self.rules = sharding.DEFAULT_RULES
     shardings_of = lambda config: sharding.logical_sharding(nn.get_partition_spec(jax.eval_shape(  # noqa: E731
         lambda: transformer.init_params(config, jax.random.key(0)))), self.mesh, self.rules)
@@ -221,7 +224,7 @@ class RewardScorer:
   def length_batches(self, lengths: Sequence[int]) -> list[tuple[list[int], int, int]]:
     """(indices, padded length, rows) of each batch: longest first, each bucket's rows scaled up
     as its padded length falls (`batch_size` x min(MAX_ROWS_FACTOR, longest bucket // length)),
-    and on CPU capped by `attention.CPU_SCORE_BYTES`.
+    and capped by the resolved `attention_block_bytes` (if any).
 
     A batch never mixes buckets, so every bucket compiles once; callers restore the input order
     from the indices.
@@ -232,14 +235,14 @@ class RewardScorer:
       length = bucket_length(lengths[i], steps_per_octave=BUCKETS_PER_OCTAVE)
       buckets.setdefault(min(length, self.max_length), []).append(i)
     longest = max(buckets, default=1)
-    on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+    block_bytes = self.config.attention_block_bytes if self.config.attention == "blocked" else 0
     batches = []
     for length, indices in buckets.items():
       rows = self.batch_size * max(1, min(MAX_ROWS_FACTOR, longest // length))
-      if on_cpu:
+      if block_bytes:
         queries = attention.causal_query_block(length, self.config.causal_block)
         row_bytes = self.config.num_heads * queries * length * 4
-        fits = max(1, attention.CPU_SCORE_BYTES // row_bytes // self._data_ways)
+        fits = max(1, block_bytes // row_bytes // self._data_ways)
         rows = min(rows, fits * self._data_ways)
       batches += [(indices[s:s + rows], length, rows) for s in range(0, len(indices), rows)]
     return batches

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU performance table on one GPU: the PMP train step (our jitted step, on the padded batch
 # and on the same pairs packed, against the transformers + torch AdamW peer) at qwen2_0_5b and
-# qwen2_1_5b, bf16, 1024 tokens, synthetic data, with attention=plain and attention=fused (cuDNN),
+# qwen2_1_5b, bf16, 1024 tokens, synthetic data, with attention=blocked and attention=cudnn,
 # and the generation benchmark (SmolLM2-135M, bf16, our KV-cache decoder against transformers'
 # generate on the same GPU).
 #
@@ -25,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SHAPES=${SHAPES:-qwen2_0_5b qwen2_1_5b}
-ATTENTIONS=${ATTENTIONS:-plain fused}
+ATTENTIONS=${ATTENTIONS:-blocked cudnn}
 PARTS=${PARTS:-train generate}
 OUT=${OUT:-gpu_benchmark_$(hostname -s)_$(date -u +%Y%m%dT%H%M%SZ).txt}
 FIRST_SIDES=${FIRST_SIDES:-peer,ours,packed}

@@ -15,9 +15,9 @@
 #   start   ~90 s (a cold machine).
 #   call 1  ~290 s (limit 330): wheels (5 s); code pairs synthesized from the stdlib and big
 #           packages of the machine's site-packages (mutate, 14 cores) and tokenized, IN THE
-#           BACKGROUND while the train-step benchmark runs on the GPU (2 shapes x plain/fused
+#           BACKGROUND while the train-step benchmark runs on the GPU (2 shapes x blocked/cudnn
 #           attention: per shape one process of the PyTorch peer, ours padded and ours packed
-#           with plain attention, at most FIRST_SECONDS=100 s, and one of ours with fused
+#           with blocked attention, at most FIRST_SECONDS=100 s, and one of ours with cudnn
 #           attention, at most RUN_SECONDS=55 s). Returns gpu_benchmark.txt and two logs.
 #   call 2  ~430 s (limit 480), within 30 s of call 1's end: the GGUF joined from its parts
 #           (sha256 checked) and converted (float32 masters, 20 s); PMP, one epoch over up to 60k

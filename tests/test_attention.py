@@ -1,10 +1,15 @@
-"""Attention paths: ours (plain) against JAX's own reference, and the fused path against the plain one."""
+"""Attention implementations by name: plain against JAX's own reference, every other one against plain,
+and `auto` resolved once per backend at config resolution (never inside model code)."""
+import functools
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from codepmp_jax.model import attention
+from codepmp_jax.model.config import ModelConfig, get_preset, resolve_attention
 
 B, L, HEADS, KV, HD = 3, 12, 6, 2, 8
 
@@ -58,7 +63,7 @@ def test_bias_per_head_and_broadcast():
 @pytest.mark.parametrize("window,segments,with_bias", [
     (None, False, False), (40, False, True), (None, True, False), (61, True, False)])
 def test_long_causal_in_query_blocks_matches_jax_reference(window, segments, with_bias):
-  """Over 2 * causal_block tokens the plain path skips the masked triangle block by block (and,
+  """Over 2 * causal_block tokens the blocked path skips the masked triangle block by block (and,
   with a window, the keys before it); its outputs and gradients are still JAX's reference
   attention (lengths, window, bias, segments; packed rows under a window of their longest
   segment, 60 tokens)."""
@@ -82,9 +87,9 @@ def test_long_causal_in_query_blocks_matches_jax_reference(window, segments, wit
 
   @jax.jit  # one compile instead of dispatching (and compiling) every block's ops one by one
   def outputs(q, k, v):
-    ours = attention.plain_attention(q, k, v, bias=bias, lengths=lengths, causal=True,
-                                     sliding_window=window, segment_ids=segment_ids,
-                                     causal_block=causal_block)
+    ours = attention.blocked_attention(q, k, v, bias=bias, lengths=lengths, causal=True,
+                                       sliding_window=window, segment_ids=segment_ids,
+                                       causal_block=causal_block)
     ref = jax.nn.dot_product_attention(
         q, k, v, bias=reference_bias, is_causal=True, key_value_seq_lengths=lengths,
         local_window_size=None if window is None else (window - 1, 0), implementation="xla")
@@ -103,40 +108,103 @@ def test_long_causal_in_query_blocks_matches_jax_reference(window, segments, wit
     np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_query_blocks_keep_scores_cache_sized():
-  """On CPU a block's float32 scores stay within 2 MiB where blocks of 64 queries or more can:
-  8 rows x 4 heads x 256 keys x 4 bytes is 32 KiB a query, so 256 queries run as 4 blocks of 64,
-  and 4 rows as 2 blocks of 128; never under 64 queries a block, nor fewer than 2 blocks."""
-  assert (attention.CPU_SCORE_BYTES, attention.MIN_CPU_CAUSAL_BLOCK) == (2 << 20, 64)
-  assert attention.causal_query_block(256, 256, rows_x_heads=8 * 4) == 64
-  assert attention.causal_query_block(256, 256, rows_x_heads=4 * 4) == 128
-  assert attention.causal_query_block(256, 256) == 256  # off CPU: one block of causal_block
-  assert attention.causal_query_block(1024, 256, rows_x_heads=1024) == 128  # at most 8 blocks
-  assert attention.causal_query_block(256, 256, rows_x_heads=1024) == 64
-  assert attention.causal_query_block(100, 256, rows_x_heads=8 * 4) == 100
-  # Narrow keys and values (the tiny model: 2 x 16 per 4 heads) allow blocks down to 32 queries:
-  # 16 rows x 4 heads x 320 keys fit 25 queries, so 8 blocks of 40; smollm2 (3 x 64 per 9) keeps 64.
-  assert attention.min_cpu_causal_block(4, 2, 16) == 32
-  assert attention.min_cpu_causal_block(9, 3, 64) == 64
-  assert attention.causal_query_block(320, 256, rows_x_heads=16 * 4, min_block=32) == 40
+def test_blocks_keep_scores_within_the_byte_cap():
+  """With `block_bytes` (auto on CPU: 2 MiB) a block's float32 scores stay within it where blocks of
+  `min_block` queries or more can: 8 rows x 4 heads x 256 keys x 4 bytes is 32 KiB a query, so 256
+  queries run as 4 blocks of 64, and 4 rows as 2 blocks of 128; never fewer than 2 blocks, never
+  more than 8; no cap, one block of causal_block."""
+  cap = 2 << 20
+  block = lambda length, rows_x_heads, min_block=64: attention.causal_query_block(  # noqa: E731
+      length, 256, rows_x_heads, min_block, cap)
+  assert block(256, 8 * 4) == 64
+  assert block(256, 4 * 4) == 128
+  assert attention.causal_query_block(256, 256, rows_x_heads=8 * 4) == 256  # no cap
+  assert block(1024, 1024) == 128  # at most 8 blocks
+  assert block(256, 1024) == 64
+  assert block(100, 8 * 4) == 100
+  assert block(320, 16 * 4, min_block=32) == 40  # 25 queries fit; the floor is 32: 8 blocks of 40
 
 
-def test_fused_equals_plain_with_gradients():
-  """Where the fused path runs (the default kernel on CPU, cuDNN on GPU) it gives the plain path's
-  outputs and gradients."""
-  dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+def test_auto_resolves_per_backend_once():
+  """`auto` becomes the backend's choice and its settings; a resolved (or named) config is returned
+  unchanged, so resolving twice is resolving once. The CPU floor follows the model's key/value
+  width: the tiny model (2 x 16 per 4 heads) 32 queries, smollm2 (3 x 64 per 9) 64."""
+  tiny, smollm2 = get_preset("tiny"), get_preset("smollm2_135m")
+  cpu = resolve_attention(tiny, "cpu")
+  assert (cpu.attention, cpu.attention_block_bytes, cpu.attention_min_block) == ("blocked", 2 << 20, 32)
+  assert resolve_attention(smollm2, "cpu").attention_min_block == 64
+  assert resolve_attention(cpu, "gpu") == cpu
+  assert resolve_attention(tiny.replace(dtype="bfloat16"), "gpu").attention == "cudnn"
+  # cuDNN's kernel takes bf16/fp16 and head_dim <= 128 only
+  assert resolve_attention(tiny, "gpu") == tiny.replace(attention="blocked")
+  assert resolve_attention(tiny.replace(dtype="bfloat16", head_dim=256), "gpu").attention == "blocked"
+  assert resolve_attention(tiny, "tpu").attention == "splash"
+  assert resolve_attention(tiny, "metal").attention == "blocked"
+  for name in ("plain", "blocked", "cudnn", "splash"):
+    assert resolve_attention(tiny.replace(attention=name), "cpu").attention == name
+  # model_config.json files written before the rename
+  assert ModelConfig.from_dict({**tiny.to_dict(), "attention": "fused"}).attention == "cudnn"
+  with pytest.raises(ValueError, match="not one of"):
+    tiny.replace(attention="fused")
+
+
+def test_no_backend_checks_in_model_code():
+  """The backend is asked where a program resolves its config (train) and nowhere under model/;
+  train resolves `auto` once."""
+  package = pathlib.Path(attention.__file__).parents[1]
+  calls = {str(p.relative_to(package)): p.read_text().count("default_backend()")
+           for p in package.rglob("*.py")}
+  assert not {p: n for p, n in calls.items() if p.startswith("model") and n}
+  assert sum(calls.values()) <= 2, {p: n for p, n in calls.items() if n}
+  assert (package / "train.py").read_text().count("resolve_attention(") == 1
+
+
+# Each named implementation against plain, outputs and gradients. On CPU the cudnn wrapper runs
+# JAX's XLA kernel (its masks and lengths are what is ours) and splash runs interpreted.
+CUDNN_KERNEL = "cudnn" if jax.default_backend() == "gpu" else "xla"
+NAMED = [
+    ("blocked", {"causal_block": 4}),
+    ("blocked", {"causal_block": 256, "block_bytes": B * HEADS * L * 4 * 3, "min_block": 3}),
+    ("cudnn", {}),
+    pytest.param("splash", {"interpret": True}, marks=pytest.mark.skipif(
+        jax.default_backend() == "gpu", reason="splash is a TPU kernel (interpreted elsewhere)")),
+    ("auto", {}),  # unresolved: runs blocked
+]
+
+
+def _named(impl, options):
+  if impl == "cudnn":
+    return lambda q, k, v, **kw: attention.cudnn_attention(q, k, v, implementation=CUDNN_KERNEL, **kw)
+  return functools.partial(attention.dot_product_attention, implementation=impl, **options)
+
+
+@pytest.mark.parametrize("impl,options", NAMED)
+@pytest.mark.parametrize("packed", [False, True])
+def test_each_implementation_equals_plain_with_gradients(impl, options, packed):
+  """Right-padded rows (`lengths`) or packed rows (`segment_ids`), causal: the real queries'
+  outputs and every gradient equal plain's."""
+  dtype = jnp.bfloat16 if impl == "cudnn" and CUDNN_KERNEL == "cudnn" else jnp.float32
   tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
   q, k, v = _qkv(dtype, seed=4)
+  if packed:
+    segments = jnp.asarray([[1] * 5 + [2] * 7, [1] * 3 + [2] * 6 + [0] * 3, [1] * 12], jnp.int32)
+    mask = {"segment_ids": segments}
+    real = segments > 0
+  else:
+    mask = {"lengths": LENGTHS}
+    real = jnp.arange(L)[None] < LENGTHS[:, None]
+  real = real[:, :, None, None]
 
-  def loss(impl):
+  def loss(fn):
     def f(q, k, v):
-      out = attention.dot_product_attention(q, k, v, implementation=impl, lengths=LENGTHS, causal=True)
-      return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+      out = fn(q, k, v, causal=True, **mask)
+      return jnp.sum(jnp.sin(out.astype(jnp.float32)) * real)
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
 
-  (plain_value, plain_grads), (fused_value, fused_grads) = loss("plain"), loss("fused")
-  np.testing.assert_allclose(fused_value, plain_value, rtol=tol, atol=tol)
-  for a, b in zip(fused_grads, plain_grads):
+  (plain_value, plain_grads) = loss(attention.plain_attention)
+  value, grads = loss(_named(impl, options))
+  np.testing.assert_allclose(value, plain_value, rtol=tol, atol=tol)
+  for a, b in zip(grads, plain_grads):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
@@ -147,19 +215,24 @@ def test_unknown_implementation_is_an_error():
 
 
 @pytest.mark.parametrize("window", [pytest.param(None, marks=pytest.mark.slow), 3])
-def test_model_with_fused_attention_equals_plain(window):
-  """The whole reward model: `attention="fused"` gives the plain path's rewards and logits."""
+def test_model_with_each_cpu_implementation_equals_plain(window, monkeypatch):
+  """The whole reward model under the CPU-resolved config (`auto` -> blocked with a byte cap small
+  enough to cut blocks) gives plain's rewards and logits, and never asks for the backend."""
   import flax.linen as nn
   from codepmp_jax.model import transformer
-  from codepmp_jax.model.config import get_preset
-  config = get_preset("tiny", sliding_window=window)
-  params = nn.unbox(transformer.init_params(config, jax.random.key(0)))
+  config = get_preset("tiny", sliding_window=window, causal_block=4)
+  params = nn.unbox(transformer.init_params(config.replace(attention="plain"), jax.random.key(0)))
   ids = jax.random.randint(jax.random.key(1), (3, 10), 1, config.vocab_size)
   mask = (jnp.arange(10)[None] < jnp.array([[10], [6], [2]])).astype(jnp.int32)
-  def forward(impl):
-    model = transformer.RewardModel(config.replace(attention=impl))
+  monkeypatch.setattr(jax, "default_backend", lambda: pytest.fail("model code asked for the backend"))
+
+  def forward(cfg):
+    model = transformer.RewardModel(cfg)
     return jax.jit(lambda p: model.apply({"params": p}, ids, mask, return_logits=True))(params)
 
-  outs = [forward("plain"), forward("fused")]
-  np.testing.assert_allclose(outs[1].rewards, outs[0].rewards, atol=1e-5)
-  np.testing.assert_allclose(outs[1].logits, outs[0].logits, atol=1e-5)
+  cpu = resolve_attention(config, "cpu").replace(attention_block_bytes=4 * 4 * 10 * 4 * 3)
+  outs = [forward(config.replace(attention="plain")), forward(cpu), forward(config)]
+  real = np.asarray(mask, bool)  # a padding query may see no key: what it averages is never read
+  for out in outs[1:]:
+    np.testing.assert_allclose(out.rewards, outs[0].rewards, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.logits)[real], np.asarray(outs[0].logits)[real], atol=1e-5)

@@ -174,7 +174,7 @@ def _params():
 
 
 @pytest.mark.parametrize("by_sequence,share_prompt", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("impl,scan", [("plain", False), ("fused", False), ("plain", True)])
+@pytest.mark.parametrize("impl,scan", [("plain", False), ("blocked", False), ("plain", True)])
 def test_model_on_packed_rows_equals_padded(impl, scan, by_sequence, share_prompt):
   """Rewards and LM logits of each packed sequence equal those of the padded batch (1e-5), also
   with the layers scanned and rematerialised, under segment masks or sequence by sequence, with

@@ -56,14 +56,14 @@ def test_every_model_field_is_shape_or_numerics():
 
 
 def test_run_numerics_override_the_checkpoint(tmp_path):
-  """attention=fused (and every other numerics field) reaches a converted model."""
+  """attention=cudnn (and every other numerics field) reaches a converted model."""
   _save_bf16_checkpoint(tmp_path / "ckpt")
-  config = _config(attention="fused", dtype="bfloat16", param_dtype="float32", remat_policy="full",
+  config = _config(attention="cudnn", dtype="bfloat16", param_dtype="float32", remat_policy="full",
                    scan_layers=True, hidden_size=999)
   config.init_from = str(tmp_path / "ckpt")
   got = train.resolve_model_config(config, tokenizer=None)
   assert (got.attention, got.dtype, got.param_dtype, got.remat_policy, got.scan_layers) == (
-      "fused", "bfloat16", "float32", "full", True)
+      "cudnn", "bfloat16", "float32", "full", True)
   assert got.hidden_size == MODEL.hidden_size  # the shape is the checkpoint's
 
 

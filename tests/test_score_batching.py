@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from codepmp_jax import checkpoint, score
-from codepmp_jax.model import attention, transformer
+from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
 
 
@@ -44,7 +44,7 @@ def test_cpu_batches_keep_attention_scores_cache_sized(tmp_path):
   params = nn.unbox(transformer.init_params(config, jax.random.key(2)))
   scorer = score.RewardScorer(checkpoint.save_model(tmp_path / "ckpt", params, config),
                               batch_size=64, max_length=256, show_progress=False)
-  assert attention.CPU_SCORE_BYTES == 2 << 20 and score.SCORE_CAUSAL_BLOCK == 64
+  assert scorer.config.attention_block_bytes == 2 << 20 and score.SCORE_CAUSAL_BLOCK == 64
   batches = scorer.length_batches([256] * 20 + [100] * 3)
   assert [(len(rows), length, n) for rows, length, n in batches] == [
       (8, 256, 8), (8, 256, 8), (4, 256, 8), (3, 112, 8)]

@@ -1,20 +1,25 @@
-"""Scaled dot-product attention with grouped-query heads: a plain XLA path and two kernel paths.
+"""Scaled dot-product attention with grouped-query heads: implementations chosen by name.
 
-`dot_product_attention(..., implementation=NAME)` picks the path by name:
-  plain   einsums and a float32 softmax written out here; runs everywhere and is the reference.
-  fused   `jax.nn.dot_product_attention`: cuDNN flash attention on GPU (bf16/fp16, head_dim <= 128),
-          which never materialises the [L, L] scores and skips the masked half of causal attention;
-          JAX's default implementation elsewhere.
-  splash  the Pallas TPU splash attention kernel (`jax.experimental.pallas.ops.tpu`), which skips
-          every fully masked [block_q, block_kv] tile, so packed rows pay only for the attention
-          within their segments; `interpret=True` runs it on any backend (tests on CPU).
-  auto    fused on GPU (for bf16/fp16 and head_dim <= 128, what cuDNN takes), splash on TPU,
-          plain elsewhere (`resolve_implementation`).
+`ModelConfig.attention` (and `dot_product_attention(..., implementation=NAME)`) picks one:
+  plain    einsums and a float32 softmax over every (query, key) pair; runs everywhere; the reference.
+  blocked  the same math, causal self-attention in query blocks (block i over keys [0, end of
+           block i)), so the fully masked upper triangle is never computed; its block size is
+           `causal_block`, optionally shrunk until a block's scores fit `attention_block_bytes`
+           (what `auto` picks on CPU, where the memory-bound softmax runs faster in cache).
+  cudnn    `jax.nn.dot_product_attention` with cuDNN's flash attention (GPU; bf16/fp16,
+           head_dim <= 128): never materialises the [L, L] scores, skips the masked half.
+  splash   the Pallas TPU splash attention kernel (`jax.experimental.pallas.ops.tpu`), which skips
+           every fully masked [block_q, block_kv] tile, so packed rows pay only for the attention
+           within their segments; `splash_interpret=True` runs it on any backend (tests on CPU).
+  auto     resolved once per backend when a program resolves its config
+           (`model.config.resolve_attention`); a model built from an unresolved config runs blocked.
+Nothing here asks which backend it runs on: device choices are configuration.
+
 All take the mask as what the model knows about its batch (causal, right-padding lengths, segment
 ids of packed rows, an optional sliding window) rather than as a materialised bias, so the kernels
 can use their built-in masks; a precomputed additive `bias` (e.g. over a key/value cache) is
-accepted by plain and fused. Masked keys get a large negative logit, not -inf, so a row with no
-visible key stays finite.
+accepted by plain, blocked and cudnn. Masked keys get a large negative logit, not -inf, so a row
+with no visible key stays finite.
 
 Segment ids ([B, L] int, packed rows): a query sees only keys of its own segment. Padding carries
 segment 0, so padding tokens see only padding (never a real token) and stay finite.
@@ -23,29 +28,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from codepmp_jax.model.config import ATTENTION_IMPLEMENTATIONS
+from codepmp_jax.model.config import ATTENTION_IMPLEMENTATIONS, ModelConfig
 
 IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def resolve_implementation(implementation: str, backend: str | None = None, dtype=jnp.bfloat16,
-                           head_dim: int = 128) -> str:
-  """"auto" -> the fast path of `backend` (default: JAX's default backend) for inputs of `dtype`
-  and `head_dim`; other names are returned unchanged."""
-  if implementation != "auto":
-    return implementation
-  backend = backend or jax.default_backend()
-  if backend == "tpu":
-    return "splash"
-  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128:
-    return "fused"
-  return "plain"
 
 
 def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None, causal: bool,
@@ -79,88 +70,77 @@ def attention_mask(query_length: int, key_length: int, lengths: jax.Array | None
   return None if allowed is None else allowed[:, None]
 
 
-# Causal self-attention over at least 2 * `causal_block` tokens runs as up to MAX_CAUSAL_BLOCKS
-# query blocks, block i over keys [0, end of block i): the fully masked upper triangle is never
-# computed (25% fewer score elements at 2 blocks, 44% at 8). With a sliding window w, block i starts
-# its keys w - 1 before its first query, so the keys no query of it sees are skipped too. On XLA's
-# CPU backend the memory-bound softmax over the scores is most of attention's time, and it runs much
-# faster when one block's float32 scores ([rows, heads, queries, keys]) fit a core's L2 cache, so
-# there blocks also shrink until they fit CPU_SCORE_BYTES, down to a minimum
-# (`min_cpu_causal_block`) that keeps the keys and values each block slices and copies small next to
-# its scores: the tiny model's step at 4 pairs x 256 tokens took 54-62 ms in 64-query blocks (2 MiB
-# of scores) against 76-85 ms in one block or two of 128, while smollm2_135m's took 17.2 s in
-# 32-query blocks against 13.6 s in one (at head_dim 64 the copies are no longer small); the tiny
-# model's packed GSM8K step (sequences of up to 320 tokens, `sequence_attention`) took 97 ms in
-# 32-query blocks against 112 ms in 64. Each block adds compile time (~1 s for the tiny training
-# step); scoring, compiled once per length bucket and run many times, uses 64-token blocks and sizes
-# its batches to the same budget (`score.RewardScorer`).
-CAUSAL_BLOCK = 256
-MAX_CAUSAL_BLOCKS = 8
-CPU_SCORE_BYTES = 2 << 20
-MIN_CPU_CAUSAL_BLOCK = 64
-SMALLEST_CPU_CAUSAL_BLOCK = 32
-
-
-def min_cpu_causal_block(heads: int, kv_heads: int, head_dim: int) -> int:
-  """The fewest queries a CPU block should have: each key costs a block `heads x queries` scores
-  and `2 x kv_heads x head_dim` copied key and value elements, so 4 x kv_heads x head_dim / heads
-  queries keep the copies under half the scores; between SMALLEST_CPU_CAUSAL_BLOCK (the tiny
-  model) and MIN_CPU_CAUSAL_BLOCK (smollm2_135m's 3 x 64 / 9 would be 85)."""
-  wanted = 4 * kv_heads * head_dim // heads
-  return max(SMALLEST_CPU_CAUSAL_BLOCK, min(MIN_CPU_CAUSAL_BLOCK, wanted))
+CAUSAL_BLOCK = 256  # ModelConfig.causal_block's default
+MAX_CAUSAL_BLOCKS = 8  # each block adds compile time; beyond 8 the skipped triangle grows little
 
 
 def causal_query_block(length: int, causal_block: int = CAUSAL_BLOCK, rows_x_heads: int = 0,
-                       min_block: int = MIN_CPU_CAUSAL_BLOCK) -> int:
-  """Queries per block of `plain_attention`'s causal self-attention over `length` tokens (`length`
-  itself when it runs as one block): about `causal_block`, and with `rows_x_heads` (batch rows x
-  query heads; given on CPU) no more than keeps one block's float32 scores within CPU_SCORE_BYTES,
-  but not under `min_block` (`min_cpu_causal_block`)."""
+                       min_block: int = 1, block_bytes: int = 0) -> int:
+  """Queries per block of `blocked_attention`'s causal self-attention over `length` tokens (`length`
+  itself when it runs as one block): about `causal_block`, and with `block_bytes` and
+  `rows_x_heads` (batch rows x query heads) no more than keeps one block's float32 scores within
+  `block_bytes`, but not under `min_block`. At most MAX_CAUSAL_BLOCKS blocks."""
   size = causal_block
-  if rows_x_heads:
-    fits = CPU_SCORE_BYTES // (rows_x_heads * length * 4)
+  if block_bytes and rows_x_heads:
+    fits = block_bytes // (rows_x_heads * length * 4)
     size = min(size, max(min_block, fits))
   blocks = min(MAX_CAUSAL_BLOCKS, length // size)
   return length if blocks < 2 else -(-length // blocks)
 
 
+def _grouped(query: jax.Array, key: jax.Array, value: jax.Array):
+  """One layout change for all blocks: the heads sharing a key/value head stacked along the query
+  axis (scaled queries [B, KV, G, T, hd]), keys and values [B, KV, S, hd]."""
+  batch, length, heads, head_dim = query.shape
+  kv_heads = key.shape[2]
+  q = (query * jnp.asarray(1.0 / math.sqrt(head_dim), query.dtype)).reshape(
+      batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+  return q, key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+
+
+def _ungrouped(out: jax.Array) -> jax.Array:
+  batch, kv_heads, groups, length, head_dim = out.shape
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, kv_heads * groups, head_dim)
+
+
 def plain_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                     bias: jax.Array | None = None, lengths: jax.Array | None = None,
                     causal: bool = False, sliding_window: int | None = None,
-                    segment_ids: jax.Array | None = None,
-                    causal_block: int = CAUSAL_BLOCK) -> jax.Array:
-  """Grouped-query attention as two batched matmuls around a float32 softmax.
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+  """Grouped-query attention as two batched matmuls around a float32 softmax, over every
+  (query, key) pair.
 
   query [B, T, H, hd], key/value [B, S, KV, hd] with H a multiple of KV; `bias` is additive,
-  [B or 1, H or 1, T, S]. Returns [B, T, H, hd] in the value's dtype. Long causal self-attention
-  skips the masked upper triangle (and the keys before a sliding window) in query blocks of about
-  `causal_block` tokens (on CPU, fewer if that keeps a block's scores cache-sized:
-  `causal_query_block`).
+  [B or 1, H or 1, T, S]. Returns [B, T, H, hd] in the value's dtype.
   """
-  batch, length, heads, head_dim = query.shape
-  kv_length, kv_heads = key.shape[1], key.shape[2]
-  groups = heads // kv_heads
-  # One layout change for all blocks: the heads sharing a key/value head stacked along the query
-  # axis ([B, KV, G, T, hd]), keys and values [B, KV, S, hd].
-  q = (query * jnp.asarray(1.0 / math.sqrt(head_dim), query.dtype)).reshape(
-      batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-  k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
-  on_cpu = jax.default_backend() == "cpu"
-  size = causal_query_block(length, causal_block, batch * heads if on_cpu else 0,
-                            min_cpu_causal_block(heads, kv_heads, head_dim))
-  if not (causal and kv_length == length and size < length):
-    out = _dense_attention(q, k, v, bias, lengths, causal, sliding_window, segment_ids)
-  else:
-    outs = []
-    for start in range(0, length, size):
-      end = min(start + size, length)
-      first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
-      block_bias = None if bias is None else bias[:, :, start:end, first:end]
-      outs.append(_dense_attention(q[:, :, :, start:end], k[:, :, first:end], v[:, :, first:end],
-                                   block_bias, lengths, causal, sliding_window, segment_ids,
-                                   query_offset=start, key_offset=first))
-    out = jnp.concatenate(outs, axis=3)
-  return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+  q, k, v = _grouped(query, key, value)
+  return _ungrouped(_dense_attention(q, k, v, bias, lengths, causal, sliding_window, segment_ids))
+
+
+def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                      bias: jax.Array | None = None, lengths: jax.Array | None = None,
+                      causal: bool = False, sliding_window: int | None = None,
+                      segment_ids: jax.Array | None = None, causal_block: int = CAUSAL_BLOCK,
+                      block_bytes: int = 0, min_block: int = 1) -> jax.Array:
+  """`plain_attention` with long causal self-attention in query blocks (`causal_query_block`):
+  block i attends keys [0, end of block i), so the masked upper triangle is never computed (25%
+  fewer score elements at 2 blocks, 44% at 8); with a sliding window w, block i starts its keys
+  w - 1 before its first query, so the keys no query of it sees are skipped too."""
+  batch, length, heads, _ = query.shape
+  size = causal_query_block(length, causal_block, batch * heads, min_block, block_bytes)
+  if not (causal and key.shape[1] == length and size < length):
+    return plain_attention(query, key, value, bias=bias, lengths=lengths, causal=causal,
+                           sliding_window=sliding_window, segment_ids=segment_ids)
+  q, k, v = _grouped(query, key, value)
+  outs = []
+  for start in range(0, length, size):
+    end = min(start + size, length)
+    first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+    block_bias = None if bias is None else bias[:, :, start:end, first:end]
+    outs.append(_dense_attention(q[:, :, :, start:end], k[:, :, first:end], v[:, :, first:end],
+                                 block_bias, lengths, causal, sliding_window, segment_ids,
+                                 query_offset=start, key_offset=first))
+  return _ungrouped(jnp.concatenate(outs, axis=3))
 
 
 def _dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
@@ -173,8 +153,8 @@ def _dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array |
 
   The G heads sharing a key/value head are stacked along the query axis ([B, KV, G*T, hd]), so
   both products are plain batched matmuls over (B, KV) and only the small q/k/v/output arrays are
-  transposed, never the [T, S] scores; on XLA's CPU backend this made attention's forward and
-  backward about 10% faster than 5-D einsums over (B, KV, G).
+  transposed, never the [T, S] scores (faster than 5-D einsums over (B, KV, G) on XLA's CPU
+  backend: docs/performance.md).
   """
   batch, kv_heads, groups, length, head_dim = q.shape
   kv_length = k.shape[2]
@@ -202,18 +182,17 @@ def _dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array |
   return out.reshape(batch, kv_heads, groups, length, head_dim)
 
 
-def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                     bias: jax.Array | None = None, lengths: jax.Array | None = None,
                     causal: bool = False, sliding_window: int | None = None,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
-  """The same attention through `jax.nn.dot_product_attention`, with cuDNN's kernel on GPU.
+                    segment_ids: jax.Array | None = None, implementation: str = "cudnn") -> jax.Array:
+  """The same attention through `jax.nn.dot_product_attention`'s `implementation` (cuDNN's fused
+  kernel; "xla" runs the same call anywhere, which is how the CPU tests check this wrapper).
 
   Padding is passed as key lengths only, so padded query rows see the same keys as in
   `plain_attention`. Segment ids go in as a boolean [B, 1, T, S] same-segment mask (this JAX's
-  cuDNN binding takes no segment ids; it adds the mask as a bias inside the fused kernel). The
-  kernel is chosen by the default backend, where the step runs.
+  cuDNN binding takes no segment ids; it adds the mask as a bias inside the fused kernel).
   """
-  on_gpu = jax.default_backend() == "gpu"
   window = None if sliding_window is None else (sliding_window - 1, 0)
   mask = None
   if segment_ids is not None:
@@ -221,7 +200,7 @@ def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   return jax.nn.dot_product_attention(
       query, key, value, bias=bias, mask=mask, is_causal=causal,
       key_value_seq_lengths=None if lengths is None else lengths.astype(jnp.int32),
-      local_window_size=window, implementation="cudnn" if on_gpu else None)
+      local_window_size=window, implementation=implementation)
 
 
 SPLASH_BLOCK = 128  # the TPU kernel's tile (lane width); rows are padded to a multiple of it
@@ -254,21 +233,19 @@ def _splash_kernel(heads: int, length: int, causal: bool, sliding_window: int | 
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                      bias: jax.Array | None = None, lengths: jax.Array | None = None,
                      causal: bool = False, sliding_window: int | None = None,
-                     segment_ids: jax.Array | None = None, interpret: bool | None = None) -> jax.Array:
+                     segment_ids: jax.Array | None = None, interpret: bool = False) -> jax.Array:
   """The same attention through the Pallas splash kernel (TPU; `interpret` runs it anywhere).
 
   Right-padding `lengths` become segment ids (1 real, 0 padding) and rows are padded to a multiple
   of `SPLASH_BLOCK` with segment -1, so padding queries see only padding: their outputs differ
   from `plain_attention`'s (which lets them see the real keys) but are never read. Grouped
-  heads go to the kernel as [KV, H/KV] groups; the batch is a `vmap`. `interpret` defaults to
-  True off TPU. No additive `bias` (decoding over a cache uses the plain path).
+  heads go to the kernel as [KV, H/KV] groups; the batch is a `vmap`. `interpret` runs the
+  kernel on any backend (slowly; tests). No additive `bias` (decoding over a cache uses the plain path).
   """
   if bias is not None:
     raise ValueError("splash attention takes no additive bias; use implementation='plain'")
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
   batch, length, heads, head_dim = query.shape
-  if interpret is None:
-    interpret = jax.default_backend() != "tpu"
   if segment_ids is None:
     segment_ids = (jnp.ones((batch, length), jnp.int32) if lengths is None else
                    (jnp.arange(length)[None] < lengths[:, None]).astype(jnp.int32))
@@ -339,14 +316,21 @@ def sequence_layout(sequence_index: jax.Array, row_index: jax.Array) -> Sequence
   return SequenceLayout(sequence_index, home_index, row_index, jnp.where(shared, candidate, -1))
 
 
+def settings(config: ModelConfig) -> dict[str, Any]:
+  """`dot_product_attention`'s implementation and block settings from a model config."""
+  return {"implementation": config.attention, "causal_block": config.causal_block,
+          "block_bytes": config.attention_block_bytes, "min_block": config.attention_min_block,
+          "interpret": config.splash_interpret}
+
+
 def sequence_attention(query: jax.Array, key: jax.Array, value: jax.Array, layout: SequenceLayout,
-                       *, implementation: str = "plain", sliding_window: int | None = None,
-                       causal_block: int = CAUSAL_BLOCK) -> jax.Array:
+                       *, sliding_window: int | None = None, **implementation: Any) -> jax.Array:
   """Causal self-attention of packed rows, computed sequence by sequence.
 
   query [B, L, H, hd], key/value [B, L, KV, hd] hold several sequences per row, mapped to
   sequence slots by `layout` (`sequence_layout`; padding's output is 0). The sequences are
-  gathered into [B * S, T] right-padded rows and attended by the named implementation, so
+  gathered into [B * S, T] right-padded rows and attended by the named implementation
+  (`implementation`: `dot_product_attention`'s implementation and block settings), so
   attention costs S * T^2 per row instead of L^2 (packed rows of short sequences), every kernel
   runs its plain causal-with-lengths case, and no token sees another sequence by construction.
   A shared prompt's keys and values serve both sequences of its pair (its gradient sums both).
@@ -360,8 +344,8 @@ def sequence_attention(query: jax.Array, key: jax.Array, value: jax.Array, layou
 
   lengths = jnp.sum(layout.sequence_index >= 0, axis=-1, dtype=jnp.int32).reshape(-1)
   out = dot_product_attention(to_sequences(query), to_sequences(key), to_sequences(value),
-                              implementation=implementation, lengths=lengths, causal=True,
-                              sliding_window=sliding_window, causal_block=causal_block)
+                              lengths=lengths, causal=True, sliding_window=sliding_window,
+                              **implementation)
   return gather_rows(out.reshape(rows, slots * length, *out.shape[2:]), layout.row_index,
                      (layout.home_index,))
 
@@ -371,14 +355,20 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                           lengths: jax.Array | None = None, causal: bool = False,
                           sliding_window: int | None = None,
                           segment_ids: jax.Array | None = None,
-                          causal_block: int = CAUSAL_BLOCK) -> jax.Array:
+                          causal_block: int = CAUSAL_BLOCK, block_bytes: int = 0,
+                          min_block: int = 1, interpret: bool = False) -> jax.Array:
   """softmax(q k^T / sqrt(hd) + bias + mask) v over grouped heads, by the named implementation
-  (`causal_block`: the plain path's query block size)."""
+  (`settings(config)` gives the rest: blocked's `causal_block`, `block_bytes`, `min_block`;
+  splash's `interpret`). An unresolved "auto" runs blocked."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
-  resolved = resolve_implementation(implementation, dtype=query.dtype, head_dim=query.shape[-1])
   kwargs = {"bias": bias, "lengths": lengths, "causal": causal, "sliding_window": sliding_window,
             "segment_ids": segment_ids}
-  if resolved == "plain":
-    return plain_attention(query, key, value, causal_block=causal_block, **kwargs)
-  return {"fused": fused_attention, "splash": splash_attention}[resolved](query, key, value, **kwargs)
+  if implementation == "plain":
+    return plain_attention(query, key, value, **kwargs)
+  if implementation == "cudnn":
+    return cudnn_attention(query, key, value, **kwargs)
+  if implementation == "splash":
+    return splash_attention(query, key, value, interpret=interpret, **kwargs)
+  return blocked_attention(query, key, value, causal_block=causal_block, block_bytes=block_bytes,
+                           min_block=min_block, **kwargs)

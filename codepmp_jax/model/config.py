@@ -9,7 +9,10 @@ from typing import Any
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_SCALING_TYPES = ("linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-ATTENTION_IMPLEMENTATIONS = ("plain", "fused", "splash", "auto")  # see model/attention.py
+# Attention implementations by name (model/attention.py); "auto" is resolved per backend once, at
+# config resolution (`resolve_attention`).
+ATTENTION_IMPLEMENTATIONS = ("auto", "plain", "blocked", "cudnn", "splash")
+LEGACY_ATTENTION = {"fused": "cudnn"}  # names in model_config.json files written before the rename
 # The projections LoRA can adapt: the names of the model's `Linear` layers (as in transformers).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -81,10 +84,17 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_layers: bool = False
-  attention: str = "auto"  # auto: fused (cuDNN, bf16) on GPU, splash on TPU, else plain
-  # plain attention: causal self-attention over >= 2 blocks runs in query blocks of this many
-  # tokens (smaller blocks skip more of the masked triangle and compile longer; model/attention.py)
+  # plain | blocked | cudnn | splash, or auto (`resolve_attention`: picked for the backend once,
+  # when the run's config is resolved; a model built from an unresolved config runs blocked).
+  attention: str = "auto"
+  # blocked: causal self-attention over >= 2 blocks runs in query blocks of about this many tokens
+  # (smaller blocks skip more of the masked triangle and compile longer)
   causal_block: int = 256
+  # blocked: also shrink blocks until one block's float32 scores ([rows, heads, queries, keys])
+  # fit this many bytes (a core's cache on CPU; 0 = no cap), but not under attention_min_block
+  attention_block_bytes: int = 0
+  attention_min_block: int = 32
+  splash_interpret: bool = False  # splash: run the Pallas kernel in interpret mode (any backend)
   lora: LoraConfig = LoraConfig()  # low-rank adapters; rank 0 (the default) = none
 
   def __post_init__(self):
@@ -100,6 +110,9 @@ class ModelConfig:
       raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     if self.causal_block < 1:
       raise ValueError(f"causal_block must be positive, got {self.causal_block}")
+    if self.attention_block_bytes < 0 or self.attention_min_block < 1:
+      raise ValueError(f"attention_block_bytes must be >= 0 and attention_min_block >= 1, got "
+                       f"{self.attention_block_bytes} and {self.attention_min_block}")
     if self.rope_scaling is not None and self.rope_scaling.get("type") not in ROPE_SCALING_TYPES:
       raise ValueError(f"rope_scaling type {self.rope_scaling.get('type')!r} is not one of {ROPE_SCALING_TYPES}")
 
@@ -119,6 +132,8 @@ class ModelConfig:
     unknown = sorted(set(values) - known)
     if unknown:
       raise ValueError(f"unknown model config fields: {unknown}")
+    if values.get("attention") in LEGACY_ATTENTION:
+      values = {**values, "attention": LEGACY_ATTENTION[values["attention"]]}
     return cls(**values)
 
   def save(self, path: str | pathlib.Path) -> None:
@@ -170,6 +185,35 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=16384, bos_token_id=32013, eos_token_id=32014,
         pad_token_id=32014),
 }
+
+
+# What `attention="auto"` becomes on each backend (`resolve_attention`); the figures behind the CPU
+# profile are in docs/performance.md ("Attention on CPU") and benchmarks/train_step.py measures them.
+AUTO_ATTENTION: dict[str, dict[str, Any]] = {
+    # query blocks whose float32 scores fit a 2 MiB L2 cache, at least 32-64 queries (below)
+    "cpu": {"attention": "blocked", "attention_block_bytes": 2 << 20},
+    "gpu": {"attention": "cudnn"},  # for bf16/fp16 and head_dim <= 128 (what cuDNN takes), else blocked
+    "tpu": {"attention": "splash"},
+}
+
+
+def resolve_attention(config: ModelConfig, backend: str) -> ModelConfig:
+  """`config` with `attention="auto"` replaced by `backend`'s choice (`AUTO_ATTENTION`; "cpu",
+  "gpu", "tpu", else blocked) and that choice's settings; a named implementation is returned
+  unchanged. Called once where a program resolves its config (train, score, sample_candidates),
+  with the backend its mesh runs on; model code never asks which backend it is on."""
+  if config.attention != "auto":
+    return config
+  fields = dict(AUTO_ATTENTION.get(backend, {"attention": "blocked"}))
+  if fields["attention"] == "cudnn" and not (
+      config.dtype in ("bfloat16", "float16") and config.resolved_head_dim <= 128):
+    fields = {"attention": "blocked"}
+  if fields.get("attention_block_bytes"):
+    # Each key costs a block `heads x queries` scores and `2 x kv_heads x head_dim` copied key and
+    # value elements: 4 x kv_heads x head_dim / heads queries keep the copies under half the scores.
+    wanted = 4 * config.num_kv_heads * config.resolved_head_dim // config.num_heads
+    fields["attention_min_block"] = max(32, min(64, wanted))
+  return config.replace(**fields)
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:

@@ -255,13 +255,12 @@ class Attention(nn.Module):
       bias = cache_attention_bias(query_index, length, cfg.sliding_window)[:, :, 0]
       out = attention_lib.plain_attention(q, k, v, bias=bias)
     elif sequences is not None:
-      out = attention_lib.sequence_attention(
-          q, k, v, sequences, implementation=cfg.attention, sliding_window=cfg.sliding_window,
-          causal_block=cfg.causal_block)
+      out = attention_lib.sequence_attention(q, k, v, sequences, sliding_window=cfg.sliding_window,
+                                             **attention_lib.settings(cfg))
     elif decode_positions is None:
       out = attention_lib.dot_product_attention(
-          q, k, v, implementation=cfg.attention, lengths=lengths, causal=True,
-          sliding_window=cfg.sliding_window, segment_ids=segment_ids, causal_block=cfg.causal_block)
+          q, k, v, lengths=lengths, causal=True, sliding_window=cfg.sliding_window,
+          segment_ids=segment_ids, **attention_lib.settings(cfg))
     else:  # attend over the cache (stored heads-before-slots) instead of over this input alone
       k = _write_cache(self, "key", k, decode_positions)
       v = _write_cache(self, "value", v, decode_positions)
