@@ -195,3 +195,37 @@ def test_reward_stats_round_trip_through_hf_export_and_transformers(ckpt, tmp_pa
   # A checkpoint without stats exports a config without them.
   convert(f"--to_hf={tmp_path / 'plain'}", f"--checkpoint={ckpt}")
   assert "mean" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+
+
+def test_reward_stats_from_eval_pool_chosen_and_rejected():
+  rng = np.random.default_rng(0)
+  chosen, rejected = rng.normal(1.0, 2.0, 50), rng.normal(-0.5, 0.5, 50)
+  metrics = {"eval/chosen_reward_mean": chosen.mean(), "eval/chosen_reward_std": chosen.std(),
+             "eval/rejected_reward_mean": rejected.mean(), "eval/rejected_reward_std": rejected.std()}
+  stats = checkpoint.reward_stats_from_eval(metrics, 7)
+  both = np.concatenate([chosen, rejected])
+  assert stats["mean"] == pytest.approx(both.mean()) and stats["std"] == pytest.approx(both.std())
+  assert "step 7" in stats["source"]
+  assert checkpoint.reward_stats_from_eval({"loss": 1.0}, 7) is None  # no evaluation logged
+
+
+def test_training_ends_by_storing_reward_stats_of_its_held_out_split(tmp_path):
+  from codepmp_jax import train
+  from codepmp_jax.config import default_config
+  config = default_config()
+  config.data.builtin.name = ""
+  config.data.update(source="synthetic", vocab_size=256, synthetic_pairs=256)
+  config.model.update(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                      num_kv_heads=1)
+  config.train.update(global_batch=8, seq_len=32, total_steps=2, log_every=1, eval_every=2, eval_batches=2)
+  config.mesh_shape = (-1, 1, 1)
+  config.compilation_cache_dir = ""
+  final = train.train(config, tmp_path / "run")
+  stats = checkpoint.load_reward_stats(tmp_path / "run")
+  assert stats == {**checkpoint.reward_stats_from_eval(final, 2), "source": "held-out split, training step 2"}
+  # ... which scoring then normalizes with.
+  scorer = score.RewardScorer(tmp_path / "run", batch_size=8, max_length=32, show_progress=False, normalize=True)
+  raw = score.RewardScorer(tmp_path / "run", batch_size=8, max_length=32, show_progress=False)
+  ids = [[5, 6, 7, 8], [9, 10]]
+  np.testing.assert_allclose(scorer.score_ids(ids), (raw.score_ids(ids) - stats["mean"]) / stats["std"],
+                             rtol=1e-5, atol=1e-5)
