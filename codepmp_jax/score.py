@@ -320,15 +320,16 @@ def _kept_indices(length: int, response_start: int, sequence: EncodedSequence,
   return {old: new for new, old in enumerate(kept)}
 
 
-def _prompt(record: dict, template: str, where: str) -> str:
-  if not isinstance(record.get("prompt"), str):
-    raise ValueError(f"{where}: field 'prompt' must be a string")
+def render_prompt(record: dict, template: str, where: str) -> str:
+  """The scored prompt of a record with a 'prompt' field, in the checkpoint's prompt format
+  (`template`); ValueError names the problem at `where`."""
+  prompt = text_field(record, "prompt", where)
   if template == "none":
-    return record["prompt"]
+    return prompt
   if template == "chat":  # a model trained on conversations: the prompt is the user's turn
-    return templates.render_chat([{"role": "user", "content": record["prompt"]}])
+    return templates.render_chat([{"role": "user", "content": prompt}])
   fields = {k: v for k, v in record.items() if isinstance(v, str)}
-  fields.setdefault("question", record["prompt"])
+  fields.setdefault("question", prompt)
   fields.setdefault("query", fields["question"])
   try:
     return templates.render(template, **fields)
@@ -336,10 +337,18 @@ def _prompt(record: dict, template: str, where: str) -> str:
     raise ValueError(f"{where}: {e}") from None
 
 
-def _string(record: dict, field: str, where: str) -> str:
-  if not isinstance(record[field], str):
-    raise ValueError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
-  return record[field]
+def text_field(record: dict, field: str, where: str) -> str:
+  """`record[field]` if it is text a tokenizer takes; ValueError names the problem at `where`
+  (JSON's lone surrogate escapes such as "\\ud800" decode to strings that are not Unicode text)."""
+  value = record.get(field)
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{where}: field {field!r} is not Unicode text ({e.reason} at character "
+                     f"{e.start})") from None
+  return value
 
 
 def sequences_of(record: Any, scorer: RewardScorer, template: str, where: str) -> dict[str, EncodedSequence]:
@@ -357,12 +366,12 @@ def sequences_of(record: Any, scorer: RewardScorer, template: str, where: str) -
       raise ValueError(f"{where}: field 'input_ids' has {len(ids)} tokens, more than --max_length={scorer.max_length}")
     return {"reward": EncodedSequence(tuple(ids), 0)}
   if "text" in record:
-    return {"reward": scorer.encode("", _string(record, "text", where))}
+    return {"reward": scorer.encode("", text_field(record, "text", where))}
   if "response" in record:
-    return {"reward": scorer.encode(_prompt(record, template, where), _string(record, "response", where))}
+    return {"reward": scorer.encode(render_prompt(record, template, where), text_field(record, "response", where))}
   if "chosen" in record and "rejected" in record:
-    prompt = _prompt(record, template, where)
-    return {f"{side}_reward": scorer.encode(prompt, _string(record, side, where)) for side in ("chosen", "rejected")}
+    prompt = render_prompt(record, template, where)
+    return {f"{side}_reward": scorer.encode(prompt, text_field(record, side, where)) for side in ("chosen", "rejected")}
   raise ValueError(f"{where}: expected 'input_ids', 'text', 'prompt'+'response' or "
                    f"'prompt'+'chosen'+'rejected'; got fields {sorted(record)}")
 

@@ -9,7 +9,7 @@ Routes (JSON in and out; every refusal is `{"error": "<message>"}` with a 4xx or
   POST /score       {"items": [{"prompt": str, "response": str}, ...], "normalize": bool (optional),
                     "aggregate": "min|max|sum|mean|last|product" or null (optional)}
                     -> {"rewards": [float, ...], "truncated": [bool, ...]}
-      Each item is scored as `score` scores a {"prompt", "response"} line (`score._prompt`,
+      Each item is scored as `score` scores a {"prompt", "response"} line (`score.render_prompt`,
       `RewardScorer.encode`): the prompt rendered with the checkpoint's prompt format (or
       --template; an item may carry the template's other fields, as logic's "context"), then the
       response and the end token, cut to --max_length by the checkpoint's truncation policy;
@@ -374,7 +374,7 @@ class RewardServer:
     return web.json_response(reply)
 
   async def _score_items(self, parsed: ScoreRequest) -> dict:
-    prompts = await self._encoded(lambda: [score._prompt(item, self.template, f"items[{i}]")
+    prompts = await self._encoded(lambda: [score.render_prompt(item, self.template, f"items[{i}]")
                                            for i, item in enumerate(parsed.items)])
     responses = [item["response"] for item in parsed.items]
     if parsed.aggregate is None:

@@ -90,6 +90,7 @@ def test_cli_scores_every_record_kind_and_reports_bad_lines(ckpt, scorer, single
       json.dumps({"prompt": "x", "answer": "no response field"}),
       "",
       json.dumps({"input_ids": [1, 999]}),
+      '{"prompt": "x", "response": "lone \\ud800 surrogate"}',  # valid JSON, not Unicode text
   ]
   src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
   src.write_text("\n".join(lines) + "\n")
@@ -101,7 +102,8 @@ def test_cli_scores_every_record_kind_and_reports_bad_lines(ckpt, scorer, single
   assert f"{src}:4: invalid JSON" in result.stderr
   assert f"{src}:6: expected 'input_ids'" in result.stderr
   assert f"{src}:8: field 'input_ids' has ids outside 0..399" in result.stderr
-  assert "scored 4 records (5 sequences" in result.stdout and "3 bad lines" in result.stdout
+  assert f"{src}:9: field 'response' is not Unicode text (surrogates not allowed" in result.stderr
+  assert "scored 4 records (5 sequences" in result.stdout and "4 bad lines" in result.stdout
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r.get("id") for r in rows] == ["a", None, None, None]
   assert rows[3]["meta"] == {"k": 1}

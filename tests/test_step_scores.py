@@ -132,7 +132,7 @@ def test_calibrate_normalize_and_eval_bon_aggregate(ckpt, scorer, tmp_path, caps
   cli.call(score.main, score.define_flags, [f"--checkpoint={work}", f"--calibrate={data}", "--max_length=64"])
   stats = checkpoint.load_reward_stats(work)
   raw = score.RewardScorer(work, batch_size=4, max_length=64, show_progress=False)
-  rendered = [raw.encode(score._prompt(r, "math", "t"), r[side]).ids for r in records for side in ("chosen", "rejected")]
+  rendered = [raw.encode(score.render_prompt(r, "math", "t"), r[side]).ids for r in records for side in ("chosen", "rejected")]
   rewards = raw.score_ids(rendered)
   assert stats["sequences"] == 12
   assert stats["mean"] == pytest.approx(float(rewards.mean()), abs=1e-6)
