@@ -11,9 +11,10 @@ The published (Yu et al. 2024) and released (github.com/FAMOR-FY/CodePMP) hyperp
   RM fine-tuning: BT only, cosine schedule, weight decay 0, gradient clipping 1.0, one epoch;
     Math-Shepherd lr 3e-7 with 3% warmup, ReClor / LogiQA 2.0 lr 3e-6 with 25% warmup.
 Both bucket the pairs by length (`data.bucket`), so short pairs are not padded to 1024 tokens;
-PMP packs them (`data.pack`: several pairs per row of 2 x 1024 tokens, every step of one shape, about
-`global_batch` pairs a step with the rest carried to the next; `--config.data.pack=False` falls back
-to the buckets).
+PMP packs them (`data.pack`: several pairs per row of 2 x 1024 tokens, every step of one shape,
+`PAPER_PACK_ROWS` rows; about `global_batch` pairs a step with the rest carried to the next;
+`--config.data.pack=False` falls back to the buckets, and then needs 4x the microbatches: a packed
+row holds the tokens of one padded pair, and 256 rows hold about 1024 pairs).
 """
 from __future__ import annotations
 
@@ -69,13 +70,22 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
   return result
 
 
+# Packed rows of a PMP step of 1024 pairs: synthesized code pairs (stdlib, `mutate`, SmolLM2's
+# tokenizer, seq_len 1024) average 422 tokens with their prompt laid out once, so 1024 pairs fill
+# 211 rows of 2048 tokens; 256 rows leave room for packing's gaps and divide over 64 devices x 4
+# microbatches (docs/pipeline.md, "One shape per run").
+PAPER_PACK_ROWS = 256
+
+
 def paper_pmp(preset: str, microbatches: int) -> ml_collections.ConfigDict:
-  """CodePMP pretraining as published (the module docstring), for a model preset."""
+  """CodePMP pretraining as published (the module docstring), for a model preset; `microbatches`
+  split the `PAPER_PACK_ROWS` packed rows of a step."""
   config = default_config()
   config.model = model_fields(preset, **PAPER_NUMERICS)
   config.data.path = "prepared/codepmp"
   config.data.bucket = True
   config.data.pack = True
+  config.data.pack_rows = PAPER_PACK_ROWS
   config.loss.update(rm_coef=1.0, lm_coef=1.0)
   config.optimizer.update(lr=1e-6, schedule="wsd", warmup_ratio=0.03, decay_ratio=0.1,
                           weight_decay=0.1)

@@ -12,4 +12,4 @@ from configs import common
 
 def get_config(arg=None):
   common.parse_arg(arg)
-  return common.paper_pmp("qwen2_1_5b", microbatches=8)
+  return common.paper_pmp("qwen2_1_5b", microbatches=2)

@@ -10,4 +10,4 @@ from configs import common
 
 def get_config(arg=None):
   common.parse_arg(arg)
-  return common.paper_pmp("qwen2_7b", microbatches=16)
+  return common.paper_pmp("qwen2_7b", microbatches=4)

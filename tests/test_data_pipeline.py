@@ -209,3 +209,27 @@ def test_read_groups_make_batches_independent_of_the_process_count():
   assert per_count[1][0] != sorted(per_count[1][0])  # shuffled
   with pytest.raises(ValueError, match="read_groups"):
     _batches(cfg, 1, count=3, global_batch=12)
+
+
+@pytest.mark.parametrize("reader", ["grain", "tfdata"])
+def test_a_stuck_reader_is_an_error_naming_the_step(reader):
+  """A batch not ready within data.batch_timeout_s stops the run with an error, not a hang."""
+  import threading
+  cfg = pipeline.in_memory_config(_pairs(32), pad_id=0, prefetch=0, reader=reader)
+  it = pipeline.PairBatches(cfg, split="train", global_batch=8, seq_len=16, sharding=None, seed=0,
+                            repeat=True, process_index=0, process_count=1)
+  release, calls = threading.Event(), []
+  take = it.source.take
+
+  def stuck_after_the_first(indices):  # the reader hangs from step 1 on
+    calls.append(indices)
+    if len(calls) > 1:
+      release.wait(60)
+    return take(indices)
+  it.source.take = stuck_after_the_first
+  next(it)  # step 0 (tf.data's first batch includes starting TensorFlow)
+  cfg.batch_timeout_s = 1
+  with pytest.raises(TimeoutError, match=r"the batch of step 1 was not ready after 1 s"):
+    next(it)
+  release.set()
+  it.close()

@@ -1,4 +1,5 @@
-"""Prepared data at scale: per-host reading with 4 processes, exact resume, training without TensorFlow."""
+"""Prepared data at scale: per-host reading with 4 processes (each opens only its own ArrayRecord
+shards), exact resume, training without TensorFlow."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from codepmp_jax.data import prepare
+from codepmp_jax.data import prepare, prepared as prepared_lib
 from codepmp_jax.data.tokenizer import train_sentencepiece
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,11 +31,11 @@ def prepared(tmp_path_factory) -> pathlib.Path:
   return tmp / "out"
 
 
-# One process of 4: an epoch and a half of batches, which token files it opened, and the batches
+# One process of 4: an epoch and a half of batches, which shard files it opened, and the batches
 # after a resume from the state at batch 3 (in a fresh iterator).
 _PROCESS = """
 import json, sys
-from codepmp_jax.data import pipeline, shards
+from codepmp_jax.data import pipeline
 cfg = pipeline.default_data_config()
 cfg.update(path=sys.argv[1], prefetch=2)
 index = int(sys.argv[2])
@@ -43,7 +44,7 @@ def make():
                               repeat=True, process_index=index, process_count=4)
 it = make()
 batches = [next(it)["input_ids"].tolist() for _ in range(12)]
-opened = sorted(set(shards.Shard.opened))
+opened = it.source.opened
 it.close()
 resume = make()
 first = make()
@@ -67,13 +68,12 @@ def test_four_processes_open_only_their_shards_and_see_every_pair_once(prepared)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     results.append(json.loads(out.splitlines()[-1]))
-  manifest = prepare.read_manifest(prepared)
-  names = [s["file"] for s in manifest["splits"]["train"]["shards"]]
+  names = prepared_lib.shard_paths(prepared, prepared_lib.read_manifest(prepared), "train")
   epoch = []
   for p, result in enumerate(results):
     assert result["steps"] == 8  # 64 pairs / 4 processes / 2 pairs per process and batch
     # Process p owns pairs [16p, 16p + 16): exactly shards 2p and 2p + 1 of the 8.
-    assert result["opened"] == [str(prepared / f"{n}.tokens") for n in names[2 * p:2 * p + 2]]
+    assert result["opened"] == names[2 * p:2 * p + 2]
     batches = result["batches"]
     assert result["resumed"] == batches[3:12]  # exact, across the epoch boundary at batch 8
     epoch += [tuple(map(tuple, pair)) for batch in batches[:8] for pair in batch]
@@ -82,28 +82,46 @@ def test_four_processes_open_only_their_shards_and_see_every_pair_once(prepared)
   assert len(epoch) == len(set(epoch)) == PAIRS  # every pair exactly once per epoch
 
 
+# As on a machine without TensorFlow (the GPU machines): no import finder finds a tensorflow
+# module (TFDS then runs its TensorFlow-free code, as when TensorFlow is not installed); prepare
+# writes a TFDS dataset and training reads it.
 _NO_TF = """
 import sys
 
-sys.modules["tensorflow"] = None  # as if not installed: `import tensorflow` raises ImportError
+class WithoutTensorFlow:
+  def __init__(self, finder):
+    self.finder = finder
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] == "tensorflow":
+      return None
+    return self.finder.find_spec(name, path, target)
+  def __getattr__(self, name):
+    return getattr(self.finder, name)
+
+sys.meta_path[:] = [WithoutTensorFlow(finder) for finder in sys.meta_path]
 from codepmp_jax import train
 from codepmp_jax.config import default_config
+from codepmp_jax.data import prepare
+pairs, out = sys.argv[1], sys.argv[2]
+prepare.prepare(prepare.PrepareSettings(
+    inputs=(pairs + "/pairs.jsonl",), format="pairs", tokenizer=pairs + "/tok.model", seq_len=48,
+    out=out + "/prepared", num_shards=2, split="train:1", num_workers=1))
 config = default_config()
-config.data.path = sys.argv[1]
+config.data.path = out + "/prepared"
 config.model.update(vocab_size=0, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                     num_kv_heads=1)
 config.train.update(global_batch=8, seq_len=48, total_steps=3, log_every=1, eval_every=0)
 config.mesh_shape = (-1, 1, 1)
-final = train.train(config, sys.argv[2])
-assert sys.modules["tensorflow"] is None
+final = train.train(config, out + "/run")
+assert "tensorflow" not in sys.modules
 print("loss", final["loss"])
 """
 
 
 @pytest.mark.slow
-def test_trains_on_prepared_data_without_tensorflow(prepared, tmp_path):
+def test_prepares_and_trains_without_tensorflow(prepared, tmp_path):
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", _NO_TF, str(prepared), str(tmp_path / "run")],
+  result = subprocess.run([sys.executable, "-c", _NO_TF, str(prepared.parent), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert np.isfinite(float(result.stdout.split("loss")[-1]))

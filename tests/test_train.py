@@ -194,12 +194,12 @@ def test_decay_from_a_stable_checkpoint_equals_a_run_decaying_there(tmp_path):
 
 def test_the_truncation_policy_comes_from_the_prepared_data(tmp_path):
   from codepmp_jax.config import default_config
+  from codepmp_jax.data import prepared
   config = default_config()
   config.data.source = "prepared"
   config.data.path = str(tmp_path)
-  (tmp_path / "manifest.json").write_text(json.dumps({"truncation": "keep_head"}))
-  assert train.resolve_truncation(config) == "keep_head"
-  (tmp_path / "manifest.json").write_text(json.dumps({"overlong": "truncate"}))  # before it was recorded
+  (tmp_path / "manifest.json").write_text(json.dumps({"version": prepared.MANIFEST_VERSION,
+                                                     "truncation": "keep_head"}))
   assert train.resolve_truncation(config) == "keep_head"
   config.data.truncation = "keep_end"
   with pytest.raises(ValueError, match="prepared with 'keep_head'; prepare it again with --truncation=keep_end"):

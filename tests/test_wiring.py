@@ -11,7 +11,7 @@ import pytest
 
 from codepmp_jax import checkpoint, train
 from codepmp_jax.config import default_config
-from codepmp_jax.data import templates
+from codepmp_jax.data import prepared, templates
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
 from tests.test_cli_errors import _one_error_line, _run  # the CLIs run as a user runs them
@@ -29,7 +29,7 @@ def _prepared(root: pathlib.Path, format: str, sources: list[str]) -> str:
   """A prepared directory's manifest (all `resolve_prompt_format` reads of it)."""
   root.mkdir(parents=True, exist_ok=True)
   (root / "manifest.json").write_text(json.dumps(
-      {"format": format, "sources": [{"path": s} for s in sources]}))
+      {"version": prepared.MANIFEST_VERSION, "format": format, "sources": [{"path": s} for s in sources]}))
   return str(root)
 
 

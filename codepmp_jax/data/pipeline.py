@@ -47,7 +47,9 @@ Config fields read (`default_data_config()` has them all):
                   unpacked, pack_rows packed).
   shuffle_buffer  0 keeps the stored order (for evaluation); any other value shuffles the whole
                   split every epoch (random access makes a perfect shuffle free).
-  prefetch        steps assembled ahead by the reader's threads (0: none, in the caller's thread).
+  prefetch        steps assembled ahead by the reader's threads (0: none).
+  batch_timeout_s a step's batch not ready after this many seconds is an error naming the step,
+                  so a hung reader stops the run instead of stalling it (0: wait forever).
 """
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "read_groups": 0,
       "shuffle_buffer": 1,
       "prefetch": 2,
+      "batch_timeout_s": 600,
   })
 
 
@@ -207,12 +210,13 @@ def pack_settings(cfg: ml_collections.ConfigDict, sizes: np.ndarray, global_batc
 
 
 def packed_shape(cfg: ml_collections.ConfigDict, *, split: str, global_batch: int, seq_len: int,
-                 seed: int, row_multiple: int, local_shards: int, process_count: int = 1
-                 ) -> packing.PackedShape:
+                 seed: int, row_multiple: int, sharding: jax.sharding.NamedSharding | None,
+                 process_count: int = 1) -> packing.PackedShape:
   """The one packed shape of every step of `split` (one process's part of `process_count`), as
-  `PairBatches` derives it (`plan` compiles it): `local_shards` is how many pieces the batch
-  sharding cuts a process's rows into, `row_multiple` the step's microbatches."""
-  multiple = rows_multiple(cfg.read_groups or process_count, process_count, row_multiple, local_shards)
+  `PairBatches` derives it (`plan` compiles it): `sharding` is the batch's, `row_multiple` the
+  step's microbatches."""
+  multiple = rows_multiple(cfg.read_groups or process_count, process_count, row_multiple,
+                           local_batch_shards(sharding, process_count))
   if cfg.pack_rows:  # the data's sizes are needed only to derive the rows
     sizes = np.zeros((0, 4), np.int32)
   else:
@@ -230,7 +234,8 @@ class PairBatches:
 
   `num_pairs` counts the split's pairs (all processes); `steps_per_epoch` the steps of the first
   epoch (packed epochs can differ by a step or so); `shape` the one packed shape of every step
-  (packed) or None; `left_over_pairs` the pairs of this process an unpacked epoch leaves out.
+  (packed) or None; `left_over_pairs` the pairs of this process an unpacked epoch leaves out;
+  `source` the source stage it reads (`open_source`).
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, split: str, global_batch: int, seq_len: int,
@@ -244,15 +249,15 @@ class PairBatches:
     self.global_batch = global_batch
     self.process_index, self.process_count = process_index, process_count
     self._cfg, self._sharding = cfg, sharding
-    self._source = open_source(cfg, split, seq_len, seed)
-    self.num_pairs, self.pad_id = self._source.num_pairs, self._source.pad_id
+    self.source = open_source(cfg, split, seq_len, seed)
+    self.num_pairs, self.pad_id = self.source.num_pairs, self.source.pad_id
     groups = sampler.ReadGroups(self.num_pairs, cfg.read_groups or process_count, process_count)
     shuffle = bool(cfg.shuffle_buffer)
     self.pack = bool(cfg.pack)
     self.shape = None
     if self.pack:
       self._share_prompt = bool(cfg.pack_share_prompt)
-      sizes = pair_sizes(self._source.sizes, self._share_prompt)
+      sizes = pair_sizes(self.source.sizes, self._share_prompt)
       multiple = rows_multiple(groups.groups, process_count, row_multiple,
                                local_batch_shards(sharding, process_count))
       self.settings = pack_settings(cfg, sizes, global_batch, seq_len, multiple)
@@ -261,7 +266,7 @@ class PairBatches:
       self.steps_per_epoch = self._plan.steps_per_epoch(0)
       self.left_over_pairs = 0
     else:
-      self._plan = sampler.BatchPlan(groups, global_batch, self._source.sizes["lengths"].max(axis=1),
+      self._plan = sampler.BatchPlan(groups, global_batch, self.source.sizes["lengths"].max(axis=1),
                                      seq_len, bool(cfg.bucket), seed, shuffle)
       self.steps_per_epoch = self._plan.steps_per_epoch
       self.left_over_pairs = self._plan.left_over(process_index)
@@ -292,13 +297,13 @@ class PairBatches:
     epoch, step = self.locate(index)
     if self.pack:
       pairs, rows = self._plan.step(epoch, step, self.process_index)
-      arrays = self._source.take(pairs)
-      shared = self._source.sizes["shared_prompt"][pairs] if self._share_prompt else None
+      arrays = self.source.take(pairs)
+      shared = self.source.sizes["shared_prompt"][pairs] if self._share_prompt else None
       return packing.pack_pairs(arrays, row_len=self.settings.row_len,
                                 max_pairs_per_row=self.settings.pairs_per_row, pad_id=self.pad_id,
                                 shape=self.shape, shared_prompt=shared, rows=rows).batch
     pairs, length = self._plan.step(epoch, step, self.process_index)
-    return collate(self._source.take(pairs), length, self.pad_id)
+    return collate(self.source.take(pairs), length, self.pad_id)
 
   def _steps(self) -> int:
     return FOREVER if self.repeat else self.steps_per_epoch
@@ -322,12 +327,35 @@ class PairBatches:
       raise StopIteration
     if self._iterator is None:
       self._iterator = self._open()
-    data = next(self._iterator)
+    data = self._next_within(self._cfg.batch_timeout_s)
     epoch, step = self.locate(self._next)
     if step == 0 and epoch:
       logging.info("data[%s]: epoch %d begins", self.split, epoch)
     self._next += 1
     return self._to_global(data)
+
+  def _next_within(self, timeout: float) -> dict[str, np.ndarray]:
+    """The reader's next host batch, waited for in a daemon thread at most `timeout` seconds (0:
+    in this thread, forever), so a stuck reader raises here and never blocks the process's exit."""
+    if not timeout:
+      return next(self._iterator)
+    result = {}
+
+    def run():
+      try:
+        result["batch"] = next(self._iterator)
+      except BaseException as e:  # handed to the caller below
+        result["error"] = e
+    waiter = threading.Thread(target=run, name="data-next", daemon=True)
+    waiter.start()
+    waiter.join(timeout)
+    if waiter.is_alive():
+      self._iterator = None  # still inside the reader: dropped, not closed under it
+      raise TimeoutError(f"data[{self.split}]: the batch of step {self._next} was not ready after "
+                         f"{timeout} s (data.batch_timeout_s): the reader is stuck")
+    if "error" in result:
+      raise result["error"]
+    return result["batch"]
 
   def _to_global(self, data: dict[str, np.ndarray]) -> dict:
     if self._sharding is None:
@@ -401,7 +429,7 @@ def _synthetic_batch(cfg, indices: np.ndarray, seed: int, seq_len: int) -> PairA
 
 
 def collate(arrays: PairArrays, length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """The batch layout of docs/CONTRACTS.md from `arrays` (every pair), padded to `length`."""
+  """The batch layout of docs/contracts.md from `arrays` (every pair), padded to `length`."""
   positions = np.arange(length)
   lengths = arrays.lengths[:, :, None]
   attention = positions < lengths

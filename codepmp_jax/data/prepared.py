@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -161,16 +163,17 @@ def shard_paths(directory: epath.Path | str, manifest: Mapping, split: str) -> l
 
 class PreparedSplit:
   """One split of a prepared directory: pair sizes in memory (20 bytes a pair), records read on
-  demand through Grain's ArrayRecord source (a global index numbers the split's shards' records
-  in manifest order)."""
+  demand through Grain's ArrayRecord source, one per shard, opened when a pair of that shard is
+  first read (a global index numbers the split's shards' records in manifest order), so a process
+  opens only the shards of its own read groups."""
 
   def __init__(self, directory: epath.Path | str, manifest: Mapping, split: str):
     self.directory = epath.Path(directory)
     if split not in manifest["splits"]:
       raise ValueError(f"{directory} has no split {split!r}; it has {sorted(manifest['splits'])}")
-    shards = manifest["splits"][split]["shards"]
+    self._shards = manifest["splits"][split]["shards"]
     parts = []
-    for shard in shards:
+    for shard in self._shards:
       path = self.directory / shard["sizes"]
       with path.open("rb") as f:
         sizes = np.load(f)
@@ -182,17 +185,40 @@ class PreparedSplit:
     self.num_pairs = len(self.sizes)
     self.pad_id = int(manifest["tokenizer"]["pad_id"])
     self._paths = shard_paths(directory, manifest, split)
-    self._source = None
-    self._features = None
+    self._ends = np.cumsum([shard["pairs"] for shard in self._shards], dtype=np.int64)
+    self._readers: dict[int, Any] = {}
+    self._lock = threading.Lock()  # loader threads read concurrently
+    # Built here, not on first read: importing TFDS from two loader threads at once deadlocks.
+    self._features = features()
+
+  @property
+  def opened(self) -> list[str]:
+    """The shard files read so far, in shard order."""
+    return [self._paths[shard] for shard in sorted(self._readers)]
+
+  def _reader(self, shard: int):
+    with self._lock:
+      if shard not in self._readers:
+        self._readers[shard] = self._open(shard)
+      return self._readers[shard]
+
+  def _open(self, shard: int):
+    import grain
+    reader = grain.sources.ArrayRecordDataSource([self._paths[shard]])
+    if len(reader) != self._shards[shard]["pairs"]:
+      raise ValueError(f"{self._paths[shard]}: {len(reader)} records, the manifest says "
+                       f"{self._shards[shard]['pairs']}; prepare the data again")
+    return reader
 
   def take(self, indices: np.ndarray) -> PairArrays:
     """Pairs `indices` (global within the split) in the given order."""
-    if self._source is None:  # opened on first read: planning an epoch needs only the sizes
-      import grain
-      self._source = grain.sources.ArrayRecordDataSource(self._paths)
-      self._features = features()
-      if len(self._source) != self.num_pairs:
-        raise ValueError(f"{self.directory}: its shards hold {len(self._source)} records, the "
-                         f"manifest says {self.num_pairs}; prepare the data again")
-    records = self._source.__getitems__([int(i) for i in indices])
+    indices = np.asarray(indices, np.int64)
+    shard_of = np.searchsorted(self._ends, indices, "right")
+    records: list[bytes] = [b""] * len(indices)
+    for shard in np.unique(shard_of):
+      where = np.flatnonzero(shard_of == shard)
+      first = int(self._ends[shard] - self._shards[shard]["pairs"])
+      got = self._reader(int(shard)).__getitems__([int(i) - first for i in indices[where]])
+      for position, record in zip(where, got):
+        records[position] = record
     return decode(records, self._features)
