@@ -82,7 +82,7 @@ def _param_path(name: str, layer_pattern: re.Pattern, layer_names: dict, top_nam
 
 
 def expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Shapes of the canonical parameter tree of `config` (docs/CONTRACTS.md), keyed by path."""
+  """Shapes of the canonical parameter tree of `config` (docs/contracts.md), keyed by path."""
   d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
   q, kv = config.num_heads * config.resolved_head_dim, config.num_kv_heads * config.resolved_head_dim
   shapes = {("embed", "embedding"): (v, d), ("final_norm", "scale"): (d,), ("score", "kernel"): (d, 1)}

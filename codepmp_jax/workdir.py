@@ -1,4 +1,4 @@
-"""The training workdir: one module owns its layout (docs/CONTRACTS.md, "Workdir").
+"""The training workdir: one module owns its layout (docs/contracts.md, the workdir table).
 
   WORKDIR/
     config.json          the run's resolved training config (ml_collections JSON)

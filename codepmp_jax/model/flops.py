@@ -22,7 +22,7 @@ def _layer_matmul_params(config: ModelConfig) -> int:
 
 
 def count_params(config: ModelConfig) -> int:
-  """Number of parameters of the reward model's canonical tree (docs/CONTRACTS.md).
+  """Number of parameters of the reward model's canonical tree (docs/contracts.md).
 
   Embedding, per layer two norm scales, q/k/v/o kernels (+ q/k/v biases with `qkv_bias`) and the
   SwiGLU kernels, the final norm, the LM head unless tied to the embedding, and the score head.
