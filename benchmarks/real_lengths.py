@@ -133,15 +133,14 @@ class OursRunner:
     rules = sharding.DEFAULT_RULES
     optimizer = optim.make_optimizer(_optimizer_config(), total_steps=1000)
     _, state_sharding = step.state_shardings(config, optimizer, self.mesh, rules)
-    make = step.make_packed_train_step if packed else step.make_train_step
-    shardings = (step.packed_batch_shardings if packed else step.batch_shardings)(self.mesh, rules)
+    shardings = step.batch_shardings(self.mesh, rules, packed)
     self.shardings = shardings
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
       params = jax.jit(lambda: nn.unbox(transformer.init_params(config, jax.random.key(0))),
                        out_shardings=state_sharding.params)()
       opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
       self.state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-      self.fn = step.jit_train_step(make(transformer.RewardModel(config), optimizer, LOSS),
+      self.fn = step.jit_train_step(step.make_train_step(transformer.RewardModel(config), optimizer, LOSS, packed=packed),
                                     state_sharding, shardings, self.mesh)
 
   def run(self, batch: dict) -> None:

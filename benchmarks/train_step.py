@@ -107,15 +107,14 @@ class Ours:
     optimizer = optim.make_optimizer(_optimizer_config(), total_steps=1000)
     _, state_sharding = step.state_shardings(config, optimizer, self.mesh, rules)
     packed = "segment_ids" in batch
-    batch_sharding = (step.packed_batch_shardings if packed else step.batch_shardings)(self.mesh, rules)
-    make_step = step.make_packed_train_step if packed else step.make_train_step
+    batch_sharding = step.batch_shardings(self.mesh, rules, packed)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
       params = jax.jit(lambda: nn.unbox(transformer.init_params(config, jax.random.key(0))),
                        out_shardings=state_sharding.params)()
       opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
       self.state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
       self.batch = jax.device_put(batch, batch_sharding)
-      train_step = step.jit_train_step(make_step(transformer.RewardModel(config), optimizer, LOSS),
+      train_step = step.jit_train_step(step.make_train_step(transformer.RewardModel(config), optimizer, LOSS, packed=packed),
                                        state_sharding, batch_sharding, self.mesh)
       start = time.perf_counter()
       self.compiled = train_step.lower(self.state, self.batch).compile()

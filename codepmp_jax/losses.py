@@ -140,7 +140,7 @@ def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Ar
   """Weighted cross-entropy sum of `hidden @ lm_head` against `targets`, and the weights' sum.
 
   `hidden` [B, N, D] predicts `targets` [B, N] with `weights` [B, N]: already aligned, e.g. the
-  hidden states gathered before each LM target of a packed row (`step.packed_microbatch_sums`).
+  hidden states gathered before each LM target of a packed row (`step.packed_sums`).
   Logits exist `chunk_len` positions at a time, as in `chunked_lm_cross_entropy`. Differentiated,
   each chunk's gradients are computed in the forward pass while its logits exist (a fused linear
   cross-entropy), so the backward pass neither recomputes the logits nor keeps them.

@@ -117,14 +117,14 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
   optimizer = optim.make_optimizer(config.optimizer, tc.total_steps or 1000, tc.trainable)
   abstract, state_sharding = step.state_shardings(model_config, optimizer, mesh, rules)
   packed = config.data.pack
-  batch_sharding = (step.packed_batch_shardings if packed else step.batch_shardings)(mesh, rules)
+  batch_sharding = step.batch_shardings(mesh, rules, packed)
 
   def batch_of(split, pairs, microbatches):
     if packed:  # the shape the run packs every step into (`pipeline.packed_shape`)
-      shards = pipeline.local_batch_shards(batch_sharding["input_ids"], 1)
       shapes = pipeline.packed_shape(
           config.data, split=split, global_batch=pairs, seq_len=tc.seq_len, seed=config.seed,
-          row_multiple=microbatches, local_shards=shards).array_shapes(config.data.pack_pairs_per_row)
+          row_multiple=microbatches, sharding=batch_sharding["input_ids"]
+      ).array_shapes(config.data.pack_pairs_per_row)
     else:
       shapes = {"input_ids": (pairs, 2, tc.seq_len), "attention_mask": (pairs, 2, tc.seq_len),
                 "lm_mask": (pairs, 2, tc.seq_len), "margin": (pairs,)}
@@ -136,15 +136,14 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
                        abstract, state_sharding)
   model = transformer.RewardModel(model_config)
   eval_microbatches = tc.eval_microbatches or tc.microbatches
-  make_train = step.make_packed_train_step if packed else step.make_train_step
-  make_eval = step.make_packed_eval_step if packed else step.make_eval_step
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = step.jit_train_step(
-        make_train(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk, tc.trainable),
+        step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk,
+                             tc.trainable, packed),
         state_sharding, batch_sharding, mesh)
     compiled = train_step.lower(state, batch_of("train", tc.global_batch, tc.microbatches)).compile()
     eval_step = step.jit_eval_step(
-        make_eval(model, config.loss, eval_microbatches, tc.lm_chunk),
+        step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk, packed),
         state_sharding.params, batch_sharding, mesh)
     eval_memory = eval_step.lower(state.params, batch_of("eval", tc.eval_batch or tc.global_batch,
                                                          eval_microbatches)

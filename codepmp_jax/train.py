@@ -33,14 +33,15 @@ from ml_collections import config_flags
 
 from codepmp_jax import checkpoint, cli, losses, metrics, optim, sharding, step
 from codepmp_jax import workdir as layout
-from codepmp_jax.data import builtin, encode, loaders, pipeline, prepare, templates
+from codepmp_jax.data import builtin, encode, loaders, pipeline, prepared, templates
 from codepmp_jax.data.tokenizer import Tokenizer, load_tokenizer
 from codepmp_jax.model import flops, lora, transformer
-from codepmp_jax.model.config import ModelConfig
+from codepmp_jax.model.config import ModelConfig, resolve_attention
 
 # Fields of the model config that a run sets on top of an `init_from` checkpoint: how the model is
 # computed (and adapted: `lora`), not what it is. Every other ModelConfig field is the checkpoint's.
 NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention", "causal_block",
+                   "attention_block_bytes", "attention_min_block", "splash_interpret",
                    "lora")
 # `init_from` values that mean "no checkpoint": fresh random parameters.
 SCRATCH = ("", "scratch")
@@ -119,16 +120,16 @@ def setup_compilation_cache(config: ml_collections.ConfigDict, workdir: epath.Pa
 
 def resolve_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | None:
   """The run's tokenizer; prepared data must have been made with it."""
-  prepared = config.data.source == "prepared"
+  from_prepared = config.data.source == "prepared"
   source = init_source(config)
   init_tokenizer = checkpoint.as_path(source) / layout.TOKENIZER if source else None
   path = (config.tokenizer or (str(init_tokenizer) if init_tokenizer and init_tokenizer.is_dir() else "")
-          or (config.data.path if prepared else ""))
+          or (config.data.path if from_prepared else ""))
   if not path:
     return None
   tokenizer = load_tokenizer(path)
-  if prepared:
-    prepare.check_tokenizer(config.data.path, tokenizer.fingerprint)
+  if from_prepared:
+    prepared.check_tokenizer(config.data.path, tokenizer.fingerprint)
   return tokenizer
 
 
@@ -172,7 +173,7 @@ def resolve_prompt_format(config: ml_collections.ConfigDict) -> str | None:
     return "code"
   if config.data.source != "prepared":
     return None
-  manifest = prepare.read_manifest(config.data.path)
+  manifest = prepared.read_manifest(config.data.path)
   if manifest["format"] == "pairs" and manifest["sources"] and all(
       _made_by_synth(source["path"]) for source in manifest["sources"]):
     return "code"
@@ -191,11 +192,11 @@ def resolve_truncation(config: ml_collections.ConfigDict) -> str:
     encode.check_truncation(wanted)
   if config.data.source != "prepared":
     return wanted or encode.DEFAULT_TRUNCATION
-  prepared = prepare.manifest_truncation(prepare.read_manifest(config.data.path))
-  if wanted and wanted != prepared:
+  cut = prepared.read_manifest(config.data.path)["truncation"]
+  if wanted and wanted != cut:
     raise ValueError(f"config.data.truncation={wanted!r} but {config.data.path} was prepared with "
-                     f"{prepared!r}; prepare it again with --truncation={wanted}")
-  return prepared
+                     f"{cut!r}; prepare it again with --truncation={wanted}")
+  return cut
 
 
 def _made_by_synth(pair_file: str) -> bool:
@@ -411,7 +412,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
   # Data and tokenizer (the built-in default builds its data on first use).
   builtin.ensure(config.data, only_at_home=True)  # elsewhere data.path must be prepared data
   tokenizer = resolve_tokenizer(config)
-  model_config = resolve_model_config(config, tokenizer)
+  model_config = resolve_attention(resolve_model_config(config, tokenizer), jax.default_backend())
   prompt_format = resolve_prompt_format(config)
   truncation = resolve_truncation(config)
   if config.data.source == "synthetic" and config.data.vocab_size > model_config.vocab_size:
@@ -421,7 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
   mesh = sharding.make_mesh(config.mesh_shape, dcn_shape=config.dcn_mesh_shape)
   rules = sharding.rules_from_config(config.logical_rules)
   packed = config.data.pack  # packed rows (data.pack): the packed steps, shardings and batches
-  batch_sharding = (step.packed_batch_shardings if packed else step.batch_shardings)(mesh, rules)
+  batch_sharding = step.batch_shardings(mesh, rules, packed)
   tc = config.train
   train_data = pipeline.build_pipeline(
       config.data, split="train", global_batch=tc.global_batch, seq_len=tc.seq_len,
@@ -429,6 +430,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
       row_multiple=tc.microbatches)
   # One epoch is exactly the full batches of one epoch (what the pipeline yields per epoch).
   total_steps = tc.total_steps or max(1, math.floor(tc.epochs * train_data.steps_per_epoch + 1e-9))
+  logging.info("data[train]: %d pairs, %d steps an epoch, %s", train_data.num_pairs,
+               train_data.steps_per_epoch,
+               f"every step packed into {train_data.shape}" if packed else
+               f"{train_data.left_over_pairs} pairs of this process left out of each epoch")
   restore_from = None  # (workdir, step) of the train state to continue
   latest = checkpoint.latest_train_step(workdir)
   if config.decay_from:
@@ -486,18 +491,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
       state = jax.jit(lambda p: step.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
                       out_shardings=state_sharding)(params)
 
-    if packed:
-      train_fn = step.make_packed_train_step(model, optimizer, config.loss, tc.microbatches,
-                                             tc.lm_chunk, tc.trainable)
-      eval_fn = step.make_packed_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk)
-    else:
-      train_fn = step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk,
-                                      tc.trainable)
-      eval_fn = step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk)
+    train_fn = step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk,
+                                    tc.trainable, packed)
+    eval_fn = step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk, packed)
     train_step = step.jit_train_step(train_fn, state_sharding, batch_sharding, mesh)
+    eval_step = step.jit_eval_step(eval_fn, state_sharding.params, batch_sharding, mesh)
     if tc.eval_every:
-      evaluator = HeldOutLoss(step.jit_eval_step(eval_fn, state_sharding.params, batch_sharding, mesh),
-                            eval_data, tc.eval_batches, config.loss)
+      evaluator = HeldOutLoss(eval_step, eval_data, tc.eval_batches, config.loss)
 
     schedule = optim.make_schedule(config.optimizer, total_steps)
     writer = metrics.MetricWriter(workdir, total_steps, start_step=start)
@@ -536,6 +536,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
           if due.eval:
             values.update(evaluator(state.params))
             throughput.restart()
+          # Compilations so far (fixed batch shapes: one each per run).
+          values.update(compiles_train_step=train_step._cache_size(),
+                        compiles_eval_step=eval_step._cache_size())
           writer.write(step_number, values)
           last = values
         if due.save or due.preempted:
@@ -555,6 +558,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
     summary = {"step": final_step, "finished": final_step == total_steps, **last}
     layout.path(workdir, layout.SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True))
     logging.info("finished: %s", summary)
+    # Reward mean/std over the held-out split, from the last evaluation: normalized rewards (#33).
+    reward_stats = checkpoint.reward_stats_from_eval(last, final_step) if summary["finished"] else None
+    if reward_stats is not None:
+      checkpoint.save_reward_stats(workdir, **reward_stats)
   return last
 
 

@@ -57,7 +57,7 @@ def test_a_batch_the_microbatches_do_not_divide_fails_to_build():
   config.train.update(global_batch=16, microbatches=3)
   fields = config.model.to_dict()
   fields["vocab_size"] = 1000
-  with pytest.raises(ValueError, match="batch of 16 pairs does not split into 3 microbatches"):
+  with pytest.raises(ValueError, match=r"batch of 16 pairs \(or packed rows\) does not split into 3 microbatches"):
     plan.plan(config, ModelConfig.from_dict(fields))
 
 

@@ -1,28 +1,26 @@
-"""Packed batches from the input pipeline: the same pairs as unpacked, shapes every process agrees on,
-exact resume, and a packed training run on prepared data."""
+"""Packed batches from the input pipeline: one fixed shape per run, every pair of an epoch exactly
+once (the pairs that do not fit a step carried into the next), the same steps for every process
+count, exact resume with either reader, and packed training that compiles its step once."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from codepmp_jax.data import packing, pipeline
 from codepmp_jax.data.encode import PairArrays
-from tests.test_data_pipeline import _pairs  # pair i's chosen starts with 1000 + i
+from tests.test_data_pipeline import _pairs  # pair i's chosen starts with 1000 + i, margin i
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _pipeline(cfg, *, index=0, count=1, global_batch=8, seq_len=16):
+def _pipeline(cfg, *, index=0, count=1, global_batch=8, seq_len=16, repeat=True, seed=3,
+              row_multiple=1):
   return pipeline.PairBatches(cfg, split="train", global_batch=global_batch, seq_len=seq_len,
-                              sharding=None, seed=3, repeat=True, process_index=index,
-                              process_count=count)
+                              sharding=None, seed=seed, repeat=repeat, process_index=index,
+                              process_count=count, row_multiple=row_multiple)
 
 
 def _prompted_pairs(n: int) -> PairArrays:
@@ -36,9 +34,25 @@ def _prompted_pairs(n: int) -> PairArrays:
                                  arrays.margin)
 
 
+def code_like_pairs(n: int, seq_len: int = 1024, seed: int = 0) -> PairArrays:
+  """Pairs of code-like lengths: a prompt of 40-160 tokens shared by both sequences, responses
+  log-normal around 200 tokens (cut to fit `seq_len`); pair i's margin is i."""
+  rng = np.random.default_rng(seed)
+  prompt = rng.integers(40, 161, n)
+  response = np.clip(np.round(rng.lognormal(np.log(200), 0.5, (n, 2))), 8, seq_len).astype(np.int64)
+  lengths = np.minimum(prompt[:, None] + response, seq_len)
+  tokens = []
+  for i in range(n):
+    shared = rng.integers(3, 30000, prompt[i])
+    for which in (0, 1):
+      tokens.append(np.concatenate([shared, rng.integers(3, 30000, lengths[i, which] - prompt[i])]))
+  return PairArrays.from_lengths(np.concatenate(tokens).astype(np.int32), lengths,
+                                 np.repeat(prompt[:, None], 2, axis=1), np.arange(n, dtype=np.float32))
+
+
 def _unpack(batch) -> dict[int, tuple]:
-  """pair id -> (chosen tokens, rejected tokens, margin) read back from a packed batch through
-  its `sequence_index` (a shared prompt's columns are in both sequences' slots)."""
+  """pair id (its margin) -> (chosen tokens, rejected tokens) read back from a packed batch
+  through its `sequence_index` (a shared prompt's columns are in both sequences' slots)."""
   out = {}
   for row in range(len(batch["input_ids"])):
     ids = batch["input_ids"][row]
@@ -46,158 +60,272 @@ def _unpack(batch) -> dict[int, tuple]:
       chosen, rejected = (batch["sequence_index"][row, 2 * slot + which] for which in (0, 1))
       chosen, rejected = chosen[chosen >= 0], rejected[rejected >= 0]
       assert batch["reward_index"][row, 2 * slot:2 * slot + 2].tolist() == [chosen[-1], rejected[-1]]
-      out[int(ids[chosen[0]]) - 1000] = (ids[chosen].tolist(), ids[rejected].tolist(),
-                                         float(batch["margin"][row, slot]))
+      pair = int(batch["margin"][row, slot])
+      assert pair not in out
+      out[pair] = (ids[chosen].tolist(), ids[rejected].tolist())
   return out
 
 
-def _padded(batch) -> dict[int, tuple]:
-  out = {}
-  for p in range(len(batch["input_ids"])):
-    seqs = [batch["input_ids"][p, w][batch["attention_mask"][p, w] > 0].tolist() for w in (0, 1)]
-    out[seqs[0][0] - 1000] = (seqs[0], seqs[1], float(batch["margin"][p]))
-  return out
+def _pair_ids(batch) -> list[int]:
+  """The pairs (margins) a packed batch holds, row by row, slot by slot."""
+  return [int(m) for m in batch["margin"][batch["pair_valid"] > 0]]
+
+
+def _check_layout(batch) -> None:
+  """lm_index lists each row's LM targets (lm_mask), then zeros; sequence_index each segment's
+  columns (a rejected sequence: its shared prompt's columns, then its own), then -1."""
+  for row in range(len(batch["input_ids"])):
+    targets = np.flatnonzero(batch["lm_mask"][row])
+    np.testing.assert_array_equal(batch["lm_index"][row, :len(targets)], targets)
+    assert not batch["lm_index"][row, len(targets):].any()
+    for s, columns in enumerate(batch["sequence_index"][row]):
+      want = np.flatnonzero(batch["segment_ids"][row] == s + 1)
+      if s % 2:
+        prompt = batch["positions"][row, want[0]] if len(want) else 0
+        want = np.concatenate([batch["sequence_index"][row, s - 1, :prompt], want])
+      np.testing.assert_array_equal(columns, np.pad(want, (0, len(columns) - len(want)),
+                                                    constant_values=-1))
+
+
+def _shapes(batch) -> dict[str, tuple]:
+  return {k: v.shape for k, v in batch.items()}
 
 
 @pytest.mark.parametrize("share_prompt", [True, False])
-def test_packed_batches_hold_the_unpacked_pairs_agree_across_processes_and_resume(share_prompt):
+def test_an_epoch_holds_every_pair_exactly_once_in_one_shape(share_prompt):
   arrays = _prompted_pairs(70)
   assert arrays.shared_prompt().min() >= 2
-  packed_cfg = pipeline.in_memory_config(arrays, pad_id=0, pack=True, pack_row_len=32,
-                                         pack_pairs_per_row=3, pack_share_prompt=share_prompt,
-                                         prefetch=0)
-  plain_cfg = pipeline.in_memory_config(arrays, pad_id=0, prefetch=0)
-  procs = [_pipeline(packed_cfg, index=p, count=2) for p in range(2)]
-  plains = [_pipeline(plain_cfg, index=p, count=2) for p in range(2)]
-  steps = procs[0].steps_per_epoch
-  assert steps == (70 // 2) // 4
-  seen = []
-  for _ in range(steps + 2):  # one epoch and the start of the next
-    packed = [next(it) for it in procs]
-    plain = [next(it) for it in plains]
-    for key in ("input_ids", "lm_index", "sequence_index"):  # all processes agree on the shapes
-      assert packed[0][key].shape == packed[1][key].shape
-    for got in packed:  # lm_index lists each row's LM targets (lm_mask), then zeros;
-      for row in range(len(got["input_ids"])):  # sequence_index each segment's columns, then -1
-        targets = np.flatnonzero(got["lm_mask"][row])
-        np.testing.assert_array_equal(got["lm_index"][row, :len(targets)], targets)
-        assert not got["lm_index"][row, len(targets):].any()
-        for s, columns in enumerate(got["sequence_index"][row]):
-          want = np.flatnonzero(got["segment_ids"][row] == s + 1)
-          if s % 2:  # a rejected sequence: its shared prompt's columns, then its own
-            prompt = got["positions"][row, want[0]] if len(want) else 0
-            want = np.concatenate([got["sequence_index"][row, s - 1, :prompt], want])
-          np.testing.assert_array_equal(columns, np.pad(want, (0, len(columns) - len(want)),
-                                                        constant_values=-1))
-    assert {k: v.shape[0] for k, v in packed[0].items()} == {k: len(packed[0]["input_ids"])
-                                                             for k in packed[0]}
-    assert packed[0]["input_ids"].shape[1] == 32
-    for got, want in zip(packed, plain):
-      pairs = _unpack(got)
-      assert pairs == _padded(want)  # exactly the unpacked batch's pairs, tokens and margins
-      # Shared prompts are laid out once: the rows hold the pairs' tokens less their prompts.
-      ids = [i + 1000 for i in pairs]
-      in_batch = [i for i in range(70) if arrays.sequence(i, 0)[0] in ids]
-      saved = arrays.shared_prompt()[in_batch].sum() if share_prompt else 0
-      assert (got["segment_ids"] > 0).sum() == arrays.lengths[in_batch].sum() - saved
-      seen.extend(pairs)
-  first_epoch = seen[:steps * 8]
-  assert len(set(first_epoch)) == len(first_epoch) == steps * 8  # every pair at most once
-  assert set(first_epoch) <= set(range(70))
-  # Each process's epoch covers every pair of its range that fills a batch, exactly once.
-  for p, it in enumerate(procs):
-    start, stop = it._range(p)
-    mine = [i for i in first_epoch if start <= i < stop]
-    assert len(mine) == steps * 4
-
-  # Resume: a new pipeline given the state continues with the same packed batches.
-  state = procs[0].get_state()
-  want = [next(procs[0]) for _ in range(3)]
-  resumed = _pipeline(packed_cfg, index=0, count=2)
-  resumed.set_state(json.loads(json.dumps(state)))
-  for w in want:
-    got = next(resumed)
-    for key in w:
-      np.testing.assert_array_equal(got[key], w[key])
+  cfg = pipeline.in_memory_config(arrays, pad_id=0, pack=True, pack_row_len=32,
+                                  pack_pairs_per_row=3, pack_share_prompt=share_prompt, prefetch=0)
+  it = _pipeline(cfg)
+  want_shapes = it.shape.array_shapes(3)
+  assert it.shape.columns == 32
+  steps = it.steps_per_epoch
+  seen, epochs = [], []
+  for index in range(steps + 3):  # one epoch and the start of the next
+    batch = next(it)
+    assert _shapes(batch) == want_shapes  # every step the same shape
+    _check_layout(batch)
+    pairs = _unpack(batch)
+    for pair, (chosen, rejected) in pairs.items():  # the pairs' own tokens
+      assert chosen == arrays.sequence(pair, 0).tolist()
+      assert rejected == arrays.sequence(pair, 1).tolist()
+    # Shared prompts are laid out once: the rows hold the pairs' tokens less their prompts.
+    held = sorted(pairs)
+    saved = arrays.shared_prompt()[held].sum() if share_prompt else 0
+    assert (batch["segment_ids"] > 0).sum() == arrays.lengths[held].sum() - saved
+    (epochs if index >= steps else seen).append(_pair_ids(batch))
+  first = [p for step in seen for p in step]
+  assert sorted(first) == list(range(70))  # none dropped, none twice
+  assert all(len(step) for step in seen)
+  # The next epoch starts over in another order.
+  second = [p for step in epochs for p in step]
+  assert len(set(second)) == len(second) and second != first[:len(second)]
 
 
-def test_packed_rows_are_a_multiple_of_row_multiple_and_few_shapes():
-  cfg = pipeline.in_memory_config(_pairs(200, max_len=16), pad_id=0, pack=True, prefetch=0)
-  it = pipeline.PairBatches(cfg, split="train", global_batch=16, seq_len=16, sharding=None, seed=0,
-                            repeat=False, process_index=0, process_count=1, row_multiple=2)
-  assert it.row_len == 32  # 0 means 2 * seq_len: the longest pair always fits
-  rows = {len(b["input_ids"]) for b in it}
-  assert rows and all(r % 2 == 0 for r in rows)
-  # 16 pairs of <= 32 tokens in rows of 32 need at most 16 rows, and FFD needs fewer.
-  assert max(rows) < 16
+def test_packing_efficiency_of_code_like_pairs():
+  """256 pairs a step of code-like lengths at seq_len 1024 (rows of 2048): at least 0.85 of the
+  packed tokens are real ones in every step but the epoch's last, and every pair is used once."""
+  arrays = code_like_pairs(4096)
+  cfg = pipeline.in_memory_config(arrays, pad_id=0, pack=True, prefetch=0)
+  it = _pipeline(cfg, global_batch=256, seq_len=1024, repeat=False, seed=0)
+  assert it.shape.columns == 2048
+  batches = list(it)
+  assert len(batches) == it.steps_per_epoch
+  efficiency = [packing.packing_efficiency(b) for b in batches]
+  pairs = [int(b["pair_valid"].sum()) for b in batches]
+  print(f"rows {it.shape.rows} x {it.shape.columns}: efficiency {np.mean(efficiency[:-1]):.3f} "
+        f"(min {min(efficiency[:-1]):.3f}), pairs a step {np.mean(pairs[:-1]):.1f}")
+  assert np.mean(efficiency[:-1]) >= 0.85
+  assert 0.9 * 256 <= np.mean(pairs[:-1]) <= 1.1 * 256
+  assert sorted(p for b in batches for p in _pair_ids(b)) == list(range(4096))
+
+
+@pytest.mark.parametrize("row_multiple", [1, 2])
+def test_batches_are_the_same_for_one_two_and_four_processes(row_multiple):
+  """read_groups=4: process p of P holds rows [p R/P, (p+1) R/P) of the one-process batch."""
+  arrays = _prompted_pairs(150)
+  cfg = pipeline.in_memory_config(arrays, pad_id=0, pack=True, pack_row_len=32,
+                                  pack_pairs_per_row=3, read_groups=4, prefetch=0)
+  one = _pipeline(cfg, global_batch=16, repeat=True, row_multiple=row_multiple)
+  steps = one.steps_per_epoch + 2  # over the epoch's end
+  want = [next(one) for _ in range(steps)]
+  assert one.shape.rows % (4 * row_multiple) == 0
+  for count in (2, 4):
+    procs = [_pipeline(cfg, index=p, count=count, global_batch=16, row_multiple=row_multiple)
+             for p in range(count)]
+    assert {p.steps_per_epoch for p in procs} == {one.steps_per_epoch}
+    for index in range(steps):
+      parts = [next(p) for p in procs]
+      for key, value in want[index].items():
+        np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), value,
+                                      err_msg=f"{count} processes, step {index}, {key}")
+
+
+@pytest.mark.parametrize("reader", ["grain", "tfdata"])
+def test_resume_gives_the_same_next_batches(reader):
+  arrays = _prompted_pairs(70)
+  cfg = pipeline.in_memory_config(arrays, pad_id=0, pack=True, pack_row_len=32,
+                                  pack_pairs_per_row=3, reader=reader, prefetch=2, read_groups=2)
+  first = _pipeline(cfg, global_batch=8)
+  steps = first.steps_per_epoch
+  for k in (1, steps - 1):  # mid-epoch, and just before the epoch's end
+    for _ in range(k):
+      next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    assert state["next_index"] == k
+    want = [next(first) for _ in range(4)]  # over the epoch boundary when k = steps - 1
+    resumed = _pipeline(cfg, global_batch=8)
+    resumed.set_state(state)
+    for index, batch in enumerate(want):
+      got = next(resumed)
+      for key in batch:
+        np.testing.assert_array_equal(got[key], batch[key], err_msg=f"{reader} k={k} +{index} {key}")
+    resumed.close()
+    first.close()
+    first = _pipeline(cfg, global_batch=8)
+  first.close()
+  # Another pipeline's state (another data order) is refused.
+  other = _pipeline(pipeline.in_memory_config(_prompted_pairs(71), pad_id=0, pack=True,
+                                              pack_row_len=32, pack_pairs_per_row=3))
+  with pytest.raises(ValueError, match="num_pairs=70"):
+    other.set_state(state)
+
+
+def test_the_tfdata_reader_yields_the_grain_readers_batches():
+  arrays = code_like_pairs(600, seq_len=512, seed=1)
+  batches = {}
+  for reader in ("grain", "tfdata"):
+    cfg = pipeline.in_memory_config(arrays, pad_id=0, pack=True, reader=reader, prefetch=2,
+                                    read_groups=2)
+    batches[reader] = list(_pipeline(cfg, global_batch=64, seq_len=512, repeat=False))
+  assert len(batches["grain"]) == len(batches["tfdata"]) > 2
+  for index, (grain, tfdata) in enumerate(zip(batches["grain"], batches["tfdata"])):
+    assert grain.keys() == tfdata.keys()
+    for key in grain:
+      assert grain[key].dtype == tfdata[key].dtype, key
+      np.testing.assert_array_equal(tfdata[key], grain[key], err_msg=f"step {index} {key}")
 
 
 def test_a_pair_longer_than_a_row_is_an_error():
   cfg = pipeline.in_memory_config(_pairs(16, max_len=12), pad_id=0, pack=True, pack_row_len=8,
                                   prefetch=0)
-  with pytest.raises(ValueError, match="more than row_len=8"):
-    next(_pipeline(cfg))
+  with pytest.raises(ValueError, match=r"tokens, more than data.pack_row_len=8: a row must hold"):
+    _pipeline(cfg)
 
 
-@pytest.mark.slow
-def test_packed_training_on_prepared_data_equals_unpacked_and_evaluates(tmp_path, shared_data):
-  """A packed run on real prepared GSM8K pairs trains on the same pairs as the padded run: its
-  losses match step for step (same batches, same init), and its evaluation works."""
-  from codepmp_jax import train
-  from codepmp_jax.config import default_config
+def test_packed_shape_is_the_pipelines_shape():
+  """`pipeline.packed_shape` (what `plan` compiles) is the shape `PairBatches` packs into."""
+  import jax
+
+  arrays = code_like_pairs(300, seq_len=512)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(8, 1), ("data", "model"))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  for rows, groups in ((0, 0), (0, 4), (24, 8)):
+    cfg = pipeline.in_memory_config(arrays, pad_id=0, pack=True, pack_rows=rows,
+                                    read_groups=groups, prefetch=0)
+    for count in (1, 2):
+      for row_multiple in (1, 2):
+        it = pipeline.PairBatches(cfg, split="train", global_batch=32, seq_len=512,
+                                  sharding=sharding, seed=0, repeat=True, process_index=0,
+                                  process_count=count, row_multiple=row_multiple)
+        want = pipeline.packed_shape(cfg, split="train", global_batch=32, seq_len=512, seed=0,
+                                     row_multiple=row_multiple,
+                                     sharding=sharding, process_count=count)
+        assert it.shape == want, (rows, groups, count, row_multiple)
+        assert it.shape.rows * count % (8 * row_multiple) == 0
+        host = it.host_batch(0)
+        assert _shapes(host) == want.array_shapes(cfg.pack_pairs_per_row)
+
+
+WORDS = ("alpha beta gamma delta sum list loop return value index count print sort map filter "
+         "read write open close key item").split()
+
+
+@pytest.fixture(scope="module")
+def prepared_pairs(tmp_path_factory) -> pathlib.Path:
+  """Prepared pairs of varied lengths (prompts 3-20 words, responses 5-60) and their tokenizer."""
   from codepmp_jax.data import prepare
   from codepmp_jax.data.tokenizer import train_sentencepiece
 
-  questions = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").open()][:120]
-  train_sentencepiece((q["question"] + q["answer"] for q in questions), 384, tmp_path / "spm")
-  subset = tmp_path / "gsm8k.jsonl"
-  subset.write_text("".join(json.dumps(q) + "\n" for q in questions))
+  tmp = tmp_path_factory.mktemp("packed_prepared")
+  rng = np.random.default_rng(0)
+
+  def text(n):
+    return " ".join(rng.choice(WORDS, size=n))
+  records = [{"prompt": f"task {i}: {text(int(rng.integers(3, 20)))}",
+              "chosen": text(int(rng.integers(5, 60))), "rejected": text(int(rng.integers(5, 60)))}
+             for i in range(240)]
+  (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  train_sentencepiece([r["prompt"] + r["chosen"] + r["rejected"] for r in records], 300, tmp / "spm")
   prepare.prepare(prepare.PrepareSettings(
-      inputs=(str(subset),), format="gsm8k", tokenizer=str(tmp_path / "spm.model"), seq_len=256,
-      out=str(tmp_path / "prepared"), split="train:0.8,eval:0.2", num_workers=1))
-
-  def run(name, **data):
-    config = default_config()
-    config.data.update(path=str(tmp_path / "prepared"), **data)
-    config.model.update(vocab_size=0, hidden_size=32, intermediate_size=64, num_layers=2,
-                        attention="plain")
-    config.optimizer.update(lr=3e-3, warmup_ratio=0.0, weight_decay=0.0)
-    config.train.update(global_batch=8, microbatches=2, seq_len=256, total_steps=4, log_every=1,
-                        eval_every=4, eval_batches=2, lm_chunk=64)
-    config.mesh_shape = (-1, 1, 1)
-    final = train.train(config, tmp_path / name)
-    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    return final, {row["step"]: row for row in rows}
-
-  packed_final, packed = run("packed", pack=True, pack_pairs_per_row=4)
-  padded_final, padded = run("padded")
-  assert sorted(packed) == [1, 2, 3, 4]
-  for step in packed:
-    for key in ("loss", "bt_loss", "lm_loss"):
-      assert np.isfinite(packed[step][key])
-      assert packed[step][key] == pytest.approx(padded[step][key], rel=1e-4), (step, key)
-    assert 0 < packed[step]["packing_efficiency"] <= 1
-  assert packed_final["eval/loss"] == pytest.approx(padded_final["eval/loss"], rel=1e-4)
-  assert packed_final["eval/accuracy"] == pytest.approx(padded_final["eval/accuracy"])
+      inputs=(str(tmp / "pairs.jsonl"),), format="pairs", tokenizer=str(tmp / "spm.model"),
+      seq_len=128, out=str(tmp / "prepared"), num_shards=3, split="train:0.8,eval:0.2",
+      num_workers=1))
+  return tmp / "prepared"
 
 
 @pytest.mark.slow
-def test_plan_compiles_the_packed_steps_on_the_most_rows_a_batch_can_take():
+def test_packed_training_over_an_epoch_compiles_its_step_once(prepared_pairs, tmp_path):
+  """A packed run on prepared data over one whole epoch (eval at its end): metrics.jsonl counts one
+  compilation of the train step and one of the eval step; every step's losses are finite."""
+  from codepmp_jax import train
+  from codepmp_jax.config import default_config
+
+  config = default_config()
+  config.data.update(path=str(prepared_pairs), pack=True, pack_pairs_per_row=4)
+  config.model.update(vocab_size=0, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=1, attention="plain")
+  config.optimizer.update(lr=3e-3, warmup_ratio=0.0, weight_decay=0.0)
+  config.train.update(global_batch=16, microbatches=2, seq_len=128, total_steps=0, epochs=1.0,
+                      log_every=1, eval_every=1000, eval_batch=16, eval_batches=0, lm_chunk=64)
+  config.checkpoint.save_every = 1000
+  config.mesh_shape = (-1, 1, 1)
+  final = train.train(config, tmp_path / "run")
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  from codepmp_jax import sharding, step
+  mesh = sharding.make_mesh(config.mesh_shape)
+  batch_sharding = step.batch_shardings(mesh, sharding.rules_from_config(config.logical_rules), packed=True)
+  data = pipeline.PairBatches(config.data, split="train", global_batch=16, seq_len=128,
+                              sharding=batch_sharding["input_ids"], seed=config.seed, repeat=True,
+                              process_index=0, process_count=1, row_multiple=2)
+  steps = data.steps_per_epoch
+  assert [r["step"] for r in rows] == list(range(1, steps + 1)) and steps >= 8
+  for row in rows:
+    for key in ("loss", "bt_loss", "lm_loss"):
+      assert np.isfinite(row[key]), (row["step"], key)
+    assert 0 < row["packing_efficiency"] <= 1
+    assert row["compiles_train_step"] == 1, row
+  assert rows[-1]["compiles_eval_step"] == 1 and "eval/loss" in rows[-1], rows[-1]
+  assert np.isfinite(final["eval/loss"]) and 0 <= final["eval/accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_plan_compiles_the_shape_the_run_packs_into(monkeypatch):
+  """`plan` with data.pack lowers the train step on `pipeline.packed_shape`, the pipeline's shape."""
   from codepmp_jax import plan
   from codepmp_jax.config import load_config
   from codepmp_jax.model.config import ModelConfig
 
   config = load_config("tiny")
   config.mesh_shape = (8, 1, 1)
-  config.train.update(global_batch=16, seq_len=64, microbatches=2)
+  config.train.update(global_batch=16, seq_len=512, microbatches=2, eval_batch=16)
+  config.data.update(source="in_memory", records=code_like_pairs(200, seq_len=512), pad_id=0)
   model_config = ModelConfig.from_dict({**config.model.to_dict(), "vocab_size": 1000})
   padded = plan.plan(config, model_config)
   config.data.pack = True
+  seen = []
+  real = pipeline.packed_shape
+  monkeypatch.setattr(pipeline, "packed_shape", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
   packed = plan.plan(config, model_config)
-  # At most one pair a row: 16 rows of 128 tokens, the positions of the padded [16, 2, 64] batch.
-  assert packing.PackedShape(16, 64, 2, 64, 128).rounded(128, 2 * 8).rows == 16
+  import jax
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  run = pipeline.PairBatches(config.data, split="train", global_batch=16, seq_len=512,
+                             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+                             seed=config.seed, repeat=True, process_index=0, process_count=1,
+                             row_multiple=2)
+  assert seen[0] == run.shape and run.shape.rows % 16 == 0
   assert packed.params_bytes == padded.params_bytes
-  assert 0.5 * padded.temp_bytes < packed.temp_bytes < 2 * padded.temp_bytes
   assert packed.eval_temp_bytes > 0
 
 
@@ -208,7 +336,6 @@ def test_packed_eval_microbatches_and_chunked_lm_give_the_full_sums():
   import ml_collections
 
   from codepmp_jax import losses, step
-  from codepmp_jax.data import packing
   from codepmp_jax.model import transformer
   from codepmp_jax.model.config import get_preset
 
@@ -219,8 +346,8 @@ def test_packed_eval_microbatches_and_chunked_lm_give_the_full_sums():
   batch = packing.pack_batch(arrays, row_len=32, max_pairs_per_row=3, pad_id=0, row_multiple=4).batch
   model = transformer.RewardModel(config)
   params = jax.jit(lambda: nn.unbox(transformer.init_params(config, jax.random.key(0))))()
-  want = jax.jit(step.make_packed_eval_step(model, loss_cfg, lm_chunk=0))(params, batch)
-  got = jax.jit(step.make_packed_eval_step(model, loss_cfg, microbatches=2, lm_chunk=8))(params, batch)
+  want = jax.jit(step.make_eval_step(model, loss_cfg, lm_chunk=0, packed=True))(params, batch)
+  got = jax.jit(step.make_eval_step(model, loss_cfg, microbatches=2, lm_chunk=8, packed=True))(params, batch)
   assert float(want["lm_count"]) > 0
   for key in losses.SUM_KEYS:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
@@ -232,43 +359,3 @@ def test_paper_pmp_configs_pack_their_pairs(name):
 
   config = load_config(name)
   assert config.data.pack and config.data.pack_row_len == 0  # rows of 2 x seq_len
-
-
-def _two_process_run(workdir, *overrides) -> dict[int, dict]:
-  """A 3-step synthetic run as 2 processes x 4 CPU devices; its metrics by step."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  procs = []
-  for process_id in range(2):
-    env = os.environ.copy()
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "codepmp_jax.train", f"--workdir={workdir}", "--config=configs/tiny.py",
-         "--config.data.builtin.name=", "--config.data.source=synthetic", "--config.data.vocab_size=256",
-         "--config.data.synthetic_pairs=512", "--config.data.shuffle_buffer=0",
-         "--config.model.vocab_size=256", "--config.model.hidden_size=32",
-         "--config.model.intermediate_size=64", "--config.model.num_layers=2",
-         "--config.train.global_batch=8", "--config.train.seq_len=32", "--config.train.log_every=1",
-         "--config.train.eval_every=0", "--config.train.total_steps=3", "--config.mesh_shape=(-1,1,1)",
-         f"--config.distributed.coordinator_address=localhost:{port}",
-         "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}",
-         *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  for proc in procs:
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return {row["step"]: row for row in rows}
-
-
-@pytest.mark.slow
-def test_two_processes_packed_equal_two_processes_padded(tmp_path):
-  """Two real processes agree on the packed shapes and train on the pairs the padded run does."""
-  padded = _two_process_run(tmp_path / "padded")
-  packed = _two_process_run(tmp_path / "packed", "--config.data.pack=True",
-                            "--config.data.pack_row_len=96")
-  assert sorted(packed) == [1, 2, 3]
-  for step in padded:
-    for key in ("loss", "bt_loss", "lm_loss", "grad_norm"):
-      assert packed[step][key] == pytest.approx(padded[step][key], rel=1e-5), (step, key)

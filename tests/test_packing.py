@@ -223,11 +223,11 @@ def test_packed_loss_and_gradients_equal_padded(share_prompt):
                                ).batch.items()}
 
   def padded_loss(p):
-    sums = step._microbatch_sums(model, p, padded, LOSS, lm_chunk=0)
+    sums = step.padded_sums(model, p, padded, LOSS, lm_chunk=0)
     return losses.loss_from_sums(sums, LOSS), sums
 
   def packed_loss(p):
-    sums = step.packed_microbatch_sums(model, p, packed, LOSS, lm_chunk=8)
+    sums = step.packed_sums(model, p, packed, LOSS, lm_chunk=8)
     return losses.loss_from_sums(sums, LOSS), sums
 
   (ref_loss, ref_sums), ref_grads = jax.jit(jax.value_and_grad(padded_loss, has_aux=True))(params)
@@ -238,7 +238,7 @@ def test_packed_loss_and_gradients_equal_padded(share_prompt):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, ref_grads)
 
 
-def _one_step(make, batch, batch_sharding, mesh_shape, **kwargs):
+def _one_step(batch, packed, mesh_shape, **kwargs):
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   rules = sharding.DEFAULT_RULES
   opt_cfg = optim.default_optimizer_config()
@@ -247,9 +247,10 @@ def _one_step(make, batch, batch_sharding, mesh_shape, **kwargs):
   _, state_sharding = step.state_shardings(MODEL, optimizer, mesh, rules)
   params = _params()
   state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-  shardings = batch_sharding(mesh, rules)
+  shardings = step.batch_shardings(mesh, rules, packed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fn = step.jit_train_step(make(transformer.RewardModel(MODEL), optimizer, LOSS, **kwargs),
+    fn = step.jit_train_step(step.make_train_step(transformer.RewardModel(MODEL), optimizer, LOSS,
+                                                  packed=packed, **kwargs),
                              state_sharding, shardings, mesh)
     new_state, metrics = fn(jax.device_put(state, state_sharding), jax.device_put(batch, shardings))
   return jax.device_get(new_state.params), jax.device_get(metrics)
@@ -258,13 +259,11 @@ def _one_step(make, batch, batch_sharding, mesh_shape, **kwargs):
 @pytest.mark.slow
 def test_packed_train_step_equals_padded_on_a_mesh_with_microbatches():
   arrays = _pairs(n=8, seed=3)
-  ref_params, ref_metrics = _one_step(step.make_train_step, pipeline.collate(arrays, 16, PAD),
-                                      step.batch_shardings, (1, 1, 1))
+  ref_params, ref_metrics = _one_step(pipeline.collate(arrays, 16, PAD), False, (1, 1, 1))
   packed = packing.pack_pairs(arrays, row_len=32, max_pairs_per_row=2, pad_id=PAD,
                               shape=packing.PackedShape(8, 32, 4, 16, 32))
   assert packed.left_over.size == 0
-  params, metrics = _one_step(step.make_packed_train_step, packed.batch, step.packed_batch_shardings,
-                              (2, 2, 2), microbatches=2)
+  params, metrics = _one_step(packed.batch, True, (2, 2, 2), microbatches=2)
   for key in ("loss", "bt_loss", "lm_loss", "grad_norm", "accuracy", "chosen_reward_std"):
     np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-6, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)

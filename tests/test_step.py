@@ -96,7 +96,7 @@ def test_chunked_lm_loss_equals_full_logits(tied):
   batch = jax.tree.map(jnp.asarray, _batch(length=16))
 
   def loss(p, chunk):
-    sums = step._microbatch_sums(model, p, batch, LOSS, chunk)
+    sums = step.padded_sums(model, p, batch, LOSS, chunk)
     return losses.loss_from_sums(sums, LOSS), sums["lm_sum"]
 
   grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
@@ -120,4 +120,4 @@ def test_microbatched_eval_equals_one_batch():
 def test_pad_fraction():
   batch = _batch()
   want = 1 - batch["attention_mask"].sum() / batch["attention_mask"].size
-  np.testing.assert_allclose(step.pad_fraction(jax.tree.map(jnp.asarray, batch)), want, rtol=1e-6)
+  np.testing.assert_allclose(step.token_usage(jax.tree.map(jnp.asarray, batch), packed=False)["pad_fraction"], want, rtol=1e-6)

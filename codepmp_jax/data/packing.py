@@ -45,7 +45,7 @@ The input pipeline packs every step into ONE shape (`sampler.PackPlan` plans eac
 and their rows from sizes alone; `pack_pairs(rows=...)` lays them out), so a run compiles its step
 once. `pack_batch` packs a given set of pairs whole into the least rounded shape that holds them
 (benchmarks and tests that compare packed with padded steps on the same pairs).
-`codepmp_jax.step.make_packed_train_step` trains on either with the same loss and gradients as the
+`codepmp_jax.step.make_train_step(..., packed=True)` trains on either with the same loss and gradients as the
 padded step on the same pairs.
 """
 from __future__ import annotations
