@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from codepmp_jax.data import encode, templates
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig
+from codepmp_jax.storage import is_remote
 from codepmp_jax.workdir import CHECKPOINTS, MODEL_CONFIG, TOKENIZER
 
 PARAMS_DIR = "params"  # a model checkpoint's params (a workdir keeps them in CHECKPOINTS/<step>/)
@@ -40,11 +41,7 @@ PathLike = str | os.PathLike
 def as_path(path: PathLike) -> epath.Path:
   """`path` as an epath: a URI (`gs://b/x`) unchanged, a local path made absolute."""
   text = os.fspath(path)
-  return epath.Path(text if "://" in text else os.path.abspath(text))
-
-
-def is_remote(path: PathLike) -> bool:
-  return "://" in os.fspath(path)
+  return epath.Path(text if is_remote(text) else os.path.abspath(text))
 
 
 def save_model_config(path: PathLike, model_config: ModelConfig) -> None:

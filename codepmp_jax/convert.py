@@ -12,14 +12,18 @@ export: a `chat_template` rendering the training text, `prompt_format.json` and 
 Only safetensors and GGUF are read (never pickle). Tensors are read one at a time from memory maps
 and written straight into the target tree, so a model is never held twice. Every failure names the
 file and the tensor.
+
+Every path may be `gs://...` (through etils.epath). A memory map needs a local file, so remote
+safetensors and GGUF files are read from local copies in a temporary directory, removed when the
+conversion is done (`storage.local_copy`; the disk needs room for the model once).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import pathlib
 import re
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +33,7 @@ from absl import app, flags
 from etils import epath
 from tqdm import tqdm
 
-from codepmp_jax import cli
+from codepmp_jax import cli, storage
 from codepmp_jax.data import encode, templates
 from codepmp_jax.data import tokenizer as tokenizer_lib
 from codepmp_jax.model.config import ModelConfig
@@ -141,12 +145,18 @@ class _TreeBuilder:
 # ----------------------------------------------------------------------------- safetensors
 
 class SafetensorsFile:
-  """A memory-mapped safetensors file, validated up front, read one tensor at a time."""
+  """A memory-mapped safetensors file, validated up front, read one tensor at a time.
 
-  def __init__(self, path: str | pathlib.Path):
-    self.path = pathlib.Path(path)
-    size = self.path.stat().st_size
-    with open(self.path, "rb") as f:
+  A remote `path` (`gs://`) is read from its copy below `scratch` (a memory map needs a local
+  file); errors name `path`."""
+
+  def __init__(self, path: str | os.PathLike, scratch: str | os.PathLike | None = None):
+    self.path = epath.Path(path)
+    if storage.is_remote(path) and scratch is None:
+      raise ValueError(f"{path}: a remote safetensors file needs a scratch directory to be copied to")
+    local = storage.local_copy(path, scratch or "")
+    size = local.stat().st_size
+    with open(local, "rb") as f:
       prefix = f.read(8)
       if len(prefix) < 8:
         raise ConversionError(f"{self.path}: not a safetensors file (only {size} bytes)")
@@ -179,7 +189,7 @@ class SafetensorsFile:
       if end > self._data_size:  # the first tensor (in file order) cut off
         raise ConversionError(f"{self.path}: tensor {name!r} needs bytes up to {end} but the file "
                               f"holds {self._data_size} bytes of data (truncated?)")
-    self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+    self._map = np.memmap(local, dtype=np.uint8, mode="r") if size else None
 
   def keys(self) -> list[str]:
     return list(self.entries)
@@ -208,7 +218,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Any], metadata
       f.write(np.ascontiguousarray(array).tobytes())
 
 
-def _hf_tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+def _hf_tensor_files(directory: epath.Path, scratch: str) -> dict[str, epath.Path]:
   """Tensor name -> the safetensors file holding it (single file or sharded with an index)."""
   index = directory / "model.safetensors.index.json"
   if index.exists():
@@ -219,7 +229,7 @@ def _hf_tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     return {name: directory / file for name, file in weight_map.items()}
   single = directory / "model.safetensors"
   if single.exists():
-    return {name: single for name in SafetensorsFile(single).keys()}
+    return {name: single for name in SafetensorsFile(single, scratch).keys()}
   if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
     raise ConversionError(f"{directory}: only pickle checkpoints (.bin/.pt) found; they are never "
                           "read (code execution risk). Convert them to safetensors first.")
@@ -276,9 +286,10 @@ def model_config_from_hf(hf: dict, source: str = "config.json", param_dtype: str
       pad_token_id=hf.get("pad_token_id"), param_dtype=param_dtype)
 
 
-def load_hf(directory: str | pathlib.Path, seed: int = 0, param_dtype: str = "float32") -> tuple[dict, ModelConfig]:
-  """Canonical params and config of a Hugging Face Llama / Qwen2 / Mistral directory."""
-  directory = pathlib.Path(directory)
+def load_hf(directory: str | os.PathLike, seed: int = 0, param_dtype: str = "float32") -> tuple[dict, ModelConfig]:
+  """Canonical params and config of a Hugging Face Llama / Qwen2 / Mistral directory (remote
+  safetensors files are read from temporary local copies: see the module docstring)."""
+  directory = epath.Path(directory)
   config_file = directory / "config.json"
   if not config_file.exists():
     raise ConversionError(f"{directory}: no config.json")
@@ -290,31 +301,33 @@ def load_hf(directory: str | pathlib.Path, seed: int = 0, param_dtype: str = "fl
   top = {"model.embed_tokens.weight": ("embed", "embedding"), "model.norm.weight": ("final_norm", "scale"),
          "lm_head.weight": ("lm_head", "kernel"), "score.weight": ("score", "kernel")}
   builder = _TreeBuilder(config, np.dtype(param_dtype) if param_dtype != "bfloat16" else ml_dtypes.bfloat16)
-  files = _hf_tensor_files(directory)
-  opened: dict[pathlib.Path, SafetensorsFile] = {}
-  for name, file in tqdm(files.items(), desc=f"reading {directory.name}", unit="tensor"):
-    if name.endswith("rotary_emb.inv_freq"):
-      continue  # a recomputed buffer that some old checkpoints saved
-    if name == "lm_head.weight" and config.tie_word_embeddings:
-      continue  # tied: the embedding is the LM head
-    path = _param_path(name, _HF_LAYER, _HF_LAYER_NAMES, top)
-    if path is None:
-      raise ConversionError(f"{file}: unexpected tensor {name!r} for {hf['architectures'][0]}")
-    if file not in opened:
-      if not file.exists():
-        raise ConversionError(f"{file}: listed in the safetensors index (tensor {name!r}) but missing")
-      opened[file] = SafetensorsFile(file)
-    if name not in opened[file].entries:
-      raise ConversionError(f"{file}: tensor {name!r} is listed in the index but not in the file")
-    value = opened[file].get(name)
-    builder.put(path, value.T if value.ndim == 2 and path[0] != "embed" else value, str(file), name)
+  with tempfile.TemporaryDirectory(prefix="convert-") as scratch:
+    files = _hf_tensor_files(directory, scratch)
+    opened: dict[epath.Path, SafetensorsFile] = {}
+    for name, file in tqdm(files.items(), desc=f"reading {directory.name}", unit="tensor"):
+      if name.endswith("rotary_emb.inv_freq"):
+        continue  # a recomputed buffer that some old checkpoints saved
+      if name == "lm_head.weight" and config.tie_word_embeddings:
+        continue  # tied: the embedding is the LM head
+      path = _param_path(name, _HF_LAYER, _HF_LAYER_NAMES, top)
+      if path is None:
+        raise ConversionError(f"{file}: unexpected tensor {name!r} for {hf['architectures'][0]}")
+      if file not in opened:
+        if not file.exists():
+          raise ConversionError(f"{file}: listed in the safetensors index (tensor {name!r}) but missing")
+        opened[file] = SafetensorsFile(file, scratch)
+      if name not in opened[file].entries:
+        raise ConversionError(f"{file}: tensor {name!r} is listed in the index but not in the file")
+      value = opened[file].get(name)
+      builder.put(path, value.T if value.ndim == 2 and path[0] != "embed" else value, str(file), name)
   return builder.finish(str(directory), seed), config
 
 
 # ----------------------------------------------------------------------------- GGUF in
 
-def _gguf_reader(path: pathlib.Path):
-  """A GGUFReader whose failures on damaged files name the file and the tensor."""
+def _gguf_reader(path: epath.Path, local: os.PathLike):
+  """A GGUFReader of `local` (the file `path`, or its local copy) whose failures on damaged files
+  name the file and the tensor."""
   import gguf
 
   class Reader(gguf.GGUFReader):
@@ -334,7 +347,7 @@ def _gguf_reader(path: pathlib.Path):
       super()._build_tensors(start_offs, fields)
 
   try:
-    return Reader(path)
+    return Reader(local)
   except ConversionError:
     raise
   except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged headers
@@ -347,13 +360,19 @@ def _unpermute_qk(weights: np.ndarray, heads: int) -> np.ndarray:
   return weights.reshape(heads, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
-def load_gguf(path: str | pathlib.Path, seed: int = 0, param_dtype: str = "float32"
+def load_gguf(path: str | os.PathLike, seed: int = 0, param_dtype: str = "float32"
               ) -> tuple[dict, ModelConfig, tokenizer_lib.Tokenizer]:
-  """Canonical params (dequantized), config and tokenizer of a llama / qwen2 GGUF file."""
+  """Canonical params (dequantized), config and tokenizer of a llama / qwen2 GGUF file (a remote
+  one read from a temporary local copy: see the module docstring)."""
+  with tempfile.TemporaryDirectory(prefix="convert-") as scratch:
+    return _load_gguf(epath.Path(path), storage.local_copy(path, scratch), seed, param_dtype)
+
+
+def _load_gguf(path: epath.Path, local: os.PathLike, seed: int, param_dtype: str
+               ) -> tuple[dict, ModelConfig, tokenizer_lib.Tokenizer]:
   import gguf
 
-  path = pathlib.Path(path)
-  reader = _gguf_reader(path)
+  reader = _gguf_reader(path, local)
 
   def field(name: str, default: Any = None) -> Any:
     f = reader.fields.get(name)
@@ -371,7 +390,7 @@ def load_gguf(path: str | pathlib.Path, seed: int = 0, param_dtype: str = "float
   heads = field(f"{arch}.attention.head_count")
   kv_heads = field(f"{arch}.attention.head_count_kv", heads)
   hidden = field(f"{arch}.embedding_length")
-  tokenizer = tokenizer_lib.tokenizer_from_gguf(path)
+  tokenizer = tokenizer_lib.tokenizer_from_gguf(local)
   if "token_embd.weight" not in tensors:
     raise ConversionError(f"{path}: missing tensor 'token_embd.weight'")
   config = ModelConfig(
@@ -599,65 +618,67 @@ def _save_hf_tokenizer(out: epath.Path, tokenizer: tokenizer_lib.Tokenizer, pad_
 
 # ----------------------------------------------------------------------------- command line
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   """The command-line flags (defined only when run as a program, so other programs can import this module)."""
-  flags.DEFINE_string("from_hf", None, "Hugging Face model directory (config.json + safetensors) to import.")
-  flags.DEFINE_string("from_gguf", None, "GGUF file to import.")
-  flags.DEFINE_string("to_hf", None, "Output directory for a transformers *ForSequenceClassification model.")
-  flags.DEFINE_string("checkpoint", None, "Our checkpoint (or training workdir) to export with --to_hf.")
-  flags.DEFINE_string("output", None, "Our checkpoint directory to write (with --from_hf / --from_gguf).")
-  flags.DEFINE_integer("seed", 0, "Seed of the score head when the source has none.")
-  flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
-  flags.DEFINE_enum("template", None, list(templates.FORMATS),
-                    "Prompt format of the model (default: the one stored with the checkpoint).")
+  def define(kind: str, name: str, default: object, help: str, *args: object) -> None:
+    getattr(flags, f"DEFINE_{kind}")(name, default, *args, help, flag_values=values)
+
+  define("string", "from_hf", None, "Hugging Face model directory (config.json + safetensors) to import.")
+  define("string", "from_gguf", None, "GGUF file to import.")
+  define("string", "to_hf", None, "Output directory for a transformers *ForSequenceClassification model.")
+  define("string", "checkpoint", None, "Our checkpoint (or training workdir) to export with --to_hf.")
+  define("string", "output", None, "Our checkpoint directory to write (with --from_hf / --from_gguf).")
+  define("integer", "seed", 0, "Seed of the score head when the source has none.")
+  define("enum", "param_dtype", "float32", "Stored parameter dtype.", ["float32", "bfloat16"])
+  define("enum", "template", None, "Prompt format of the model (default: the one stored with the "
+         "checkpoint).", list(templates.FORMATS))
 
 
-def main(argv: list[str]) -> None:
-  del argv
+def main(argv: list[str], values: flags.FlagValues = flags.FLAGS) -> None:
+  """Imports a Hugging Face directory or GGUF file into our checkpoint, or exports one to Hugging Face."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {list(argv[1:])} (flags are --name=value)")
   from codepmp_jax import checkpoint  # orbax and jax only when writing or reading our checkpoints
 
-  modes = [m for m in ("from_hf", "from_gguf", "to_hf") if getattr(FLAGS, m)]
+  modes = [m for m in ("from_hf", "from_gguf", "to_hf") if values[m].value]
   if len(modes) != 1:
     raise app.UsageError("give exactly one of --from_hf, --from_gguf, --to_hf")
   if modes[0] == "to_hf":
-    if not FLAGS.checkpoint:
+    if not values.checkpoint:
       raise app.UsageError("--to_hf needs --checkpoint")
-    source = epath.Path(FLAGS.checkpoint)
+    source = epath.Path(values.checkpoint)
     params, config = checkpoint.load_model(source)
     tokenizer_dir = source / checkpoint.TOKENIZER
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
     if tokenizer is None:
       print(f"note: {source} has no tokenizer; writing the model without tokenizer files")
-    template = FLAGS.template or templates.load_prompt_format(source)
+    template = values.template or templates.load_prompt_format(source)
     if template is None:
       print(f"note: {source} records no prompt format (--template to give one); the export has no chat_template")
     if config.lora.rank:
       print(f"note: merging the LoRA adapters (rank {config.lora.rank}, alpha {config.lora.alpha}, "
             f"{', '.join(config.lora.targets)}) into the exported weights")
-    out = save_hf(FLAGS.to_hf, params, config, tokenizer, template)
+    out = save_hf(values.to_hf, params, config, tokenizer, template)
     encode.save_truncation(out, encode.load_truncation(source))  # how our score/eval cut its inputs
     write_hf_reward_stats(out, checkpoint.load_reward_stats(source))
     print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, prompt format {template})")
     return
-  if not FLAGS.output:
+  if not values.output:
     raise app.UsageError(f"--{modes[0]} needs --output")
   if modes[0] == "from_hf":
-    params, config = load_hf(FLAGS.from_hf, FLAGS.seed, FLAGS.param_dtype)
-    source = pathlib.Path(FLAGS.from_hf)
+    params, config = load_hf(values.from_hf, values.seed, values.param_dtype)
+    source = epath.Path(values.from_hf)
     has_tokenizer = any((source / n).exists() for n in (tokenizer_lib.HF_FILE, tokenizer_lib.SENTENCEPIECE_FILE))
     tokenizer = tokenizer_lib.load_tokenizer(source) if has_tokenizer else None
     if tokenizer is None:
       print(f"note: {source} has no tokenizer; the checkpoint can score token ids only")
-    template = FLAGS.template or templates.load_prompt_format(source)
+    template = values.template or templates.load_prompt_format(source)
   else:
-    params, config, tokenizer = load_gguf(FLAGS.from_gguf, FLAGS.seed, FLAGS.param_dtype)
-    template = FLAGS.template
+    params, config, tokenizer = load_gguf(values.from_gguf, values.seed, values.param_dtype)
+    template = values.template
   truncation = encode.load_truncation(source) if modes[0] == "from_hf" else None
   reward_stats = read_hf_reward_stats(source) if modes[0] == "from_hf" else None
-  out = checkpoint.save_model(FLAGS.output, params, config, tokenizer, prompt_format=template,
+  out = checkpoint.save_model(values.output, params, config, tokenizer, prompt_format=template,
                               truncation=truncation, reward_stats=reward_stats)
   print(f"wrote {out} ({config.architecture}, {config.num_layers} layers, "
         f"{sum(x.size for x in _leaves(params)) / 1e6:.1f}M parameters)")

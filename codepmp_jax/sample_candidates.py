@@ -11,7 +11,9 @@ prompt format stored with the checkpoint); `--input` may also name a registered 
 is written back with `"candidates": [...]` and `"finish_reasons": [...]` added, in input order.
 A line without `id` gets its line number as id. Rerunning with the same output skips the ids
 already written there, so an interrupted run resumes; each prompt's samples depend only on the
-seed and its id, so resumed and uninterrupted runs write the same candidates.
+seed and its id, so resumed and uninterrupted runs write the same candidates. Every path may be
+`gs://...` (through etils.epath; an output there is rewritten whole after each batch, since object
+stores cannot append).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from absl import app, flags
 from etils import epath
 from tqdm import tqdm
 
-from codepmp_jax import checkpoint, cli, sharding
+from codepmp_jax import checkpoint, cli, sharding, storage
 from codepmp_jax.data import registry, templates
 from codepmp_jax.data.records import read_json_objects
 from codepmp_jax.data.tokenizer import load_tokenizer
@@ -34,27 +36,32 @@ from codepmp_jax.model.generate import Generator, SamplingConfig
 # GSM8K questions use the math template (`Instruction:{question}\n\nResponse:`).
 TEMPLATE_ALIASES = {"gsm8k": "math"}
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Model checkpoint or training workdir (with its tokenizer).")
-flags.DEFINE_string("input", None, "JSONL of prompts: `prompt`, or `question` with --template; or a "
-                    "registered data set (gsm8k/test).")
-flags.DEFINE_string("data_dir", None, "Where registered data sets live (default: $CODEPMP_DATA, "
-                    "../shared/data, the cache, else downloaded).")
-flags.DEFINE_string("output", None, "JSONL to write (appended to when resuming).")
-flags.DEFINE_integer("n", 8, "Candidates per prompt.")
-flags.DEFINE_float("temperature", 0.7, "Sampling temperature; 0 is greedy.")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 keeps every token.")
-flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens; 0 keeps all.")
-flags.DEFINE_integer("max_new_tokens", 512, "Most tokens generated per candidate.")
-flags.DEFINE_enum("template", None, list(templates.FORMATS) + sorted(TEMPLATE_ALIASES),
-                  "Prompt template for records with `question` (none: `prompt` verbatim; default: the "
-                  "checkpoint's stored prompt format, else none).")
-flags.DEFINE_integer("batch_size", 8, "Prompts decoded together (each with its n samples).")
-flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); the text is cut before it.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_bool("add_bos", False, "Put the tokenizer's BOS token before every prompt.")
-flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh shape (data, fsdp, tensor); -1 = the rest.")
-flags.DEFINE_bool("scan_layers", False, "Decode with nn.scan over layers (compiles faster, runs slower on CPU).")
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command-line flags (defined only when run as a program, so importing this module adds none)."""
+  def define(kind: str, name: str, default: object, help: str, *args: object) -> None:
+    getattr(flags, f"DEFINE_{kind}")(name, default, *args, help, flag_values=values)
+
+  define("string", "checkpoint", None, "Model checkpoint or training workdir (with its tokenizer).")
+  define("string", "input", None, "JSONL of prompts: `prompt`, or `question` with --template; or a "
+         "registered data set (gsm8k/test).")
+  define("string", "data_dir", None, "Where registered data sets live (default: $CODEPMP_DATA, "
+         "../shared/data, the cache, else downloaded).")
+  define("string", "output", None, "JSONL to write (appended to when resuming).")
+  define("integer", "n", 8, "Candidates per prompt.")
+  define("float", "temperature", 0.7, "Sampling temperature; 0 is greedy.")
+  define("float", "top_p", 1.0, "Nucleus sampling mass; 1 keeps every token.")
+  define("integer", "top_k", 0, "Keep only the k most likely tokens; 0 keeps all.")
+  define("integer", "max_new_tokens", 512, "Most tokens generated per candidate.")
+  define("enum", "template", None, "Prompt template for records with `question` (none: `prompt` "
+         "verbatim; default: the checkpoint's stored prompt format, else none).",
+         list(templates.FORMATS) + sorted(TEMPLATE_ALIASES))
+  define("integer", "batch_size", 8, "Prompts decoded together (each with its n samples).")
+  define("multi_string", "stop", [], "Stop string (repeatable); the text is cut before it.")
+  define("integer", "seed", 0, "Sampling seed.")
+  define("bool", "add_bos", False, "Put the tokenizer's BOS token before every prompt.")
+  define("list", "mesh", ["-1", "1", "1"], "Mesh shape (data, fsdp, tensor); -1 = the rest.")
+  define("bool", "scan_layers", False, "Decode with nn.scan over layers (compiles faster, runs slower "
+         "on CPU).")
 
 
 def prompt_text(record: dict, template: str, where: str) -> str:
@@ -91,17 +98,19 @@ def stream_id(record_id: str | int) -> int:
   return zlib.crc32(str(record_id).encode())
 
 
-def main(argv: list[str]) -> None:
-  del argv
+def main(argv: list[str], values: flags.FlagValues = flags.FLAGS) -> None:
+  """Samples the candidates of every prompt of --input not yet in --output, appending them there."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {list(argv[1:])} (flags are --name=value)")
   for name in ("checkpoint", "input", "output"):
-    if not getattr(FLAGS, name):
+    if not values[name].value:
       raise app.UsageError(f"--{name} is required")
-  source = epath.Path(FLAGS.checkpoint)
-  template = FLAGS.template or templates.load_prompt_format(source) or "none"
-  out_path = epath.Path(FLAGS.output)
+  source = epath.Path(values.checkpoint)
+  template = values.template or templates.load_prompt_format(source) or "none"
+  out_path = epath.Path(values.output)
   done_ids = {str(r["id"]) for _, r in read_records(out_path)} if out_path.exists() else set()
   todo, seen = [], set()
-  for where, record in read_records(registry.resolve(FLAGS.input, FLAGS.data_dir)):
+  for where, record in read_records(registry.resolve(values.input, values.data_dir)):
     key = str(record["id"])
     if key in seen:
       raise ValueError(f"{where}: duplicate id {key!r}")
@@ -113,21 +122,21 @@ def main(argv: list[str]) -> None:
 
   params, config = checkpoint.load_model(source)
   tokenizer = load_tokenizer(source / checkpoint.TOKENIZER)
-  mesh = sharding.make_mesh([int(s) for s in FLAGS.mesh])
+  mesh = sharding.make_mesh([int(s) for s in values.mesh])
   # The attention of this device (a checkpoint records the one it was trained with).
-  config = resolve_attention(config.replace(scan_layers=FLAGS.scan_layers, attention="auto"),
+  config = resolve_attention(config.replace(scan_layers=values.scan_layers, attention="auto"),
                              mesh.devices.flat[0].platform)
   generator = Generator(params, config, tokenizer=tokenizer, mesh=mesh)
-  sampling = SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                            top_k=FLAGS.top_k, top_p=FLAGS.top_p, n=FLAGS.n, seed=FLAGS.seed,
-                            stop=tuple(FLAGS.stop))
-  out_path.parent.mkdir(parents=True, exist_ok=True)
+  sampling = SamplingConfig(max_new_tokens=values.max_new_tokens, temperature=values.temperature,
+                            top_k=values.top_k, top_p=values.top_p, n=values.n, seed=values.seed,
+                            stop=tuple(values.stop))
   tokens, start = 0, time.perf_counter()
-  with out_path.open("a") as out, tqdm(total=len(todo), unit="prompt", desc="generate") as bar:
-    for i in range(0, len(todo), FLAGS.batch_size):
-      batch = todo[i:i + FLAGS.batch_size]
+  # Appended to (rewritten whole at each batch where remote), so an interrupted run resumes.
+  with storage.LineWriter(out_path) as out, tqdm(total=len(todo), unit="prompt", desc="generate") as bar:
+    for i in range(0, len(todo), values.batch_size):
+      batch = todo[i:i + values.batch_size]
       results = generator.generate_text(
-          [p for _, p in batch], sampling, [stream_id(r["id"]) for r, _ in batch], FLAGS.add_bos)
+          [p for _, p in batch], sampling, [stream_id(r["id"]) for r, _ in batch], values.add_bos)
       for (record, _), completions in zip(batch, results):
         record = {**record, "candidates": [c.text for c in completions],
                   "finish_reasons": [c.finish_reason for c in completions]}
@@ -140,4 +149,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, define_flags)

@@ -20,6 +20,7 @@ A bad line is reported with its line number and left out of the output; the coun
 and stores their mean and std with the checkpoint (`checkpoint.save_reward_stats`, as OpenRLHF
 computes them); `--normalize` then writes `(reward - mean) / std`. Training stores them itself
 from its held-out split when it ends with an evaluation.
+Every path may be `gs://...` (through etils.epath).
 `RewardScorer` is the same scorer as a Python object (the evaluation stages and `serve` use it);
 `RewardScorer.score_steps` reads the reward at the end of every step of a solution in one forward
 pass (`frozen_trunk.rewards_at`).

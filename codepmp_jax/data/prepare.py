@@ -22,7 +22,11 @@ written with the manifest, at the end. `manifest.json` records counts per split,
 records by kind (file:line), truncated pairs, dropped ones (too long under --truncation=drop, or
 token-identical once cut), a length histogram, the tokenizer's fingerprint
 (the tokenizer itself is saved in `<out>/tokenizer/`) and the source files with their sha256.
-Inputs and `--out` may be `gs://...` (through etils.epath); the spill directory must be local.
+Inputs (globs too) and `--out` may be `gs://...` (through etils.epath); the spill directory
+must be local. ArrayRecord writes local files, so a remote `--out` gets each file built in a local
+temporary directory and copied up once complete, in the same order (a shard's stats after its
+records and sizes, the manifest last of all): a crash leaves no manifest, and the rerun reuses
+the shards copied up complete.
 """
 from __future__ import annotations
 
@@ -345,80 +349,76 @@ def prepare(settings: PrepareSettings) -> dict:
   shutil.rmtree(spill, ignore_errors=True)
   os.makedirs(spill)
   staging = _Staging(out)
-  bad = BadRecords(strict=settings.strict)
-  workers = settings.num_workers or os.cpu_count() or 1
-  done: dict[str, dict] = {}
-  try:
-    counts = _spill_records(settings, files, splits, spill, bad)
-    if not sum(counts.values()):  # nothing usable: say why and which format the records fit
-      raise ValueError(loaders.nothing_loaded(files, settings.format, bad))
-    if bad.total:
-      logging.warning("%s", bad.report())
-    plan = []  # (split, index, count, records, spill file) of each shard still to write
-    for split_index, (split, _) in enumerate(splits):
-      n = counts[split]
-      count = max(1, min(settings.num_shards or -(-n // SHARD_PAIRS), n))
-      wanted = set()
-      for index in range(count):
-        info = _existing_shard(out, split, index, count, settings_hash)
-        if info is not None:
-          done[prepared.shard_stem(split, index, count)] = info
-        else:
-          wanted.add(index)
-          plan.append((split, index, count, (index + 1) * n // count - index * n // count,
-                       os.path.join(spill, f"{split}.{index}.pkl")))
-      _route(spill, split, split_index, max(n, 1), count, settings.seed, wanted)
-    if done:
-      logging.info("reusing %d complete shards from an earlier run", len(done))
+  try:  # the staged files go, complete or not (a rerun stages again)
+    bad = BadRecords(strict=settings.strict)
+    workers = settings.num_workers or os.cpu_count() or 1
+    done: dict[str, dict] = {}
+    try:
+      counts = _spill_records(settings, files, splits, spill, bad)
+      if not sum(counts.values()):  # nothing usable: say why and which format the records fit
+        raise ValueError(loaders.nothing_loaded(files, settings.format, bad))
+      if bad.total:
+        logging.warning("%s", bad.report())
+      plan = []  # (split, index, count, records, spill file) of each shard still to write
+      for split_index, (split, _) in enumerate(splits):
+        n = counts[split]
+        count = max(1, min(settings.num_shards or -(-n // SHARD_PAIRS), n))
+        wanted = set()
+        for index in range(count):
+          info = _existing_shard(out, split, index, count, settings_hash)
+          if info is not None:
+            done[prepared.shard_stem(split, index, count)] = info
+          else:
+            wanted.add(index)
+            plan.append((split, index, count, (index + 1) * n // count - index * n // count,
+                         os.path.join(spill, f"{split}.{index}.pkl")))
+        _route(spill, split, split_index, max(n, 1), count, settings.seed, wanted)
+      if done:
+        logging.info("reusing %d complete shards from an earlier run", len(done))
 
-    start = time.perf_counter()
-    with tqdm.tqdm(total=sum(p[3] for p in plan), desc="tokenize", unit=" pairs") as bar:
-      # forkserver: workers never inherit the threads of this process (JAX, tokenizers, tqdm).
-      pool = multiprocessing.get_context("forkserver").Pool(
-          workers, _init_worker, (settings.tokenizer, settings.seq_len, settings.truncation)
-      ) if workers > 1 else None
-      if pool is None:
-        _init_worker(settings.tokenizer, settings.seq_len, settings.truncation)
-      try:
-        for split, index, count, records, shard_spill in plan:
-          done[prepared.shard_stem(split, index, count)] = _write_shard(
-              staging, split, index, count, shard_spill, records, settings.seed, pool,
-              2 * workers, settings_hash, settings.seq_len, bar)
-          pathlib.Path(shard_spill).unlink(missing_ok=True)
-      finally:
-        if pool is not None:
-          pool.close()
-          pool.join()
-    elapsed = time.perf_counter() - start
-  finally:
-    shutil.rmtree(spill, ignore_errors=True)
+      start = time.perf_counter()
+      with tqdm.tqdm(total=sum(p[3] for p in plan), desc="tokenize", unit=" pairs") as bar:
+        # forkserver: workers never inherit the threads of this process (JAX, tokenizers, tqdm).
+        pool = multiprocessing.get_context("forkserver").Pool(
+            workers, _init_worker, (settings.tokenizer, settings.seq_len, settings.truncation)
+        ) if workers > 1 else None
+        if pool is None:
+          _init_worker(settings.tokenizer, settings.seq_len, settings.truncation)
+        try:
+          for split, index, count, records, shard_spill in plan:
+            done[prepared.shard_stem(split, index, count)] = _write_shard(
+                staging, split, index, count, shard_spill, records, settings.seed, pool,
+                2 * workers, settings_hash, settings.seq_len, bar)
+            pathlib.Path(shard_spill).unlink(missing_ok=True)
+        finally:
+          if pool is not None:
+            pool.close()
+            pool.join()
+      elapsed = time.perf_counter() - start
+    finally:
+      shutil.rmtree(spill, ignore_errors=True)
 
-  if prepared.is_local(out):
     tokenizer.save(out / "tokenizer")
-  else:
-    with tempfile.TemporaryDirectory() as local:
-      tokenizer.save(os.path.join(local, "tokenizer"))
-      for f in epath.Path(local, "tokenizer").iterdir():
-        f.copy(out / "tokenizer" / f.name, overwrite=True)
-  manifest = _manifest(settings, splits, done, bad, sum(counts.values()), sources, tokenizer,
-                       settings_hash)
-  if not sum(info["pairs"] for info in manifest["splits"].values()):
-    dropped = manifest["dropped"]
-    raise ValueError(f"no pairs kept: all {sum(counts.values())} loaded pairs were dropped at "
-                     f"--seq_len={settings.seq_len} (overlong: {dropped['overlong']}, identical once "
-                     f"cut: {dropped['identical_after_truncation']}); raise --seq_len or use "
-                     f"--truncation=keep_end")
-  manifest["throughput"] = {"pairs_encoded": sum(p[3] for p in plan), "seconds": round(elapsed, 3),
-                            "workers": workers}
-  prepared.write_tfds_metadata(
-      out, {split: [s["pairs"] for s in info["shards"]] for split, info in manifest["splits"].items()},
-      description=f"CodePMP preference pairs prepared from {settings.format} data "
-                  f"(codepmp_jax.data.prepare; manifest.json has the counts)")
-  with open(staging.path(prepared.MANIFEST), "w") as f:
-    f.write(json.dumps(manifest, indent=1) + "\n")
-  staging.publish(prepared.MANIFEST)  # last: its presence marks the directory complete
-  staging.cleanup()
-  return manifest
+    manifest = _manifest(settings, splits, done, bad, sum(counts.values()), sources, tokenizer,
+                         settings_hash)
+    if not sum(info["pairs"] for info in manifest["splits"].values()):
+      dropped = manifest["dropped"]
+      raise ValueError(f"no pairs kept: all {sum(counts.values())} loaded pairs were dropped at "
+                       f"--seq_len={settings.seq_len} (overlong: {dropped['overlong']}, identical once "
+                       f"cut: {dropped['identical_after_truncation']}); raise --seq_len or use "
+                       f"--truncation=keep_end")
+    manifest["throughput"] = {"pairs_encoded": sum(p[3] for p in plan), "seconds": round(elapsed, 3),
+                              "workers": workers}
+    prepared.write_tfds_metadata(
+        out, {split: [s["pairs"] for s in info["shards"]] for split, info in manifest["splits"].items()},
+        description=f"CodePMP preference pairs prepared from {settings.format} data "
+                    f"(codepmp_jax.data.prepare; manifest.json has the counts)")
+    with open(staging.path(prepared.MANIFEST), "w") as f:
+      f.write(json.dumps(manifest, indent=1) + "\n")
+    staging.publish(prepared.MANIFEST)  # last: its presence marks the directory complete
+    return manifest
+  finally:
+    staging.cleanup()
 
 
 def _manifest(settings: PrepareSettings, splits, done: dict[str, dict], bad: BadRecords, loaded: int,

@@ -13,6 +13,7 @@ with a paired bootstrap interval over the items.
 `--normalize` scores with the checkpoint's reward normalization ((r - mean) / std, `score
 --calibrate`); `bon --aggregate=HOW` scores each candidate by its step rewards (the reward at the
 end of every step, one forward pass per candidate) aggregated by HOW (`bon.AGGREGATES`).
+Every path (inputs, --out, --plot, --save_scores) may be `gs://...` (through etils.epath).
 """
 from __future__ import annotations
 

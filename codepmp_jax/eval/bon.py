@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import pathlib
+import os
 from typing import Sequence
 
 import numpy as np
@@ -70,7 +70,7 @@ def _field(record: dict, name: str, kind: type | tuple[type, ...], where: str):
   return value
 
 
-def load_candidates(path: str | pathlib.Path) -> list[Question]:
+def load_candidates(path: str | os.PathLike) -> list[Question]:
   """Questions from a candidates file: lines `{"id", "question", "reference", "candidates"}`.
 
   Lines as `codepmp_jax.sample_candidates` writes them also work: `answer` (GSM8K's and MATH-500's field)
@@ -114,7 +114,7 @@ def load_candidates(path: str | pathlib.Path) -> list[Question]:
   return questions
 
 
-def load_scores(path: str | pathlib.Path, questions: Sequence[Question]) -> list[np.ndarray]:
+def load_scores(path: str | os.PathLike, questions: Sequence[Question]) -> list[np.ndarray]:
   """Per-question rewards from lines `{"id", "rewards": [...]}`, in the order of `questions`."""
   by_id = {}
   for line_no, record in read_json_objects(path):

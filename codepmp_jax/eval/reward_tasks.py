@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import pathlib
+import os
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -122,8 +122,8 @@ def _grouped_rewards(scorer: Scorer, prompts: Sequence[str],
 def best_of_n(candidates: str, task: str, ns: Sequence[int], scorer: Scorer | None = None,
               scores: str | None = None, num_draws: int = 100, seed: int = 0,
               limit: int | None = None, sympy_timeout_s: float = 5.0,
-              plot_path: str | pathlib.Path | None = None,
-              save_scores: str | pathlib.Path | None = None) -> dict:
+              plot_path: str | os.PathLike | None = None,
+              save_scores: str | os.PathLike | None = None) -> dict:
   """Best-of-N accuracy of rm / random / majority / oracle for each N (see `bon`).
 
   Rewards come from `scores` (lines `{"id", "rewards"}`) when given, else from `scorer`;
@@ -165,7 +165,7 @@ def _row_field(path: str, by: str) -> dict[str, Any]:
   for where, obj in loaders.rows(path, BadRecords()):
     key = obj.get("id", obj.get("id_string"))
     file, _, line = where.rpartition(":")
-    out[str(key) if key is not None else f"{pathlib.Path(file).name}:{line}"] = obj.get(by)
+    out[str(key) if key is not None else f"{epath.Path(file).name}:{line}"] = obj.get(by)
   return out
 
 
