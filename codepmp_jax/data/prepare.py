@@ -49,7 +49,7 @@ import tqdm
 from absl import app, flags, logging
 from etils import epath
 
-from codepmp_jax import cli
+from codepmp_jax import cli, storage
 from codepmp_jax.data import loaders, prepared, registry
 from codepmp_jax.data.encode import (DEFAULT_TRUNCATION, TRUNCATION, EncodeStats, PairArrays,
                                      check_truncation, encode_records)
@@ -115,7 +115,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
   """Sorted files matching each glob (local or `gs://...`); an error names a pattern matching none."""
   files = []
   for pattern in patterns:
-    if prepared.is_local(pattern):
+    if not storage.is_remote(pattern):
       matched = sorted(glob.glob(pattern))
     else:  # split at the first component with a wildcard: epath globs below a fixed root
       parts = pattern.split("/")
@@ -194,7 +194,7 @@ class _Staging:
 
   def __init__(self, out: epath.Path):
     self.out = out
-    self.local = prepared.is_local(out)
+    self.local = not storage.is_remote(out)
     self.dir = str(out / ".staging") if self.local else tempfile.mkdtemp(prefix="prepare-")
     os.makedirs(self.dir, exist_ok=True)
 
@@ -344,7 +344,7 @@ def prepare(settings: PrepareSettings) -> dict:
   ).hexdigest()
 
   # A directory of its own below --spill_dir (which it deletes when done), redone on a rerun.
-  scratch = settings.spill_dir or (str(out) if prepared.is_local(out) else tempfile.gettempdir())
+  scratch = settings.spill_dir or (tempfile.gettempdir() if storage.is_remote(out) else str(out))
   spill = os.path.join(scratch, f".spill-{settings_hash[:16]}")
   shutil.rmtree(spill, ignore_errors=True)
   os.makedirs(spill)
