@@ -1,21 +1,21 @@
-"""Data throughput: `prepare` and the input pipeline against Hugging Face `datasets` on the same pairs.
+"""Data throughput: `prepare` against Hugging Face `datasets`, and the Grain and tf.data readers
+against the reader they replaced and against what an accelerator consumes.
 
-  python -m benchmarks.data_pipeline [--pairs=20000] [--batches=300] [--notrain_step]
+  python -m benchmarks.data_pipeline [--pairs=20000] [--steps=200] [--noprepare_peer]
 
 Records: code-preference pairs built from this Python's standard library (a function with a
 docstring: the docstring in the code template is the prompt, the function is chosen, the function
 with its body lines in another order is rejected), tokenized by a sentencepiece model trained on
-the same code. Both sides use every core.
-- prepare: ours = `codepmp_jax.data.prepare` (load, split, spill, tokenize in worker processes,
-  write memory-mapped token shards); peer = `datasets.Dataset.from_json` +
-  `.map(num_proc=cores)` running the same tokenizer and the same truncation (`encode.fit_pair`),
-  writing its Arrow cache.
-- pipeline: batches/s of shuffled, padded `[B, 2, L]` host batches; ours = `pipeline.build_pipeline`
-  over the prepared shards; peer = the mapped `datasets.Dataset`, `.shuffle(seed).iter(B)` and a
-  numpy padding collator (what a PyTorch-style loader does). At the tiny config's shape
-  (configs/tiny.py: 32 pairs x 256 tokens) and a 1024-token one (16 x 1024).
-- the tiny config's train step (`benchmarks.train_step.Ours`), to show how many batches/s training
-  consumes (target: the pipeline at least 20x faster).
+the same code.
+- prepare: ours = `codepmp_jax.data.prepare` (load, split, spill, tokenize, write the TFDS
+  ArrayRecord shards); peer = `datasets.Dataset.from_json` + `.map(num_proc=cores)` running the
+  same tokenizer and truncation (`encode.fit_pair`), writing its Arrow cache.
+- readers: pairs/s of host batches (`pipeline.PairBatches`, prefetch 4) with `data.reader=grain`
+  and `tfdata`, unpacked at the tiny config's shape (32 pairs x 256, bucketed) and packed at the
+  paper's (256 pairs x 1024, rows of 2048). Against the reader they replaced (our own token shards,
+  1354 batches/s of 32 x 256 = 43,328 pairs/s on this 2-core machine, loaded, Nov 2026:
+  docs/performance.md) and against what one TPU v4 host (4 chips x 275 TFLOP/s bf16) consumes
+  training qwen2_1_5b at 50% MFU on the packed batches measured here (`flops.packed_step_flops`).
 """
 from __future__ import annotations
 
@@ -27,17 +27,20 @@ import sysconfig
 import tempfile
 import time
 
-import numpy as np
 from absl import app, flags
 
 from benchmarks import common
-from codepmp_jax import cli
+from codepmp_jax import cli, metrics
 from codepmp_jax.data import pipeline, prepare
 from codepmp_jax.data.encode import EncodeStats, fit_pair
 from codepmp_jax.data.templates import render
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from codepmp_jax.model import flops
+from codepmp_jax.model.config import get_preset
 
-SHAPES = {"tiny (32 x 256)": (32, 256), "1024-token (16 x 1024)": (16, 1024)}
+# The replaced reader (own token shards): 1354 batches/s of 32 pairs x 256 tokens (2-core machine,
+# loaded, Nov 2026; docs/performance.md).
+OLD_READER_PAIRS_PER_S = 1354 * 32
 
 
 def stdlib_pairs(limit: int) -> list[dict]:
@@ -96,61 +99,31 @@ def peer_prepare(path: str, tokenizer_path: str, seq_len: int, cache: str, worke
   return ds, time.perf_counter() - start
 
 
-def peer_batches(ds, batch: int, seq_len: int, pad_id: int, count: int) -> float:
-  """Batches/s of the peer: shuffled `datasets` rows padded into the contract layout."""
-  start = time.perf_counter()
-  made = 0
-  while made < count:
-    for rows in ds.shuffle(seed=made).iter(batch_size=batch, drop_last_batch=True):
-      ids = np.full((batch, 2, seq_len), pad_id, np.int32)
-      attention = np.zeros((batch, 2, seq_len), np.int32)
-      lm = np.zeros((batch, 2, seq_len), np.int32)
-      for i in range(batch):
-        for j, name in enumerate(("chosen_ids", "rejected_ids")):
-          seq = rows[name][i]
-          ids[i, j, :len(seq)] = seq
-          attention[i, j, :len(seq)] = 1
-        lm[i, 0, max(rows["response_start"][i][0], 1):len(rows["chosen_ids"][i])] = 1
-      made += 1
-      if made == count:
-        break
-  return count / (time.perf_counter() - start)
-
-
-def our_batches(data_dir: str, batch: int, seq_len: int, count: int) -> tuple[float, float]:
-  """(seconds to build the pipeline, batches/s after that)."""
+def reader_pairs_per_second(data_dir: str, reader: str, pack: bool, global_batch: int,
+                            seq_len: int, steps: int) -> tuple[float, dict]:
+  """(pairs/s over `steps` host batches after the first, the last batch) of one reader."""
   cfg = pipeline.default_data_config()
-  cfg.update(path=data_dir, prefetch=4)
-  start = time.perf_counter()
-  it = pipeline.build_pipeline(cfg, split="train", global_batch=batch, seq_len=seq_len, sharding=None,
-                               seed=0, repeat=True)
-  built = time.perf_counter() - start
-  next(it)
-  start = time.perf_counter()
-  for _ in range(count):
-    next(it)
-  rate = count / (time.perf_counter() - start)
-  it.close()
-  return built, rate
-
-
-def tiny_step_seconds(vocab_size: int, batch: int, seq_len: int, steps: int = 3) -> float:
-  """Median seconds of one train step of configs/tiny.py's model at its batch shape."""
-  from benchmarks.train_step import Ours, synthetic_batch
-  from codepmp_jax.model.config import get_preset
-  from configs.tiny import get_config
-
-  fields = {k: v for k, v in get_config().model.to_dict().items() if k != "vocab_size"}
-  config = get_preset("tiny", **{**fields, "vocab_size": vocab_size})
-  runner = Ours(config, synthetic_batch(config, batch, seq_len))
-  runner.step()
-  times = []
+  cfg.update(path=data_dir, prefetch=4, reader=reader, pack=pack)
+  it = pipeline.PairBatches(cfg, split="train", global_batch=global_batch, seq_len=seq_len,
+                            sharding=None, seed=0, repeat=True, process_index=0, process_count=1)
+  batch = next(it)
+  pairs, start = 0, time.perf_counter()
   for _ in range(steps):
-    start = time.perf_counter()
-    runner.step()
-    times.append(time.perf_counter() - start)
-  runner.close()
-  return float(np.median(times))
+    batch = next(it)
+    pairs += int(batch["pair_valid"].sum()) if pack else len(batch["margin"])
+  rate = pairs / (time.perf_counter() - start)
+  it.close()
+  return rate, batch
+
+
+def v4_host_pairs_per_second(batch: dict, pairs_per_row: int) -> float:
+  """Pairs/s one TPU v4 host (4 chips) trains qwen2_1_5b on at 50% MFU, on packed batches like
+  `batch` (its shape and pairs)."""
+  config = get_preset("qwen2_1_5b")
+  rows, row_len = batch["input_ids"].shape
+  step_flops = flops.packed_step_flops(config, rows, row_len, batch["lm_index"].shape[1],
+                                       2 * pairs_per_row, batch["sequence_index"].shape[2], True)
+  return 4 * metrics.device_peak_flops("TPU v4") * 0.5 / (step_flops / batch["pair_valid"].sum())
 
 
 FLAGS = flags.FLAGS
@@ -159,15 +132,15 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The benchmark's sizes (defined only when run as a program)."""
   flags.DEFINE_integer("pairs", 20000, "Pairs to prepare.")
-  flags.DEFINE_integer("batches", 300, "Batches timed per pipeline.")
+  flags.DEFINE_integer("steps", 200, "Host batches timed per reader and shape.")
   flags.DEFINE_integer("workers", 1, "Our tokenizer processes (1: in-process, the tokenizer's "
                        "threads use every core).")
   flags.DEFINE_integer("peer_workers", os.cpu_count(), "The peer's num_proc.")
-  flags.DEFINE_bool("train_step", True, "Also time the tiny config's train step.")
+  flags.DEFINE_bool("prepare_peer", True, "Also time the Hugging Face `datasets` prepare.")
 
 
 def main(argv: list[str]) -> None:
-  """Prepares the pairs both ways, times both pipelines (and the train step) and prints the table."""
+  """Prepares the pairs, times the readers and prints the tables."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
 
@@ -177,11 +150,10 @@ def main(argv: list[str]) -> None:
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
   tokenizer = train_sentencepiece([r["chosen"] for r in records], 8000, tmp / "spm")
   tokenizer_path = str(tmp / "spm.model")
-  print(f"{len(records)} stdlib code pairs, {path.stat().st_size / 1e6:.1f} MB; "
-        f"tokenizer vocab {tokenizer.vocab_size}; ours: {FLAGS.workers} process(es), "
-        f"peer: num_proc={FLAGS.peer_workers}; {os.cpu_count()} cores")
+  print(f"data_pipeline: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} "
+        f"cores; {len(records)} stdlib code pairs, {path.stat().st_size / 1e6:.1f} MB; tokenizer "
+        f"vocab {tokenizer.vocab_size}")
 
-  rows, notes = [], []
   prepared = {}
   for seq_len in (1024, 256):
     settings = prepare.PrepareSettings(inputs=(str(path),), format="pairs", tokenizer=tokenizer_path,
@@ -190,37 +162,30 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     manifest = prepare.prepare(settings)
     prepared[seq_len] = (settings.out, time.perf_counter() - start, manifest)
-  ours_seconds = prepared[1024][1]
   pairs = prepared[1024][2]["splits"]["train"]["pairs"]
-  peer_ds, peer_seconds = peer_prepare(str(path), tokenizer_path, 1024, str(tmp / "hf_cache"),
-                                          FLAGS.peer_workers)
-  assert len(peer_ds) == pairs, (len(peer_ds), pairs)
-  rows.append(("prepare pairs/s (seq 1024)", pairs / ours_seconds, pairs / peer_seconds,
-               peer_seconds / ours_seconds))
-  peer_256, _ = peer_prepare(str(path), tokenizer_path, 256, str(tmp / "hf_cache_256"), FLAGS.peer_workers)
+  if FLAGS.prepare_peer:
+    peer_ds, peer_seconds = peer_prepare(str(path), tokenizer_path, 1024, str(tmp / "hf_cache"),
+                                         FLAGS.peer_workers)
+    assert len(peer_ds) == pairs, (len(peer_ds), pairs)
+    ours = pairs / prepared[1024][1]
+    print(common.format_table(("prepare, seq_len 1024", "ours pairs/s", "HF datasets pairs/s", "ours/peer"),
+                              [("tokenize + write", ours, pairs / peer_seconds, ours * peer_seconds / pairs)]))
 
-  rates = {}
-  for name, (batch, seq_len) in SHAPES.items():
-    built, ours = our_batches(prepared[seq_len][0], batch, seq_len, FLAGS.batches)
-    peer = peer_batches(peer_ds if seq_len == 1024 else peer_256, batch, seq_len,
-                        tokenizer.pad_id, FLAGS.batches)
-    rates[name] = ours
-    rows.append((f"pipeline batches/s, {name}", ours, peer, ours / peer))
-    notes.append(f"pipeline {name}: loading the shards took {built:.2f} s")
-
-  print(common.format_table(("measure", "ours", "peer (HF datasets)", "ours/peer"), rows))
-  for note in notes:
-    print(note)
-  print(f"ratio: prepare ours/peer = {rows[0][3]:.2f}x (target >= 1)")
-  for name, value in zip(SHAPES, rows[1:]):
-    print(f"ratio: pipeline {name} ours/peer = {value[3]:.1f}x")
-  if FLAGS.train_step:
-    batch, seq_len = SHAPES["tiny (32 x 256)"]
-    seconds = tiny_step_seconds(tokenizer.vocab_size, batch, seq_len)
-    consumed = 1 / seconds
-    print(f"tiny config train step: {seconds:.3f} s -> consumes {consumed:.2f} batches/s")
-    print(f"ratio: pipeline tiny / train-step consumption = "
-          f"{rates['tiny (32 x 256)'] / consumed:.0f}x (target >= 20x)")
+  rows = []
+  for name, pack, batch, seq_len in (("unpacked 32 x 256", False, 32, 256),
+                                     ("packed 256 x 1024", True, 256, 1024)):
+    rates = {}
+    for reader in pipeline.READERS:
+      rates[reader], last = reader_pairs_per_second(prepared[seq_len][0], reader, pack, batch,
+                                                    seq_len, FLAGS.steps)
+    need = v4_host_pairs_per_second(last, pipeline.default_data_config().pack_pairs_per_row) if pack else None
+    rows.append((name, rates["grain"], rates["tfdata"], rates["grain"] / OLD_READER_PAIRS_PER_S,
+                 rates["tfdata"] / OLD_READER_PAIRS_PER_S,
+                 f"{rates['grain'] / need:.1f}x of {need:.0f}" if need else "-"))
+  print(common.format_table(
+      ("reader pairs/s (one process)", "grain", "tfdata", "grain / old reader", "tfdata / old reader",
+       "grain / v4 host need (qwen2_1_5b, 50% MFU)"), rows))
+  print(f"old reader: {OLD_READER_PAIRS_PER_S} pairs/s (32 x 256, Nov 2026, docs/performance.md)")
 
 
 if __name__ == "__main__":
