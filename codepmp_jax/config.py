@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
   tokenizer: a tokenizer file or directory; empty = init_from's, else the prepared data's
     (synthetic / in-memory data may run without one when model.vocab_size is set).
   data: the input pipeline (`data.pipeline`), plus `data.builtin` (`data.builtin`): data that
-    builds itself on first use, and `data.prompt_format`: the template the data's prompts are
+    `python -m codepmp_jax.data.builtin` builds with no input (train only reads it), and `data.prompt_format`: the template the data's prompts are
     rendered in, recorded with the model (`templates.FORMATS`; "" = from the data,
     `train.resolve_prompt_format`), and `data.truncation`: how sequences longer than seq_len are
     cut (`encode.TRUNCATION`; "" = the prepared data's, else keep_end; `train.resolve_truncation`).

@@ -409,8 +409,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
   setup_compilation_cache(config, workdir)
   lead = jax.process_index() == 0
 
-  # Data and tokenizer (the built-in default builds its data on first use).
-  builtin.ensure(config.data, only_at_home=True)  # elsewhere data.path must be prepared data
+  # Data and tokenizer: prepared data only (train builds none; builtin.py builds the default's).
+  builtin.check_prepared(config.data)
   tokenizer = resolve_tokenizer(config)
   model_config = resolve_attention(resolve_model_config(config, tokenizer), jax.default_backend())
   prompt_format = resolve_prompt_format(config)

@@ -1,9 +1,11 @@
 """The built-in default: PMP of the tiny model from scratch on CPU, in a few minutes.
 
-Its data is built on first use with no input: code-preference pairs synthesized from this
-Python's standard library by the offline `mutate` strategy, and a sentencepiece tokenizer trained
-on the same code (see codepmp_jax/data/builtin.py).
+Its data needs no input: code-preference pairs synthesized from this Python's standard library by
+the offline `mutate` strategy, and a sentencepiece tokenizer trained on the same code, built once
+into data_cache/stdlib_mutate by the first command (see codepmp_jax/data/builtin.py; `make demo`
+builds it too); the trainer only reads it.
 
+  python -m codepmp_jax.data.builtin --config=configs/tiny.py
   python -m codepmp_jax.train --config=configs/tiny.py --workdir=runs/tiny
 """
 from codepmp_jax.config import default_config, model_fields

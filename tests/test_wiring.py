@@ -108,3 +108,33 @@ def test_plan_errors_are_one_line():
                   "no field 'hiden_size'")
   _one_error_line(_run("plan", "--config=configs/tiny.py:bogus"), "takes no argument")
   _one_error_line(_run("plan"), "--config")
+
+
+def test_train_builds_no_data_and_names_the_command_that_does(tmp_path, monkeypatch):
+  """A missing built-in data set at its home: the builder's command; another path: `prepare`."""
+  from codepmp_jax.data import builtin
+  monkeypatch.chdir(tmp_path)
+  config = default_config()
+  config.data.builtin.name = "stdlib_mutate"
+  config.data.path = builtin.home("stdlib_mutate")
+  with pytest.raises(ValueError, match=r"not built yet in data_cache/stdlib_mutate: build it with "
+                                       r"`python -m codepmp_jax.data.builtin --config=configs/tiny.py`"):
+    train.train(config, tmp_path / "run")
+  assert not (tmp_path / "data_cache").exists()  # nothing built
+  config.data.path = str(tmp_path / "mine")
+  with pytest.raises(ValueError, match=r"is not prepared data \(no such directory; the built-in data "
+                                       r"set stdlib_mutate is built only in data_cache/stdlib_mutate"):
+    builtin.check_prepared(config.data)
+
+
+@pytest.mark.slow
+def test_the_builtin_command_builds_prepared_data_that_trains(tmp_path):
+  home = tmp_path / "data_cache" / "stdlib_mutate"
+  flags = ["--config=configs/tiny.py", f"--config.data.path={home}",
+           "--config.data.builtin.max_pairs=300", "--config.data.builtin.vocab_size=1000"]
+  built = _run("data.builtin", *flags)
+  assert built.returncode == 0, built.stderr[-2000:]
+  assert (home / "manifest.json").is_file() and "prepared data in" in built.stdout
+  trained = _run("train", *flags[:2], f"--workdir={tmp_path / 'run'}",
+                 "--config.train.total_steps=2", "--config.train.eval_every=0")
+  assert trained.returncode == 0, trained.stderr[-2000:]

@@ -7,7 +7,10 @@ same code, and the pairs prepared into shards (`python -m codepmp_jax.data.prepa
   <path>/pairs/       synthesized pair shards + manifest.json
   <path>/spm.model    the tokenizer
   <path>/manifest.json, shards, tokenizer/   the prepared data the trainer reads
-Each stage is skipped when its output is complete, so a rerun reuses finished work.
+Each stage is skipped when its output is complete, so a rerun reuses finished work. The trainer
+only reads it; it is built by the demo and the launchers, or by
+
+  python -m codepmp_jax.data.builtin --config=configs/tiny.py [--config.data.builtin.max_pairs=N]
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ def _pair_texts(pairs_dir: epath.Path):
 
 
 def home(name: str) -> str:
-  """Where built-in data set `name` is built (relative to the working directory): the only place."""
+  """Where the built-in default config (configs/tiny.py) keeps data set `name` (relative to the
+  working directory)."""
   return f"data_cache/{name}"
 
 
@@ -61,26 +65,33 @@ def _not_prepared(path: str, why: str, builtin: bool = False) -> ValueError:
       + (" --config.data.builtin.name=" if builtin else ""))
 
 
-def ensure(data_cfg: ml_collections.ConfigDict, only_at_home: bool = False) -> None:
-  """Builds the built-in data set named by `data_cfg.builtin.name` unless it is already complete
-  (saying so on screen), at `data_cfg.path`.
-
-  `only_at_home` (training): it is built only at its home (`home(name)`, where the built-in default
-  config puts it); another `data.path` must hold prepared data (a `manifest.json`), else the run is
-  refused with the `prepare` command to run; with no built-in, prepared data is checked alike."""
-  spec = data_cfg.builtin
-  if not spec.name:
-    if (only_at_home and data_cfg.get("source", "prepared") == "prepared"
-        and not (epath.Path(data_cfg.path) / _MANIFEST).is_file()):
-      raise _not_prepared(data_cfg.path, f"no {_MANIFEST}" if epath.Path(data_cfg.path).is_dir() else "no such directory")
+def check_prepared(data_cfg: ml_collections.ConfigDict) -> None:
+  """What `train` checks before it reads `data.path` (it builds nothing): prepared data must be
+  there. A missing built-in data set at its home names the command that builds it; any other
+  path without a manifest names the `prepare` command."""
+  if data_cfg.get("source", "prepared") != "prepared":
     return
+  root = epath.Path(data_cfg.path)
+  if (root / _MANIFEST).is_file():
+    return
+  name = data_cfg.builtin.name
+  if name and _is_home(data_cfg.path, name):
+    raise ValueError(f"the built-in data set {name} is not built yet in {data_cfg.path}: build it "
+                     f"with `python -m codepmp_jax.data.builtin --config=configs/tiny.py` (make demo "
+                     f"does), then train again")
+  why = f"no {_MANIFEST}" if root.is_dir() else "no such directory"
+  if name:
+    why += f"; the built-in data set {name} is built only in {home(name)}, with data.path left at its default"
+  raise _not_prepared(data_cfg.path, why, builtin=bool(name))
+
+
+def ensure(data_cfg: ml_collections.ConfigDict) -> None:
+  """Builds the built-in data set named by `data_cfg.builtin.name` in `data_cfg.path` unless it
+  is already complete (saying so on screen). The demo, the launchers and `python -m
+  codepmp_jax.data.builtin` call it; training never builds data (`check_prepared`)."""
+  spec = data_cfg.builtin
   if spec.name not in BUILTINS:
     raise ValueError(f"data.builtin.name={spec.name!r} is not one of {BUILTINS}")
-  if only_at_home and not _is_home(data_cfg.path, spec.name):
-    if (epath.Path(data_cfg.path) / _MANIFEST).is_file():
-      return  # prepared data of the user's: trained on as it is (the built-in one is not built)
-    raise _not_prepared(data_cfg.path, f"no {_MANIFEST}; the built-in data set {spec.name} is built "
-                        f"only in {home(spec.name)}, with data.path left at its default", builtin=True)
   from codepmp_jax.data import prepare, prepared
   from codepmp_jax.data.tokenizer import train_sentencepiece
   from codepmp_jax.synth.synthesize import SynthSettings, synthesize
@@ -128,3 +139,27 @@ def check_eval_split(data_cfg: ml_collections.ConfigDict, eval_batch: int, split
         f"(train.eval_batch={eval_batch}), so the evaluation would yield nothing: set "
         f"--config.train.eval_batch={pairs} or less (a multiple of the devices), hold out more "
         f"(prepare --split), or turn evaluation off (--config.train.eval_every=0)")
+
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program)."""
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "A config whose data.builtin names a built-in data set "
+                                  "(configs/tiny.py).")
+  flags.mark_flags_as_required(["config"])
+
+
+def main(argv: list[str]) -> None:
+  """Builds the built-in data set of `--config` (its `data.builtin`, at its `data.path`)."""
+  from absl import flags
+  del argv
+  config = flags.FLAGS.config
+  ensure(config.data)
+  print(f"built-in data set {config.data.builtin.name}: prepared data in {config.data.path}")
+
+
+if __name__ == "__main__":
+  from codepmp_jax import cli
+  cli.run(main, define_flags)
