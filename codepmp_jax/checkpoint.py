@@ -30,10 +30,10 @@ from codepmp_jax.data import encode, templates
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig
 from codepmp_jax.storage import is_remote
-from codepmp_jax.workdir import CHECKPOINTS, MODEL_CONFIG, TOKENIZER
+from codepmp_jax.workdir import CHECKPOINTS, MODEL_CONFIG, REWARD_STATS, TOKENIZER
 
 PARAMS_DIR = "params"  # a model checkpoint's params (a workdir keeps them in CHECKPOINTS/<step>/)
-REWARD_STATS_FILE = "reward_stats.json"  # beside truncation.json, in a checkpoint or a workdir
+REWARD_STATS_FILE = REWARD_STATS  # beside truncation.json, in a checkpoint or a workdir
 
 PathLike = str | os.PathLike
 

@@ -6,6 +6,8 @@
     tokenizer/           the tokenizer the run trained with
     prompt_format.json   the template the data's prompts were rendered in (`data.templates`), when known
     truncation.json      how the data's overlong sequences were cut (`data.encode.TRUNCATION`)
+    reward_stats.json    the reward mean and std over the held-out split, at the end of a finished
+                         run (`checkpoint.save_reward_stats`; normalized rewards)
     metrics.jsonl        one JSON record a logged step: {"step": N, "loss": ..., "eval/...": ...}
     checkpoints/N/       orbax train-state checkpoints (params, optimizer state, data position)
     summary.json         written once at the end: {"step", "finished", **last logged metrics}
@@ -29,9 +31,11 @@ TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
+REWARD_STATS = "reward_stats.json"  # written and read by checkpoint.save/load_reward_stats
 PROMPT_FORMAT = templates.PROMPT_FORMAT_FILE  # written and read by templates.save/load_prompt_format
 TRUNCATION = encode.TRUNCATION_FILE  # written and read by encode.save/load_truncation
-NAMES = (CONFIG, MODEL_CONFIG, TOKENIZER, PROMPT_FORMAT, TRUNCATION, METRICS, CHECKPOINTS, SUMMARY)
+NAMES = (CONFIG, MODEL_CONFIG, TOKENIZER, PROMPT_FORMAT, TRUNCATION, REWARD_STATS, METRICS,
+         CHECKPOINTS, SUMMARY)
 
 PathLike = str | epath.PathLike
 

@@ -3,8 +3,8 @@
 Each sequence is tokenized as one text (`Tokenizer.encode_joined`), as transformers, TRL and
 RewardBench tokenize it, and the response boundary comes from the tokenizer's offsets.
 
-One truncation policy (`TRUNCATION`) is chosen per data set, recorded with the prepared data and
-the checkpoint (`save_truncation`), and used by prepare, training, `score` and `eval` alike. The
+One truncation policy (`TRUNCATION`) is chosen per data set, recorded in the prepared data's
+manifest and with the checkpoint (`save_truncation`), and used by prepare, training, `score` and `eval` alike. The
 reward is read at the last real token, so the end token always survives. A sequence that does not
 fit first loses prompt tokens from the left, the SAME number from both sequences of a pair (the
 larger of the two excesses), so chosen and rejected still see one prompt; then response tokens:
