@@ -1,5 +1,7 @@
 # `make test` and `make demo` are all a fresh machine needs: each creates .venv and installs first.
 # `make test-fast` leaves out the tests marked slow (pytest.ini): every module, in minutes.
+# `make rehearse` runs only the long rehearsals marked rehearse (the kill -9 fault matrix,
+# tests/test_faults.py; docs/reliability.md), which `make test` and `make test-fast` leave out.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
-.PHONY: test test-fast demo clean
+.PHONY: test test-fast rehearse demo clean
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,10 +27,14 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	touch $@
 
 test: $(VENV)/.test
-	$(PYTEST) tests
+	$(PYTEST) -m "not rehearse" tests
 
 test-fast: $(VENV)/.test
-	$(PYTEST) -m "not slow" tests
+	$(PYTEST) -m "not slow and not rehearse" tests
+
+# -s: each fault's line and each stage's counts (printed on stderr) are shown.
+rehearse: $(VENV)/.test
+	$(PYTEST) -s -m rehearse tests
 
 demo: $(VENV)/.runtime
 	$(PY) -m launch.experiments.demo
