@@ -3,9 +3,11 @@
 # (launch/experiments/gpu_reproduction.py) and the performance table (launch/gpu_benchmark.sh), in
 # two device calls on one H200, made back to back so the machine stays warm (30 s) between them.
 #
-#   launch/gpu_run.sh stage      # HERE (network, pip): wheels into .whl/ (0.4 MiB), the
-#                                # travelling files into .gpu/ (57 MiB) and .gpu.part2/ (47 MiB);
-#                                # with the working tree (1.5 MiB) call 1 carries 58 of 64 MiB
+#   launch/gpu_run.sh stage      # HERE (network, pip): wheels into .whl/ (11 MiB since the data
+#                                # format needs Grain and TFDS), the travelling files into .gpu/
+#                                # (57 MiB) and .gpu.part2/ (47 MiB); with the working tree
+#                                # (1.5 MiB) call 1 would carry ~70 of 64 MiB: move ~6 MiB of .gpu
+#                                # into .gpu.part2 before the next GPU session (not done yet)
 #   launch/gpu_run.sh rehearse   # HERE: call1 and call2 themselves at a tiny size on CPU (a tiny
 #                                # GGUF, the GPU-absent modules hidden, the benchmark's DRY_RUN)
 #   launch/gpu_run.sh call1      # THERE, device call 1: run(carry=[".whl", ".gpu"], timeout_s=330)
@@ -68,10 +70,14 @@ case "${1:-}" in
   stage)
     mkdir -p .whl
     mapfile -t WHEELS < <("$PYTHON" -c "
-from launch.experiments.gpu_reproduction import WHEELS; print('\n'.join(WHEELS))")
+from launch.experiments.gpu_reproduction import WHEELS, SDIST_ONLY
+print('\n'.join(w for w in WHEELS if w not in SDIST_ONLY))")
+    mapfile -t SDISTS < <("$PYTHON" -c "
+from launch.experiments.gpu_reproduction import SDIST_ONLY; print('\n'.join(SDIST_ONLY))")
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+    "$PYTHON" -m pip wheel -q --no-deps -w .whl "${SDISTS[@]}"  # pure Python: any interpreter
     "$PYTHON" -m launch.experiments.gpu_reproduction --stage_files=.gpu "${REPRO_FLAGS[@]}"
     du -sh .whl .gpu .gpu.part2
     ;;

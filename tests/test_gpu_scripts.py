@@ -32,13 +32,16 @@ def tiny_gguf(path: pathlib.Path) -> pathlib.Path:
 def test_absent_modules_are_those_the_gpu_lacks():
   absent = g.absent_modules()
   assert {"champ_dataset", "natsort"} <= absent  # installed here (requirements.txt), not there
-  assert not {"ml_collections", "tensorboardX", "gguf", "jax", "flax", "torch", "numpy"} & absent
+  assert "tensorflow" in absent  # a test requirement here, not there
+  assert not {"ml_collections", "tensorboardX", "gguf", "jax", "flax", "torch", "numpy", "grain",
+              "array_record", "tensorflow_datasets", "codepmp_jax"} & absent  # carried, or the tree
   assert "ml_collections" in g.absent_modules(carried=())
 
 
 def test_hidden_module_fails_to_import_in_the_child():
   code = ("import champ_dataset; del champ_dataset; import sys; del sys.modules['champ_dataset']\n"
           "from launch.experiments import gpu_reproduction as g; g.hide_absent_modules()\n"
+          "import importlib.util; assert importlib.util.find_spec('champ_dataset') is None\n"
           "try:\n  import champ_dataset\nexcept ModuleNotFoundError as e:\n  print('hidden', e.name)\n"
           "import numpy, etils")
   done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

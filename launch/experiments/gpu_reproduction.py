@@ -75,7 +75,15 @@ tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torch
 transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig
 werkzeug wheel wrapt xarray xxhash yarl zipp
 """.split())
-WHEELS = ("ml-collections==1.1.0", "tensorboardX==2.6.5", "gguf==0.19.0", "datasketch==2.0.0")
+# Carried to the GPU machine (gpu_run.sh stage): what its image lacks. The prepared-data format
+# (TFDS ArrayRecord, read through Grain) brings grain, array-record, tensorflow-datasets and the
+# latter's pure-Python dependencies (11 MiB in all; promise has no wheel on PyPI, so stage builds one).
+WHEELS = ("ml-collections==1.1.0", "tensorboardX==2.6.5", "gguf==0.19.0", "datasketch==2.0.0",
+          "grain==0.2.18", "array-record==0.8.6", "tensorflow-datasets==4.9.10", "dm-tree==0.1.10",
+          "immutabledict==4.3.1", "promise==2.3", "simple-parsing==0.1.9",
+          "tensorflow-metadata==1.21.0", "termcolor==3.3.0", "toml==0.10.2", "portpicker==1.6.0",
+          "docstring-parser==0.18.0")
+SDIST_ONLY = ("promise==2.3",)  # built into a wheel by `gpu_run.sh stage` (pure Python)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,18 +148,37 @@ def _normalize(dist: str) -> str:
 
 
 def absent_modules(carried: Sequence[str] = WHEELS) -> frozenset[str]:
-  """Top-level modules installed here whose distributions are neither on the GPU nor carried."""
-  present = GPU_DISTRIBUTIONS | {_normalize(w.partition("==")[0]) for w in carried}
+  """Top-level modules installed here whose distributions are neither on the GPU nor carried
+  (this project's own, installed with `pip install -e .`, travels as the working tree)."""
+  present = (GPU_DISTRIBUTIONS | {_normalize(w.partition("==")[0]) for w in carried}
+             | {_normalize("codepmp_jax")})
   return frozenset(module for module, dists in importlib.metadata.packages_distributions().items()
                    if not any(_normalize(d) in present for d in dists))
 
 
+class _WithoutModules:
+  """An import finder that finds nothing of the top-level modules `hidden` and defers the rest to
+  the finder it wraps."""
+
+  def __init__(self, finder, hidden: frozenset[str]):
+    self.finder, self.hidden = finder, hidden
+
+  def find_spec(self, name, path=None, target=None):
+    if name.partition(".")[0] in self.hidden:
+      return None
+    return self.finder.find_spec(name, path, target)
+
+  def __getattr__(self, name):
+    return getattr(self.finder, name)
+
+
 def hide_absent_modules() -> None:
   """From now on, importing a module the GPU machine lacks fails here too, and
-  `importlib.util.find_spec` finds none (a None entry in sys.modules; forked workers and
-  `_python_module` children inherit it)."""
-  for module in absent_modules():
-    sys.modules.setdefault(module, None)
+  `importlib.util.find_spec` finds none, as where it is not installed (every import finder
+  wrapped; forked workers and `_python_module` children do the same). Not None entries in
+  sys.modules: TFDS takes a `tensorflow` key there for TensorFlow being loaded."""
+  hidden = absent_modules()
+  sys.meta_path[:] = [_WithoutModules(finder, hidden) for finder in sys.meta_path]
 
 
 def _python_module(module: str, args: Sequence[str], hide_absent: bool,
