@@ -421,13 +421,17 @@ def score_file(scorer: RewardScorer, input_path: epath.Path, output_path: epath.
                template: str) -> collections.Counter:
   """Score every line of `input_path` into `output_path`; returns counts (records, sequences, bad
   lines, and the sequences that lost prompt or response tokens: `truncated_prompt`,
-  `truncated_response`). A file with no usable line is an error (nothing is written)."""
+  `truncated_response`). A file with no usable line is an error (nothing is written). The file
+  appears whole or not at all: it is written under a temporary name and renamed, so a killed run
+  never leaves a partial output that looks finished."""
   records, fields, sequences, counts = read_file(scorer, input_path, template)
   rewards = iter(scorer.score_ids(sequences).tolist())
   output_path.parent.mkdir(parents=True, exist_ok=True)
-  with output_path.open("w", encoding="utf-8") as out:
+  partial = output_path.parent / f".{output_path.name}.partial"
+  with partial.open("w", encoding="utf-8") as out:
     for record, names in zip(records, fields):
       out.write(json.dumps({**record, **{name: next(rewards) for name in names}}, ensure_ascii=False) + "\n")
+  partial.replace(output_path)
   counts["records"] = len(records)
   counts["sequences"] = len(sequences)
   return counts
