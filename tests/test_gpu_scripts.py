@@ -67,7 +67,7 @@ def test_gguf_parts_join_and_check(tmp_path):
     g.join_gguf(files, tmp_path / "joined")
 
 
-@pytest.mark.slow
+@pytest.mark.rehearse  # `make rehearse`: CI need not repeat the GPU session's CPU rehearsal
 def test_gpu_run_rehearses_both_device_calls(tmp_path):
   """`launch/gpu_run.sh rehearse`: call1 and call2 themselves, tiny, GPU-absent modules hidden."""
   env = {**os.environ, "PYTHON": sys.executable, "REHEARSAL_DIR": str(tmp_path)}
