@@ -88,17 +88,8 @@ def test_four_processes_open_only_their_shards_and_see_every_pair_once(prepared)
 _NO_TF = """
 import sys
 
-class WithoutTensorFlow:
-  def __init__(self, finder):
-    self.finder = finder
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] == "tensorflow":
-      return None
-    return self.finder.find_spec(name, path, target)
-  def __getattr__(self, name):
-    return getattr(self.finder, name)
-
-sys.meta_path[:] = [WithoutTensorFlow(finder) for finder in sys.meta_path]
+from launch.experiments.gpu_reproduction import hide_modules
+hide_modules({"tensorflow"})
 from codepmp_jax import train
 from codepmp_jax.config import default_config
 from codepmp_jax.data import prepare

@@ -42,17 +42,8 @@ SMALL = [
 NO_TF = """
 import sys
 
-class WithoutTensorFlow:
-  def __init__(self, finder):
-    self.finder = finder
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] == "tensorflow":
-      return None
-    return self.finder.find_spec(name, path, target)
-  def __getattr__(self, name):
-    return getattr(self.finder, name)
-
-sys.meta_path[:] = [WithoutTensorFlow(finder) for finder in sys.meta_path]
+from launch.experiments.gpu_reproduction import hide_modules
+hide_modules({"tensorflow"})
 """
 # The trainer's command line, run with TensorFlow hidden.
 RUN_TRAIN = NO_TF + ("import runpy; sys.argv[0] = 'train'; "

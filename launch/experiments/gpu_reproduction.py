@@ -172,13 +172,17 @@ class _WithoutModules:
     return getattr(self.finder, name)
 
 
-def hide_absent_modules() -> None:
-  """From now on, importing a module the GPU machine lacks fails here too, and
-  `importlib.util.find_spec` finds none, as where it is not installed (every import finder
-  wrapped; forked workers and `_python_module` children do the same). Not None entries in
+def hide_modules(names: frozenset[str] | set[str]) -> None:
+  """From now on, importing the top-level modules `names` fails, and `importlib.util.find_spec`
+  finds none, as where they are not installed (every import finder wrapped). Not None entries in
   sys.modules: TFDS takes a `tensorflow` key there for TensorFlow being loaded."""
-  hidden = absent_modules()
-  sys.meta_path[:] = [_WithoutModules(finder, hidden) for finder in sys.meta_path]
+  sys.meta_path[:] = [_WithoutModules(finder, frozenset(names)) for finder in sys.meta_path]
+
+
+def hide_absent_modules() -> None:
+  """Importing a module the GPU machine lacks fails here too (`hide_modules`; forked workers and
+  `_python_module` children do the same)."""
+  hide_modules(absent_modules())
 
 
 def _python_module(module: str, args: Sequence[str], hide_absent: bool,
