@@ -16,6 +16,7 @@ import tqdm
 from absl import logging
 from etils import epath
 
+from codepmp_jax import storage
 from codepmp_jax.workdir import METRICS as METRICS_FILE
 
 PROGRESS_KEYS = ("loss", "accuracy", "eval/accuracy")
@@ -115,8 +116,8 @@ class MetricWriter:
   TensorBoard event files in the workdir, and advances a tqdm bar showing loss and accuracy.
   Resuming at `start_step` first removes lines of steps after `start_step`, and tells
   TensorBoard to purge those steps, so a run resumed from an earlier checkpoint has no duplicate
-  or stale steps. The workdir may be remote (`gs://`): object stores cannot append, so there the
-  file is rewritten whole at each write (a few KB per thousand steps).
+  or stale steps. The workdir may be remote (`gs://`): `storage.LineWriter` then rewrites the file
+  whole at each write (object stores cannot append; a few KB per thousand steps).
   """
 
   def __init__(self, workdir: str | os.PathLike, total_steps: int, start_step: int = 0,
@@ -130,11 +131,7 @@ class MetricWriter:
     self._path = workdir / METRICS_FILE
     if self._path.exists():
       _keep_through_step(self._path, start_step)
-    self._remote = "://" in text
-    if self._remote:
-      self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
-    else:
-      self._jsonl = self._path.open("a")
+    self._jsonl = storage.LineWriter(self._path)
     # tensorboardX names event files by the second they were opened: without a unique suffix a
     # writer restarted within the same second would overwrite the previous file.
     self._tensorboard = tensorboardX.SummaryWriter(
@@ -152,12 +149,8 @@ class MetricWriter:
       raise ValueError("'step' is reserved for the step number")
     record = {"step": int(step)}
     record.update({k: v if math.isfinite(v) else None for k, v in scalars.items()})
-    if self._remote:
-      self._lines.append(json.dumps(record) + "\n")
-      self._path.write_text("".join(self._lines))
-    else:
-      self._jsonl.write(json.dumps(record) + "\n")
-      self._jsonl.flush()
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
     for key, value in scalars.items():
       self._tensorboard.add_scalar(key, value, global_step=int(step))
     self._tensorboard.flush()
@@ -175,8 +168,7 @@ class MetricWriter:
     """Flushes and closes the files and the progress bar."""
     if not self.active:
       return
-    if not self._remote:
-      self._jsonl.close()
+    self._jsonl.close()
     self._tensorboard.close()
     self._bar.close()
 
