@@ -9,8 +9,10 @@ into `--cache` on first use and reused) and GSM8K pairs (`../shared/data/gsm8k/t
 reference solution against a consistently wrong one), tokenized by one sentencepiece model trained
 on both (also cached). Each data set's first `--num_pairs` pairs are trained on, in the same order,
 by every mode:
-  padded    ours, `--pairs` pairs per step, every sequence padded to `seq_len`;
-  bucketed  ours, each step padded to the bucket (next multiple of 128) of its longest sequence;
+  padded    ours, `--pairs` pairs per step one a row (`data.packing.pair_rows`), every sequence
+            padded to `seq_len`;
+  bucketed  ours, one pair a row, each step padded to the bucket (next multiple of 128) of its
+            longest sequence;
   packed    ours, each step's pairs packed by `data.packing.pack_batch` into rows of `--row_len`
             tokens (default `2 * seq_len`, room for any pair), the row count in quarter-octave
             buckets, attention sequence by sequence and the LM head only at LM targets;
@@ -42,7 +44,7 @@ from absl import app, flags
 from benchmarks import common
 from benchmarks.train_step import LOSS, Peer, _optimizer_config
 from codepmp_jax import cli, optim, sharding, step
-from codepmp_jax.data import loaders, packing, pipeline, registry
+from codepmp_jax.data import loaders, packing, registry
 from codepmp_jax.data.encode import PairArrays, encode_records
 from codepmp_jax.data.records import BadRecords, PairRecord
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -97,50 +99,50 @@ def _take(arrays: PairArrays, indices) -> PairArrays:
                                  arrays.margin[indices])
 
 
-def padded_batches(arrays: PairArrays, pairs: int, seq_len: int, pad_id: int, mode: str) -> list[dict]:
-  """Consecutive `pairs`-pair batches padded to seq_len, to their bucket, or to their longest sequence."""
+def steps_of(arrays: PairArrays, pairs: int) -> list[PairArrays]:
+  """Consecutive `pairs`-pair steps."""
+  return [_take(arrays, range(start, start + pairs)) for start in range(0, len(arrays) - pairs + 1, pairs)]
+
+
+def pair_row_batches(steps: list[PairArrays], seq_len: int, pad_id: int, mode: str) -> list[dict]:
+  """Each step's pairs one a row, padded to seq_len, to their bucket, or to their longest sequence."""
   batches = []
-  for start in range(0, len(arrays) - pairs + 1, pairs):
-    part = _take(arrays, range(start, start + pairs))
+  for part in steps:
     longest = int(part.lengths.max())
     length = {"padded": seq_len, "bucketed": min(-(-longest // BUCKET) * BUCKET, seq_len),
               "peer": longest}[mode]
-    batches.append(pipeline.collate(part, length, pad_id))
+    batches.append(packing.pair_rows(part, length, pad_id))
   return batches
 
 
-def packed_batches(arrays: PairArrays, pairs: int, row_len: int, max_pairs_per_row: int,
-                   pad_id: int, share_prompt: bool) -> list[dict]:
-  """Consecutive `pairs`-pair batches, each packed whole (`packing.pack_batch`)."""
-  return [packing.pack_batch(_take(arrays, range(start, start + pairs)), row_len=row_len,
-                             max_pairs_per_row=max_pairs_per_row, pad_id=pad_id,
-                             share_prompt=share_prompt).batch
-          for start in range(0, len(arrays) - pairs + 1, pairs)]
+def packed_batches(steps: list[PairArrays], row_len: int, max_pairs_per_row: int, pad_id: int,
+                   share_prompt: bool) -> list[dict]:
+  """Each step's pairs packed whole (`packing.pack_batch`)."""
+  return [packing.pack_batch(part, row_len=row_len, max_pairs_per_row=max_pairs_per_row,
+                             pad_id=pad_id, share_prompt=share_prompt).batch for part in steps]
 
 
 def row_tokens_used(batch: dict) -> int:
   """Tokens of a batch's rows that are not padding."""
-  if "segment_ids" in batch:
-    return int((batch["segment_ids"] > 0).sum())
-  return int(batch["attention_mask"].sum())
+  return int((batch["segment_ids"] > 0).sum())
 
 
 class OursRunner:
   """Our jitted step on one device, compiled for every batch shape before timing."""
 
-  def __init__(self, config: ModelConfig, packed: bool):
+  def __init__(self, config: ModelConfig):
     self.mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     rules = sharding.DEFAULT_RULES
     optimizer = optim.make_optimizer(_optimizer_config(), total_steps=1000)
     _, state_sharding = step.state_shardings(config, optimizer, self.mesh, rules)
-    shardings = step.batch_shardings(self.mesh, rules, packed)
+    shardings = step.batch_shardings(self.mesh, rules)
     self.shardings = shardings
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
       params = jax.jit(lambda: nn.unbox(transformer.init_params(config, jax.random.key(0))),
                        out_shardings=state_sharding.params)()
       opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
       self.state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-      self.fn = step.jit_train_step(step.make_train_step(transformer.RewardModel(config), optimizer, LOSS, packed=packed),
+      self.fn = step.jit_train_step(step.make_train_step(transformer.RewardModel(config), optimizer, LOSS),
                                     state_sharding, shardings, self.mesh)
 
   def run(self, batch: dict) -> None:
@@ -163,17 +165,20 @@ def measure(runner_step, batches: list[dict]) -> float:
   return time.perf_counter() - start
 
 
-def run_mode(mode: str, config: ModelConfig, batches: list[dict], dtype: str) -> float:
+def run_mode(mode: str, config: ModelConfig, batches: list[dict], steps: list[PairArrays],
+             dtype: str) -> float:
+  """Seconds of the mode over all steps (the peer trains on `steps`, ours on `batches`)."""
   if mode == "peer":
-    peer = Peer(config, batches[0], dtype, remat=False)
+    peer = Peer(config, steps[0], dtype, remat=False)
+    by_shape = {id(batch): part for batch, part in zip(batches, steps)}
 
     def peer_step(batch):
-      peer.set_batch(batch)
+      peer.set_batch(by_shape[id(batch)], config.pad_token_id or 0)
       peer.step()
     seconds = measure(peer_step, batches)
     peer.close()
     return seconds
-  return measure(OursRunner(config, packed=mode in ("packed", "shared")).run, batches)
+  return measure(OursRunner(config).run, batches)
 
 
 FLAGS = flags.FLAGS
@@ -224,15 +229,16 @@ def main(argv: list[str]) -> None:
     lines.append(f"{name}: {len(arrays)} pairs, sequence length median {int(np.median(lengths))}, "
                  f"p90 {int(np.percentile(lengths, 90))}, max {int(lengths.max())}")
     usable = _take(arrays, range(len(arrays) // FLAGS.pairs * FLAGS.pairs))
+    steps = steps_of(usable, FLAGS.pairs)
     for mode in modes:
       if mode in ("packed", "shared"):
-        batches = packed_batches(usable, FLAGS.pairs, FLAGS.row_len or 2 * FLAGS.seq_len,
-                                 FLAGS.max_pairs_per_row, 0, share_prompt=mode == "shared")
+        batches = packed_batches(steps, FLAGS.row_len or 2 * FLAGS.seq_len, FLAGS.max_pairs_per_row,
+                                 0, share_prompt=mode == "shared")
       else:
-        batches = padded_batches(usable, FLAGS.pairs, FLAGS.seq_len, 0, mode)
+        batches = pair_row_batches(steps, FLAGS.seq_len, 0, mode)
       tokens = int(usable.lengths.sum())
       efficiency = sum(row_tokens_used(b) for b in batches) / sum(b["input_ids"].size for b in batches)
-      seconds = run_mode(mode, config, batches, FLAGS.dtype)
+      seconds = run_mode(mode, config, batches, steps, FLAGS.dtype)
       rows.append((name, mode, len(batches), tokens, f"{efficiency:.1%}", seconds, tokens / seconds))
   table = common.format_table(("data", "mode", "steps", "real tokens", "efficiency", "seconds",
                                "real tokens/s"), rows)

@@ -4,8 +4,8 @@ the PyTorch peer a researcher would otherwise write, on the same batch, shape, d
   python -m benchmarks.train_step                                  # CPU: tiny, smollm2_135m
   python -m benchmarks.train_step --shapes=qwen2_0_5b,qwen2_1_5b   # GPU: bf16, seq 1024
 
-Ours: `codepmp_jax.step` (one jit, donated state) on a one-device mesh, on the padded batch
-(`ours`) and on the same pairs packed (`packed`: `data.packing.pack_batch` into rows of up to
+Ours: `codepmp_jax.step` (one jit, donated state) on a one-device mesh, on the pairs one a row
+(`ours`: `data.packing.pair_rows`, the unpacked layout) and on the same pairs packed (`packed`: `data.packing.pack_batch` into rows of up to
 2 * seq_len, each pair's shared prompt laid out once, as the paper configs train). Peer: a transformers
 `*ForSequenceClassification` of the same shape (random init, SDPA attention) whose backbone hidden
 states feed both the `score` head (reward at length - 1) and an LM head (the tied embedding, or an
@@ -40,7 +40,7 @@ from absl import app, flags
 
 from benchmarks import common
 from codepmp_jax import cli, metrics, optim, sharding, step
-from codepmp_jax.data import packing, pipeline
+from codepmp_jax.data import packing
 from codepmp_jax.data.encode import PairArrays
 from codepmp_jax.model import flops as flops_lib
 from codepmp_jax.model import transformer
@@ -67,23 +67,14 @@ def synthetic_pairs(config: ModelConfig, pairs: int, seq_len: int) -> PairArrays
                                  np.zeros(pairs, np.float32))
 
 
-def synthetic_batch(config: ModelConfig, pairs: int, seq_len: int) -> Batch:
-  """The padded `[B, 2, L]` host batch of `synthetic_pairs`."""
-  return pipeline.collate(synthetic_pairs(config, pairs, seq_len), seq_len, config.pad_token_id or 0)
-
-
-def packed_synthetic_batch(config: ModelConfig, pairs: int, seq_len: int) -> Batch:
-  """The same pairs packed into rows of up to `2 * seq_len`, each shared prompt laid out once."""
-  return packing.pack_batch(synthetic_pairs(config, pairs, seq_len), row_len=2 * seq_len,
-                            max_pairs_per_row=8, pad_id=config.pad_token_id or 0,
-                            share_prompt=True).batch
+def packed_synthetic_batch(config: ModelConfig, pairs: PairArrays, seq_len: int) -> Batch:
+  """`pairs` packed into rows of up to `2 * seq_len`, each shared prompt laid out once."""
+  return packing.pack_batch(pairs, row_len=2 * seq_len, max_pairs_per_row=8,
+                            pad_id=config.pad_token_id or 0, share_prompt=True).batch
 
 
 def batch_flops(config: ModelConfig, batch: Batch) -> float:
-  """Model FLOPs of one step on `batch` as our step computes it (padded or packed)."""
-  if "segment_ids" not in batch:
-    pairs, _, length = batch["input_ids"].shape
-    return common.pmp_step_flops(config, pairs, length)
+  """Model FLOPs of one step on `batch` as our step computes it."""
   _, slots, sequence_len = batch["sequence_index"].shape
   rows, row_len = batch["input_ids"].shape
   return flops_lib.packed_step_flops(config, rows, row_len, batch["lm_index"].shape[1], slots,
@@ -106,15 +97,14 @@ class Ours:
     rules = sharding.DEFAULT_RULES
     optimizer = optim.make_optimizer(_optimizer_config(), total_steps=1000)
     _, state_sharding = step.state_shardings(config, optimizer, self.mesh, rules)
-    packed = "segment_ids" in batch
-    batch_sharding = step.batch_shardings(self.mesh, rules, packed)
+    batch_sharding = step.batch_shardings(self.mesh, rules)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
       params = jax.jit(lambda: nn.unbox(transformer.init_params(config, jax.random.key(0))),
                        out_shardings=state_sharding.params)()
       opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(params)
       self.state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
       self.batch = jax.device_put(batch, batch_sharding)
-      train_step = step.jit_train_step(step.make_train_step(transformer.RewardModel(config), optimizer, LOSS, packed=packed),
+      train_step = step.jit_train_step(step.make_train_step(transformer.RewardModel(config), optimizer, LOSS),
                                        state_sharding, batch_sharding, self.mesh)
       start = time.perf_counter()
       self.compiled = train_step.lower(self.state, self.batch).compile()
@@ -138,7 +128,7 @@ class Ours:
 class Peer:
   """The transformers + torch.optim.AdamW step; `step()` runs one step and waits for it."""
 
-  def __init__(self, config: ModelConfig, batch: Batch, dtype: str, remat: bool):
+  def __init__(self, config: ModelConfig, pairs: PairArrays, dtype: str, remat: bool):
     import torch
     import transformers
 
@@ -173,17 +163,25 @@ class Peer:
     self.grad_clip = opt.grad_clip
     self.autocast = dict(device_type=self.device.type, dtype=getattr(torch, dtype),
                          enabled=dtype != "float32")
-    self.set_batch(batch)
+    self.set_batch(pairs, config.pad_token_id or 0)
 
-  def set_batch(self, batch: Batch) -> None:
-    """The `[B, 2, L]` host batch the next steps train on (moved to the device once)."""
+  def set_batch(self, pairs: PairArrays, pad_id: int) -> None:
+    """The pairs the next steps train on, each sequence right-padded in its own row (chosen,
+    rejected, chosen, ...), moved to the device once."""
     torch = self.torch
-    pairs, _, length = batch["input_ids"].shape
-    as_tensor = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(self.device)  # noqa: E731
-    self.ids = as_tensor(batch["input_ids"].reshape(2 * pairs, length)).long()
-    self.mask = as_tensor(batch["attention_mask"].reshape(2 * pairs, length))
+    length = int(pairs.lengths.max())
+    ids = np.full((2 * len(pairs), length), pad_id, np.int64)
+    mask = np.zeros_like(ids)
+    lm_mask = np.zeros((len(pairs), length), np.int64)
+    for i in range(len(pairs)):
+      for which in (0, 1):
+        ids[2 * i + which, :pairs.lengths[i, which]] = pairs.sequence(i, which)
+        mask[2 * i + which, :pairs.lengths[i, which]] = 1
+      lm_mask[i, max(int(pairs.response_start[i, 0]), 1):pairs.lengths[i, 0]] = 1
+    as_tensor = lambda x: torch.from_numpy(x).to(self.device)  # noqa: E731
+    self.ids, self.mask = as_tensor(ids), as_tensor(mask)
     chosen = self.ids[0::2]
-    labels = chosen.masked_fill(as_tensor(batch["lm_mask"][:, 0]) == 0, -100)
+    labels = chosen.masked_fill(as_tensor(lm_mask) == 0, -100)
     self.lm_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
     self.last = self.mask.sum(-1) - 1
 
@@ -228,10 +226,11 @@ def measure_shape(shape: str, args: flags.FlagValues, platform: str) -> dict[str
   config = resolve_attention(get_preset(shape, dtype=args.dtype, param_dtype="float32",
                                         remat_policy="full" if args.remat else "none", **overrides),
                              platform)
-  batch = synthetic_batch(config, args.pairs, args.seq_len)
-  packed = packed_synthetic_batch(config, args.pairs, args.seq_len)
+  pairs = synthetic_pairs(config, args.pairs, args.seq_len)
+  batch = packing.pair_rows(pairs, args.seq_len, config.pad_token_id or 0)
+  packed = packed_synthetic_batch(config, pairs, args.seq_len)
   makers = {"ours": lambda: Ours(config, batch), "packed": lambda: Ours(config, packed),
-            "peer": lambda: Peer(config, batch, args.dtype, args.remat)}
+            "peer": lambda: Peer(config, pairs, args.dtype, args.remat)}
   sides = [s for s in SIDES if s in args.sides]
   times: dict[str, list[float]] = {s: [] for s in sides}
   failed: dict[str, str] = {}
@@ -266,8 +265,8 @@ def measure_shape(shape: str, args: flags.FlagValues, platform: str) -> dict[str
         times[side].append(_timed(runner.step))
       finish(side, runner)
   peak = metrics.measure_cpu_peak_flops(repeats=3) if platform == "cpu" else metrics.device_peak_flops()
-  padded_flops = batch_flops(config, batch)
-  flops = {"peer": padded_flops, "ours": padded_flops, "packed": batch_flops(config, packed)}
+  pair_flops = batch_flops(config, batch)  # the peer computes the same per sequence
+  flops = {"peer": pair_flops, "ours": pair_flops, "packed": batch_flops(config, packed)}
   notes.append(f"packed: {packed['input_ids'].shape[0]} rows x {packed['input_ids'].shape[1]} "
                f"tokens, {packing.packing_efficiency(packed):.1%} of them real")
   return {"times": {s: statistics.median(t) for s, t in times.items() if t}, "failed": failed,

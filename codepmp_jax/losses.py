@@ -99,7 +99,7 @@ def lm_cross_entropy(
   Returns sums rather than a mean so microbatches and devices combine exactly. Logits may be bf16:
   the log-softmax normaliser is a float32 logsumexp and the target logit is gathered before the
   upcast. Whether XLA still keeps a float32 copy of the `[B, L, V]` logits depends on the backend
-  (the CPU one does); `chunked_lm_cross_entropy` (what the train step uses) avoids materialising
+  (the CPU one does); `chunked_cross_entropy` (what the train step uses) avoids materialising
   the logits at all; this is its reference.
   """
   if logits.shape[:2] != input_ids.shape or input_ids.shape != lm_mask.shape:
@@ -112,38 +112,18 @@ def lm_cross_entropy(
   return jnp.sum(token_losses * weights), jnp.sum(weights)
 
 
-def chunked_lm_cross_entropy(
-    hidden: jax.Array,
-    lm_head: jax.Array,
-    input_ids: jax.Array,
-    lm_mask: jax.Array,
-    chunk_len: int = 128,
-) -> tuple[jax.Array, jax.Array]:
-  """`lm_cross_entropy(hidden @ lm_head, ...)` without materialising the `[B, L, V]` logits.
-
-  `hidden` is the final-normed `[B, L, D]` (ModelOutput.hidden_states, e.g. its chosen rows);
-  `lm_head` is `[D, V]` (the `lm_head/kernel`, or `embed/embedding.T` when tied). Logits are
-  computed `chunk_len` positions at a time, with float32 accumulation, and under differentiation
-  their gradients too (`chunked_cross_entropy`), so peak memory holds one `[B, chunk_len, V]`
-  float32 block instead of the full logits and their gradient: the difference between fitting and
-  not at a 150k vocabulary.
-  """
-  if hidden.shape[:2] != input_ids.shape or input_ids.shape != lm_mask.shape:
-    raise ValueError(
-        f"hidden {hidden.shape}, input_ids {input_ids.shape} and lm_mask {lm_mask.shape} disagree")
-  targets, weights = lm_targets(input_ids, lm_mask)
-  return chunked_cross_entropy(hidden, lm_head, targets, weights, chunk_len)
-
-
 def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
                           weights: jax.Array, chunk_len: int = 128) -> tuple[jax.Array, jax.Array]:
   """Weighted cross-entropy sum of `hidden @ lm_head` against `targets`, and the weights' sum.
 
-  `hidden` [B, N, D] predicts `targets` [B, N] with `weights` [B, N]: already aligned, e.g. the
-  hidden states gathered before each LM target of a packed row (`step.packed_sums`).
-  Logits exist `chunk_len` positions at a time, as in `chunked_lm_cross_entropy`. Differentiated,
-  each chunk's gradients are computed in the forward pass while its logits exist (a fused linear
-  cross-entropy), so the backward pass neither recomputes the logits nor keeps them.
+  `hidden` [B, N, D] (final-normed) predicts `targets` [B, N] with `weights` [B, N]: already
+  aligned, e.g. the hidden states gathered before each LM target of a row (`step.microbatch_sums`);
+  `lm_head` is `[D, V]` (the `lm_head/kernel`, or `embed/embedding.T` when tied). Logits exist
+  `chunk_len` positions at a time, with float32 accumulation, so peak memory holds one
+  `[B, chunk_len, V]` float32 block instead of the full logits and their gradient: the
+  difference between fitting and not at a 150k vocabulary. Differentiated, each chunk's gradients
+  are computed in the forward pass while its logits exist (a fused linear cross-entropy), so the
+  backward pass neither recomputes the logits nor keeps them.
   """
   if hidden.shape[:2] != targets.shape or targets.shape != weights.shape:
     raise ValueError(f"hidden {hidden.shape}, targets {targets.shape} and weights {weights.shape} "
@@ -227,26 +207,30 @@ def pair_sums(
     lm_count: jax.Array,
     margin: jax.Array | None,
     cfg: Any,
+    valid: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """Additive statistics of one (micro)batch, keyed by `SUM_KEYS`; add them across microbatches.
 
-  `cfg` needs `loss_type` and `use_margin` (margin is ignored unless `use_margin`).
+  Rewards, `margin` and `valid` are flat `[P]`. Only the pairs where `valid` is 1 count (a packed
+  batch has empty pair slots; None: every pair), so the sums equal those of the valid pairs
+  alone. `cfg` needs `loss_type` and `use_margin` (margin is ignored unless `use_margin`).
   """
   chosen = chosen_rewards.astype(jnp.float32)
   rejected = rejected_rewards.astype(jnp.float32)
+  w = jnp.ones_like(chosen) if valid is None else valid.astype(jnp.float32)
   bt = bradley_terry(chosen, rejected, margin if cfg.use_margin else None, cfg.loss_type)
   return {
-      "num_pairs": jnp.asarray(chosen.shape[0], jnp.float32),
-      "bt_sum": jnp.sum(bt),
-      "center_sum": jnp.sum(jnp.square(chosen + rejected)),
+      "num_pairs": jnp.sum(w),
+      "bt_sum": jnp.sum(w * bt),
+      "center_sum": jnp.sum(w * jnp.square(chosen + rejected)),
       "lm_sum": jnp.asarray(lm_sum, jnp.float32),
       "lm_count": jnp.asarray(lm_count, jnp.float32),
-      "correct": jnp.sum((chosen > rejected).astype(jnp.float32)),
-      "margin_sum": jnp.sum(chosen - rejected),
-      "chosen_sum": jnp.sum(chosen),
-      "chosen_sq_sum": jnp.sum(jnp.square(chosen)),
-      "rejected_sum": jnp.sum(rejected),
-      "rejected_sq_sum": jnp.sum(jnp.square(rejected)),
+      "correct": jnp.sum(w * (chosen > rejected).astype(jnp.float32)),
+      "margin_sum": jnp.sum(w * (chosen - rejected)),
+      "chosen_sum": jnp.sum(w * chosen),
+      "chosen_sq_sum": jnp.sum(w * jnp.square(chosen)),
+      "rejected_sum": jnp.sum(w * rejected),
+      "rejected_sq_sum": jnp.sum(w * jnp.square(rejected)),
   }
 
 
@@ -290,37 +274,4 @@ def metrics_from_sums(sums: dict[str, jax.Array], cfg: Any) -> dict[str, jax.Arr
       "chosen_reward_std": std(sums["chosen_sum"], sums["chosen_sq_sum"]),
       "rejected_reward_mean": sums["rejected_sum"] / pairs,
       "rejected_reward_std": std(sums["rejected_sum"], sums["rejected_sq_sum"]),
-  }
-
-
-def masked_pair_sums(
-    chosen_rewards: jax.Array,
-    rejected_rewards: jax.Array,
-    valid: jax.Array,
-    lm_sum: jax.Array,
-    lm_count: jax.Array,
-    margin: jax.Array | None,
-    cfg: Any,
-) -> dict[str, jax.Array]:
-  """`pair_sums` over the pairs where `valid` is 1 (packed batches have empty pair slots).
-
-  All inputs are flat `[P]`; an empty slot adds nothing to any sum, so the sums equal
-  `pair_sums` of the valid pairs alone.
-  """
-  w = valid.astype(jnp.float32)
-  chosen = chosen_rewards.astype(jnp.float32)
-  rejected = rejected_rewards.astype(jnp.float32)
-  bt = bradley_terry(chosen, rejected, margin if cfg.use_margin else None, cfg.loss_type)
-  return {
-      "num_pairs": jnp.sum(w),
-      "bt_sum": jnp.sum(w * bt),
-      "center_sum": jnp.sum(w * jnp.square(chosen + rejected)),
-      "lm_sum": jnp.asarray(lm_sum, jnp.float32),
-      "lm_count": jnp.asarray(lm_count, jnp.float32),
-      "correct": jnp.sum(w * (chosen > rejected).astype(jnp.float32)),
-      "margin_sum": jnp.sum(w * (chosen - rejected)),
-      "chosen_sum": jnp.sum(w * chosen),
-      "chosen_sq_sum": jnp.sum(w * jnp.square(chosen)),
-      "rejected_sum": jnp.sum(w * rejected),
-      "rejected_sq_sum": jnp.sum(w * jnp.square(rejected)),
   }

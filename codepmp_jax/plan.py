@@ -52,7 +52,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from codepmp_jax import cli, optim, sharding, step
-from codepmp_jax.data import pipeline
+from codepmp_jax.data import packing, pipeline
 from codepmp_jax.model import flops, transformer
 from codepmp_jax.model.config import ModelConfig
 
@@ -116,18 +116,16 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
   tc = config.train
   optimizer = optim.make_optimizer(config.optimizer, tc.total_steps or 1000, tc.trainable)
   abstract, state_sharding = step.state_shardings(model_config, optimizer, mesh, rules)
-  packed = config.data.pack
-  batch_sharding = step.batch_shardings(mesh, rules, packed)
+  batch_sharding = step.batch_shardings(mesh, rules)
 
   def batch_of(split, pairs, microbatches):
-    if packed:  # the shape the run packs every step into (`pipeline.packed_shape`)
+    if config.data.pack:  # the shape the run packs every step into (`pipeline.packed_shape`)
       shapes = pipeline.packed_shape(
           config.data, split=split, global_batch=pairs, seq_len=tc.seq_len, seed=config.seed,
           row_multiple=microbatches, sharding=batch_sharding["input_ids"]
       ).array_shapes(config.data.pack_pairs_per_row)
-    else:
-      shapes = {"input_ids": (pairs, 2, tc.seq_len), "attention_mask": (pairs, 2, tc.seq_len),
-                "lm_mask": (pairs, 2, tc.seq_len), "margin": (pairs,)}
+    else:  # one pair a row, at the longest bucket
+      shapes = packing.PackedShape.pair_rows(pairs, tc.seq_len).array_shapes(1)
     floats = ("margin", "pair_valid")
     return {k: jax.ShapeDtypeStruct(s, jnp.float32 if k in floats else jnp.int32,
                                     sharding=batch_sharding[k]) for k, s in shapes.items()}
@@ -139,11 +137,11 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Plan:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = step.jit_train_step(
         step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk,
-                             tc.trainable, packed),
+                             tc.trainable),
         state_sharding, batch_sharding, mesh)
     compiled = train_step.lower(state, batch_of("train", tc.global_batch, tc.microbatches)).compile()
     eval_step = step.jit_eval_step(
-        step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk, packed),
+        step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk),
         state_sharding.params, batch_sharding, mesh)
     eval_memory = eval_step.lower(state.params, batch_of("eval", tc.eval_batch or tc.global_batch,
                                                          eval_microbatches)

@@ -23,7 +23,7 @@ from its held-out split when it ends with an evaluation.
 Every path may be `gs://...` (through etils.epath).
 `RewardScorer` is the same scorer as a Python object (the evaluation stages and `serve` use it);
 `RewardScorer.score_steps` reads the reward at the end of every step of a solution in one forward
-pass (`frozen_trunk.rewards_at`).
+pass (`RewardModel` at several reward positions a row).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from codepmp_jax.data import encode as encoding
 from codepmp_jax.data.encode import EncodedSequence, bucket_length, encode_sequence
 from codepmp_jax.data.tokenizer import load_tokenizer
 from codepmp_jax.eval import bon
-from codepmp_jax.model import attention, frozen_trunk, transformer
+from codepmp_jax.model import attention, transformer
 from codepmp_jax.model.config import resolve_attention
 
 EXAMPLES_SHOWN = 10
@@ -86,10 +86,10 @@ class RewardScorer:
   (`bucket_length`); shorter buckets take proportionally more rows (up to `MAX_ROWS_FACTOR` x
   `batch_size`, and no more than keeps a block of attention scores within the resolved
   `attention_block_bytes`, if any), so a batch holds about the same number of tokens and each bucket
-  is one compiled shape. All layers but the last run under `lax.scan` (params stacked once at
-  load), so a compile traces two layers, not all of them; the last runs at each row's reward token
-  only (`frozen_trunk.last_token_rewards`), or at given positions (`score_positions`, one row per
-  sequence). The batch is split over the mesh's data axes.
+  is one compiled shape. `RewardModel` reads each row's reward at its last token, or at given
+  positions (`score_positions`), with `rewards_only`: the layers below the last run under
+  `lax.scan` (params stacked once at load), so a compile traces two layers, not all of them, and
+  the last runs at the reward positions only. The batch is split over the mesh's data axes.
 
   With `normalize`, rewards are `(r - mean) / std` by the checkpoint's reward stats
   (`checkpoint.load_reward_stats`; `reward_stats` holds them, or None when never measured).
@@ -109,20 +109,14 @@ class RewardScorer:
     canonical = checkpoint.load_model_config(path).replace(scan_layers=False, remat_policy="none")
     self.mesh = sharding.make_mesh(mesh_shape)
     # A reader picks the attention of its own device, whatever the checkpoint was trained with.
-    self.config = resolve_attention(canonical.replace(attention="auto"),
+    self.config = resolve_attention(canonical.replace(attention="auto", scan_layers=True),
                                     self.mesh.devices.flat[0].platform).replace(causal_block=SCORE_CAUSAL_BLOCK)
     self.rules = sharding.DEFAULT_RULES
     shardings_of = lambda config: sharding.logical_sharding(nn.get_partition_spec(jax.eval_shape(  # noqa: E731
         lambda: transformer.init_params(config, jax.random.key(0)))), self.mesh, self.rules)
-    param_shardings = shardings_of(canonical)
-    params, _ = checkpoint.load_model(path, shardings=param_shardings)
-    # All layers but the last stacked (`frozen_trunk.last_token_rewards`'s layout).
-    scanned = self.config.num_layers - 1
-    if scanned:
-      param_shardings = {k: v for k, v in param_shardings.items()
-                         if k not in {f"layers_{i}" for i in range(scanned)}}
-      param_shardings["layers"] = shardings_of(canonical.replace(scan_layers=True))["layers"]
-    self.params = jax.jit(lambda p: transformer.stack_layers(p, scanned),
+    params, _ = checkpoint.load_model(path, shardings=shardings_of(canonical))
+    param_shardings = shardings_of(self.config)
+    self.params = jax.jit(lambda p: transformer.stack_layers(p, self.config.num_layers),
                           out_shardings=param_shardings)(params)
     tokenizer_dir = path / workdir.TOKENIZER
     self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
@@ -137,15 +131,15 @@ class RewardScorer:
     self.max_length = max_length
     self.show_progress = show_progress
     self.pad_id = self.tokenizer.pad_id if self.tokenizer else (self.config.pad_token_id or 0)
-    self._batch_sharding = batch_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)
-    self._forward = jax.jit(
-        lambda params, ids, mask: frozen_trunk.last_token_rewards(self.config, params, ids, mask),
-        in_shardings=(param_shardings, batch_sharding, batch_sharding),
-        out_shardings=sharding.replicated(self.mesh))
-    self._forward_at = jax.jit(
-        lambda params, ids, positions: frozen_trunk.rewards_at(self.config, params, ids, positions),
-        in_shardings=(param_shardings, batch_sharding, batch_sharding),
-        out_shardings=sharding.replicated(self.mesh))
+    self._batch_sharding = batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    model = transformer.RewardModel(self.config)
+
+    def rewards(params, ids, lengths, reward_index):
+      inputs = transformer.right_padded(lengths, ids.shape[1])
+      return model.apply({"params": params}, ids, **{**inputs, "reward_index": reward_index},
+                         rewards_only=True).rewards
+    self._forward = jax.jit(rewards, in_shardings=(param_shardings,) + (batch_sharding,) * 3,
+                            out_shardings=sharding.replicated(self.mesh))
 
   def normalized(self, rewards: np.ndarray) -> np.ndarray:
     """`(rewards - mean) / std` by the checkpoint's reward stats (float32)."""
@@ -170,7 +164,8 @@ class RewardScorer:
                       positions: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """float32 rewards of each token sequence read at its `positions` (token indices), one
     forward pass per sequence: the reward at position p is the reward of the sequence cut after
-    token p (`frozen_trunk.rewards_at`). Normalized when the scorer was made with `normalize`."""
+    token p (causal attention: nothing after p reaches it). Normalized when the scorer was made
+    with `normalize`."""
     if len(positions) != len(sequences):
       raise ValueError(f"{len(sequences)} sequences but {len(positions)} position lists")
     self._check_lengths(sequences)
@@ -192,29 +187,26 @@ class RewardScorer:
       rows, out = in_flight.popleft()
       out = np.asarray(out, np.float32)
       for row, index in enumerate(rows):
-        results[index] = out[row:row + 1] if positions is None else out[row, :len(positions[index])]
+        results[index] = out[row, :1 if positions is None else len(positions[index])]
       bar.update(len(rows))
 
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for rows, length, batch_rows in self.length_batches([len(s) for s in sequences]):
         ids = np.full((batch_rows, length), self.pad_id, np.int32)
-        mask = np.zeros((batch_rows, length), np.int32)
-        mask[len(rows):, 0] = 1  # filler rows: one token, result discarded
+        lengths = np.ones(batch_rows, np.int32)  # filler rows: one token, result discarded
+        # K reward positions a row (the last token; or K a power of two: one compile per bucket and K)
+        widest = 1 if positions is None else max(len(positions[index]) for index in rows)
+        at = np.zeros((batch_rows, 1 if positions is None else
+                       max(MIN_POSITIONS, 1 << (widest - 1).bit_length())), np.int32)
         for row, index in enumerate(rows):
           ids[row, :len(sequences[index])] = sequences[index]
-          mask[row, :len(sequences[index])] = 1
+          lengths[row] = len(sequences[index])
+          where = (np.asarray([lengths[row] - 1]) if positions is None
+                   else np.asarray(positions[index], np.int32))
+          at[row, :len(where)], at[row, len(where):] = where, where[-1]
         self.forwarded.update(batches=1, sequences=len(rows))
-        if positions is None:
-          ids, mask = jax.device_put((ids, mask), self._batch_sharding)
-          in_flight.append((rows, self._forward(self.params, ids, mask)))
-        else:  # K positions a row, K a power of two (one compile per bucket and K)
-          widest = max(len(positions[index]) for index in rows)
-          at = np.zeros((batch_rows, max(MIN_POSITIONS, 1 << (widest - 1).bit_length())), np.int32)
-          for row, index in enumerate(rows):
-            where = np.asarray(positions[index], np.int32)
-            at[row, :len(where)], at[row, len(where):] = where, where[-1]
-          ids, at = jax.device_put((ids, at), self._batch_sharding)
-          in_flight.append((rows, self._forward_at(self.params, ids, at)))
+        batch = jax.device_put((ids, lengths, at), self._batch_sharding)
+        in_flight.append((rows, self._forward(self.params, *batch)))
         if len(in_flight) == BATCHES_IN_FLIGHT:
           collect()
       while in_flight:

@@ -114,10 +114,9 @@ def logical_sharding(logical_specs: Any, mesh: Mesh, rules: LogicalRules) -> Any
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, rules: LogicalRules, ndim: int) -> NamedSharding:
-  """Sharding of an array whose leading axis is the batch and whose other axes are whole."""
-  spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
-  return NamedSharding(mesh, spec)
+def batch_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:
+  """Sharding of an array (of any rank) whose leading axis is the batch and whose other axes are whole."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

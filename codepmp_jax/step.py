@@ -1,10 +1,7 @@
 """The jitted train and eval steps, and the sharded train state they work on.
 
-One train step and one eval step serve both batch layouts (`packed=`): padded pairs
-`[B, 2, L]` (run as `[2B, L]`: chosen, rejected, chosen, ...) and packed rows `[R, L]`
-(`data.packing`: several pairs per row). A layout differs only in how one (micro)batch's additive
-loss sums are computed (`padded_sums`, `packed_sums`), how its pairs and LM tokens are counted, and
-its batch sharding; microbatching, the loss, the gradient and the update are one code path. The
+The steps read one batch layout (docs/contracts.md, `data.packing`): rows `[R, L]` holding pairs
+side by side, several a row when packed (`data.pack`), one a row otherwise (bucketed pairs). The
 step optimises `rm_coef * BT + lm_coef * LM (+ centering)`. With `microbatches > 1` the batch is
 split inside the step and gradients are accumulated by `lax.scan`; the loss of each microbatch is
 divided by the whole batch's pair and LM-token counts, so the accumulated gradient is exactly the
@@ -24,13 +21,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from codepmp_jax import losses, optim, sharding
-from codepmp_jax.data import packing, pipeline
+from codepmp_jax.data import packing
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = pipeline.UNPACKED_KEYS  # padded pairs [B, 2, L]
-PACKED_BATCH_KEYS = packing.PACKED_KEYS  # packed rows [R, L] (codepmp_jax.data.packing)
+BATCH_KEYS = packing.PACKED_KEYS
 # Positions per block of the chunked LM loss (`train.lm_chunk`; 0 = full logits).
 DEFAULT_LM_CHUNK = 256
 
@@ -56,13 +52,9 @@ def state_shardings(model_config: ModelConfig, optimizer: optax.GradientTransfor
   return abstract, shardings
 
 
-def batch_shardings(mesh: Mesh, rules: sharding.LogicalRules, packed: bool = False
-                    ) -> dict[str, NamedSharding]:
-  """Batches are split over their leading axis: pairs (a pair's two sequences stay together) or
-  packed rows (a pair's two sequences share a row)."""
-  if packed:
-    return {key: sharding.batch_sharding(mesh, rules, 2) for key in PACKED_BATCH_KEYS}
-  return {key: sharding.batch_sharding(mesh, rules, 1 if key == "margin" else 3) for key in BATCH_KEYS}
+def batch_shardings(mesh: Mesh, rules: sharding.LogicalRules) -> dict[str, NamedSharding]:
+  """Batches are split over their rows (a pair's two sequences share a row, so stay together)."""
+  return {key: sharding.batch_sharding(mesh, rules) for key in BATCH_KEYS}
 
 
 def lm_head_kernel(params: Any, model_config: ModelConfig) -> jax.Array:
@@ -72,51 +64,24 @@ def lm_head_kernel(params: Any, model_config: ModelConfig) -> jax.Array:
   return params["lm_head"]["kernel"]
 
 
-def padded_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any,
-                lm_chunk: int) -> dict[str, jax.Array]:
-  """Additive loss statistics of one (micro)batch of padded pairs.
+def microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any,
+                    lm_chunk: int = DEFAULT_LM_CHUNK) -> dict[str, jax.Array]:
+  """Additive loss statistics of one (micro)batch.
 
-  With `lm_chunk > 0` the LM loss runs the head over the chosen rows' final hidden states
-  `lm_chunk` positions at a time (`losses.chunked_lm_cross_entropy`), so the `[B, L, V]` logits
-  and their gradient never exist at once; 0 computes the full logits (the reference).
-  """
-  pairs, _, length = batch["input_ids"].shape
-  ids = batch["input_ids"].reshape(2 * pairs, length)
-  mask = batch["attention_mask"].reshape(2 * pairs, length)
-  want_lm = loss_cfg.lm_coef != 0
-  chunked = want_lm and lm_chunk > 0
-  out = model.apply({"params": params}, ids, mask, return_logits=want_lm and not chunked,
-                    logits_every=2)
-  chosen, rejected = losses.split_pairs(out.rewards)
-  if chunked:
-    lm_sum, lm_count = losses.chunked_lm_cross_entropy(
-        out.hidden_states[0::2], lm_head_kernel(params, model.config), ids[0::2],
-        batch["lm_mask"][:, 0], lm_chunk)
-  elif want_lm:
-    lm_sum, lm_count = losses.lm_cross_entropy(out.logits, ids[0::2], batch["lm_mask"][:, 0])
-  else:
-    lm_sum = lm_count = jnp.zeros((), jnp.float32)
-  return losses.pair_sums(chosen, rejected, lm_sum, lm_count, batch["margin"], loss_cfg)
-
-
-def packed_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any,
-                lm_chunk: int) -> dict[str, jax.Array]:
-  """`padded_sums` of a packed (micro)batch: the same sums as the padded batch of its pairs.
-
-  Attention runs sequence by sequence (`sequence_index`, see `transformer.RewardModel`).
   Rewards are read at `reward_index` (chosen, rejected, chosen, ... per row); empty pair slots
   (`pair_valid` 0) add nothing. With `lm_chunk > 0` the LM head runs only on the hidden states
-  before the LM targets (`lm_index`), `lm_chunk` of them at a time, not over the rejected
-  sequences and padding that share the rows; 0 computes the full logits of every row (the
-  reference). No target crosses a segment boundary: a segment's first token is never in `lm_mask`.
+  before the LM targets (`lm_index`), `lm_chunk` of them at a time
+  (`losses.chunked_cross_entropy`), not over the rejected sequences and padding that share the
+  rows, so the `[rows, L, V]` logits and their gradient never exist; 0 computes the full logits
+  of every row (the reference). No target crosses a segment boundary: a segment's first token is
+  never in `lm_mask`.
   """
   want_lm = loss_cfg.lm_coef != 0
   chunked = want_lm and lm_chunk > 0
   ids = batch["input_ids"]
-  out = model.apply({"params": params}, ids, batch["segment_ids"] > 0,
-                    return_logits=want_lm and not chunked, segment_ids=batch["segment_ids"],
-                    positions=batch["positions"], reward_index=batch["reward_index"],
-                    sequence_index=batch["sequence_index"])
+  out = model.apply({"params": params}, ids, batch["segment_ids"], batch["positions"],
+                    batch["reward_index"], batch["sequence_index"],
+                    return_logits=want_lm and not chunked)
   chosen, rejected = out.rewards[:, 0::2].reshape(-1), out.rewards[:, 1::2].reshape(-1)
   if chunked:
     index = batch["lm_index"]
@@ -129,32 +94,20 @@ def packed_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_
     lm_sum, lm_count = losses.lm_cross_entropy(out.logits, ids, batch["lm_mask"])
   else:
     lm_sum = lm_count = jnp.zeros((), jnp.float32)
-  return losses.masked_pair_sums(chosen, rejected, batch["pair_valid"].reshape(-1), lm_sum, lm_count,
-                                 batch["margin"].reshape(-1), loss_cfg)
+  return losses.pair_sums(chosen, rejected, lm_sum, lm_count, batch["margin"].reshape(-1), loss_cfg,
+                          valid=batch["pair_valid"].reshape(-1))
 
 
-def microbatch_sums(model: transformer.RewardModel, params: Any, batch: Batch, loss_cfg: Any,
-                    lm_chunk: int = DEFAULT_LM_CHUNK, packed: bool = False) -> dict[str, jax.Array]:
-  """Additive loss statistics of one (micro)batch of either layout."""
-  return (packed_sums if packed else padded_sums)(model, params, batch, loss_cfg, lm_chunk)
-
-
-def batch_counts(batch: Batch, packed: bool) -> tuple[jax.Array, jax.Array]:
+def batch_counts(batch: Batch) -> tuple[jax.Array, jax.Array]:
   """(pairs, LM target tokens) of a whole batch: what every microbatch's loss is divided by."""
-  if packed:
-    return (jnp.maximum(jnp.sum(batch["pair_valid"].astype(jnp.float32)), 1.0),
-            losses.count_lm_tokens(batch["lm_mask"]))
-  return (jnp.asarray(batch["input_ids"].shape[0], jnp.float32),
-          losses.count_lm_tokens(batch["lm_mask"][:, 0]))
+  return (jnp.maximum(jnp.sum(batch["pair_valid"].astype(jnp.float32)), 1.0),
+          losses.count_lm_tokens(batch["lm_mask"]))
 
 
-def token_usage(batch: Batch, packed: bool) -> dict[str, jax.Array]:
-  """`packing_efficiency` (real tokens / row positions) of packed rows, `pad_fraction` (padding
-  positions / all positions of the `[B, 2, L]` arrays) of padded pairs: the compute spent on padding."""
-  if packed:
-    return {"packing_efficiency": jnp.mean((batch["segment_ids"] > 0).astype(jnp.float32))}
-  mask = batch["attention_mask"]
-  return {"pad_fraction": 1.0 - jnp.sum(mask.astype(jnp.float32)) / mask.size}
+def packing_efficiency(batch: Batch) -> jax.Array:
+  """Real tokens (`segment_ids > 0`) / row positions: the share of the step's compute not spent
+  on padding."""
+  return jnp.mean((batch["segment_ids"] > 0).astype(jnp.float32))
 
 
 def trainable_grad(loss_fn: Callable, params: Any, trainable: str
@@ -194,10 +147,10 @@ def trainable_grad(loss_fn: Callable, params: Any, trainable: str
 
 
 def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
-  """[B, ...] -> [M, B/M, ...] taking every M-th pair (or row), so each microbatch spans all devices."""
+  """[R, ...] -> [M, R/M, ...] taking every M-th row, so each microbatch spans all devices."""
   def split(x):
     if x.shape[0] % microbatches:
-      raise ValueError(f"batch of {x.shape[0]} pairs (or packed rows) does not split into "
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into "
                        f"{microbatches} microbatches")
     return x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1)
   return jax.tree.map(split, batch)
@@ -215,24 +168,24 @@ def accumulate(fn: Callable[[Batch], Any], batch: Batch, microbatches: int) -> A
 
 def make_train_step(model: transformer.RewardModel, optimizer: optax.GradientTransformation,
                     loss_cfg: Any, microbatches: int = 1, lm_chunk: int = DEFAULT_LM_CHUNK,
-                    trainable: str = "all", packed: bool = False) -> Callable[[TrainState, Batch], tuple]:
-  """(state, batch) -> (new state, metrics) for padded or `packed` batches; jit it with
-  `jit_train_step`. Microbatches split the pairs (or rows), every M-th one.
+                    trainable: str = "all") -> Callable[[TrainState, Batch], tuple]:
+  """(state, batch) -> (new state, metrics); jit it with `jit_train_step`. Microbatches split
+  the rows, every M-th one.
 
   `trainable` (`train.trainable`, the optimizer's too): gradients are computed, accumulated and
   measured (`grad_norm`) for the trainable parameters only (`trainable_grad`); the others stay
-  as they are. The loss divides by the whole batch's pairs and LM tokens, so a packed step's loss
-  and gradients equal the padded step's on the same pairs.
-  Metrics: those of `losses.metrics_from_sums`, `grad_norm`, and `token_usage`.
+  as they are. The loss divides by the whole batch's pairs and LM tokens, so the loss and
+  gradients do not depend on how the pairs are packed into rows or split into microbatches.
+  Metrics: those of `losses.metrics_from_sums`, `grad_norm`, and `packing_efficiency`.
   """
 
   def loss_fn(params, microbatch, num_pairs, lm_count):
-    sums = microbatch_sums(model, params, microbatch, loss_cfg, lm_chunk, packed)
+    sums = microbatch_sums(model, params, microbatch, loss_cfg, lm_chunk)
     return losses.loss_from_sums(sums, loss_cfg, num_pairs, lm_count), sums
 
   def train_step(state: TrainState, batch: Batch):
     grad_fn, complete, keep_frozen = trainable_grad(loss_fn, state.params, trainable)
-    num_pairs, lm_count = batch_counts(batch, packed)
+    num_pairs, lm_count = batch_counts(batch)
     grads, sums = accumulate(lambda mb: grad_fn(state.params, mb, num_pairs, lm_count), batch,
                              microbatches)
     updates, opt_state = optimizer.update(complete(grads, state.params), state.opt_state,
@@ -240,22 +193,21 @@ def make_train_step(model: transformer.RewardModel, optimizer: optax.GradientTra
     params = keep_frozen(optax.apply_updates(state.params, updates), state.params)
     metrics = losses.metrics_from_sums(sums, loss_cfg)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics.update(token_usage(batch, packed))
+    metrics["packing_efficiency"] = packing_efficiency(batch)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 
 
 def make_eval_step(model: transformer.RewardModel, loss_cfg: Any, microbatches: int = 1,
-                   lm_chunk: int = DEFAULT_LM_CHUNK, packed: bool = False
-                   ) -> Callable[[Any, Batch], dict]:
+                   lm_chunk: int = DEFAULT_LM_CHUNK) -> Callable[[Any, Batch], dict]:
   """(params, batch) -> additive sums; add them over the eval set, then `losses.metrics_from_sums`.
 
   With `microbatches > 1` the batch is split as in training and the sums are added by `lax.scan`,
   so evaluation needs no more activation memory than a training microbatch.
   """
   def eval_step(params, batch):
-    return accumulate(lambda mb: microbatch_sums(model, params, mb, loss_cfg, lm_chunk, packed),
+    return accumulate(lambda mb: microbatch_sums(model, params, mb, loss_cfg, lm_chunk),
                       batch, microbatches)
   return eval_step
 

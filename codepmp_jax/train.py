@@ -329,9 +329,8 @@ class Due:
 class Throughput:
   """Tokens/s and MFU over the steps since the last `read` (evaluation time left out).
 
-  Counts the positions of each batch as it was padded (bucketed batches are shorter; packed
-  `[R, L]` rows count all `R L` positions), and the FLOPs of what the step computes on them
-  (`flops.packed_step_flops` for packed rows).
+  Counts all `R L` positions of each batch's rows (padding included; bucketed rows are
+  shorter), and the FLOPs of what the step computes on them (`flops.packed_step_flops`).
   """
 
   def __init__(self, model_config: ModelConfig, lm_loss: bool, peak_flops: float):
@@ -344,14 +343,10 @@ class Throughput:
 
   def add(self, batch: dict) -> None:
     shape = batch["input_ids"].shape
-    if len(shape) == 3:
-      key = shape
-    else:  # packed: rows, row length, LM slots, sequence slots and their length
-      key = shape + batch["lm_index"].shape[1:] + batch["sequence_index"].shape[1:]
+    # rows, row length, LM slots, sequence slots and their length
+    key = shape + batch["lm_index"].shape[1:] + batch["sequence_index"].shape[1:]
     if key not in self._flops_by_shape:
-      self._flops_by_shape[key] = (
-          flops.pair_step_flops(self.model_config, shape[0], shape[2], lm_loss=self.lm_loss)
-          if len(shape) == 3 else flops.packed_step_flops(self.model_config, *key, self.lm_loss))
+      self._flops_by_shape[key] = flops.packed_step_flops(self.model_config, *key, self.lm_loss)
     self.tokens += math.prod(shape)
     self.flops += self._flops_by_shape[key]
 
@@ -421,8 +416,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
 
   mesh = sharding.make_mesh(config.mesh_shape, dcn_shape=config.dcn_mesh_shape)
   rules = sharding.rules_from_config(config.logical_rules)
-  packed = config.data.pack  # packed rows (data.pack): the packed steps, shardings and batches
-  batch_sharding = step.batch_shardings(mesh, rules, packed)
+  batch_sharding = step.batch_shardings(mesh, rules)
   tc = config.train
   train_data = pipeline.build_pipeline(
       config.data, split="train", global_batch=tc.global_batch, seq_len=tc.seq_len,
@@ -432,7 +426,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
   total_steps = tc.total_steps or max(1, math.floor(tc.epochs * train_data.steps_per_epoch + 1e-9))
   logging.info("data[train]: %d pairs, %d steps an epoch, %s", train_data.num_pairs,
                train_data.steps_per_epoch,
-               f"every step packed into {train_data.shape}" if packed else
+               f"every step packed into {train_data.shape}" if config.data.pack else
                f"{train_data.left_over_pairs} pairs of this process left out of each epoch")
   restore_from = None  # (workdir, step) of the train state to continue
   latest = checkpoint.latest_train_step(workdir)
@@ -492,8 +486,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> d
                       out_shardings=state_sharding)(params)
 
     train_fn = step.make_train_step(model, optimizer, config.loss, tc.microbatches, tc.lm_chunk,
-                                    tc.trainable, packed)
-    eval_fn = step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk, packed)
+                                    tc.trainable)
+    eval_fn = step.make_eval_step(model, config.loss, eval_microbatches, tc.lm_chunk)
     train_step = step.jit_train_step(train_fn, state_sharding, batch_sharding, mesh)
     eval_step = step.jit_eval_step(eval_fn, state_sharding.params, batch_sharding, mesh)
     if tc.eval_every:

@@ -228,7 +228,8 @@ def test_model_with_each_cpu_implementation_equals_plain(window, monkeypatch):
 
   def forward(cfg):
     model = transformer.RewardModel(cfg)
-    return jax.jit(lambda p: model.apply({"params": p}, ids, mask, return_logits=True))(params)
+    return jax.jit(lambda p: model.apply({"params": p}, ids, **transformer.right_padded(mask.sum(-1), 10),
+                                         return_logits=True))(params)
 
   cpu = resolve_attention(config, "cpu").replace(attention_block_bytes=4 * 4 * 10 * 4 * 3)
   outs = [forward(config.replace(attention="plain")), forward(cpu), forward(config)]

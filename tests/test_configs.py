@@ -52,12 +52,13 @@ def test_every_config_builds(path):
 
 
 def test_a_batch_the_microbatches_do_not_divide_fails_to_build():
-  """16 pairs shard over the 8 devices, so the step's own check is the one that refuses 3 microbatches."""
+  """16 pairs (one a row) shard over the 8 devices, so the step's own check is the one that
+  refuses 3 microbatches."""
   config = load_config("tiny")
   config.train.update(global_batch=16, microbatches=3)
   fields = config.model.to_dict()
   fields["vocab_size"] = 1000
-  with pytest.raises(ValueError, match=r"batch of 16 pairs \(or packed rows\) does not split into 3 microbatches"):
+  with pytest.raises(ValueError, match=r"batch of 16 rows does not split into 3 microbatches"):
     plan.plan(config, ModelConfig.from_dict(fields))
 
 

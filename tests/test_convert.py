@@ -19,7 +19,7 @@ from codepmp_jax import checkpoint, convert
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
-from codepmp_jax.model.transformer import RewardModel
+from codepmp_jax.model.transformer import RewardModel, right_padded
 from tests import hf_models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,7 +37,8 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def _our_rewards(params, config, ids, mask) -> np.ndarray:
-  return np.asarray(RewardModel(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)).rewards)
+  return np.asarray(RewardModel(config).apply({"params": params}, jnp.asarray(ids),
+                                              **right_padded(mask.sum(-1), ids.shape[1])).rewards[:, 0])
 
 
 def _hf_rewards(directory, ids, mask) -> np.ndarray:
@@ -86,7 +87,8 @@ def test_gguf_dequantizes_and_restores_qk_order(qtypes, atol, tmp_path):
       np.testing.assert_allclose(flat[name], expected, atol=bound, rtol=0, err_msg=name)
   if qtypes == ["F32"]:  # exact weights: the model's outputs must match transformers
     ids, mask = hf_models.padded_batch(LENGTHS, 96)
-    logits = RewardModel(gguf_config).apply({"params": params}, ids, mask, return_logits=True).logits
+    logits = RewardModel(gguf_config).apply({"params": params}, ids, **right_padded(mask.sum(-1), ids.shape[1]),
+                                            return_logits=True).logits
     with torch.no_grad():
       expected = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits
     np.testing.assert_allclose(np.asarray(logits)[mask > 0], expected.numpy()[mask > 0], atol=1e-4)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from codepmp_jax.data import pipeline, prepare, sampler
+from codepmp_jax.data import packing, pipeline, prepare, sampler
 from codepmp_jax.data.encode import EncodedPair, EncodedSequence, PairArrays
 from codepmp_jax.data.tokenizer import train_sentencepiece
 
@@ -39,23 +39,29 @@ def _batches(cfg, n, *, global_batch=8, seq_len=16, seed=0, repeat=True, index=0
 
 
 def _ids(batch) -> list[int]:
-  return (batch["input_ids"][:, 0, 0] - 1000).tolist()
+  return (batch["input_ids"][:, 0] - 1000).tolist()  # a row's first token: its pair's chosen
 
 
-def test_collate_matches_the_contract_layout():
+def test_pair_rows_lay_one_pair_a_row_by_hand():
   pairs = [EncodedPair(EncodedSequence((5, 6, 7, 2), 2), EncodedSequence((5, 6, 8, 9, 2), 2), 1.5),
            EncodedPair(EncodedSequence((4, 2), 0), EncodedSequence((4, 3, 2), 1))]
-  batch = pipeline.collate(PairArrays.from_pairs(pairs), 6, pad_id=0)
-  np.testing.assert_array_equal(batch["input_ids"], [[[5, 6, 7, 2, 0, 0], [5, 6, 8, 9, 2, 0]],
-                                                     [[4, 2, 0, 0, 0, 0], [4, 3, 2, 0, 0, 0]]])
-  np.testing.assert_array_equal(batch["attention_mask"], [[[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]],
-                                                          [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]])
-  # LM targets: chosen response tokens incl. eos (never position 0, which nothing predicts).
-  np.testing.assert_array_equal(batch["lm_mask"], [[[0, 0, 1, 1, 0, 0], [0] * 6],
-                                                   [[0, 1, 0, 0, 0, 0], [0] * 6]])
-  np.testing.assert_array_equal(batch["margin"], [1.5, 0.0])
-  assert {k: v.dtype.name for k, v in batch.items()} == {
-      "input_ids": "int32", "attention_mask": "int32", "lm_mask": "int32", "margin": "float32"}
+  batch = packing.pair_rows(PairArrays.from_pairs(pairs), 6, pad_id=0)
+  np.testing.assert_array_equal(batch["input_ids"], [[5, 6, 7, 2, 5, 6, 8, 9, 2, 0, 0, 0],
+                                                     [4, 2, 4, 3, 2, 0, 0, 0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0, 0],
+                                                       [1, 1, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(batch["positions"], [[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 0, 0],
+                                                     [0, 1, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0]])
+  # LM targets: chosen response tokens incl. eos (never a sequence's first, which nothing predicts).
+  np.testing.assert_array_equal(batch["lm_mask"], [[0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+                                                   [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(batch["lm_index"], [[2, 3, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(batch["reward_index"], [[3, 8], [1, 4]])
+  np.testing.assert_array_equal(batch["sequence_index"][1], [[0, 1, -1, -1, -1, -1],
+                                                             [2, 3, 4, -1, -1, -1]])
+  np.testing.assert_array_equal(batch["margin"], [[1.5], [0.0]])
+  np.testing.assert_array_equal(batch["pair_valid"], [[1.0], [1.0]])
+  assert {k: v.shape for k, v in batch.items()} == packing.PackedShape.pair_rows(2, 6).array_shapes(1)
 
 
 def test_epochs_are_permutations_deterministic_in_the_seed_and_stop_when_asked():
@@ -83,9 +89,9 @@ def test_buckets_are_a_few_fixed_lengths_shared_by_all_processes():
   lengths = []
   for index in range(2):
     _, batches = _batches(cfg, 8, global_batch=2, seq_len=512, index=index, count=2)
-    lengths.append([b["input_ids"].shape[-1] for b in batches])
+    lengths.append([b["input_ids"].shape[-1] // 2 for b in batches])  # rows of 2 x the bucket
     for b in batches:
-      assert b["attention_mask"].sum(-1).max() <= b["input_ids"].shape[-1]
+      assert b["positions"].max() < b["input_ids"].shape[-1] // 2
   assert lengths[0] == lengths[1]
   assert set(lengths[0]) <= {128, 256, 512} and len(set(lengths[0])) > 1
   assert sampler.bucket_lengths(512) == (128, 256, 512)

@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from codepmp_jax import checkpoint, convert, losses, score, step, workdir
-from codepmp_jax.data import packing, pipeline, prepare, prepared
+from codepmp_jax.data import packing, prepare, prepared
 from codepmp_jax.data.encode import EncodedSequence, PairArrays
 from codepmp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from codepmp_jax.model import transformer
@@ -108,12 +108,6 @@ def _pairs() -> PairArrays:
   return PairArrays.from_lengths(tokens, LENGTHS, LENGTHS // 3, np.arange(len(LENGTHS), dtype=np.float32))
 
 
-def test_padded_batch_table_states_what_collate_builds():
-  batch = pipeline.collate(_pairs(), 64, pad_id=0)
-  assert set(batch) == set(pipeline.UNPACKED_KEYS)
-  _layout("Padded batch", batch, {"B": len(LENGTHS), "L": 64})
-
-
 def test_packed_batch_table_states_what_pack_batch_builds():
   arrays, row_len, pairs_per_row = _pairs(), 160, 4
   result = packing.pack_batch(arrays, row_len=row_len, max_pairs_per_row=pairs_per_row, pad_id=0)
@@ -121,13 +115,19 @@ def test_packed_batch_table_states_what_pack_batch_builds():
                               pairs_per_row)
   assert set(result.batch) == set(packing.PACKED_KEYS)
   assert {k: v.shape for k, v in result.batch.items()} == shape.array_shapes(pairs_per_row)
-  symbols = {_name(row["symbol"]) for row in _table("Packed batch", "symbol")}
+  symbols = {_name(row["symbol"]) for row in _table("Batch", "symbol")}
   assert symbols == {"R", "L", "K", "M", "S", "T"}
   sizes = {"R": shape.rows, "L": shape.columns, "K": pairs_per_row, "M": shape.lm_slots,
            "S": shape.sequence_slots, "T": shape.sequence_len}
   # Distinct sizes, so a doc that swaps two symbols fails.
   assert len(set(sizes.values()) | {2 * pairs_per_row}) == len(sizes) + 1, sizes
-  _layout("Packed batch", result.batch, sizes)
+  _layout("Batch", result.batch, sizes)
+
+
+def test_batch_table_states_what_pair_rows_build():
+  """Unpacked, one pair a row: the same table, with K = 1, L = 2 x the length, M = T = the length."""
+  batch = packing.pair_rows(_pairs(), 64, pad_id=0)
+  _layout("Batch", batch, {"R": len(LENGTHS), "L": 128, "K": 1, "M": 64, "S": 2, "T": 64})
 
 
 # --- the model and the steps -------------------------------------------------------------------
@@ -155,20 +155,6 @@ def _call_signature(span: str) -> tuple[list[str], dict[str, object]]:
   return [a.id for a in call.args], {k.arg: ast.literal_eval(k.value) for k in call.keywords}
 
 
-def _documented_steps() -> list[tuple[str, str, dict[str, object]]]:
-  """(factory, batch layout, keyword arguments) of every step the doc's factory table names: a
-  factory with a `packed` parameter serves both layouts, any other the one its row names."""
-  steps = []
-  for row in _table("Train and eval steps", "factory"):
-    span = _name(row["factory"])
-    name, (_, defaults) = span.split("(")[0], _call_signature(span)
-    if "packed" in defaults:
-      steps += [(name, "padded", {"packed": False}), (name, "packed", {"packed": True})]
-    else:
-      steps.append((name, row["batch"].strip(), {}))
-  return steps
-
-
 def test_step_factories_are_documented_with_their_signatures():
   spans = {_name(row["factory"]).split("(")[0]: _name(row["factory"])
            for row in _table("Train and eval steps", "factory")}
@@ -188,24 +174,19 @@ def test_sums_and_metrics_tables_match_what_the_steps_return():
   state = step.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                           opt_state=jax.eval_shape(optimizer.init, params))
   arrays = _pairs()
-  batches = {"padded": pipeline.collate(arrays, 64, pad_id=0),
+  batches = {"pair rows": packing.pair_rows(arrays, 64, pad_id=0),
              "packed": packing.pack_batch(arrays, row_len=160, max_pairs_per_row=4, pad_id=0).batch}
 
   sums = [_name(row["sum"]) for row in _table("Train and eval steps", "sum")]
   assert sums == list(losses.SUM_KEYS)
-  metrics = {_name(row["metric"]): row["step"] for row in _table("Train and eval steps", "metric")}
+  metrics = {_name(row["metric"]) for row in _table("Train and eval steps", "metric")}
   from_sums = losses.metrics_from_sums({k: jnp.ones(()) for k in losses.SUM_KEYS}, loss_cfg)
-  assert set(from_sums) <= set(metrics)
-  steps = _documented_steps()
-  assert {layout for _, layout, _ in steps} == set(batches)
-  for name, layout, keywords in steps:
-    factory = getattr(step, name)
-    if "optimizer" in inspect.signature(factory).parameters:  # a train step: (state, batch)
-      _, returned = jax.eval_shape(factory(model, optimizer, loss_cfg, **keywords), state, batches[layout])
-      assert set(returned) == {m for m, where in metrics.items() if where in ("both", layout)}, (name, layout)
-    else:  # an eval step: (params, batch) -> sums
-      returned = jax.eval_shape(factory(model, loss_cfg, **keywords), params, batches[layout])
-      assert set(returned) == set(losses.SUM_KEYS), (name, layout)
+  assert set(from_sums) <= metrics
+  for layout, batch in batches.items():
+    _, returned = jax.eval_shape(step.make_train_step(model, optimizer, loss_cfg), state, batch)
+    assert set(returned) == metrics, layout
+    returned = jax.eval_shape(step.make_eval_step(model, loss_cfg), params, batch)
+    assert set(returned) == set(losses.SUM_KEYS), layout
 
 
 # --- prepared data -----------------------------------------------------------------------------

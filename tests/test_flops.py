@@ -66,7 +66,8 @@ def test_count_params_equals_parameter_tree(overrides):
   cfg = model_config.get_preset("tiny", **overrides)
   ids = jnp.zeros((1, 4), jnp.int32)
   shapes = jax.eval_shape(
-      lambda: transformer.RewardModel(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids)))
+      lambda: transformer.RewardModel(cfg).init(jax.random.key(0), ids,
+                                                **transformer.right_padded(jnp.array([4]), 4)))
   sizes = [np.prod(x.shape) for x in jax.tree.leaves(shapes["params"])]
   assert flops.count_params(cfg) == sum(sizes)
 
@@ -101,10 +102,11 @@ def test_flops_close_to_xla_cost_analysis():
   batch, seq_len = 2, 64
   ids = jnp.zeros((batch, seq_len), jnp.int32)
   model = transformer.RewardModel(cfg)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, jnp.ones_like(ids)))["params"]
+  layout = transformer.right_padded(jnp.full((batch,), seq_len), seq_len, False)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, **layout))["params"]
 
   def forward(p):
-    out = model.apply({"params": p}, ids, jnp.ones_like(ids), return_logits=True)
+    out = model.apply({"params": p}, ids, **layout, return_logits=True)
     return out.logits.sum() + out.rewards.sum()
 
   tokens = batch * seq_len

@@ -19,18 +19,19 @@ def test_trunk_then_top_equals_the_whole_model():
   ids = rng.integers(1, 97, (4, 16)).astype(np.int32)
   mask = (np.arange(16)[None] < lengths[:, None]).astype(np.int32)
   ids = ids * mask  # right padding with 0
-  whole = transformer.RewardModel(config).apply({"params": params}, ids, mask)
+  whole = transformer.RewardModel(config).apply({"params": params}, ids,
+                                               **transformer.right_padded(lengths, 16, False))
   for num_frozen in (0, 2, 3):
     states = frozen_trunk.trunk_states(config, params, ids, num_frozen)
     stacked = transformer.stack_layers(params, num_frozen)
     np.testing.assert_allclose(frozen_trunk.trunk_states(config, stacked, ids, num_frozen), states,
                                atol=1e-5)
     rewards = frozen_trunk.top_rewards(config, params, states, jnp.asarray(lengths), num_frozen)
-    np.testing.assert_allclose(rewards, whole.rewards, atol=1e-5)
+    np.testing.assert_allclose(rewards, whole.rewards[:, 0], atol=1e-5)
     lm_index = np.array([[0, 1], [5, 14], [1, 2], [10, 11]])
     again, hidden = frozen_trunk.top_lm_hidden(config, params, states, jnp.asarray(lengths),
                                                jnp.asarray(lm_index), num_frozen)
-    np.testing.assert_allclose(again, whole.rewards, atol=1e-5)
+    np.testing.assert_allclose(again, whole.rewards[:, 0], atol=1e-5)
     expected = np.take_along_axis(np.asarray(whole.hidden_states), lm_index[..., None], axis=1)
     np.testing.assert_allclose(hidden, expected, atol=1e-5)
 

@@ -34,10 +34,11 @@ def test_cache_logits_equal_full_recompute(overrides):
   params = _tiny_params(config)
   model = transformer.RewardModel(config)
   full_forward = jax.jit(lambda ids: model.apply(
-      {"params": params}, ids, jnp.ones_like(ids), return_logits=True).logits)
-  decode = jax.jit(lambda cache, ids, mask, positions: model.apply(
-      {"params": params, "cache": cache}, ids, mask, return_logits=True,
-      decode_positions=positions, mutable=["cache"]))
+      {"params": params}, ids, **transformer.right_padded(jnp.full(ids.shape[:1], ids.shape[1]), ids.shape[1]),
+      return_logits=True).logits)
+  decode = jax.jit(lambda cache, ids, last, positions: model.apply(
+      {"params": params, "cache": cache}, ids, None, positions, last, return_logits=True,
+      decode=True, mutable=["cache"]))
   rng = np.random.default_rng(0)
   lengths, steps, prompt_len = np.array([5, 2, 7]), 6, 7
   sequences = rng.integers(1, config.vocab_size, (3, prompt_len + steps)).astype(np.int32)
@@ -45,14 +46,13 @@ def test_cache_logits_equal_full_recompute(overrides):
   full = np.asarray(full_forward(sequences))
 
   ids = np.where(np.arange(prompt_len)[None] < lengths[:, None], sequences[:, :prompt_len], 0)
-  mask = (ids > 0).astype(np.int32)
   cache = nn.unbox(transformer.init_cache(config, 3, prompt_len + steps))
-  out, variables = decode(cache, ids, mask, np.broadcast_to(np.arange(prompt_len), ids.shape))
+  out, variables = decode(cache, ids, (lengths - 1)[:, None], np.broadcast_to(np.arange(prompt_len), ids.shape))
   np.testing.assert_allclose(out.logits[:, 0], full[rows, lengths - 1], atol=1e-4, rtol=0)
   for step in range(steps):
     positions = lengths + step
     token = sequences[rows, positions][:, None]
-    out, variables = decode(variables["cache"], token, np.ones_like(token), positions[:, None])
+    out, variables = decode(variables["cache"], token, np.zeros_like(token), positions[:, None])
     np.testing.assert_allclose(out.logits[:, 0], full[rows, positions], atol=1e-4, rtol=0)
   assert np.abs(full).max() > 0.1  # not vacuous
 

@@ -154,6 +154,17 @@ def test_pair_sums_keys():
   assert tuple(sums) == losses.SUM_KEYS
 
 
+def test_pair_sums_of_valid_slots_equal_those_of_the_valid_pairs_alone():
+  cfg = _cfg(center_coef=0.1)
+  rc, rr, m = (jnp.asarray(a) for a in (REWARDS_C, REWARDS_R, MARGIN))
+  valid = np.arange(len(REWARDS_C)) % 3 != 1
+  want = losses.pair_sums(rc[valid], rr[valid], 2.0, 3.0, m[valid], cfg)
+  got = losses.pair_sums(rc, rr, 2.0, 3.0, m, cfg, valid=jnp.asarray(valid, jnp.float32))
+  assert 0 < float(got["num_pairs"]) < len(REWARDS_C)
+  for key in losses.SUM_KEYS:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+
+
 def test_microbatch_sums_give_exact_full_batch_loss_and_gradient():
   """4 microbatches with unequal LM token counts give the full batch's loss, gradient and metrics."""
   rng = np.random.default_rng(2)
@@ -208,6 +219,11 @@ def test_microbatch_sums_give_exact_full_batch_loss_and_gradient():
     np.testing.assert_allclose(acc_metrics[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+def _chunked_lm(hidden, kernel, ids, mask, chunk_len=128):
+  """`chunked_cross_entropy` against the LM targets of `ids` under `mask` (`lm_cross_entropy`'s)."""
+  return losses.chunked_cross_entropy(hidden, kernel, *losses.lm_targets(ids, mask), chunk_len)
+
+
 def test_chunked_lm_cross_entropy_equals_full_logits():
   rng = np.random.default_rng(3)
   b, l, d, v = 2, 11, 8, 37  # 11 positions in chunks of 4: the last chunk is padded
@@ -220,10 +236,10 @@ def test_chunked_lm_cross_entropy_equals_full_logits():
     return losses.lm_cross_entropy(h @ k, ids, mask)[0]
 
   def chunked(h, k):
-    return losses.chunked_lm_cross_entropy(h, k, ids, mask, chunk_len=4)[0]
+    return _chunked_lm(h, k, ids, mask, chunk_len=4)[0]
 
   np.testing.assert_allclose(jax.jit(chunked)(hidden, kernel), full(hidden, kernel), rtol=1e-6)
-  assert losses.chunked_lm_cross_entropy(hidden, kernel, ids, mask)[1] == mask[:, 1:].sum()
+  assert _chunked_lm(hidden, kernel, ids, mask)[1] == mask[:, 1:].sum()
   got_grads = jax.jit(jax.grad(chunked, (0, 1)))(hidden, kernel)
   for got, want in zip(got_grads, jax.jit(jax.grad(full, (0, 1)))(hidden, kernel)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -256,6 +272,6 @@ def test_chunked_lm_cross_entropy_saves_memory():
     return jax.jit(grad).lower(hidden, kernel, ids, ids).compile().memory_analysis().temp_size_in_bytes
 
   full = temp_bytes(lambda h, k, i, m: losses.lm_cross_entropy(h @ k, i, m))
-  chunked = temp_bytes(lambda h, k, i, m: losses.chunked_lm_cross_entropy(h, k, i, m, chunk_len=64))
+  chunked = temp_bytes(lambda h, k, i, m: _chunked_lm(h, k, i, m, chunk_len=64))
   logits_f32 = b * l * v * 4
   assert full >= logits_f32 and chunked < logits_f32 / 2, (full, chunked)

@@ -11,7 +11,7 @@ import torch
 
 from codepmp_jax import convert
 from codepmp_jax.data import tokenizer as tok_lib
-from codepmp_jax.model import frozen_trunk, transformer
+from codepmp_jax.model import transformer
 from codepmp_jax.model.transformer import RewardModel
 from tests import hf_models
 
@@ -19,8 +19,9 @@ LENGTHS = [9, 6, 3]  # right-padded batch of different lengths
 
 
 def _ours(params, config, ids, mask):
-  out = RewardModel(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), return_logits=True)
-  return np.asarray(out.logits), np.asarray(out.rewards)
+  out = RewardModel(config).apply({"params": params}, jnp.asarray(ids),
+                                  **transformer.right_padded(mask.sum(-1), ids.shape[1]), return_logits=True)
+  return np.asarray(out.logits), np.asarray(out.rewards[:, 0])
 
 
 @pytest.mark.parametrize("name", sorted(hf_models.TINY_MODELS))
@@ -45,10 +46,11 @@ def test_tiny_model_matches_transformers(name, tmp_path):
   np.testing.assert_allclose(logits[real], expected_logits[real], atol=1e-4, rtol=0)
   np.testing.assert_allclose(rewards, expected_rewards, atol=1e-4, rtol=0)
   assert config.tie_word_embeddings == ("lm_head" not in params)
-  # Scoring's forward: all layers but the last scanned, the last at the reward token only.
-  scoring_params = transformer.stack_layers(params, config.num_layers - 1)
-  assert f"layers_{config.num_layers - 1}" in scoring_params and "layers_0" not in scoring_params
-  scored = frozen_trunk.last_token_rewards(config, scoring_params, jnp.asarray(ids), jnp.asarray(mask))
+  # Scoring's forward: the layers scanned, the last at the reward token only.
+  scanned = config.replace(scan_layers=True)
+  scored = RewardModel(scanned).apply(
+      {"params": transformer.stack_layers(params, config.num_layers)}, jnp.asarray(ids),
+      **transformer.right_padded(mask.sum(-1), ids.shape[1]), rewards_only=True).rewards[:, 0]
   np.testing.assert_allclose(np.asarray(scored), expected_rewards, atol=1e-4, rtol=0)
 
 
@@ -97,7 +99,8 @@ def _scanned_forward(params, config):
   scanned = config.replace(scan_layers=True)
   stacked = transformer.stack_layers(params, config.num_layers)
   return jax.jit(lambda ids, mask: RewardModel(scanned).apply(
-      {"params": stacked}, ids, mask, return_logits=True))
+      {"params": stacked}, ids, **transformer.right_padded(mask.sum(-1), ids.shape[1]),
+      return_logits=True))
 
 
 def _prompt_ids(tokenizer, shared_data) -> list[int]:
@@ -163,7 +166,7 @@ def test_smollm2_export_scores_like_ours_in_transformers(smollm2, shared_data, t
   batch = hf_tokenizer([t + "<|im_end|>" for t in texts], padding=True, return_tensors="np")
   assert batch["input_ids"][1].tolist()[:len(tokenizer.encode(texts[1]))] == tokenizer.encode(texts[1])
   ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
-  ours = np.asarray(_scanned_forward(params, config)(ids, mask).rewards)
+  ours = np.asarray(_scanned_forward(params, config)(ids, mask).rewards[:, 0])
   with torch.no_grad():
     theirs = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits[:, 0]
   np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4, rtol=0)

@@ -89,7 +89,7 @@ def test_schedule_rejects_bad_config():
 def test_weight_decay_mask_excludes_exactly_norms_and_biases():
   ids = jnp.zeros((1, 4), jnp.int32)
   model = transformer.RewardModel(model_config.get_preset("tiny", qkv_bias=True))
-  params = model.init(jax.random.key(0), ids, jnp.ones_like(ids))["params"]
+  params = model.init(jax.random.key(0), ids, **transformer.right_padded(jnp.array([4]), 4))["params"]
   mask = optim.weight_decay_mask(params)
   flat = {"/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)): v
           for path, v in jax.tree_util.tree_leaves_with_path(mask)}

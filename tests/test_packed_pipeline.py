@@ -285,7 +285,7 @@ def test_packed_training_over_an_epoch_compiles_its_step_once(prepared_pairs, tm
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   from codepmp_jax import sharding, step
   mesh = sharding.make_mesh(config.mesh_shape)
-  batch_sharding = step.batch_shardings(mesh, sharding.rules_from_config(config.logical_rules), packed=True)
+  batch_sharding = step.batch_shardings(mesh, sharding.rules_from_config(config.logical_rules))
   data = pipeline.PairBatches(config.data, split="train", global_batch=16, seq_len=128,
                               sharding=batch_sharding["input_ids"], seed=config.seed, repeat=True,
                               process_index=0, process_count=1, row_multiple=2)
@@ -346,8 +346,8 @@ def test_packed_eval_microbatches_and_chunked_lm_give_the_full_sums():
   batch = packing.pack_batch(arrays, row_len=32, max_pairs_per_row=3, pad_id=0, row_multiple=4).batch
   model = transformer.RewardModel(config)
   params = jax.jit(lambda: nn.unbox(transformer.init_params(config, jax.random.key(0))))()
-  want = jax.jit(step.make_eval_step(model, loss_cfg, lm_chunk=0, packed=True))(params, batch)
-  got = jax.jit(step.make_eval_step(model, loss_cfg, microbatches=2, lm_chunk=8, packed=True))(params, batch)
+  want = jax.jit(step.make_eval_step(model, loss_cfg, lm_chunk=0))(params, batch)
+  got = jax.jit(step.make_eval_step(model, loss_cfg, microbatches=2, lm_chunk=8))(params, batch)
   assert float(want["lm_count"]) > 0
   for key in losses.SUM_KEYS:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)

@@ -1,4 +1,5 @@
-"""Packed pairs: the packer's layout, the model on packed rows, and the packed step against the padded one."""
+"""Packed pairs: the packer's layout, and the model and step on packed rows against each sequence
+alone in its own row."""
 import dataclasses
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from codepmp_jax import losses, optim, sharding, step
-from codepmp_jax.data import packing, pipeline
+from codepmp_jax.data import packing
 from codepmp_jax.data.encode import PairArrays
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
@@ -169,16 +170,38 @@ def test_pair_longer_than_a_row_is_an_error():
     packing.assign_rows(np.array([4, 12]), row_len=10, max_pairs_per_row=2)
 
 
+def _sequence_rows(arrays: PairArrays, length: int = 16):
+  """The reference layout: each sequence alone in its own right-padded row (chosen, rejected,
+  chosen, ...), with its lengths and the chosen rows' LM mask."""
+  ids = np.full((2 * len(arrays), length), PAD, np.int32)
+  lm_mask = np.zeros_like(ids)
+  for i in range(len(arrays)):
+    for which in (0, 1):
+      ids[2 * i + which, :arrays.lengths[i, which]] = arrays.sequence(i, which)
+    lm_mask[2 * i, max(int(arrays.response_start[i, 0]), 1):arrays.lengths[i, 0]] = 1
+  return ids, arrays.lengths.reshape(-1), lm_mask
+
+
+def _reference_sums(model, params, arrays: PairArrays):
+  """The loss sums from each sequence run alone (full logits, no packing)."""
+  ids, lengths, lm_mask = _sequence_rows(arrays)
+  out = model.apply({"params": params}, ids, **transformer.right_padded(lengths, ids.shape[1], False),
+                    return_logits=True)
+  lm_sum, lm_count = losses.lm_cross_entropy(out.logits, jnp.asarray(ids), jnp.asarray(lm_mask))
+  return losses.pair_sums(out.rewards[0::2, 0], out.rewards[1::2, 0], lm_sum, lm_count,
+                          jnp.asarray(arrays.margin), LOSS)
+
+
 def _params():
   return nn.unbox(transformer.init_params(MODEL, jax.random.key(1)))
 
 
 @pytest.mark.parametrize("by_sequence,share_prompt", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("impl,scan", [("plain", False), ("blocked", False), ("plain", True)])
-def test_model_on_packed_rows_equals_padded(impl, scan, by_sequence, share_prompt):
-  """Rewards and LM logits of each packed sequence equal those of the padded batch (1e-5), also
-  with the layers scanned and rematerialised, under segment masks or sequence by sequence, with
-  each pair's shared prompt laid out once or twice."""
+def test_model_on_packed_rows_equals_each_sequence_alone(impl, scan, by_sequence, share_prompt):
+  """Rewards and LM logits of each packed sequence equal those of the sequence alone in its own
+  row (1e-5), also with the layers scanned and rematerialised, under segment masks or sequence by
+  sequence, with each pair's shared prompt laid out once or twice."""
   arrays = _pairs(shared_prompts=True)
   params = _params()
   config = MODEL.replace(attention=impl)
@@ -186,59 +209,60 @@ def test_model_on_packed_rows_equals_padded(impl, scan, by_sequence, share_promp
     config = config.replace(scan_layers=True, remat_policy="full")
     params = transformer.stack_layers(params, config.num_layers)
   model = transformer.RewardModel(config)
-  padded = pipeline.collate(arrays, 16, PAD)
-  ids = padded["input_ids"].reshape(-1, 16)
-  ref = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, return_logits=True))(
-      params, ids, padded["attention_mask"].reshape(-1, 16))
+  ids, lengths, _ = _sequence_rows(arrays)
+  ref = jax.jit(lambda p, i, n: model.apply({"params": p}, i, **transformer.right_padded(n, 16, False),
+                                            return_logits=True))(params, ids, lengths)
   result = packing.pack_pairs(arrays, row_len=40, max_pairs_per_row=3, pad_id=PAD,
                               shared_prompt=arrays.shared_prompt() if share_prompt else None)
   assert not share_prompt or arrays.shared_prompt().sum() > 0
   b = result.batch
   out = jax.jit(lambda p, b: model.apply(
-      {"params": p}, b["input_ids"], b["segment_ids"] > 0, return_logits=True,
-      segment_ids=b["segment_ids"], positions=b["positions"], reward_index=b["reward_index"],
-      sequence_index=b["sequence_index"] if by_sequence else None))(params, b)
+      {"params": p}, b["input_ids"], b["segment_ids"], b["positions"], b["reward_index"],
+      b["sequence_index"] if by_sequence else None, return_logits=True))(params, b)
   for row, k in zip(*np.nonzero(result.slots >= 0)):
     pair = result.slots[row, k]
     for which in (0, 1):
-      np.testing.assert_allclose(out.rewards[row, 2 * k + which], ref.rewards[2 * pair + which],
+      np.testing.assert_allclose(out.rewards[row, 2 * k + which], ref.rewards[2 * pair + which, 0],
                                  rtol=1e-5, atol=1e-5)
       columns = b["sequence_index"][row, 2 * k + which, :arrays.lengths[pair, which]]
       np.testing.assert_allclose(out.logits[row, columns], ref.logits[2 * pair + which, :len(columns)],
                                  rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("share_prompt", [False, True])
-def test_packed_loss_and_gradients_equal_padded(share_prompt):
-  """The key property: same pairs, same loss and gradients, packed or padded (1e-5, float32),
-  attending sequence by sequence (`sequence_index`) with the LM head only at `lm_index`, with
-  each pair's shared prompt laid out once (`share_prompt`) or twice."""
+@pytest.mark.parametrize("layout", ["pair_rows", "packed", "packed_shared_prompt"])
+def test_loss_and_gradients_equal_each_sequence_alone(layout):
+  """The key property: same pairs, same loss and gradients whatever the layout (1e-5, float32):
+  one pair a row or packed, attending sequence by sequence (`sequence_index`) with the LM head
+  only at `lm_index` (chunked), each packed pair's shared prompt laid out once or twice, against
+  each sequence run alone with the full logits."""
   arrays = _pairs(n=8, shared_prompts=True)
   params = _params()
   model = transformer.RewardModel(MODEL)
-  padded = {k: jnp.asarray(v) for k, v in pipeline.collate(arrays, 16, PAD).items()}
-  packed = {k: jnp.asarray(v) for k, v in
-            packing.pack_pairs(arrays, row_len=48, max_pairs_per_row=4, pad_id=PAD,
-                               shared_prompt=arrays.shared_prompt() if share_prompt else None
-                               ).batch.items()}
+  if layout == "pair_rows":
+    batch = packing.pair_rows(arrays, 16, PAD)
+  else:
+    batch = packing.pack_pairs(arrays, row_len=48, max_pairs_per_row=4, pad_id=PAD,
+                               shared_prompt=arrays.shared_prompt() if layout.endswith("prompt") else None
+                               ).batch
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
-  def padded_loss(p):
-    sums = step.padded_sums(model, p, padded, LOSS, lm_chunk=0)
+  def reference_loss(p):
+    sums = _reference_sums(model, p, arrays)
     return losses.loss_from_sums(sums, LOSS), sums
 
-  def packed_loss(p):
-    sums = step.packed_sums(model, p, packed, LOSS, lm_chunk=8)
+  def step_loss(p):
+    sums = step.microbatch_sums(model, p, batch, LOSS, lm_chunk=8)
     return losses.loss_from_sums(sums, LOSS), sums
 
-  (ref_loss, ref_sums), ref_grads = jax.jit(jax.value_and_grad(padded_loss, has_aux=True))(params)
-  (loss, sums), grads = jax.jit(jax.value_and_grad(packed_loss, has_aux=True))(params)
+  (ref_loss, ref_sums), ref_grads = jax.jit(jax.value_and_grad(reference_loss, has_aux=True))(params)
+  (loss, sums), grads = jax.jit(jax.value_and_grad(step_loss, has_aux=True))(params)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for key in losses.SUM_KEYS:
     np.testing.assert_allclose(sums[key], ref_sums[key], rtol=1e-5, atol=1e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, ref_grads)
 
 
-def _one_step(batch, packed, mesh_shape, **kwargs):
+def _one_step(batch, mesh_shape, **kwargs):
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   rules = sharding.DEFAULT_RULES
   opt_cfg = optim.default_optimizer_config()
@@ -247,23 +271,23 @@ def _one_step(batch, packed, mesh_shape, **kwargs):
   _, state_sharding = step.state_shardings(MODEL, optimizer, mesh, rules)
   params = _params()
   state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-  shardings = step.batch_shardings(mesh, rules, packed)
+  shardings = step.batch_shardings(mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     fn = step.jit_train_step(step.make_train_step(transformer.RewardModel(MODEL), optimizer, LOSS,
-                                                  packed=packed, **kwargs),
+                                                  **kwargs),
                              state_sharding, shardings, mesh)
     new_state, metrics = fn(jax.device_put(state, state_sharding), jax.device_put(batch, shardings))
   return jax.device_get(new_state.params), jax.device_get(metrics)
 
 
 @pytest.mark.slow
-def test_packed_train_step_equals_padded_on_a_mesh_with_microbatches():
+def test_packed_train_step_equals_one_pair_a_row_on_a_mesh_with_microbatches():
   arrays = _pairs(n=8, seed=3)
-  ref_params, ref_metrics = _one_step(pipeline.collate(arrays, 16, PAD), False, (1, 1, 1))
+  ref_params, ref_metrics = _one_step(packing.pair_rows(arrays, 16, PAD), (1, 1, 1))
   packed = packing.pack_pairs(arrays, row_len=32, max_pairs_per_row=2, pad_id=PAD,
                               shape=packing.PackedShape(8, 32, 4, 16, 32))
   assert packed.left_over.size == 0
-  params, metrics = _one_step(packed.batch, True, (2, 2, 2), microbatches=2)
+  params, metrics = _one_step(packed.batch, (2, 2, 2), microbatches=2)
   for key in ("loss", "bt_loss", "lm_loss", "grad_norm", "accuracy", "chosen_reward_std"):
     np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-6, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)

@@ -20,6 +20,8 @@ from safetensors import safe_open
 
 from codepmp_jax import checkpoint, convert, optim, plan, sharding, step, train
 from codepmp_jax.config import default_config
+from codepmp_jax.data import packing
+from codepmp_jax.data.encode import PairArrays
 from codepmp_jax.model import lora, transformer
 from codepmp_jax.model.config import ModelConfig, get_preset
 from tests import hf_models
@@ -78,10 +80,10 @@ def _train_steps(model_config: ModelConfig, trainable: str, steps: int = 3, micr
                              microbatches, trainable=trainable),
         state_sharding, batch_sharding, mesh)
     for _ in range(steps):
-      ids = rng.integers(1, 256, (8, 2, 16)).astype(np.int32)
-      mask = (np.arange(16) < rng.integers(4, 17, (8, 2, 1))).astype(np.int32)
-      batch = jax.device_put({"input_ids": ids * mask, "attention_mask": mask, "lm_mask": mask,
-                              "margin": np.zeros(8, np.float32)}, batch_sharding)
+      lengths = rng.integers(4, 17, (8, 2))
+      pairs = PairArrays.from_lengths(rng.integers(1, 256, int(lengths.sum())).astype(np.int32),
+                                      lengths, np.ones((8, 2), np.int32), np.zeros(8, np.float32))
+      batch = jax.device_put(packing.pair_rows(pairs, 16, 0), batch_sharding)
       state, metrics = train_step(state, batch)
   assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
   return before, jax.device_get(state.params)
@@ -196,8 +198,9 @@ def test_lora_starts_as_the_base_model():
   assert a.shape == (64, 4) and np.abs(a).max() <= 1 / math.sqrt(64) and np.abs(a).std() > 0
   assert params["layers_0"]["mlp"]["down_proj"]["lora_b"].shape == (4, 32)
   ids, mask = hf_models.padded_batch([9, 5], 256)
-  ours = transformer.RewardModel(adapted).apply({"params": params}, ids, mask).rewards
-  plain = transformer.RewardModel(base).apply({"params": lora.strip(params)}, ids, mask).rewards
+  layout = transformer.right_padded(mask.sum(-1), ids.shape[1])
+  ours = transformer.RewardModel(adapted).apply({"params": params}, ids, **layout).rewards
+  plain = transformer.RewardModel(base).apply({"params": lora.strip(params)}, ids, **layout).rewards
   np.testing.assert_array_equal(ours, plain)
   # Logical axis names: the kernel's, with `lora` for the rank.
   specs = nn.get_partition_spec(transformer.init_params(adapted, jax.random.key(0)))
@@ -236,7 +239,7 @@ def _assert_hf_export_scores_like_ours(params, model_config, out):
   assert not [n for n in names if "lora" in n] and "score.weight" in names
   ids, mask = hf_models.padded_batch([11, 7, 3], 256)
   ours = np.asarray(transformer.RewardModel(model_config.replace(scan_layers=False)).apply(
-      {"params": params}, ids, mask).rewards)
+      {"params": params}, ids, **transformer.right_padded(mask.sum(-1), ids.shape[1])).rewards[:, 0])
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
   with torch.no_grad():
     theirs = hf(input_ids=torch.from_numpy(ids).long(),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from codepmp_jax import optim, plan, sharding, step
+from codepmp_jax.data import packing
 from codepmp_jax.config import load_config
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import ModelConfig
@@ -41,10 +42,9 @@ def test_tiny_plan_matches_a_real_run_on_8_devices():
                      out_shardings=state_sharding.params)()
     state = jax.jit(lambda p: step.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
                     out_shardings=state_sharding)(params)
-    shape = (16, 2, 64)
-    batch = jax.device_put({"input_ids": np.ones(shape, np.int32), "attention_mask": np.ones(shape, np.int32),
-                            "lm_mask": np.ones(shape, np.int32), "margin": np.zeros(16, np.float32)},
-                           batch_sharding)
+    shapes = packing.PackedShape.pair_rows(16, 64).array_shapes(1)
+    batch = jax.device_put({k: np.ones(s, np.float32 if k in ("margin", "pair_valid") else np.int32)
+                            for k, s in shapes.items()}, batch_sharding)
     train_step = step.jit_train_step(
         step.make_train_step(transformer.RewardModel(model_config), optimizer, config.loss),
         state_sharding, batch_sharding, mesh)

@@ -43,14 +43,15 @@ def scorer(ckpt):
 @pytest.fixture(scope="module")
 def single(scorer):
   """One sequence at a time on one device, right-padded to `max_length` (one compile)."""
-  model = transformer.RewardModel(scorer.config)
+  model = transformer.RewardModel(scorer.config.replace(scan_layers=False))
   params = jax.device_get(transformer.unstack_layers(scorer.params))
-  forward = jax.jit(lambda ids, mask: model.apply({"params": params}, ids, mask).rewards[0])
+  forward = jax.jit(lambda ids, length: model.apply(
+      {"params": params}, ids, **transformer.right_padded(length, scorer.max_length, False)).rewards[0, 0])
 
   def reward(ids):
     padded = np.zeros((1, scorer.max_length), np.int32)
     padded[0, :len(ids)] = ids
-    return float(forward(padded, (np.arange(scorer.max_length) < len(ids)).astype(np.int32)[None]))
+    return float(forward(padded, np.array([len(ids)])))
   return reward
 
 

@@ -1,5 +1,5 @@
 """Scoring's batching: length buckets with scaled rows, one compile per bucket, layers scanned
-but the last, which runs at the reward token only."""
+(the last at the reward token only: `rewards_only`)."""
 import flax.linen as nn
 import jax
 import numpy as np
@@ -14,8 +14,8 @@ def test_buckets_compile_once_each_and_match_one_at_a_time(tmp_path):
   params = nn.unbox(transformer.init_params(config, jax.random.key(2)))
   scorer = score.RewardScorer(checkpoint.save_model(tmp_path / "ckpt", params, config),
                               batch_size=2, max_length=64, show_progress=False)
-  # Layers 0 and 1 stacked for lax.scan, the last apart (`frozen_trunk.last_token_rewards`).
-  assert jax.tree.leaves(scorer.params["layers"])[0].shape[0] == 2 and "layers_2" in scorer.params
+  # The layers stacked once at load for lax.scan.
+  assert jax.tree.leaves(scorer.params["layers"])[0].shape[0] == 3 and "layers_2" not in scorer.params
   lengths = [64, 3, 40, 17, 16, 5, 33, 60, 2, 9, 12, 20]
   batches = scorer.length_batches(lengths)
   # batch_size 2 rounds up to the 8 fake devices; 4 buckets per octave, longest first:
@@ -28,11 +28,12 @@ def test_buckets_compile_once_each_and_match_one_at_a_time(tmp_path):
   rewards = scorer.score_ids(sequences)
   assert scorer._forward._cache_size() == 4
   model = transformer.RewardModel(config)
-  forward = jax.jit(lambda ids, mask: model.apply({"params": params}, ids, mask).rewards)
+  forward = jax.jit(lambda ids, lengths: model.apply(
+      {"params": params}, ids, **transformer.right_padded(lengths, 64, False)).rewards[:, 0])
   ids = np.zeros((len(sequences), 64), np.int32)
   for i, s in enumerate(sequences):
     ids[i, :len(s)] = s
-  expected = forward(ids, (np.arange(64)[None] < np.asarray(lengths)[:, None]).astype(np.int32))
+  expected = forward(ids, np.asarray(lengths))
   np.testing.assert_allclose(rewards, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -56,8 +56,8 @@ def test_model_with_splash_on_packed_rows_equals_plain():
   positions = jnp.asarray([list(range(10)) + list(range(17)) + list(range(5)) + [0] * 8, list(range(L))])
   reward_index = jnp.asarray([[9, 26, 31], [L - 1, 0, 0]])
   outs = [jax.jit(lambda p, impl=impl: transformer.RewardModel(config.replace(attention=impl, splash_interpret=True)).apply(
-      {"params": p}, ids, SEGMENTS > 0, return_logits=True, segment_ids=SEGMENTS, positions=positions,
-      reward_index=reward_index))(params) for impl in ("plain", "splash")]
+      {"params": p}, ids, SEGMENTS, positions, reward_index, return_logits=True))(params)
+      for impl in ("plain", "splash")]
   np.testing.assert_allclose(outs[1].rewards, outs[0].rewards, rtol=1e-5, atol=1e-5)
   real = np.asarray(SEGMENTS > 0)
   np.testing.assert_allclose(outs[1].logits[real], outs[0].logits[real], rtol=1e-5, atol=1e-5)

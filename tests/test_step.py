@@ -6,7 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from codepmp_jax import optim, sharding, step
+from codepmp_jax import losses, optim, sharding, step
+from codepmp_jax.data import packing
+from codepmp_jax.data.encode import PairArrays
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
 
@@ -16,18 +18,14 @@ LOSS = ml_collections.ConfigDict(dict(
 
 
 def _batch(pairs=8, length=16, seed=0):
-  """Random right-padded pairs with an LM mask on the chosen responses."""
+  """Random pairs of 4..`length` tokens, one a row (`packing.pair_rows`), with an LM mask on the
+  chosen responses."""
   rng = np.random.default_rng(seed)
-  ids = rng.integers(3, MODEL.vocab_size, size=(pairs, 2, length)).astype(np.int32)
   lengths = rng.integers(4, length + 1, size=(pairs, 2))
-  mask = (np.arange(length)[None, None] < lengths[..., None]).astype(np.int32)
-  ids = np.where(mask > 0, ids, 0)
-  prompt = rng.integers(1, 4, size=(pairs,))
-  lm = (mask[:, 0] > 0) & (np.arange(length)[None] >= prompt[:, None])
-  lm_mask = np.zeros_like(mask)
-  lm_mask[:, 0] = lm
+  tokens = rng.integers(3, MODEL.vocab_size, size=int(lengths.sum())).astype(np.int32)
+  prompt = rng.integers(1, 4, size=(pairs, 1)).repeat(2, axis=1)
   margin = rng.uniform(0, 0.5, size=(pairs,)).astype(np.float32)
-  return dict(input_ids=ids, attention_mask=mask, lm_mask=lm_mask, margin=margin)
+  return packing.pair_rows(PairArrays.from_lengths(tokens, lengths, prompt, margin), length, 0)
 
 
 def _run_step(mesh_shape, microbatches=1, model_config=MODEL):
@@ -89,19 +87,18 @@ def test_gradient_accumulation_equals_full_batch(reference):
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_lm_loss_equals_full_logits(tied):
   """The step's chunked LM head (no [B, L, V] logits) gives the full-logits loss and gradients."""
-  from codepmp_jax import losses
   model_config = MODEL.replace(tie_word_embeddings=tied)
   model = transformer.RewardModel(model_config)
   params = nn.unbox(transformer.init_params(model_config, jax.random.key(2)))
   batch = jax.tree.map(jnp.asarray, _batch(length=16))
 
   def loss(p, chunk):
-    sums = step.padded_sums(model, p, batch, LOSS, chunk)
+    sums = step.microbatch_sums(model, p, batch, LOSS, chunk)
     return losses.loss_from_sums(sums, LOSS), sums["lm_sum"]
 
   grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
   (full, full_lm), full_grads = grad(params, 0)
-  (chunked, chunked_lm), chunked_grads = grad(params, 5)  # 16 positions: 4 chunks, the last padded
+  (chunked, chunked_lm), chunked_grads = grad(params, 5)  # 16 LM slots: 4 chunks, the last padded
   np.testing.assert_allclose(chunked_lm, full_lm, rtol=1e-5)
   np.testing.assert_allclose(chunked, full, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -117,7 +114,8 @@ def test_microbatched_eval_equals_one_batch():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), split, whole)
 
 
-def test_pad_fraction():
+def test_packing_efficiency_counts_real_tokens():
   batch = _batch()
-  want = 1 - batch["attention_mask"].sum() / batch["attention_mask"].size
-  np.testing.assert_allclose(step.token_usage(jax.tree.map(jnp.asarray, batch), packed=False)["pad_fraction"], want, rtol=1e-6)
+  want = batch["segment_ids"].astype(bool).sum() / batch["segment_ids"].size
+  assert 0.2 < want < 0.9  # pairs of 4..16 tokens in rows of 32: some padding, not all
+  np.testing.assert_allclose(step.packing_efficiency(jax.tree.map(jnp.asarray, batch)), want, rtol=1e-6)

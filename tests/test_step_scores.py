@@ -1,5 +1,5 @@
 """Step-level scores: the reward at the end of every step of a solution, read in ONE forward pass
-(`frozen_trunk.rewards_at`, `RewardScorer.score_steps`), equals the reward of the same token
+(`RewardModel(..., rewards_only=True)` at several positions, `RewardScorer.score_steps`), equals the reward of the same token
 prefix scored on its own; their aggregates drive `eval bon --aggregate`; normalization by the
 checkpoint's reward stats (`score --calibrate`, `--normalize`)."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from codepmp_jax import checkpoint, cli, score
 from codepmp_jax.data.tokenizer import train_sentencepiece
 from codepmp_jax.eval import __main__ as eval_main
 from codepmp_jax.eval import bon
-from codepmp_jax.model import frozen_trunk, transformer
+from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
 
 SOLUTIONS = [
@@ -62,20 +62,26 @@ def test_split_steps_and_aggregates():
     bon.split_steps("a", "")
 
 
-def test_rewards_at_positions_equal_prefix_rewards_of_the_model(scorer):
-  """`rewards_at` against `RewardModel` on each prefix (the model's own forward, not the scorer)."""
+@pytest.mark.parametrize("scan", [False, True])
+def test_rewards_at_positions_equal_prefix_rewards_of_the_model(scan):
+  """Rewards at several positions of a row in one pass, the last layer at those positions only
+  (`rewards_only`; scanned or not), against the full forward of each prefix alone."""
   config = get_preset("tiny", num_layers=3)
   params = nn.unbox(transformer.init_params(config, jax.random.key(5)))
   rng = np.random.default_rng(1)
   ids = rng.integers(1, config.vocab_size, (2, 24)).astype(np.int32)
   positions = np.array([[0, 7, 23], [3, 3, 11]], np.int32)
-  stacked = transformer.stack_layers(params, config.num_layers - 1)
-  got = jax.jit(lambda p, i, q: frozen_trunk.rewards_at(config, p, i, q))(stacked, ids, positions)
+  scoring = config.replace(scan_layers=scan)
+  layout = {**transformer.right_padded(np.array([24, 24]), 24), "reward_index": positions}
+  got = jax.jit(lambda p, i: transformer.RewardModel(scoring).apply(
+      {"params": p}, i, **layout, rewards_only=True).rewards)(
+          transformer.stack_layers(params, config.num_layers) if scan else params, ids)
   model = transformer.RewardModel(config)
   for row in range(2):
     for k, p in enumerate(positions[row]):
-      mask = (np.arange(24) <= p).astype(np.int32)[None]
-      expected = model.apply({"params": params}, ids[row:row + 1], mask).rewards[0]
+      prefix = ids[row:row + 1, :p + 1]
+      expected = model.apply({"params": params}, prefix,
+                             **transformer.right_padded(np.array([p + 1]), p + 1)).rewards[0, 0]
       np.testing.assert_allclose(got[row, k], expected, rtol=1e-5, atol=1e-5)
 
 

@@ -23,7 +23,7 @@ into the next batch); without it, as many rows are used as the pairs need. The b
   input_ids    [R, L] int32   tokens, `pad_id` after the last segment of a row
   segment_ids  [R, L] int32   1, 2, ... per sequence in the row; 0 = padding
   positions    [R, L] int32   position within the segment (0 on padding)
-  lm_mask      [R, L] int32   1 on the chosen responses' tokens (as `pipeline.collate`: a token is
+  lm_mask      [R, L] int32   1 on the chosen responses' tokens (a token is
                               predicted from the one before it, never the first of a segment)
   lm_index     [R, M] int32   the columns where `lm_mask` is 1, ascending, then 0 (never a target:
                               column 0 starts a segment or is padding)
@@ -43,10 +43,10 @@ need `sequence_index` (a segment mask alone would hide the prompt from the rejec
 
 The input pipeline packs every step into ONE shape (`sampler.PackPlan` plans each step's pairs
 and their rows from sizes alone; `pack_pairs(rows=...)` lays them out), so a run compiles its step
-once. `pack_batch` packs a given set of pairs whole into the least rounded shape that holds them
-(benchmarks and tests that compare packed with padded steps on the same pairs).
-`codepmp_jax.step.make_train_step(..., packed=True)` trains on either with the same loss and gradients as the
-padded step on the same pairs.
+once; unpacked, it lays one pair a row (`pair_rows`), padded to a bucket length. `pack_batch`
+packs a given set of pairs whole into the least rounded shape that holds them (benchmarks and
+tests). `codepmp_jax.step.make_train_step` trains on any of them with the same loss and gradients
+for the same pairs.
 """
 from __future__ import annotations
 
@@ -122,6 +122,11 @@ class PackedShape:
                sequence_slots=2 * int(np.bincount(rows).max(initial=0)),
                sequence_len=int(sizes[:, 2].max(initial=0)),
                columns=int(np.bincount(rows, sizes[:, 0]).max(initial=0)))
+
+  @classmethod
+  def pair_rows(cls, rows: int, length: int) -> PackedShape:
+    """The shape of `rows` pairs laid one a row (`pair_rows`), sequences of up to `length` tokens."""
+    return cls(rows=rows, lm_slots=length, sequence_slots=2, sequence_len=length, columns=2 * length)
 
   def array_shapes(self, max_pairs_per_row: int) -> dict[str, tuple[int, ...]]:
     """The shape of each array of a packed batch of this shape (`PACKED_KEYS`)."""
@@ -340,6 +345,14 @@ def _sequence_index(segment_ids: np.ndarray, positions: np.ndarray,
   index = np.full((len(segment_ids), slots, length), -1, np.int32)
   index[rows, segment, offset] = columns
   return index
+
+
+def pair_rows(arrays: PairArrays, length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """The batch layout with one pair a row, in the given order: each pair's chosen then rejected
+  sequence in a row of `2 * length` columns (the unpacked, bucketed batches of the input pipeline;
+  sequences of at most `length` tokens)."""
+  return pack_pairs(arrays, row_len=2 * length, max_pairs_per_row=1, pad_id=pad_id,
+                    shape=PackedShape.pair_rows(len(arrays), length), rows=np.arange(len(arrays))).batch
 
 
 def pack_batch(arrays: PairArrays, *, row_len: int, max_pairs_per_row: int, pad_id: int,

@@ -10,7 +10,7 @@ small stages:
   sampler  which pairs step `k` of epoch `e` reads (`sampler.py`: read groups, epoch orders,
            fixed-shape packing plans with carry), from the sizes alone
   packer   the host batch of those pairs: `packing.pack_pairs` into the run's one packed shape,
-           or `collate` padded to one of a few bucket lengths
+           or one pair a row (`packing.pair_rows`) padded to one of a few bucket lengths
   loader   steps in order, prefetched by Grain (`data.reader="grain"`, no TensorFlow) or by
            tf.data (`"tfdata"`), made into global arrays over the mesh
 
@@ -29,8 +29,9 @@ Config fields read (`default_data_config()` has them all):
   records         in_memory: `PairArrays`, a list of `EncodedPair`, or a dict split -> either
                   (a bare collection serves every split); see `in_memory_config`.
   pad_id          synthetic / in_memory: the padding id (prepared data take it from the manifest).
-  bucket          unpacked: pad each batch to the least of `sampler.bucket_lengths(seq_len)` that
-                  holds its longest pair (all processes agree), not to seq_len.
+  bucket          unpacked (one pair a row): pad each batch's sequences to the least of
+                  `sampler.bucket_lengths(seq_len)` that holds its longest (all processes
+                  agree), not to seq_len.
   pack            packed rows (`packing`: several pairs per row, a pair's two sequences in one
                   row), every step of ONE shape: `pack_rows` rows of `pack_row_len` tokens. A
                   step holds as many pairs as fit (about `global_batch`); the pairs that do not
@@ -67,7 +68,6 @@ from codepmp_jax.data.encode import EncodedPair, PairArrays
 
 SOURCES = ("prepared", "synthetic", "in_memory")
 READERS = ("grain", "tfdata")
-UNPACKED_KEYS = ("input_ids", "attention_mask", "lm_mask", "margin")
 FLOAT_KEYS = ("pair_valid", "margin")
 FOREVER = 1 << 40  # steps of a repeating pipeline (Grain indexes them lazily)
 
@@ -303,7 +303,7 @@ class PairBatches:
                                 max_pairs_per_row=self.settings.pairs_per_row, pad_id=self.pad_id,
                                 shape=self.shape, shared_prompt=shared, rows=rows).batch
     pairs, length = self._plan.step(epoch, step, self.process_index)
-    return collate(self.source.take(pairs), length, self.pad_id)
+    return packing.pair_rows(self.source.take(pairs), length, self.pad_id)
 
   def _steps(self) -> int:
     return FOREVER if self.repeat else self.steps_per_epoch
@@ -360,17 +360,9 @@ class PairBatches:
   def _to_global(self, data: dict[str, np.ndarray]) -> dict:
     if self._sharding is None:
       return data
-    pair_sharding = self._sharding
-    margin_sharding = jax.sharding.NamedSharding(
-        pair_sharding.mesh, jax.sharding.PartitionSpec(*pair_sharding.spec[:1]))
-    out = {}
-    for name, value in data.items():
-      # Packed arrays are [rows, ...], split over their rows like margin over its pairs.
-      sharding = margin_sharding if value.ndim == 1 or self.pack else pair_sharding
-      leading = value.shape[0] * self.process_count
-      out[name] = jax.make_array_from_process_local_data(
-          sharding, value, (leading, *value.shape[1:]))
-    return out
+    return {name: jax.make_array_from_process_local_data(
+        self._sharding, value, (value.shape[0] * self.process_count, *value.shape[1:]))
+            for name, value in data.items()}
 
   def get_state(self) -> dict:
     """The position after the last batch returned (Grain's iterator state), as JSON values."""
@@ -403,7 +395,7 @@ def _tfdata_steps(batches: PairBatches, start: int, stop: int, prefetch: int) ->
   """The tf.data loader: `batches.host_batch` of steps `start..stop-1`, mapped and prefetched by
   tf.data in order (the same batches as Grain's)."""
   import tensorflow as tf
-  keys = packing.PACKED_KEYS if batches.pack else UNPACKED_KEYS
+  keys = packing.PACKED_KEYS
   types = tuple(tf.float32 if k in FLOAT_KEYS else tf.int32 for k in keys)
 
   def load(index):
@@ -428,20 +420,6 @@ def _synthetic_batch(cfg, indices: np.ndarray, seed: int, seq_len: int) -> PairA
                                  np.full((n, 2), seq_len // 2), np.zeros(n, np.float32))
 
 
-def collate(arrays: PairArrays, length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """The batch layout of docs/contracts.md from `arrays` (every pair), padded to `length`."""
-  positions = np.arange(length)
-  lengths = arrays.lengths[:, :, None]
-  attention = positions < lengths
-  gather = np.minimum(arrays.offsets[:, :, None] + positions, max(len(arrays.tokens) - 1, 0))
-  ids = np.where(attention, arrays.tokens[gather] if len(arrays.tokens) else pad_id, pad_id)
-  start = np.maximum(arrays.response_start[:, :1, None], 1)
-  lm = attention[:, :1] & (positions >= start)
-  lm_mask = np.concatenate([lm, np.zeros_like(lm)], axis=1)
-  return {"input_ids": ids.astype(np.int32), "attention_mask": attention.astype(np.int32),
-          "lm_mask": lm_mask.astype(np.int32), "margin": arrays.margin.astype(np.float32)}
-
-
 def local_batch_shards(sharding: jax.sharding.NamedSharding | None, process_count: int) -> int:
   """How many pieces `sharding` cuts the batch axis into, per process (at least 1)."""
   if sharding is None or not sharding.spec or sharding.spec[0] is None:
@@ -456,8 +434,8 @@ def build_pipeline(cfg: ml_collections.ConfigDict, *, split: str, global_batch: 
                    row_multiple: int = 1) -> PairBatches:
   """Batches of `split` for this process (`jax.process_index()` of `jax.process_count()`).
 
-  With a `sharding` (for the `[B, 2, L]` arrays; `margin` and packed arrays use its first axis)
-  the batches are global jax Arrays; with None they are this process's numpy arrays.
+  With a `sharding` (of the batch's rows; `step.batch_shardings`) the batches are global jax
+  Arrays; with None they are this process's numpy arrays.
   `repeat=False` stops after one epoch. `row_multiple` (packed: the step's microbatches)
   multiplies the devices a process's rows are split over.
   """

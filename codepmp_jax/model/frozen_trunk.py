@@ -30,7 +30,7 @@ def _layers(config: ModelConfig, params: dict, x: jax.Array, start: int, stop: i
   layer = DecoderLayer(config)
   for i in range(start, stop):
     at = query_index if i == stop - 1 else None
-    x = layer.apply({"params": params[f"layers_{i}"]}, x, None, cos, sin, query_index=at)[0]
+    x = layer.apply({"params": params[f"layers_{i}"]}, x, cos, sin, query_index=at)[0]
   return x
 
 
@@ -46,7 +46,7 @@ def trunk_states(config: ModelConfig, params: dict, input_ids: jax.Array, num_fr
     return _layers(config, params, x, 0, num_frozen)
   cos, sin = _rope(config, x.shape[1])
   layer = DecoderLayer(config)
-  step = lambda x, layer_params: (layer.apply({"params": layer_params}, x, None, cos, sin)[0], None)  # noqa: E731
+  step = lambda x, layer_params: (layer.apply({"params": layer_params}, x, cos, sin)[0], None)  # noqa: E731
   x = jax.lax.scan(step, x, params["layers"])[0]
   return _layers(config, params, x, jax.tree.leaves(params["layers"])[0].shape[0], num_frozen)
 
@@ -79,32 +79,6 @@ def top_lm_hidden(config: ModelConfig, params: dict, states: jax.Array, lengths:
   hidden = _final_norm(config).apply({"params": params["final_norm"]}, x)
   rewards = _score_head(config).apply({"params": params["score"]}, hidden[:, 0].astype(jnp.float32))[..., 0]
   return rewards, hidden[:, 1:]
-
-
-def rewards_at(config: ModelConfig, params: dict, input_ids: jax.Array,
-               positions: jax.Array) -> jax.Array:
-  """[B, K] rewards of right-padded rows read at token `positions` [B, K], in one forward pass.
-
-  The reward at position p is `RewardModel`'s reward of the row cut after token p (causal
-  attention: nothing after p reaches it), so one pass gives the rewards of K prefixes of a row,
-  e.g. every step of a solution (`score.RewardScorer.score_steps`). The last layer's queries,
-  output projection and MLP run at the K positions only (its keys and values still cover the
-  row). `params` as `trunk_states` takes them (the first N - 1 layers stacked under `layers` run
-  under `lax.scan`, or unrolled), the last as `layers_{N-1}`. Padding after a row's last real
-  token changes nothing before it, so no mask is needed.
-  """
-  num_frozen = config.num_layers - 1
-  states = trunk_states(config, params, input_ids, num_frozen)
-  return top_rewards_at(config, params, states, positions.astype(jnp.int32), num_frozen)
-
-
-def last_token_rewards(config: ModelConfig, params: dict, input_ids: jax.Array,
-                       attention_mask: jax.Array) -> jax.Array:
-  """[B] rewards of right-padded rows, `RewardModel(config)(input_ids, attention_mask).rewards`:
-  `rewards_at` each row's last real token (`attention_mask.sum(-1) - 1`). How `score` reads
-  rewards."""
-  last = jnp.maximum(attention_mask.sum(axis=-1).astype(jnp.int32) - 1, 0)[:, None]
-  return rewards_at(config, params, input_ids, last)[:, 0]
 
 
 def top_params(params: dict, config: ModelConfig, num_frozen: int) -> dict:

@@ -171,11 +171,11 @@ class Generator:
     boxed = transformer.init_cache(self.config, batch, length + max_new_tokens)
     specs = nn.get_partition_spec(boxed)
     cache = jax.tree.map(nn.with_logical_constraint, nn.unbox(boxed), specs)
-    mask = (jnp.arange(length)[None] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), ids.shape)
+    last = jnp.maximum(lengths - 1, 0).astype(jnp.int32)[:, None]
     out, variables = self._model.apply(
-        {"params": params, "cache": cache}, ids, mask, return_logits=True,
-        decode_positions=positions, mutable=["cache"])
+        {"params": params, "cache": cache}, ids, None, positions, last, return_logits=True,
+        decode=True, mutable=["cache"])
     repeat = lambda x, axis=0: jnp.repeat(x, n, axis=axis)  # noqa: E731  (a prompt's samples adjacent)
     cache = jax.tree.map(lambda c, spec: nn.with_logical_constraint(repeat(c, spec.index("batch")), spec),
                          variables["cache"], specs)
@@ -196,8 +196,8 @@ class Generator:
       tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
       done = s.done | jnp.isin(token, eos)
       out, variables = self._model.apply(
-          {"params": params, "cache": s.cache}, token[:, None], jnp.ones_like(token[:, None]),
-          return_logits=True, decode_positions=s.positions[:, None], mutable=["cache"])
+          {"params": params, "cache": s.cache}, token[:, None], None, s.positions[:, None],
+          jnp.zeros_like(token[:, None]), return_logits=True, decode=True, mutable=["cache"])
       return s._replace(cache=variables["cache"], logits=out.logits[:, 0].astype(jnp.float32),
                         tokens=tokens, positions=s.positions + 1, done=done, step=s.step + 1)
 
@@ -241,7 +241,7 @@ class Generator:
     with self._context():
       if self.mesh is not None:
         put = lambda x: jax.device_put(  # noqa: E731
-            x, sharding.batch_sharding(self.mesh, self.rules, np.ndim(x)))
+            x, sharding.batch_sharding(self.mesh, self.rules))
         ids, lengths, keys = put(ids), put(lengths), put(keys)
       state = self._prefill(self.params, ids, lengths, keys, n=sampling.n,
                             max_new_tokens=sampling.max_new_tokens)

@@ -1,18 +1,17 @@
 """The reward model: a Llama / Qwen2 / Mistral decoder with a scalar `score` head and an LM head.
 
-One class serves pretraining (PMP needs both the reward and the LM logits) and fine-tuning (reward
-only). Inputs are right-padded; the reward is read at `length - 1`, with the length computed from
-the attention mask. Dense layers multiply 2-D `[tokens, features]` activations, which keeps the
-backward matmuls on the fast path of XLA's CPU and GPU backends.
+One class serves pretraining (PMP needs both the reward and the LM logits), fine-tuning and
+scoring (reward only). It reads one batch layout (docs/contracts.md): rows of tokens with
+`segment_ids` (1, 2, ... per sequence, 0 = padding), `positions` (RoPE positions, restarting per
+sequence) and `reward_index` (the columns to read rewards at). A row may hold several sequences
+(`codepmp_jax.data.packing`) or one (`right_padded`: a right-padded sequence per row, as scoring
+builds them); attention stays within each sequence. Dense layers multiply 2-D
+`[tokens, features]` activations, which keeps the backward matmuls on the fast path of XLA's CPU
+and GPU backends.
 
-Generation (`codepmp_jax.model.generate`) runs the same model incrementally: given
-`decode_positions`, every attention layer writes its keys and values into a preallocated key/value
-cache (the Flax "cache" collection, see `init_cache`) at those positions and attends over the cache.
-Without `decode_positions` nothing about the training and scoring path changes.
-
-Packed rows (`codepmp_jax.data.packing`): given `segment_ids` and `positions`, each row holds several
-sequences back to back; a token attends only within its segment (causal), RoPE positions restart
-per segment, and `reward_index` names the columns (each segment's last token) to read rewards at.
+Generation (`codepmp_jax.model.generate`) runs the same model incrementally (`decode=True`): every
+attention layer writes its keys and values into a preallocated key/value cache (the Flax "cache"
+collection, see `init_cache`) at the tokens' positions and attends over the cache.
 """
 from __future__ import annotations
 
@@ -39,9 +38,9 @@ CACHE_AXES = ("batch", "act_kv_heads", "length", "head_dim")
 
 
 class ModelOutput(NamedTuple):
-  hidden_states: jax.Array  # [B, L, D], after the final norm
-  rewards: jax.Array  # [B] float32 ([B, K] at `reward_index` for packed rows)
-  logits: jax.Array | None  # [B / logits_every, L, V] when asked
+  hidden_states: jax.Array  # [B, L, D] after the final norm ([B, K, D] at `reward_index` when rewards_only)
+  rewards: jax.Array  # [B, K] float32 at `reward_index`
+  logits: jax.Array | None  # [B, L, V] when asked ([B, K, V] at `reward_index` when decoding)
 
 
 def _normal(stddev: float):
@@ -152,11 +151,10 @@ def rope_tables(config: ModelConfig, positions: jax.Array | np.ndarray,
 
   Given `num_positions` (every position is below it, e.g. the input length), both tables are
   computed once at trace time for positions 0..num_positions-1 (float32 angles, as transformers
-  computes them) and looked up; numpy `positions` look up at trace time too. Computed in the
-  program instead, cos and sin are fused into each consumer (every attention block's slice of the
-  queries and keys) and evaluated there per element: the tiny model scored 1.2x slower on CPU.
-  Without `num_positions` (decoding, where positions are bounded only by the cache) they are
-  computed in the program.
+  computes them) and looked up; numpy `positions` look up at trace time too (computed in the
+  program instead, cos and sin would be fused into every attention block's consumer and evaluated
+  there per element). Without `num_positions` (decoding, where positions are bounded only by the
+  cache) they are computed in the program.
   """
   def angles_at(positions):
     freqs = positions[..., None].astype(jnp.float32) * rope_inverse_frequencies(config)
@@ -223,16 +221,17 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
-               decode_positions: jax.Array | None = None,
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                segment_ids: jax.Array | None = None,
+               sequences: attention_lib.SequenceLayout | None = None,
                query_index: jax.Array | None = None,
-               sequences: attention_lib.SequenceLayout | None = None) -> jax.Array:
-    """`lengths` [B]: real tokens per right-padded row (None when decoding over the cache or when
-    `segment_ids` [B, L] of packed rows say which tokens see each other). `query_index` [B, K]:
-    compute queries (and the output, [B, K, D]) only at these columns of right-padded rows, over
-    the keys at or before each. `sequences`: packed rows' `attention.SequenceLayout`, to attend
-    sequence by sequence (`attention.sequence_attention`) instead of under a segment mask."""
+               decode_positions: jax.Array | None = None) -> jax.Array:
+    """Causal self-attention of `x` [B, L, D]: within each sequence of `sequences` (a packed
+    row's `attention.SequenceLayout`, attended sequence by sequence) or of `segment_ids` [B, L]
+    (a same-segment mask), or over the whole row when neither is given. `query_index` [B, K]:
+    queries (and the output, [B, K, D]) only at these columns, each over the keys at or before it
+    in its segment. `decode_positions` [B, T]: write keys and values into the cache at these
+    slots and attend over the cache."""
     cfg = self.config
     batch, length, _ = x.shape
     hd, heads, kv_heads = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -253,19 +252,23 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", "head_dim"))
     if query_index is not None:  # a few queries per row: plain attention over an explicit bias
       bias = cache_attention_bias(query_index, length, cfg.sliding_window)[:, :, 0]
+      if segment_ids is not None:
+        own = jnp.take_along_axis(segment_ids, query_index, axis=1)
+        other = own[:, :, None] != segment_ids[:, None, :]
+        bias = jnp.where(other[:, None], attention_lib.MASK_VALUE, bias)
       out = attention_lib.plain_attention(q, k, v, bias=bias)
-    elif sequences is not None:
-      out = attention_lib.sequence_attention(q, k, v, sequences, sliding_window=cfg.sliding_window,
-                                             **attention_lib.settings(cfg))
-    elif decode_positions is None:
-      out = attention_lib.dot_product_attention(
-          q, k, v, lengths=lengths, causal=True, sliding_window=cfg.sliding_window,
-          segment_ids=segment_ids, **attention_lib.settings(cfg))
-    else:  # attend over the cache (stored heads-before-slots) instead of over this input alone
+    elif decode_positions is not None:  # over the cache (stored heads-before-slots)
       k = _write_cache(self, "key", k, decode_positions)
       v = _write_cache(self, "value", v, decode_positions)
       bias = cache_attention_bias(decode_positions, k.shape[2], cfg.sliding_window)[:, :, 0]
       out = attention_lib.plain_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), bias=bias)
+    elif sequences is not None:
+      out = attention_lib.sequence_attention(q, k, v, sequences, sliding_window=cfg.sliding_window,
+                                             **attention_lib.settings(cfg))
+    else:
+      out = attention_lib.dot_product_attention(
+          q, k, v, causal=True, sliding_window=cfg.sliding_window, segment_ids=segment_ids,
+          **attention_lib.settings(cfg))
     out = out.reshape(batch, q.shape[1], heads * hd)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads"))
     return dense(cfg.hidden_size, ("heads", "embed"), "o_proj", False)(out)
@@ -289,16 +292,17 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, lengths: jax.Array | None, cos: jax.Array, sin: jax.Array,
-               decode_positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               segment_ids: jax.Array | None = None,
+               sequences: attention_lib.SequenceLayout | None = None,
                query_index: jax.Array | None = None,
-               sequences: attention_lib.SequenceLayout | None = None):
-    """The next hidden states, [B, L, D] (at `query_index` [B, K] only: [B, K, D])."""
+               decode_positions: jax.Array | None = None):
+    """The next hidden states, [B, L, D] (at `query_index` [B, K] only: [B, K, D]); the
+    arguments are `Attention`'s."""
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
     attended = Attention(cfg, name="attn")(
-        norm("input_norm")(x), lengths, cos, sin, decode_positions, segment_ids, query_index,
-        sequences)
+        norm("input_norm")(x), cos, sin, segment_ids, sequences, query_index, decode_positions)
     if query_index is not None:
       x = jnp.take_along_axis(x, query_index[..., None], axis=1)
     x = x + attended
@@ -321,83 +325,97 @@ def _score_head(cfg: ModelConfig) -> Linear:
                 stddev=1.0 / math.sqrt(cfg.hidden_size + 1), name="score")
 
 
+def _scanned(layer_cls: type[nn.Module], length: int) -> type[nn.Module]:
+  """`length` layers under `nn.scan`, their parameters (and cache) stacked on a leading `layers` axis."""
+  return nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast,) * 6, length=length,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def _split_last_layer(variables: dict) -> dict:
+  """Stacked layer parameters as `_LastLayerAtRewards` reads them: all but the last, and the last."""
+  stacked = variables["params"]
+  return {"params": {"head": jax.tree.map(lambda a: a[:-1], stacked),
+                     "last": jax.tree.map(lambda a: a[-1], stacked)}}
+
+
+class _LastLayerAtRewards(nn.Module):
+  """A scanned model's layers with the last one run at the reward columns only (`rewards_only`):
+  the stacked parameters split by `_split_last_layer`, the layers below the last still scanned."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, segment_ids, sequences, reward_index):
+    if self.config.num_layers > 1:
+      x, _ = _scanned(DecoderLayer, self.config.num_layers - 1)(self.config, name="head")(
+          x, cos, sin, segment_ids, sequences, None, None)
+    return DecoderLayer(self.config, name="last")(x, cos, sin, segment_ids, None, reward_index)[0]
+
+
 class RewardModel(nn.Module):
   """Decoder LM with a scalar reward head (`score`, as in HF `*ForSequenceClassification`)."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
-               return_logits: bool = False, logits_every: int = 1,
-               decode_positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, reward_index: jax.Array | None = None,
-               sequence_index: jax.Array | None = None) -> ModelOutput:
-    """Hidden states, rewards at `length - 1`, and (if asked) LM logits.
+  def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None, positions: jax.Array,
+               reward_index: jax.Array, sequence_index: jax.Array | None = None, *,
+               return_logits: bool = False, rewards_only: bool = False,
+               decode: bool = False) -> ModelOutput:
+    """Final hidden states, rewards at `reward_index` [B, K] and (if asked) LM logits.
 
-    `logits_every=2` computes logits only for rows 0, 2, 4, ... (the chosen sequences of an
-    interleaved pair batch), which is all PMP's LM loss needs.
+    Training and scoring: `input_ids`, `segment_ids`, `positions` [B, L] as in the batch layout
+    (docs/contracts.md); a token attends only within its segment. With `sequence_index` [B, S, T]
+    (`data.packing`) attention runs sequence by sequence (`attention.sequence_attention`): the same
+    outputs for less compute where a row holds several short sequences, and a pair's shared
+    prompt laid out once for both its sequences. `rewards_only` (scoring) runs the last layer at
+    the reward columns only, as a reward needs nothing else of it (the hidden states are then
+    [B, K, D]); it needs every sequence whole in its own segment (no shared prompts).
 
-    Decode mode, for generation: `decode_positions` [B, T] gives each input token's position,
-    which is also its slot in the key/value cache (apply with a "cache" collection from
-    `init_cache` and `mutable=["cache"]`). Each token attends to the cache slots at or before its
-    position, so a right-padded prompt batch prefills in one call and later calls feed one token
-    per row at per-row positions. Logits are then computed only at `length - 1` (shape [B, 1, V]):
-    the next-token distribution is all generation needs.
-
-    Packed rows: `segment_ids` [B, L] (0 = padding) keep attention within each segment,
-    `positions` [B, L] are the RoPE positions (restarting at 0 per segment; default 0..L-1), and
-    `reward_index` [B, K] gives the columns to read rewards at (rewards [B, K]) instead of
-    `length - 1`. `attention_mask` then only marks real tokens; it is not used for attention.
-    With `sequence_index` [B, S, T] (`data.packing`) attention runs sequence by sequence
-    (`attention.sequence_attention`; needs `segment_ids` and `positions`), which gives the same
-    outputs for less compute where a row holds several short sequences, and lets a pair's shared
-    prompt be laid out once for both its sequences (`packing.pack_pairs(shared_prompt=...)`).
+    Decode (`decode=True`, generation): `positions` [B, T] are the tokens' positions and their
+    slots in the key/value cache (apply with a "cache" collection from `init_cache` and
+    `mutable=["cache"]`); each token attends to the slots at or before its position, so a
+    right-padded prompt batch prefills in one call and later calls feed one token per row.
+    `segment_ids` is not read; logits are computed at `reward_index` only ([B, K, V]).
     """
     cfg = self.config
-    decoding = decode_positions is not None
     embed = _embed(cfg)
     x = nn.with_logical_constraint(embed(input_ids), ("batch", "length", "act_embed"))
-
-    if decoding:
-      cos, sin = rope_tables(cfg, decode_positions)
-      lengths = None  # each layer masks over its cache
-    else:
-      if positions is None:
-        positions = np.arange(input_ids.shape[1])[None]
-      cos, sin = rope_tables(cfg, positions, input_ids.shape[1])
-      lengths = None if segment_ids is not None else attention_mask.sum(axis=-1).astype(jnp.int32)
+    cos, sin = rope_tables(cfg, positions, None if decode else input_ids.shape[1])
+    if decode:
+      segment_ids = sequence_index = None
     sequences = None
     if sequence_index is not None:
       row_index = jnp.where(segment_ids > 0,
                             (segment_ids - 1) * sequence_index.shape[2] + positions, -1)
       sequences = attention_lib.sequence_layout(sequence_index, row_index)
+    cache_slots = positions if decode else None
 
     layer_cls = DecoderLayer
-    if cfg.remat_policy != "none" and not decoding:
+    if cfg.remat_policy != "none" and not decode:
       layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      stack = nn.scan(
-          layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast,) * 7, length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, name="layers")(x, lengths, cos, sin, decode_positions, segment_ids, None,
-                                       sequences)
+    at_rewards_only = rewards_only and not decode
+    if cfg.scan_layers and at_rewards_only:
+      x = nn.map_variables(_LastLayerAtRewards, "params", trans_in_fn=_split_last_layer, init=False,
+                           mutable=False)(cfg, name="layers")(x, cos, sin, segment_ids, sequences,
+                                                              reward_index)
+    elif cfg.scan_layers:
+      x, _ = _scanned(layer_cls, cfg.num_layers)(cfg, name="layers")(
+          x, cos, sin, segment_ids, sequences, None, cache_slots)
     else:
       for i in range(cfg.num_layers):
-        x, _ = layer_cls(cfg, name=f"layers_{i}")(x, lengths, cos, sin, decode_positions,
-                                                  segment_ids, None, sequences)
+        last = at_rewards_only and i == cfg.num_layers - 1
+        x, _ = layer_cls(cfg, name=f"layers_{i}")(
+            x, cos, sin, segment_ids, None if last else sequences, reward_index if last else None,
+            cache_slots)
     hidden = _final_norm(cfg)(x)
-
-    if reward_index is None:
-      last = jnp.maximum(attention_mask.sum(axis=-1) - 1, 0)
-      last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    else:
-      last_hidden = jnp.take_along_axis(hidden, reward_index[..., None], axis=1)
-    rewards = _score_head(cfg)(last_hidden.astype(jnp.float32))[..., 0]
+    at_rewards = hidden if at_rewards_only else jnp.take_along_axis(
+        hidden, reward_index[..., None], axis=1)
+    rewards = _score_head(cfg)(at_rewards.astype(jnp.float32))[..., 0]
 
     logits = None
     if return_logits or self.is_initializing():  # init always creates the LM head
-      rows = last_hidden[:, None] if decoding else hidden[::logits_every]
+      rows = at_rewards if decode else hidden
       if cfg.tie_word_embeddings:
         logits = embed.attend(rows)
       else:
@@ -407,10 +425,30 @@ class RewardModel(nn.Module):
     return ModelOutput(hidden, rewards, logits if return_logits else None)
 
 
+def right_padded(lengths: jax.Array | np.ndarray, length: int,
+                 sequence_index: bool = True) -> dict[str, jax.Array]:
+  """`RewardModel`'s layout inputs for rows of one right-padded sequence each: `lengths` [B] real
+  tokens of `length` columns; segment 1 on the real tokens (0 on padding), positions 0, 1, ...,
+  the reward at the last real token, and (with `sequence_index`) the row as its one sequence, so
+  attention runs the kernels' causal-with-lengths case.
+
+    model.apply(variables, input_ids, **right_padded(attention_mask.sum(-1), input_ids.shape[1]))
+  """
+  lengths = jnp.asarray(lengths, jnp.int32)
+  columns = jnp.arange(length, dtype=jnp.int32)[None]
+  real = columns < lengths[:, None]
+  inputs = {"segment_ids": real.astype(jnp.int32),
+            "positions": jnp.broadcast_to(columns, real.shape),
+            "reward_index": jnp.maximum(lengths - 1, 0)[:, None]}
+  if sequence_index:
+    inputs["sequence_index"] = jnp.where(real, columns, -1)[:, None]
+  return inputs
+
+
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:
   """Fresh parameters (boxed with their logical axis names) for `config`."""
   ids = jnp.zeros((1, 8), jnp.int32)
-  return RewardModel(config).init(rng, ids, jnp.ones_like(ids))["params"]
+  return RewardModel(config).init(rng, ids, **right_padded(jnp.array([8]), 8, False))["params"]
 
 
 def init_cache(config: ModelConfig, batch_size: int, length: int) -> dict:
@@ -422,7 +460,8 @@ def init_cache(config: ModelConfig, batch_size: int, length: int) -> dict:
   ids = jnp.zeros((batch_size, length), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(length), ids.shape)
   abstract = jax.eval_shape(lambda: RewardModel(config).init(
-      jax.random.key(0), ids, jnp.ones_like(ids), decode_positions=positions)["cache"])
+      jax.random.key(0), ids, None, positions, jnp.zeros((batch_size, 1), jnp.int32),
+      decode=True)["cache"])
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
 
 
