@@ -55,8 +55,8 @@ ROWS = (("GSM8K pairwise accuracy, strict (held-out test)", "pairwise", "strict"
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-  """What the demo runs; the defaults are `make demo` (20 minutes on this 2-core machine while
-  other jobs shared it, 2026-12-07; README)."""
+  """What the demo runs; the defaults are `make demo` (12-20 minutes on a 2-core machine;
+  docs/experiments.md)."""
   out: str = setting("demo_out", "Directory for every stage's output.")
   data_dir: str = setting("", "Directory holding gsm8k/ and logiqa2/ (default: $CODEPMP_DATA, "
                           "../shared/data, the cache, else a verified download).")
