@@ -14,7 +14,7 @@ the same code.
   and `tfdata`, unpacked at the tiny config's shape (32 pairs x 256, bucketed) and packed at the
   paper's (256 pairs x 1024, rows of 2048). Against the reader they replaced (our own token shards,
   1354 batches/s of 32 x 256 = 43,328 pairs/s on this 2-core machine, loaded, Nov 2026:
-  docs/performance.md) and against what one TPU v4 host (4 chips x 275 TFLOP/s bf16) consumes
+  docs/performance.md's history) and against what one TPU v4 host (4 chips x 275 TFLOP/s bf16) consumes
   training qwen2_1_5b at 50% MFU on the packed batches measured here (`flops.packed_step_flops`).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from codepmp_jax.model import flops
 from codepmp_jax.model.config import get_preset
 
 # The replaced reader (own token shards): 1354 batches/s of 32 pairs x 256 tokens (2-core machine,
-# loaded, Nov 2026; docs/performance.md).
+# loaded, Nov 2026; docs/performance.md's history).
 OLD_READER_PAIRS_PER_S = 1354 * 32
 
 
@@ -185,7 +185,7 @@ def main(argv: list[str]) -> None:
   print(common.format_table(
       ("reader pairs/s (one process)", "grain", "tfdata", "grain / old reader", "tfdata / old reader",
        "grain / v4 host need (qwen2_1_5b, 50% MFU)"), rows))
-  print(f"old reader: {OLD_READER_PAIRS_PER_S} pairs/s (32 x 256, Nov 2026, docs/performance.md)")
+  print(f"old reader: {OLD_READER_PAIRS_PER_S} pairs/s (32 x 256, Nov 2026, docs/performance.md's history)")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ BUCKETS_PER_OCTAVE = 4  # padded lengths 128, 160, 192, 224, 256, 320, ...: unde
 # Scoring compiles once per bucket and runs many batches, so blocked attention uses short causal
 # blocks (more of the masked triangle skipped); where the resolved attention caps a block's scores
 # (`model.attention_block_bytes`: auto on CPU), a batch is cut so that one block's float32 scores
-# ([rows, heads, queries, keys]) stay within that cap (docs/performance.md, scoring).
+# ([rows, heads, queries, keys]) stay within that cap (docs/performance.md, "What makes it fast").
 SCORE_CAUSAL_BLOCK = 64
 # Batches dispatched and not yet read back, at most: the host pads and sends the next batches while
 # the device runs the oldest, and no more than these batches' inputs are held at once. Reading

@@ -154,7 +154,7 @@ def _dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array |
   The G heads sharing a key/value head are stacked along the query axis ([B, KV, G*T, hd]), so
   both products are plain batched matmuls over (B, KV) and only the small q/k/v/output arrays are
   transposed, never the [T, S] scores (faster than 5-D einsums over (B, KV, G) on XLA's CPU
-  backend: docs/performance.md).
+  backend).
   """
   batch, kv_heads, groups, length, head_dim = q.shape
   kv_length = k.shape[2]

@@ -187,8 +187,8 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-# What `attention="auto"` becomes on each backend (`resolve_attention`); the figures behind the CPU
-# profile are in docs/performance.md ("Attention on CPU") and benchmarks/train_step.py measures them.
+# What `attention="auto"` becomes on each backend (`resolve_attention`); why, in docs/performance.md
+# ("What makes it fast"); benchmarks/train_step.py measures them.
 AUTO_ATTENTION: dict[str, dict[str, Any]] = {
     # query blocks whose float32 scores fit a 2 MiB L2 cache, at least 32-64 queries (below)
     "cpu": {"attention": "blocked", "attention_block_bytes": 2 << 20},
