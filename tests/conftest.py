@@ -51,6 +51,18 @@ def pytest_configure(config):
     pytest.exit(f"error: the tests need the public data sets: {e}", returncode=2)
 
 
+# The modules that take longest (their subprocess and real-model tests), collected first: xdist's
+# loadscope hands modules out in collection order, so these start at once and none is left
+# running alone at the end of the suite.
+LONGEST_FIRST = ("test_pod.py", "test_gcs.py", "test_train.py", "test_peft.py", "test_wiring.py",
+                 "test_model_hf_parity.py", "test_generate.py", "test_experiments.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order
+
+
 @pytest.fixture(scope="session")
 def shared_data(tmp_path_factory) -> pathlib.Path:
   """The real reference data sets (GSM8K, LogiQA 2.0) laid out as in ../shared/data, wherever the

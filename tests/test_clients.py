@@ -71,6 +71,7 @@ def test_chat_template_renders_the_training_text(exported, shared_data):
   assert "Instruction:QUESTION\n\nResponse:" in card and "apply_chat_template" in card
 
 
+@pytest.mark.slow
 def test_transformers_scores_like_ours_one_by_one_and_batched(exported, shared_data):
   ckpt, out, records = exported
   scorer = RewardScorer(ckpt, batch_size=4, show_progress=False)

@@ -223,6 +223,7 @@ def test_reader_agrees_with_safetensors_library(tiny_dir):
     np.testing.assert_array_equal(ours.get(name), value)
 
 
+@pytest.mark.slow
 def test_export_with_sentencepiece_tokenizer_scores_text_like_ours(tmp_path):
   """Our tiny-config model with its code tokenizer, exported and used through transformers alone."""
   files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))

@@ -144,6 +144,7 @@ np.savez(sys.argv[3], **out)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", pipeline.READERS)
 def test_resume_in_a_new_process_gives_the_same_next_batches(prepared, tmp_path, reader):
   cfg = pipeline.default_data_config()

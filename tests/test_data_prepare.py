@@ -170,6 +170,7 @@ def test_data_of_an_older_format_is_refused_and_prepared_again(tmp_path, tokeniz
   assert again["throughput"]["pairs_encoded"] == sum(s["pairs"] for s in current["splits"].values())
 
 
+@pytest.mark.slow
 def test_cli_with_worker_processes_and_strict_failure(tmp_path, tokenizer_path):
   env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
   gsm8k = tmp_path / "gsm8k.jsonl"

@@ -108,6 +108,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_demo_without_data_or_network_prints_one_error_line_before_any_stage(tmp_path):
   """A fresh clone offline: no ../shared/data, an empty cache, the downloads refused."""
   empty = tmp_path / "empty"

@@ -236,6 +236,7 @@ def ckpt(tmp_path_factory) -> pathlib.Path:
   return checkpoint.save_model(root / "ckpt", params, config, tokenizer)
 
 
+@pytest.mark.slow
 def test_score_of_a_file_with_no_usable_line_fails_naming_the_first(ckpt, tmp_path):
   src = tmp_path / "in.jsonl"
   src.write_bytes(b'{"prompt": "p"}\n{"text": \n\xff\xfe\n[1]\n')
@@ -251,6 +252,7 @@ def test_score_of_a_file_with_no_usable_line_fails_naming_the_first(ckpt, tmp_pa
   del last
 
 
+@pytest.mark.slow
 def test_eval_clis_name_file_and_line_of_malformed_input(ckpt, tmp_path):
   """eval pairwise / mc on files with no usable record, bon with bad candidates or scores."""
   bad_pairs = tmp_path / "pairs.jsonl"

@@ -441,7 +441,7 @@ REAL_SMALL = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.rehearse  # the suite's one experiment smoke run is the demo's (test_experiments.py)
 def test_real_data_scale_sweep_then_scaling_curve_on_the_tiny_config(tmp_path, monkeypatch, capsys):
   """A two-point PMP sweep (2 and 4 steps) runs, resumes and is collected; an RM is fine-tuned from
   its larger point and put on the curve (three real trainer runs, one CPU device each)."""
@@ -581,6 +581,7 @@ def test_scaling_curve_usage_errors_are_one_line(argv, message, capsys):
   assert exit_info.value.code == 2 and err == f"error: {message}\n"
 
 
+@pytest.mark.slow
 def test_cli_entry_points_run_as_modules_and_scripts():
   sweeps = ["--config=configs/pmp_smollm2_135m.py", "--list"]
   for command in (["-m", "launch.sweep", *sweeps], ["launch/sweep.py", *sweeps],

@@ -110,6 +110,7 @@ def _nbytes(tree) -> int:
 
 # ----------------------------------------------------------------------------- which leaves train
 
+@pytest.mark.slow
 def test_trainable_specs():
   params = _initial(get_preset("tiny", **MODEL))
   trains = lambda spec: {p for p, t in _flat(optim.trainable_mask(params, spec)).items() if t}  # noqa: E731
@@ -130,6 +131,7 @@ def test_trainable_specs():
       optim.trainable_mask(params, bad)
 
 
+@pytest.mark.slow
 def test_top_n_on_scanned_layers_is_a_clear_error():
   params = transformer.stack_layers(_initial(get_preset("tiny", **MODEL)), 2)
   with pytest.raises(ValueError, match="model.scan_layers=False"):
@@ -156,6 +158,7 @@ def test_frozen_parameters_have_no_optimizer_state():
 
 # ----------------------------------------------------------------------------- training
 
+@pytest.mark.slow
 def test_top1_steps_leave_frozen_weights_bit_equal():
   """Three sharded steps of top:1 (microbatched, weight decay on): only layers_1 and score move."""
   before, after = _train_steps(get_preset("tiny", **MODEL), "top:1")
@@ -190,6 +193,7 @@ def test_top1_run_leaves_frozen_weights_bit_equal(tmp_path):
 
 # ----------------------------------------------------------------------------- LoRA
 
+@pytest.mark.slow
 def test_lora_starts_as_the_base_model():
   base = get_preset("tiny", **MODEL)
   adapted = base.replace(lora={"rank": 4, "alpha": 8.0})
@@ -255,6 +259,7 @@ def _assert_only_adapters_and_score_trained(before, after):
   assert np.abs(after["layers_1/mlp/down_proj/lora_b"]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_lora_steps_then_export_merges_and_scores_like_ours(tmp_path):
   model_config = get_preset("tiny", **MODEL, lora=LORA)
   before, params = _train_steps(model_config, "all")
@@ -290,6 +295,7 @@ def test_lora_run_then_convert_cli_exports_a_merged_model(tmp_path):
 
 # ----------------------------------------------------------------------------- plan
 
+@pytest.mark.slow
 def test_plan_shows_the_smaller_optimizer_state():
   config = _config()
   config.mesh_shape = (8, 1, 1)

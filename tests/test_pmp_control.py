@@ -143,7 +143,7 @@ def test_flags_give_the_settings(tmp_path, capsys):
   assert capsys.readouterr().err == "error: --ks: expected comma-separated integers, got '8,x'\n"
 
 
-@pytest.mark.slow
+@pytest.mark.rehearse  # the suite's one experiment smoke run is the demo's (test_experiments.py)
 def test_smoke_run_end_to_end(tmp_path, shared_data, capsys):
   settings = pmp_control.smoke_settings(str(tmp_path / "out"), str(_code_pairs(tmp_path / "c.jsonl")))
   results = pmp_control.run(settings)

@@ -39,6 +39,7 @@ def tiny(tmp_path_factory):
   return root, tokenizer, config, params, pairs
 
 
+@pytest.mark.slow
 def test_trunk_and_top_score_as_the_saved_model_does(tiny):
   root, tokenizer, config, params, pairs = tiny
   texts = [("Instruction:What is 2+2?\n\nResponse:", " 4"), ("def g():\n", "  pass\n" * 30)]

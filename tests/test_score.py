@@ -55,6 +55,7 @@ def single(scorer):
   return reward
 
 
+@pytest.mark.slow
 def test_score_ids_equals_unbatched_forward(scorer, single):
   rng = np.random.default_rng(0)
   sequences = [rng.integers(3, 400, n).tolist() for n in (5, 48, 17, 1, 33, 9, 16, 40, 2, 21)]
@@ -80,6 +81,7 @@ def test_score_texts_reads_reward_at_end_token(scorer, single):
   np.testing.assert_allclose(rewards, [single(first), single(ids)], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_scores_every_record_kind_and_reports_bad_lines(ckpt, scorer, single, tmp_path):
   templates.save_prompt_format(ckpt, "math")  # the checkpoint's prompt format is the default
   lines = [

@@ -3,12 +3,14 @@
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from codepmp_jax import checkpoint, score
 from codepmp_jax.model import transformer
 from codepmp_jax.model.config import get_preset
 
 
+@pytest.mark.slow
 def test_buckets_compile_once_each_and_match_one_at_a_time(tmp_path):
   config = get_preset("tiny", num_layers=3)
   params = nn.unbox(transformer.init_params(config, jax.random.key(2)))

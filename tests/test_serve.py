@@ -87,6 +87,7 @@ def whole_rewards(scorer: score.RewardScorer, items) -> np.ndarray:
   return scorer.score_texts([rendered(p) for p, _ in items], [r for _, r in items])
 
 
+@pytest.mark.slow
 def test_score_equals_reward_scorer(server, scorer):
   reply = post(server.url + "/score", {"items": [{"prompt": p, "response": r} for p, r in ITEMS]})
   assert reply.status_code == 200, reply.text
@@ -105,6 +106,7 @@ def test_score_equals_reward_scorer(server, scorer):
   assert health["queue_depth"] == 0 and health["max_length"] == MAX_LENGTH
 
 
+@pytest.mark.slow
 def test_step_aggregates_equal_reward_scorer_steps(server, scorer):
   """Every aggregate, raw and normalized (normalized step rewards, then aggregated, as `eval bon`)."""
   prompts, responses = [rendered(p) for p, _ in ITEMS], [r for _, r in ITEMS]
@@ -125,6 +127,7 @@ def test_step_aggregates_equal_reward_scorer_steps(server, scorer):
   np.testing.assert_allclose(whole["rewards"], [r[-1] for r in steps], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_openrlhf_remote_reward_clients(server, scorer):
   """Posts exactly what OpenRLHF's remote reward model clients send and reads the reply as they do:
 

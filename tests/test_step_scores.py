@@ -76,15 +76,17 @@ def test_rewards_at_positions_equal_prefix_rewards_of_the_model(scan):
   got = jax.jit(lambda p, i: transformer.RewardModel(scoring).apply(
       {"params": p}, i, **layout, rewards_only=True).rewards)(
           transformer.stack_layers(params, config.num_layers) if scan else params, ids)
-  model = transformer.RewardModel(config)
-  for row in range(2):
-    for k, p in enumerate(positions[row]):
-      prefix = ids[row:row + 1, :p + 1]
-      expected = model.apply({"params": params}, prefix,
-                             **transformer.right_padded(np.array([p + 1]), p + 1)).rewards[0, 0]
-      np.testing.assert_allclose(got[row, k], expected, rtol=1e-5, atol=1e-5)
+  # Each prefix alone in its own row (padding after it), the full forward, the last layer everywhere.
+  prefixes = np.zeros((positions.size, 24), np.int32)
+  for i, (row, p) in enumerate(np.ndindex(*positions.shape)):
+    prefixes[i, :positions[row, p] + 1] = ids[row, :positions[row, p] + 1]
+  expected = jax.jit(lambda p, i: transformer.RewardModel(config).apply(
+      {"params": p}, i, **transformer.right_padded(positions.reshape(-1) + 1, 24, False)).rewards)(
+          params, prefixes)
+  np.testing.assert_allclose(got, np.asarray(expected).reshape(positions.shape), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_step_rewards_equal_prefixes_scored_one_by_one_in_one_pass(scorer):
   prompts = [f"Question {i}: what is 3 + 4?" for i in range(len(SOLUTIONS))]
   before = scorer.forwarded["sequences"]
@@ -109,6 +111,7 @@ def test_step_rewards_equal_prefixes_scored_one_by_one_in_one_pass(scorer):
   assert "He buys" not in tok.decode(first.sequence.ids[first.sequence.response_start:first.positions[0] + 1])
 
 
+@pytest.mark.slow
 def test_truncated_steps_are_left_out_and_counted(scorer):
   """keep_end cuts the start of a long response: its first steps lose their last tokens."""
   response = "\n\n".join(f"Step {i}: add {i} to the total, which is now {i * (i + 1) // 2}." for i in range(1, 9))
@@ -127,6 +130,7 @@ def test_bad_positions_are_refused(scorer):
     scorer.score_positions([[5, 6, 7]], [[]])
 
 
+@pytest.mark.slow
 def test_calibrate_normalize_and_eval_bon_aggregate(ckpt, scorer, tmp_path, capsys):
   # score --calibrate stores mean/std (OpenRLHF's: ddof 1) of every sequence of the file.
   work = tmp_path / "ckpt"
@@ -172,6 +176,7 @@ def test_calibrate_normalize_and_eval_bon_aggregate(ckpt, scorer, tmp_path, caps
   capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_reward_stats_round_trip_through_hf_export_and_transformers(ckpt, tmp_path):
   """convert --to_hf puts the stats in config.json (`mean`, `std`: where OpenRLHF's reward model
   reads them), transformers loads them with the model, convert --from_hf brings them back."""
@@ -215,6 +220,7 @@ def test_reward_stats_from_eval_pool_chosen_and_rejected():
   assert checkpoint.reward_stats_from_eval({"loss": 1.0}, 7) is None  # no evaluation logged
 
 
+@pytest.mark.slow
 def test_training_ends_by_storing_reward_stats_of_its_held_out_split(tmp_path):
   from codepmp_jax import train
   from codepmp_jax.config import default_config

@@ -103,6 +103,7 @@ def test_select_counts_every_outcome(server):
   assert classify.classify_prompt(long.content, 4000).count("@") == 4000
 
 
+@pytest.mark.slow
 def test_types_and_ratios_sample_deterministically(server):
   backend = backends.OpenAIBackend(server.url, "classifier", max_retries=0)
   only_eng = classify.ClassifySettings(types=("engineering",))

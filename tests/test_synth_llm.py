@@ -250,6 +250,7 @@ def test_unreachable_server_is_a_clear_error(tmp_path, capsys):
   assert "Traceback" not in "\n".join(err)
 
 
+@pytest.mark.slow
 def test_kill_and_rerun_gives_the_uninterrupted_records(tmp_path, monkeypatch):
   monkeypatch.setenv("SYNTH_TEST_KEY", KEY)
   corpus = _corpus(tmp_path)

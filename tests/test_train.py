@@ -1,13 +1,11 @@
-"""The trainer as users run it: resume after kill -9, SIGTERM, NaN stop, two processes, real data."""
+"""The trainer as users run it: NaN stop, real data, decay_from, the truncation policy. (kill -9 and
+its resume: tests/test_faults.py; SIGTERM and several processes: tests/test_pod.py.)"""
 import json
 import os
 import pathlib
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -44,51 +42,6 @@ def _metrics(workdir) -> dict[int, dict]:
   return {row["step"]: row for row in map(json.loads, lines)}
 
 
-def _wait_for(predicate, proc, timeout=240):
-  deadline = time.time() + timeout
-  while not predicate():
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
-    assert time.time() < deadline, "timed out"
-    time.sleep(0.2)
-
-
-@pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
-  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  common = ("--config.train.total_steps=20", "--config.checkpoint.save_every=5")
-  _train(straight, *common)
-  proc = _train(resumed, *common, wait=False)
-  _wait_for(lambda: (resumed / "checkpoints" / "10").is_dir(), proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=60)
-  killed_at = checkpoint.latest_train_step(resumed)
-  assert killed_at is not None and killed_at < 20
-  _train(resumed, *common)
-
-  want, _ = checkpoint.load_model(straight)
-  got, _ = checkpoint.load_model(resumed)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), got, want)
-  # The same batches after the resume: every step's loss matches the uninterrupted run.
-  want_metrics, got_metrics = _metrics(straight), _metrics(resumed)
-  assert sorted(got_metrics) == list(range(1, 21))
-  for step in range(killed_at + 1, 21):
-    assert got_metrics[step]["loss"] == pytest.approx(want_metrics[step]["loss"], abs=1e-6)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_the_current_step(tmp_path):
-  proc = _train(tmp_path, "--config.train.total_steps=100000", "--config.checkpoint.save_every=100000",
-                wait=False)
-  _wait_for(lambda: (tmp_path / "metrics.jsonl").is_file()
-            and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 3, proc)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out[-3000:]
-  saved = checkpoint.latest_train_step(tmp_path)
-  assert saved is not None and saved >= 3
-  assert json.loads((tmp_path / "summary.json").read_text())["step"] == saved
-
-
 @pytest.mark.slow
 def test_non_finite_loss_stops_without_saving(tmp_path):
   proc = _train(tmp_path, "--config.train.total_steps=50", "--config.checkpoint.save_every=1",
@@ -100,37 +53,6 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
   assert match, out[-3000:]
   bad_step = int(match.group(1))
   assert checkpoint.latest_train_step(tmp_path) == bad_step - 1
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
-  # The same read groups: shuffled batches that do not depend on the process count.
-  common = ("--config.train.total_steps=4", "--config.data.read_groups=2")
-  _train(tmp_path / "one", *common)
-  port = _free_port()
-  procs = []
-  for process_id in range(2):
-    env = os.environ.copy()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
-    procs.append(_train(
-        tmp_path / "two", *common, f"--config.distributed.coordinator_address=localhost:{port}",
-        "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}",
-        env=env, wait=False))
-  for proc in procs:
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-  one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-  assert sorted(two) == [1, 2, 3, 4]
-  for step in one:
-    for key in ("loss", "bt_loss", "lm_loss", "grad_norm"):
-      assert two[step][key] == pytest.approx(one[step][key], rel=1e-5), (step, key)
 
 
 @pytest.mark.slow
