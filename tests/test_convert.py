@@ -94,7 +94,8 @@ def test_gguf_dequantizes_and_restores_qk_order(qtypes, atol, tmp_path):
     np.testing.assert_allclose(np.asarray(logits)[mask > 0], expected.numpy()[mask > 0], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["qwen2_seqcls", "mistral", "llama_llama3_rope", "qwen2_tied"])
+@pytest.mark.parametrize("name", ["qwen2_seqcls", pytest.param("mistral", marks=pytest.mark.slow),
+                                  pytest.param("llama_llama3_rope", marks=pytest.mark.slow), "qwen2_tied"])
 def test_export_scores_like_ours_in_transformers(name, tmp_path):
   hf_models.tiny_hf_model(name, tmp_path / "in")
   params, config = convert.load_hf(tmp_path / "in", seed=2)

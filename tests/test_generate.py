@@ -74,7 +74,7 @@ def _hf_greedy(hf, prompts: list[list[int]], eos_id: int, pad_id: int) -> list[l
   return [row[:row.index(eos_id)] if eos_id in row else row for row in out]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_untied"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("qwen2_untied", marks=pytest.mark.slow)])
 def test_greedy_equals_transformers_generate(name, tmp_path):
   hf = hf_models.tiny_hf_model(name, tmp_path)
   params, config = convert.load_hf(tmp_path)

@@ -197,7 +197,8 @@ def _params():
 
 
 @pytest.mark.parametrize("by_sequence,share_prompt", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("impl,scan", [("plain", False), ("blocked", False), ("plain", True)])
+@pytest.mark.parametrize("impl,scan", [("plain", False), pytest.param("blocked", False, marks=pytest.mark.slow),
+                                       pytest.param("plain", True, marks=pytest.mark.slow)])
 def test_model_on_packed_rows_equals_each_sequence_alone(impl, scan, by_sequence, share_prompt):
   """Rewards and LM logits of each packed sequence equal those of the sequence alone in its own
   row (1e-5), also with the layers scanned and rematerialised, under segment masks or sequence by
