@@ -170,18 +170,12 @@ class Peer:
     rejected, chosen, ...), moved to the device once."""
     torch = self.torch
     length = int(pairs.lengths.max())
-    ids = np.full((2 * len(pairs), length), pad_id, np.int64)
-    mask = np.zeros_like(ids)
-    lm_mask = np.zeros((len(pairs), length), np.int64)
-    for i in range(len(pairs)):
-      for which in (0, 1):
-        ids[2 * i + which, :pairs.lengths[i, which]] = pairs.sequence(i, which)
-        mask[2 * i + which, :pairs.lengths[i, which]] = 1
-      lm_mask[i, max(int(pairs.response_start[i, 0]), 1):pairs.lengths[i, 0]] = 1
+    ids, lengths, lm_mask = pairs.sequence_rows(length, pad_id)
     as_tensor = lambda x: torch.from_numpy(x).to(self.device)  # noqa: E731
-    self.ids, self.mask = as_tensor(ids), as_tensor(mask)
+    self.ids = as_tensor(ids).long()
+    self.mask = as_tensor((np.arange(length)[None] < lengths[:, None]).astype(np.int64))
     chosen = self.ids[0::2]
-    labels = chosen.masked_fill(as_tensor(lm_mask) == 0, -100)
+    labels = chosen.masked_fill(as_tensor(lm_mask[0::2]) == 0, -100)
     self.lm_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
     self.last = self.mask.sum(-1) - 1
 

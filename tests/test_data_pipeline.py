@@ -62,6 +62,12 @@ def test_pair_rows_lay_one_pair_a_row_by_hand():
   np.testing.assert_array_equal(batch["margin"], [[1.5], [0.0]])
   np.testing.assert_array_equal(batch["pair_valid"], [[1.0], [1.0]])
   assert {k: v.shape for k, v in batch.items()} == packing.PackedShape.pair_rows(2, 6).array_shapes(1)
+  # The same pairs as transformers scores them: each sequence in its own right-padded row.
+  ids, lengths, lm_mask = PairArrays.from_pairs(pairs).sequence_rows(6, pad_id=0)
+  np.testing.assert_array_equal(ids, [[5, 6, 7, 2, 0, 0], [5, 6, 8, 9, 2, 0], [4, 2, 0, 0, 0, 0],
+                                      [4, 3, 2, 0, 0, 0]])
+  np.testing.assert_array_equal(lengths, [4, 5, 2, 3])
+  np.testing.assert_array_equal(lm_mask, [[0, 0, 1, 1, 0, 0], [0] * 6, [0, 1, 0, 0, 0, 0], [0] * 6])
 
 
 def test_epochs_are_permutations_deterministic_in_the_seed_and_stop_when_asked():

@@ -170,21 +170,9 @@ def test_pair_longer_than_a_row_is_an_error():
     packing.assign_rows(np.array([4, 12]), row_len=10, max_pairs_per_row=2)
 
 
-def _sequence_rows(arrays: PairArrays, length: int = 16):
-  """The reference layout: each sequence alone in its own right-padded row (chosen, rejected,
-  chosen, ...), with its lengths and the chosen rows' LM mask."""
-  ids = np.full((2 * len(arrays), length), PAD, np.int32)
-  lm_mask = np.zeros_like(ids)
-  for i in range(len(arrays)):
-    for which in (0, 1):
-      ids[2 * i + which, :arrays.lengths[i, which]] = arrays.sequence(i, which)
-    lm_mask[2 * i, max(int(arrays.response_start[i, 0]), 1):arrays.lengths[i, 0]] = 1
-  return ids, arrays.lengths.reshape(-1), lm_mask
-
-
 def _reference_sums(model, params, arrays: PairArrays):
-  """The loss sums from each sequence run alone (full logits, no packing)."""
-  ids, lengths, lm_mask = _sequence_rows(arrays)
+  """The loss sums from each sequence run alone in its own row (full logits, no packing)."""
+  ids, lengths, lm_mask = arrays.sequence_rows(16, PAD)
   out = model.apply({"params": params}, ids, **transformer.right_padded(lengths, ids.shape[1], False),
                     return_logits=True)
   lm_sum, lm_count = losses.lm_cross_entropy(out.logits, jnp.asarray(ids), jnp.asarray(lm_mask))
@@ -210,7 +198,7 @@ def test_model_on_packed_rows_equals_each_sequence_alone(impl, scan, by_sequence
     config = config.replace(scan_layers=True, remat_policy="full")
     params = transformer.stack_layers(params, config.num_layers)
   model = transformer.RewardModel(config)
-  ids, lengths, _ = _sequence_rows(arrays)
+  ids, lengths, _ = arrays.sequence_rows(16, PAD)
   ref = jax.jit(lambda p, i, n: model.apply({"params": p}, i, **transformer.right_padded(n, 16, False),
                                             return_logits=True))(params, ids, lengths)
   result = packing.pack_pairs(arrays, row_len=40, max_pairs_per_row=3, pad_id=PAD,

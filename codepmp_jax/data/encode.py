@@ -242,6 +242,21 @@ class PairArrays:
     start = self.offsets[index, which]
     return self.tokens[start:start + self.lengths[index, which]]
 
+  def sequence_rows(self, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each sequence alone in its own row, right-padded to `length` (chosen, rejected, chosen,
+    ...: the layout a transformers reward model scores): ids `[2n, length]` int32, their lengths
+    `[2n]`, and the LM mask `[2n, length]` (1 on the chosen responses' tokens, from
+    `max(response_start, 1)`; 0 in the rejected rows)."""
+    lengths = self.lengths.reshape(-1)
+    columns = np.arange(length)
+    real = columns < lengths[:, None]
+    index = np.minimum(self.offsets.reshape(-1)[:, None] + columns, max(len(self.tokens) - 1, 0))
+    ids = np.where(real, self.tokens[index] if len(self.tokens) else pad_id, pad_id).astype(np.int32)
+    start = np.maximum(self.response_start.reshape(-1), 1)[:, None]
+    lm_mask = (real & (columns >= start)).astype(np.int32)
+    lm_mask[1::2] = 0
+    return ids, lengths, lm_mask
+
 
 def truncation_report(sequences: Sequence[EncodedSequence]) -> dict:
   """How many scored sequences lost tokens, and in which part: `{"sequences", "prompt", "response",
